@@ -1,0 +1,43 @@
+"""Install spatialformer-kernels.
+
+The C++ CPU kernel in csrc/ is compiled on first use (torch.utils.cpp_extension.load) and
+cached, so `pip install` needs no preinstalled torch, no build-isolation flags and no
+compiler; see the README for why.
+"""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+
+setup(
+    name="spatialformer-kernels",
+    version="0.1.0",
+    description="Fused bilateral cross-attention kernels (Triton, C++) and SpatialFormer models",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["spatialformer_kernels*", "spatialformer*"]) + ["spatialformer_kernels.csrc"],
+    # The top-level csrc/ ships as spatialformer_kernels.csrc so the first-use build finds its
+    # sources in editable and regular installs alike.
+    package_dir={"spatialformer_kernels.csrc": "csrc"},
+    package_data={"spatialformer_kernels.csrc": ["*.cpp", "*.h"]},
+    install_requires=[
+        "torch>=2.5",
+        "triton>=3.1; platform_system == 'Linux'",
+        "timm>=1.0.9",
+        "einops>=0.8",
+        "tqdm",
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "safetensors", "scikit-learn", "matplotlib"],
+        "bench": ["matplotlib", "pytest-benchmark>=4"],
+    },
+    entry_points={
+        "console_scripts": [
+            "spatialformer-bench=spatialformer_kernels.bench:main",
+        ],
+    },
+)

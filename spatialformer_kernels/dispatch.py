@@ -1,0 +1,99 @@
+"""The one dispatch point: which implementation runs for a backend name and a device.
+
+Backends:
+- "reference": the pure-PyTorch reference (spatialformer_kernels.reference), any device.
+- "triton": the fused Triton kernels (spatialformer_kernels.ops.triton_backend), CUDA
+  tensors; CPU tensors too when TRITON_INTERPRET=1 (Triton's interpreter, used by tests).
+- "cpu": the C++ kernel in csrc/ (spatialformer_kernels.ops.cpu_backend), CPU tensors.
+- "auto": the fastest available kernel for the tensors' device and dtype, else "reference".
+
+Each kernel backend module provides the same four functions (all outputs are fresh,
+contiguous tensors; LSEs are float32 natural-log, -inf for a row with no kept key):
+
+    bilateral_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask) -> (o_s, o_x, lse_s, lse_x)
+    bilateral_bwd(do_s, do_x, q_s, k_s, v_s, q_x, k_x, v_x, o_s, o_x, lse_s, lse_x, scale,
+                  image_mask) -> (dq_s, dk_s, dv_s, dq_x, dk_x, dv_x)
+    cross_fwd(q, k, v, scale, key_mask) -> (o, lse)
+    cross_bwd(do, q, k, v, o, lse, scale, key_mask) -> (dq, dk, dv)
+
+and a tuple DTYPES of the dtypes it computes.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import warnings
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("auto", "reference", "triton", "cpu")
+_KERNEL_MODULES = {
+    "triton": "spatialformer_kernels.ops.triton_backend",
+    "cpu": "spatialformer_kernels.ops.cpu_backend",
+}
+
+
+def triton_interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _load(backend: str) -> ModuleType | None:
+    """Import a kernel backend once; None (with one warning) when it cannot run here."""
+    try:
+        module = importlib.import_module(_KERNEL_MODULES[backend])
+        if not module.is_available():
+            return None
+        return module
+    except Exception as error:  # an optional backend must never break the import of the package
+        warnings.warn(f"spatialformer_kernels: the {backend!r} backend is unavailable: {error}", stacklevel=3)
+        return None
+
+
+def _device_ok(backend: str, device: torch.device) -> bool:
+    if backend == "triton":
+        return device.type == "cuda" or (device.type == "cpu" and triton_interpreter_enabled())
+    if backend == "cpu":
+        return device.type == "cpu"
+    return True
+
+
+@torch.compiler.assume_constant_result
+def available_backends() -> list[str]:
+    """The backends this machine can run, e.g. ["reference", "triton", "cpu"]."""
+    return ["reference"] + [name for name in _KERNEL_MODULES if _load(name) is not None]
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Turn a backend name into the concrete backend for these inputs, or raise."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    available = available_backends()
+    if backend == "auto":
+        preferred = ("triton",) if device.type == "cuda" else ("cpu",)
+        for name in preferred:
+            if name in available and dtype in _load(name).DTYPES:
+                return name
+        return "reference"
+    if backend == "reference":
+        return backend
+    if backend not in available:
+        raise RuntimeError(
+            f"backend {backend!r} is not available on this machine (available: {', '.join(available)})"
+        )
+    if not _device_ok(backend, device):
+        hint = " (set TRITON_INTERPRET=1 before importing triton to run it on CPU)" if backend == "triton" else ""
+        raise ValueError(f"backend {backend!r} cannot run on {device.type} tensors{hint}")
+    if dtype not in _load(backend).DTYPES:
+        raise TypeError(f"backend {backend!r} does not support dtype {dtype}")
+    return backend
+
+
+def kernels(backend: str) -> ModuleType:
+    """The kernel module of a concrete, available kernel backend."""
+    module = _load(backend)
+    if module is None:
+        raise RuntimeError(f"backend {backend!r} is not available on this machine")
+    return module

@@ -1,0 +1,1 @@
+"""One file per op: registration, autograd and the public function; kernels per backend."""

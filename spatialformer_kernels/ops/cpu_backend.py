@@ -1,0 +1,6 @@
+"""C++ CPU kernel (placeholder until csrc lands)."""
+DTYPES = ()
+
+
+def is_available() -> bool:
+    return False

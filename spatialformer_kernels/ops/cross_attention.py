@@ -1,0 +1,92 @@
+"""Single-direction cross-attention: op registration, autograd and the public function.
+
+Used by the sequential BCA block (spatial tokens attend to the image, then the image
+attends to the updated spatial tokens). Both shapes are served by the same kernels: few
+queries over many keys (split over the keys) and many queries over few keys.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import dispatch
+from ..reference import cross_attention_reference
+from ..validation import resolve_scale, validate_cross
+
+
+@torch.library.custom_op("spatialformer::cross_attention", mutates_args=())
+def _cross_attention_op(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, key_mask: Optional[Tensor], backend: str
+) -> tuple[Tensor, Tensor]:
+    return dispatch.kernels(backend).cross_fwd(q, k, v, scale, key_mask)
+
+
+@_cross_attention_op.register_fake
+def _(q, k, v, scale, key_mask, backend):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("spatialformer::cross_attention_backward", mutates_args=())
+def _cross_attention_backward_op(
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    lse: Tensor,
+    scale: float,
+    key_mask: Optional[Tensor],
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return dispatch.kernels(backend).cross_bwd(do, q, k, v, o, lse, scale, key_mask)
+
+
+@_cross_attention_backward_op.register_fake
+def _(do, q, k, v, o, lse, scale, key_mask, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale, key_mask, backend = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, key_mask)
+    ctx.scale, ctx.backend = scale, backend
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse, key_mask = ctx.saved_tensors
+    do = torch.zeros_like(o) if do is None else do
+    grads = _cross_attention_backward_op(do, q, k, v, o, lse, ctx.scale, key_mask, ctx.backend)
+    return (*grads, None, None, None)
+
+
+_cross_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def cross_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    scale: Optional[float] = None,
+    key_mask: Optional[Tensor] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Attention of q [B, H, Lq, D] over k, v [B, H, Lk, D] -> [B, H, Lq, D], any strides.
+
+    o = softmax(scale * q @ k^T, key_mask on the Lk axis) @ v. scale defaults to D**-0.5;
+    key_mask: optional bool [B, Lk], True = the key takes part (a query row with no kept
+    key gets zeros). backend as in `bilateral_attention`.
+
+    Example:
+        >>> q = torch.randn(2, 2, 64, 32); k = v = torch.randn(2, 2, 3136, 32)
+        >>> o = cross_attention(q, k, v)  # [2, 2, 64, 32]
+    """
+    validate_cross(q, k, v, key_mask)
+    scale = resolve_scale(scale, q.shape[-1])
+    name = dispatch.resolve_backend(backend, q.device, q.dtype)
+    if name == "reference" or q.numel() == 0 or k.numel() == 0:
+        return cross_attention_reference(q, k, v, scale, key_mask)
+    return _cross_attention_op(q, k, v, scale, key_mask, name)[0]

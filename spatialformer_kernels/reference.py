@@ -1,0 +1,80 @@
+"""The one pure-PyTorch reference for bilateral and cross attention.
+
+Tests, benchmarks and the `backend="reference"` path all use these functions. They are
+plain differentiable PyTorch, materialise the [B, H, Lq, Lk] logits and follow the exact
+semantics of DESIGN.md section 1:
+
+    o = softmax(scale * q @ k^T, masked keys removed) @ v
+
+A query row whose keys are all masked out gets o = 0 and zero gradients (never NaN); its
+log-sum-exp is -inf.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def cross_attention_reference_with_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    key_mask: Optional[torch.Tensor] = None,
+    upcast: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q [B, H, Lq, D] over k, v [B, H, Lk, D]; returns (o [B, H, Lq, D], lse [B, H, Lq]).
+
+    key_mask: optional bool [B, Lk], True = the key takes part. upcast=True computes in
+    float32 for float16/bfloat16 inputs (o is returned in the input dtype, lse in float32).
+    """
+    out_dtype = q.dtype
+    if upcast and q.dtype in (torch.float16, torch.bfloat16):
+        q, k, v = q.float(), k.float(), v.float()
+    logits = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if key_mask is not None:
+        keep = key_mask[:, None, None, :]
+        logits = logits.masked_fill(~keep, float("-inf"))
+    row_max = logits.amax(dim=-1, keepdim=True) if logits.shape[-1] > 0 else logits.new_zeros(*logits.shape[:-1], 1)
+    # A row with no kept key has max -inf; shifting by 0 instead keeps exp(-inf) = 0 and no NaN.
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
+    weights = torch.exp(logits - row_max)
+    row_sum = weights.sum(dim=-1, keepdim=True)
+    probs = weights / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    out = torch.matmul(probs, v).to(out_dtype)
+    lse = (torch.log(row_sum.float()) + row_max.float()).squeeze(-1)
+    return out, lse
+
+
+def cross_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    key_mask: Optional[torch.Tensor] = None,
+    upcast: bool = False,
+) -> torch.Tensor:
+    """Attention of q [B, H, Lq, D] over k, v [B, H, Lk, D] -> [B, H, Lq, D]."""
+    return cross_attention_reference_with_lse(q, k, v, scale, key_mask, upcast)[0]
+
+
+def bilateral_attention_reference(
+    q_s: torch.Tensor,
+    k_s: torch.Tensor,
+    v_s: torch.Tensor,
+    q_x: torch.Tensor,
+    k_x: torch.Tensor,
+    v_x: torch.Tensor,
+    scale: float,
+    image_mask: Optional[torch.Tensor] = None,
+    upcast: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both directions of bilateral cross-attention; returns (o_s [B, H, M, D], o_x [B, H, N, D]).
+
+    o_s: spatial queries q_s over image keys/values k_x, v_x (image_mask [B, N] drops keys).
+    o_x: image queries q_x over spatial keys/values k_s, v_s.
+    """
+    o_s = cross_attention_reference(q_s, k_x, v_x, scale, image_mask, upcast)
+    o_x = cross_attention_reference(q_x, k_s, v_s, scale, None, upcast)
+    return o_s, o_x

@@ -1,0 +1,69 @@
+"""The one tolerance rule, shared by tests and benchmarks.
+
+A kernel output is judged against how far PyTorch itself drifts at the same precision:
+
+    max|actual - exact| <= 2 * max|reference_same_dtype - exact| + floor[dtype] * max(1, max|exact|)
+
+`exact` is the reference computed in float64; `reference_same_dtype` is the reference run
+in the inputs' own dtype. The floor covers the case where PyTorch happens to be exact.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+FLOOR = {
+    torch.float64: 1e-10,
+    torch.float32: 2e-5,
+    torch.float16: 2e-3,
+    torch.bfloat16: 1.6e-2,
+}
+
+
+def tolerance_report(actual: torch.Tensor, same_dtype: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype):
+    """Return (ok, message) for one tensor under the tolerance rule."""
+    if actual.shape != exact.shape:
+        return False, f"shape {tuple(actual.shape)} != expected {tuple(exact.shape)}"
+    exact = exact.double()
+    finite = torch.isfinite(exact)
+    if not torch.equal(torch.isfinite(actual.double()), finite):
+        bad = (torch.isfinite(actual.double()) != finite).nonzero()[0].tolist()
+        return False, f"non-finite pattern differs from the reference, first at index {bad}"
+    if actual.numel() == 0 or not finite.any():
+        return True, "empty or all non-finite, pattern matches"
+    diff = torch.where(finite, (actual.double() - exact).abs(), torch.zeros_like(exact))
+    drift = torch.where(finite, (same_dtype.double() - exact).abs(), torch.zeros_like(exact))
+    scale = max(1.0, exact[finite].abs().max().item())
+    err, ref_drift = diff.max().item(), drift.max().item()
+    bound = 2 * ref_drift + FLOOR[dtype] * scale
+    worst = list(torch.unravel_index(diff.argmax(), diff.shape))
+    message = (
+        f"max abs err {err:.3e} (at index {[int(i) for i in worst]}), reference drift in {dtype} "
+        f"{ref_drift:.3e}, bound {bound:.3e}"
+    )
+    return err <= bound, message
+
+
+def assert_close(actual, same_dtype, exact, dtype: torch.dtype, name: str = "output") -> None:
+    """Assert the tolerance rule for one tensor (or matching sequences of tensors)."""
+    if isinstance(actual, (tuple, list)):
+        for i, (a, s, e) in enumerate(zip(actual, same_dtype, exact, strict=True)):
+            assert_close(a, s, e, dtype, f"{name}[{i}]")
+        return
+    ok, message = tolerance_report(actual, same_dtype, exact, dtype)
+    assert ok, f"{name}: {message}"
+
+
+def reference_pair(fn: Callable, inputs: Sequence, **kwargs):
+    """Run `fn` on `inputs` as given and in float64; return (same_dtype, exact) outputs.
+
+    Non-tensor and non-floating inputs (masks, scale) pass through unchanged.
+    """
+
+    def to_double(x):
+        return x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+    same_dtype = fn(*inputs, **kwargs)
+    exact = fn(*[to_double(x) for x in inputs], **kwargs)
+    return same_dtype, exact

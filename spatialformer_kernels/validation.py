@@ -1,0 +1,104 @@
+"""Input checks for the public ops, run before any kernel launches.
+
+Every error names the argument and the offending shapes, dtypes or devices.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MIN_HEAD_DIM = 8
+MAX_HEAD_DIM = 256
+
+
+def _check_tensors(named: Sequence[tuple[str, object]]) -> None:
+    for name, value in named:
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        if value.dim() != 4:
+            raise ValueError(f"{name} must have rank 4 [B, H, L, D], got shape {tuple(value.shape)}")
+    first_name, first = named[0]
+    for name, value in named[1:]:
+        if value.dtype != first.dtype:
+            raise TypeError(
+                f"all inputs must share one dtype: {first_name} is {first.dtype} but {name} is {value.dtype}"
+            )
+        if value.device != first.device:
+            raise ValueError(
+                f"all inputs must be on one device: {first_name} is on {first.device} "
+                f"but {name} is on {value.device}"
+            )
+    if first.dtype not in SUPPORTED_DTYPES:
+        names = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES)
+        raise TypeError(f"{first_name} has dtype {first.dtype}; supported dtypes are {names}")
+
+
+def _check_same_dims(named: Sequence[tuple[str, torch.Tensor]], dims: Sequence[int], what: str) -> None:
+    first_name, first = named[0]
+    for name, value in named[1:]:
+        if any(value.shape[d] != first.shape[d] for d in dims):
+            raise ValueError(
+                f"{what} of {name} {tuple(value.shape)} does not match {first_name} {tuple(first.shape)}"
+            )
+
+
+def _check_head_dim(name: str, tensor: torch.Tensor) -> None:
+    head_dim = tensor.shape[-1]
+    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(
+            f"head dim D of {name} {tuple(tensor.shape)} is {head_dim}; "
+            f"supported range is {MIN_HEAD_DIM}..{MAX_HEAD_DIM}"
+        )
+
+
+def _check_mask(mask_name: str, mask: Optional[torch.Tensor], keys_name: str, keys: torch.Tensor) -> None:
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{mask_name} must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{mask_name} must have dtype torch.bool (True = real token), got {mask.dtype}")
+    expected = (keys.shape[0], keys.shape[2])
+    if tuple(mask.shape) != expected:
+        raise ValueError(
+            f"{mask_name} must have shape [B, N] = {list(expected)} to match {keys_name} "
+            f"{tuple(keys.shape)}, got {tuple(mask.shape)}"
+        )
+    if mask.device != keys.device:
+        raise ValueError(f"{mask_name} is on {mask.device} but {keys_name} is on {keys.device}")
+
+
+def resolve_scale(scale: Optional[float], head_dim: int) -> float:
+    """Return the softmax scale: `scale`, or D**-0.5 when it is None."""
+    if scale is None:
+        return head_dim ** -0.5
+    if isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a Python float or None, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return float(scale)
+
+
+def validate_bilateral(q_s, k_s, v_s, q_x, k_x, v_x, image_mask) -> None:
+    """Check the inputs of `bilateral_attention` (see its docstring for shapes)."""
+    spatial = [("q_s", q_s), ("k_s", k_s), ("v_s", v_s)]
+    image = [("q_x", q_x), ("k_x", k_x), ("v_x", v_x)]
+    _check_tensors(spatial + image)
+    _check_same_dims(spatial + image, (0, 1, 3), "[B, H, *, D]")
+    _check_same_dims(spatial, (2,), "spatial token count M")
+    _check_same_dims(image, (2,), "image token count N")
+    _check_head_dim("q_s", q_s)
+    _check_mask("image_mask", image_mask, "k_x", k_x)
+
+
+def validate_cross(q, k, v, key_mask) -> None:
+    """Check the inputs of `cross_attention` (see its docstring for shapes)."""
+    named = [("q", q), ("k", k), ("v", v)]
+    _check_tensors(named)
+    _check_same_dims(named, (0, 1, 3), "[B, H, *, D]")
+    _check_same_dims(named[1:], (2,), "key count")
+    _check_head_dim("q", q)
+    _check_mask("key_mask", key_mask, "k", k)
