@@ -67,3 +67,55 @@ def reference_pair(fn: Callable, inputs: Sequence, **kwargs):
     same_dtype = fn(*inputs, **kwargs)
     exact = fn(*[to_double(x) for x in inputs], **kwargs)
     return same_dtype, exact
+
+
+def make_bilateral_inputs(
+    B: int,
+    H: int,
+    M: int,
+    N: int,
+    D: int,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    layout: str = "contiguous",
+    requires_grad: bool = False,
+    seed: int = 0,
+):
+    """Random (q_s, k_s, v_s, q_x, k_x, v_x) for tests and benchmarks.
+
+    layout: "contiguous"; "bnhd" (each tensor a [B, L, H, D] buffer viewed as [B, H, L, D],
+    the layout a fused projection produces); or "strided" (a slice of a wider buffer, so
+    no dimension is packed).
+    """
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    def one(length: int) -> torch.Tensor:
+        if layout == "contiguous":
+            t = torch.randn(B, H, length, D, generator=generator)
+        elif layout == "bnhd":
+            t = torch.randn(B, length, H, D, generator=generator).transpose(1, 2)
+        elif layout == "strided":
+            t = torch.randn(B, H + 1, length + 3, D + 5, generator=generator)[:, 1:, 2 : length + 2, 3 : D + 3]
+        else:
+            raise ValueError(f"unknown layout {layout!r}")
+        t = t.to(device=device, dtype=dtype)
+        return t.requires_grad_(requires_grad) if requires_grad else t
+
+    return tuple(one(M) for _ in range(3)) + tuple(one(N) for _ in range(3))
+
+
+def make_image_mask(B: int, N: int, empty_samples: Sequence[int] = (), device="cpu", seed: int = 0) -> torch.Tensor:
+    """A bool [B, N] mask with a random number of real tokens per sample (at least one,
+    except for the samples listed in `empty_samples`, which have none)."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    lengths = torch.randint(1, N + 1, (B,), generator=generator)
+    mask = torch.arange(N)[None, :] < lengths[:, None]
+    for b in empty_samples:
+        mask[b] = False
+    return mask.to(device)
+
+
+def case_id(B, H, M, N, D, dtype) -> str:
+    """Readable test id, e.g. B2-H2-M64-N97-D40-bf16."""
+    short = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+    return f"B{B}-H{H}-M{M}-N{N}-D{D}-{short[dtype]}"
