@@ -1,0 +1,20 @@
+"""SpatialFormer layers and models; importing this registers spatialformer_{tiny,small,base} in timm."""
+from .backend import ENV_VAR as BACKEND_ENV_VAR
+from .backend import default_backend, use_backend
+from .layers import BCABlock, BilateralCrossAttention, JointSelfAttention, SABlock, SpatialTokens
+from .spatialformer import SpatialFormer, spatialformer_base, spatialformer_small, spatialformer_tiny
+
+__all__ = [
+    "BACKEND_ENV_VAR",
+    "BCABlock",
+    "BilateralCrossAttention",
+    "JointSelfAttention",
+    "SABlock",
+    "SpatialFormer",
+    "SpatialTokens",
+    "default_backend",
+    "spatialformer_base",
+    "spatialformer_small",
+    "spatialformer_tiny",
+    "use_backend",
+]
