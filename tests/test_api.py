@@ -1,0 +1,117 @@
+"""The public boundary: validation messages, backend selection and shape edge cases."""
+import pytest
+import torch
+
+import spatialformer_kernels as sk
+from spatialformer_kernels import dispatch
+from spatialformer_kernels.testing import make_bilateral_inputs, make_image_mask
+
+B, H, M, N, D = 2, 2, 5, 7, 16
+
+
+def _inputs(**overrides):
+    names = ["q_s", "k_s", "v_s", "q_x", "k_x", "v_x"]
+    tensors = dict(zip(names, make_bilateral_inputs(B, H, M, N, D)))
+    tensors.update(overrides)
+    return [tensors[n] for n in names]
+
+
+BAD_BILATERAL = [
+    (dict(q_s=torch.randn(B, M, D)), {}, ValueError, ["q_s", "rank 4", "(2, 5, 16)"]),
+    (dict(k_s=[1.0]), {}, TypeError, ["k_s", "list"]),
+    (dict(v_x=torch.randn(B, H, N, D, dtype=torch.float64)), {}, TypeError, ["v_x", "float64", "float32"]),
+    (dict(q_x=torch.randn(B, H, N, D).int()), {}, TypeError, ["q_s", "q_x", "int32"]),
+    (dict(k_x=torch.randn(B + 1, H, N, D)), {}, ValueError, ["k_x", "(3, 2, 7, 16)", "(2, 2, 5, 16)"]),
+    (dict(v_s=torch.randn(B, H + 1, M, D)), {}, ValueError, ["v_s", "(2, 3, 5, 16)"]),
+    (dict(q_x=torch.randn(B, H, N, D + 1)), {}, ValueError, ["q_x", "(2, 2, 7, 17)"]),
+    (dict(k_s=torch.randn(B, H, M + 1, D)), {}, ValueError, ["spatial token count M", "k_s", "(2, 2, 6, 16)"]),
+    (dict(v_x=torch.randn(B, H, N + 2, D)), {}, ValueError, ["image token count N", "v_x", "(2, 2, 9, 16)"]),
+    ({}, dict(image_mask=torch.ones(B, N)), TypeError, ["image_mask", "torch.bool", "torch.float32"]),
+    ({}, dict(image_mask=torch.ones(B, N + 1, dtype=torch.bool)), ValueError, ["image_mask", "[2, 7]", "(2, 8)"]),
+    ({}, dict(image_mask=[True]), TypeError, ["image_mask", "list"]),
+    ({}, dict(scale=float("nan")), ValueError, ["scale", "nan"]),
+    ({}, dict(scale="0.5"), TypeError, ["scale", "str"]),
+    ({}, dict(backend="cuda"), ValueError, ["backend", "'cuda'", "'auto'"]),
+]
+
+
+@pytest.mark.parametrize("overrides,kwargs,error,fragments", BAD_BILATERAL, ids=lambda x: None)
+def test_bad_bilateral_inputs_raise_naming_the_argument(overrides, kwargs, error, fragments):
+    with pytest.raises(error) as raised:
+        sk.bilateral_attention(*_inputs(**overrides), **kwargs)
+    for fragment in fragments:
+        assert fragment in str(raised.value), f"{fragment!r} not in {raised.value}"
+
+
+@pytest.mark.parametrize("head_dim", [4, 7, 257, 512])
+def test_head_dim_out_of_range(head_dim):
+    tensors = make_bilateral_inputs(1, 1, 3, 4, head_dim)
+    with pytest.raises(ValueError, match=rf"head dim D of q_s .* is {head_dim}; supported range is 8..256"):
+        sk.bilateral_attention(*tensors)
+
+
+def test_mixed_devices_are_rejected_before_any_kernel():
+    meta = torch.empty(B, H, N, D, device="meta")
+    with pytest.raises(ValueError, match=r"q_s is on cpu but k_x is on meta"):
+        sk.bilateral_attention(*_inputs(k_x=meta))
+
+
+def test_bad_cross_inputs():
+    q, k, v = make_bilateral_inputs(B, H, M, N, D)[3:]
+    with pytest.raises(ValueError, match=r"key count of v .* does not match k"):
+        sk.cross_attention(q, k, v[:, :, :3])
+    with pytest.raises(ValueError, match=r"key_mask must have shape \[B, N\] = \[2, 7\] to match k"):
+        sk.cross_attention(q, k, v, key_mask=torch.ones(B, 3, dtype=torch.bool))
+    with pytest.raises(TypeError, match="q must be a torch.Tensor"):
+        sk.cross_attention(None, k, v)
+
+
+def test_available_backends_and_unavailable_backend_errors():
+    available = sk.available_backends()
+    assert available[0] == "reference"
+    assert set(available) <= {"reference", "triton", "cpu"}
+    for backend in ("triton", "cpu"):
+        if backend not in available:
+            with pytest.raises(RuntimeError, match=f"backend '{backend}' is not available"):
+                sk.bilateral_attention(*_inputs(), backend=backend)
+
+
+def test_auto_resolves_to_a_kernel_for_the_device_or_the_reference():
+    resolved = dispatch.resolve_backend("auto", torch.device("cpu"), torch.float32)
+    expected = "cpu" if "cpu" in sk.available_backends() else "reference"
+    assert resolved == expected
+    # float64 has no kernel: auto takes the reference, an explicit kernel backend refuses.
+    assert dispatch.resolve_backend("auto", torch.device("cpu"), torch.float64) in ("reference", "cpu")
+
+
+def test_default_scale_is_inverse_sqrt_head_dim():
+    tensors = _inputs()
+    default = sk.bilateral_attention(*tensors, backend="reference")
+    explicit = sk.bilateral_attention(*tensors, scale=D**-0.5, backend="reference")
+    for a, b in zip(default, explicit):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize(
+    "batch,n_spatial,n_image", [(0, 5, 7), (2, 5, 0), (2, 0, 7)], ids=["B0", "N0", "M0"]
+)
+def test_empty_inputs_return_shaped_zeros(backend, batch, n_spatial, n_image):
+    tensors = make_bilateral_inputs(batch, H, n_spatial, n_image, D, requires_grad=True)
+    o_s, o_x = sk.bilateral_attention(*tensors, backend=backend)
+    assert o_s.shape == (batch, H, n_spatial, D) and o_x.shape == (batch, H, n_image, D)
+    assert torch.count_nonzero(o_s) == 0 and torch.count_nonzero(o_x) == 0
+    (o_s.sum() + o_x.sum()).backward()
+    assert all(t.grad is not None and t.grad.shape == t.shape for t in tensors)
+
+
+def test_ops_are_registered_with_torch_library():
+    for name in ("bilateral_attention", "bilateral_attention_backward", "cross_attention", "cross_attention_backward"):
+        assert hasattr(torch.ops.spatialformer, name)
+
+
+def test_masked_reference_path_through_public_api():
+    tensors = _inputs()
+    mask = make_image_mask(B, N, empty_samples=[0])
+    o_s, _ = sk.bilateral_attention(*tensors, image_mask=mask, backend="reference")
+    assert torch.equal(o_s[0], torch.zeros_like(o_s[0]))
