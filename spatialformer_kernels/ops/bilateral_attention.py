@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from .. import dispatch
 from ..reference import bilateral_attention_reference
@@ -90,6 +91,20 @@ def _backward(ctx, do_s, do_x, _dlse_s, _dlse_x):
 
 
 _bilateral_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# FLOP counts for torch.utils.flop_counter: per direction q@k^T and p@v (2 matmuls) forward,
+# five matmuls backward (recomputed logits, dv, dp, dq, dk).
+@register_flop_formula(torch.ops.spatialformer.bilateral_attention)
+def _forward_flops(q_s_shape, k_s_shape, v_s_shape, q_x_shape, *args, **kwargs) -> int:
+    batch, heads, n_spatial, head_dim = q_s_shape
+    return 2 * 2 * (2 * batch * heads * n_spatial * q_x_shape[2] * head_dim)
+
+
+@register_flop_formula(torch.ops.spatialformer.bilateral_attention_backward)
+def _backward_flops(do_s_shape, do_x_shape, *args, **kwargs) -> int:
+    batch, heads, n_spatial, head_dim = do_s_shape
+    return 2 * 5 * (2 * batch * heads * n_spatial * do_x_shape[2] * head_dim)
 
 
 def bilateral_attention(

@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from .. import dispatch
 from ..reference import cross_attention_reference
@@ -63,6 +64,19 @@ def _backward(ctx, do, _dlse):
 
 
 _cross_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# FLOP counts for torch.utils.flop_counter: q@k^T and p@v forward; five matmuls backward.
+@register_flop_formula(torch.ops.spatialformer.cross_attention)
+def _forward_flops(q_shape, k_shape, *args, **kwargs) -> int:
+    batch, heads, n_queries, head_dim = q_shape
+    return 2 * (2 * batch * heads * n_queries * k_shape[2] * head_dim)
+
+
+@register_flop_formula(torch.ops.spatialformer.cross_attention_backward)
+def _backward_flops(do_shape, q_shape, k_shape, *args, **kwargs) -> int:
+    batch, heads, n_queries, head_dim = do_shape
+    return 5 * (2 * batch * heads * n_queries * k_shape[2] * head_dim)
 
 
 def cross_attention(
