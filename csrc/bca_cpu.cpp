@@ -1,0 +1,948 @@
+// Fused CPU kernels for bilateral and cross attention (DESIGN.md section 1).
+//
+// Algorithm. Every kernel streams the long token axis in tiles of kTile tokens, packs each
+// tile once into small fp32 (fp64 for double inputs) buffers (this is where any strides and
+// bf16/fp16 are read, so callers never copy), and runs register-blocked micro-GEMMs written
+// with ATen's at::vec::Vectorized on the packed tiles:
+//   - bilateral forward: one pass over image tokens. Direction x (image queries over the M
+//     spatial keys) is a complete softmax per token, written straight away with its LSE.
+//     Direction s (spatial queries over image keys) keeps an online-softmax state
+//     (max, sum, acc) per work item; the items' partials are merged afterwards in split order.
+//   - bilateral backward: the same pass; dq_x, dk_x, dv_x are row-local, dq_s, dk_s, dv_s
+//     are per-item partials summed in split order.
+//   - cross attention: items are (batch*head, query split, key split); key splits produce
+//     softmax partials (forward) or dq partials (backward), query splits dk/dv partials.
+// Determinism: split boundaries depend only on the shapes (never on the thread count) and
+// partials are reduced in a fixed order, so results are bitwise identical for any
+// torch.set_num_threads and across runs.
+// Masks: a masked key gets logit -inf. A row with no kept key gets o = 0, lse = -inf and
+// zero gradients. Offsets are int64.
+
+// Pick the widest vector ISA the compiler targets (the build uses -march=native), and give
+// ATen's vector headers a namespace of our own so nothing clashes with libtorch's copies.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+#define CPU_CAPABILITY_AVX512
+#elif defined(__AVX2__) && defined(__FMA__)
+#define CPU_CAPABILITY_AVX2
+#endif
+#define CPU_CAPABILITY sfk_native
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+namespace sfk {
+
+using at::vec::Vectorized;
+
+constexpr int64_t kTile = 64;        // tokens (keys or image queries) per packed tile
+constexpr int64_t kSplitN = 256;     // image tokens per bilateral work item
+constexpr int64_t kQueryBlock = 64;  // query rows per block in cross attention
+constexpr int64_t kTargetItems = 64; // cross attention: split until this many work items
+constexpr int kRowBlock = 6;         // micro-GEMM rows (6 x 2 vectors: 12 accumulators)
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename T>
+inline int64_t round_up_vec(int64_t n) {
+  constexpr int64_t W = Vectorized<T>::size();
+  return ceil_div(n, W) * W;
+}
+
+template <typename T>
+constexpr T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+// ---------------------------------------------------------------------------------------
+// Strided views of the [B, H, L, D] inputs (any strides, any float dtype).
+// ---------------------------------------------------------------------------------------
+template <typename scalar_t>
+struct View {
+  const scalar_t* ptr;
+  int64_t stride_b, stride_h, stride_l, stride_d, heads;
+  const scalar_t* row(int64_t bh, int64_t l) const {
+    return ptr + (bh / heads) * stride_b + (bh % heads) * stride_h + l * stride_l;
+  }
+};
+
+template <typename scalar_t>
+View<scalar_t> view4(const at::Tensor& t) {
+  return {t.data_ptr<scalar_t>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.size(1)};
+}
+
+// [B, H, L] statistics (the LSEs), read with strides.
+template <typename T>
+struct View3 {
+  const T* ptr;
+  int64_t stride_b, stride_h, stride_l, heads;
+  T at(int64_t bh, int64_t l) const {
+    return ptr[(bh / heads) * stride_b + (bh % heads) * stride_h + l * stride_l];
+  }
+};
+
+template <typename T>
+View3<T> view3(const at::Tensor& t) {
+  return {t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2), t.size(1)};
+}
+
+// bool [B, L] key mask; absent = every key kept.
+struct MaskView {
+  const bool* ptr = nullptr;
+  int64_t stride_b = 0, stride_l = 0, heads = 1;
+  bool keep(int64_t bh, int64_t l) const {
+    return ptr == nullptr || ptr[(bh / heads) * stride_b + l * stride_l];
+  }
+};
+
+// ---------------------------------------------------------------------------------------
+// Packing: strided input rows -> dense acc_t tiles, zero-padded to a whole vector.
+// ---------------------------------------------------------------------------------------
+
+// dst[r, d] = mul * src[l0 + r, d] for r < rows; d in [D, ld) = 0.
+template <typename scalar_t, typename acc_t>
+void pack_rows(acc_t* dst, int64_t ld, const View<scalar_t>& src, int64_t bh, int64_t l0, int64_t rows,
+               int64_t D, acc_t mul) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* s = src.row(bh, l0 + r);
+    acc_t* d = dst + r * ld;
+    if (src.stride_d == 1) {
+      for (int64_t i = 0; i < D; ++i) d[i] = static_cast<acc_t>(s[i]) * mul;
+    } else {
+      for (int64_t i = 0; i < D; ++i) d[i] = static_cast<acc_t>(s[i * src.stride_d]) * mul;
+    }
+    for (int64_t i = D; i < ld; ++i) d[i] = acc_t(0);
+  }
+}
+
+// dst[d, r] = src[l0 + r, d] for r < rows; columns r in [rows, cols) = 0. dst is [D, ld].
+template <typename scalar_t, typename acc_t>
+void pack_transposed(acc_t* dst, int64_t ld, int64_t cols, const View<scalar_t>& src, int64_t bh, int64_t l0,
+                     int64_t rows, int64_t D) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* s = src.row(bh, l0 + r);
+    for (int64_t i = 0; i < D; ++i) dst[i * ld + r] = static_cast<acc_t>(s[i * src.stride_d]);
+  }
+  for (int64_t i = 0; i < D; ++i)
+    for (int64_t r = rows; r < cols; ++r) dst[i * ld + r] = acc_t(0);
+}
+
+// Additive key bias for one tile: 0 for a kept key, -inf for a masked or padding column.
+template <typename acc_t>
+void key_bias(acc_t* bias, const MaskView& mask, int64_t bh, int64_t l0, int64_t L, int64_t Lp) {
+  for (int64_t j = 0; j < L; ++j) bias[j] = mask.keep(bh, l0 + j) ? acc_t(0) : neg_inf<acc_t>();
+  for (int64_t j = L; j < Lp; ++j) bias[j] = neg_inf<acc_t>();
+}
+
+// Write rows of acc_t results (times mul) to a contiguous [B*H, L, D] output.
+template <typename scalar_t, typename acc_t>
+void store_rows(scalar_t* out, const acc_t* src, int64_t ld, int64_t rows, int64_t D, acc_t mul) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < D; ++i) out[r * D + i] = static_cast<scalar_t>(src[r * ld + i] * mul);
+}
+
+// ---------------------------------------------------------------------------------------
+// Micro-GEMM: C[r, j] (+)= sum_k A[r * a_rs + k * a_ks] * B[k * ldb + j].
+// cols is a multiple of the vector width; A is read by broadcast, so any strides (a
+// transposed A included) cost nothing; B and C rows are dense.
+// ---------------------------------------------------------------------------------------
+template <typename T, int R, int NV, bool ACC>
+inline void gemm_block(int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* B, int64_t ldb, T* C,
+                       int64_t ldc) {
+  using Vec = Vectorized<T>;
+  constexpr int W = Vec::size();
+  Vec acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = ACC ? Vec::loadu(C + r * ldc + v * W) : Vec(T(0));
+  for (int64_t k = 0; k < K; ++k) {
+    Vec b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = Vec::loadu(B + k * ldb + v * W);
+    for (int r = 0; r < R; ++r) {
+      const Vec a(A[r * a_rs + k * a_ks]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(a, b[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v].store(C + r * ldc + v * W);
+}
+
+template <typename T, int NV, bool ACC>
+inline void gemm_rows(int64_t rows, int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* B, int64_t ldb,
+                      T* C, int64_t ldc) {
+  switch (rows) {
+    case 6: gemm_block<T, 6, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc); break;
+    case 5: gemm_block<T, 5, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc); break;
+    case 4: gemm_block<T, 4, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc); break;
+    case 3: gemm_block<T, 3, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc); break;
+    case 2: gemm_block<T, 2, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc); break;
+    default: gemm_block<T, 1, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc); break;
+  }
+}
+
+template <typename T, bool ACC>
+void gemm(int64_t rows, int64_t cols, int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* B, int64_t ldb,
+          T* C, int64_t ldc) {
+  constexpr int64_t W = Vectorized<T>::size();
+  for (int64_t j = 0; j < cols; j += 2 * W) {
+    const bool two = cols - j >= 2 * W;
+    for (int64_t r = 0; r < rows; r += kRowBlock) {
+      const int64_t rr = std::min<int64_t>(kRowBlock, rows - r);
+      if (two)
+        gemm_rows<T, 2, ACC>(rr, K, A + r * a_rs, a_rs, a_ks, B + j, ldb, C + r * ldc + j, ldc);
+      else
+        gemm_rows<T, 1, ACC>(rr, K, A + r * a_rs, a_rs, a_ks, B + j, ldb, C + r * ldc + j, ldc);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Vector row helpers (n is a multiple of the vector width). Horizontal reductions run
+// lane by lane in a fixed order.
+// ---------------------------------------------------------------------------------------
+template <typename T>
+inline T hsum(const Vectorized<T>& v) {
+  alignas(64) T lanes[Vectorized<T>::size()];
+  v.store(lanes);
+  T s = T(0);
+  for (int i = 0; i < Vectorized<T>::size(); ++i) s += lanes[i];
+  return s;
+}
+
+template <typename T>
+inline T hmax(const Vectorized<T>& v) {
+  alignas(64) T lanes[Vectorized<T>::size()];
+  v.store(lanes);
+  T m = lanes[0];
+  for (int i = 1; i < Vectorized<T>::size(); ++i) m = std::max(m, lanes[i]);
+  return m;
+}
+
+// x += bias; return max(x).
+template <typename T>
+inline T add_bias_max(T* x, const T* bias, int64_t n) {
+  using Vec = Vectorized<T>;
+  Vec m(neg_inf<T>());
+  for (int64_t i = 0; i < n; i += Vec::size()) {
+    const Vec s = Vec::loadu(x + i) + Vec::loadu(bias + i);
+    s.store(x + i);
+    m = at::vec::maximum(m, s);
+  }
+  return hmax(m);
+}
+
+// x = exp(x - shift); return sum(x).
+template <typename T>
+inline T exp_shift_sum(T* x, int64_t n, T shift) {
+  using Vec = Vectorized<T>;
+  const Vec sh(shift);
+  Vec s(T(0));
+  for (int64_t i = 0; i < n; i += Vec::size()) {
+    const Vec e = (Vec::loadu(x + i) - sh).exp();
+    e.store(x + i);
+    s = s + e;
+  }
+  return hsum(s);
+}
+
+template <typename T>
+inline void scale_row(T* x, int64_t n, T a) {
+  using Vec = Vectorized<T>;
+  const Vec va(a);
+  for (int64_t i = 0; i < n; i += Vec::size()) (Vec::loadu(x + i) * va).store(x + i);
+}
+
+template <typename T>
+inline void axpy_row(T* y, const T* x, int64_t n, T a) {  // y += a * x
+  using Vec = Vectorized<T>;
+  const Vec va(a);
+  for (int64_t i = 0; i < n; i += Vec::size())
+    at::vec::fmadd(va, Vec::loadu(x + i), Vec::loadu(y + i)).store(y + i);
+}
+
+template <typename T>
+inline T dot_row(const T* x, const T* y, int64_t n) {
+  using Vec = Vectorized<T>;
+  Vec s(T(0));
+  for (int64_t i = 0; i < n; i += Vec::size()) s = at::vec::fmadd(Vec::loadu(x + i), Vec::loadu(y + i), s);
+  return hsum(s);
+}
+
+// ---------------------------------------------------------------------------------------
+// Tile steps shared by every driver.
+// ---------------------------------------------------------------------------------------
+
+// Online-softmax update of R query rows with one tile of L keys (Lp padded).
+// Q [R, Dp] (pre-scaled), KT [D, ldkt], V [L, ldv], bias [Lp], S scratch [R, Lp];
+// state m [R], l [R], acc [R, Dp].
+template <typename T>
+void attend_tile(int64_t R, int64_t D, int64_t Dp, const T* Q, const T* KT, int64_t ldkt, const T* V, int64_t ldv,
+                 const T* bias, int64_t L, int64_t Lp, T* S, T* m, T* l, T* acc) {
+  // -- s = q k^T --
+  gemm<T, false>(R, Lp, D, Q, Dp, 1, KT, ldkt, S, Lp);
+  // -- online softmax --
+  for (int64_t r = 0; r < R; ++r) {
+    T* s = S + r * Lp;
+    const T m_new = std::max(m[r], add_bias_max(s, bias, Lp));
+    if (m_new == neg_inf<T>()) {  // no kept key so far: p = 0, state unchanged
+      std::fill(s, s + Lp, T(0));
+      continue;
+    }
+    const T alpha = std::exp(m[r] - m_new);  // 0 when m[r] = -inf
+    l[r] = l[r] * alpha + exp_shift_sum(s, Lp, m_new);
+    m[r] = m_new;
+    if (alpha != T(1)) scale_row(acc + r * Dp, Dp, alpha);
+  }
+  // -- acc += p v --
+  gemm<T, true>(R, Dp, L, S, Lp, 1, V, ldv, acc, Dp);
+}
+
+// Gradients of R query rows against one tile of L keys.
+// Q [R, Dp] (pre-scaled), dO [R, Dp], lse [R], delta [R] (= rowsum(dO * O));
+// K [L, ldk], KT [D, ldkt], VT [D, ldvt], bias [Lp]; scratch P, dS [R, Lp].
+// dQ [R, Dp] += dS K (unscaled: the caller multiplies by scale once);
+// dK [L, Dp] += dS^T Q; dV [L, Dp] += P^T dO.
+template <typename T>
+void attend_tile_bwd(int64_t R, int64_t D, int64_t Dp, const T* Q, const T* dO, const T* lse, const T* delta,
+                     const T* K, int64_t ldk, const T* KT, int64_t ldkt, const T* VT, int64_t ldvt, const T* bias,
+                     int64_t L, int64_t Lp, T* P, T* dS, T* dQ, T* dK, T* dV) {
+  using Vec = Vectorized<T>;
+  // -- s = q k^T, dp = do v^T --
+  gemm<T, false>(R, Lp, D, Q, Dp, 1, KT, ldkt, P, Lp);
+  gemm<T, false>(R, Lp, D, dO, Dp, 1, VT, ldvt, dS, Lp);
+  // -- p = exp(s - lse), ds = p (dp - delta) --
+  for (int64_t r = 0; r < R; ++r) {
+    T* p = P + r * Lp;
+    T* ds = dS + r * Lp;
+    if (lse[r] == neg_inf<T>()) {  // row without kept keys: no gradient
+      std::fill(p, p + Lp, T(0));
+      std::fill(ds, ds + Lp, T(0));
+      continue;
+    }
+    const Vec vl(lse[r]), vd(delta[r]);
+    for (int64_t j = 0; j < Lp; j += Vec::size()) {
+      const Vec pj = (Vec::loadu(p + j) + Vec::loadu(bias + j) - vl).exp();
+      pj.store(p + j);
+      (pj * (Vec::loadu(ds + j) - vd)).store(ds + j);
+    }
+  }
+  // -- dq += ds k, dk += ds^T q, dv += p^T do --
+  gemm<T, true>(R, Dp, L, dS, Lp, 1, K, ldk, dQ, Dp);
+  gemm<T, true>(L, Dp, R, dS, 1, Lp, Q, Dp, dK, Dp);
+  gemm<T, true>(L, Dp, R, P, 1, Lp, dO, Dp, dV, Dp);
+}
+
+// Merge softmax partials part[bh][split][row] = (m, l, acc[Dp]) in split order; write o
+// (contiguous [BH, rows, D]) and lse (contiguous [BH, rows]).
+template <typename scalar_t, typename acc_t, typename lse_t>
+void combine_partials(const acc_t* part, int64_t BH, int64_t nsplit, int64_t rows, int64_t D, int64_t Dp,
+                      scalar_t* out, lse_t* lse) {
+  const int64_t stride_row = Dp + 2;
+  at::parallel_for(0, BH * rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(Dp);
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t bh = idx / rows, row = idx % rows;
+      const acc_t* first = part + (bh * nsplit * rows + row) * stride_row;
+      acc_t gm = neg_inf<acc_t>();
+      for (int64_t sp = 0; sp < nsplit; ++sp) gm = std::max(gm, first[sp * rows * stride_row]);
+      scalar_t* o = out + idx * D;
+      if (gm == neg_inf<acc_t>()) {
+        for (int64_t i = 0; i < D; ++i) o[i] = scalar_t(0);
+        lse[idx] = neg_inf<lse_t>();
+        continue;
+      }
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      acc_t l = 0;
+      for (int64_t sp = 0; sp < nsplit; ++sp) {
+        const acc_t* p = first + sp * rows * stride_row;
+        if (p[0] == neg_inf<acc_t>()) continue;
+        const acc_t w = std::exp(p[0] - gm);
+        l += w * p[1];
+        axpy_row(acc.data(), p + 2, Dp, w);
+      }
+      const acc_t inv = acc_t(1) / l;
+      for (int64_t i = 0; i < D; ++i) o[i] = static_cast<scalar_t>(acc[i] * inv);
+      lse[idx] = static_cast<lse_t>(gm + std::log(l));
+    }
+  });
+}
+
+// Write final rows of an online-softmax state.
+template <typename scalar_t, typename acc_t, typename lse_t>
+void finalize_rows(const acc_t* m, const acc_t* l, const acc_t* acc, int64_t rows, int64_t D, int64_t Dp,
+                   scalar_t* out, lse_t* lse) {
+  for (int64_t r = 0; r < rows; ++r) {
+    if (m[r] == neg_inf<acc_t>()) {
+      for (int64_t i = 0; i < D; ++i) out[r * D + i] = scalar_t(0);
+      lse[r] = neg_inf<lse_t>();
+      continue;
+    }
+    const acc_t inv = acc_t(1) / l[r];
+    for (int64_t i = 0; i < D; ++i) out[r * D + i] = static_cast<scalar_t>(acc[r * Dp + i] * inv);
+    lse[r] = static_cast<lse_t>(m[r] + std::log(l[r]));
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Bilateral attention.
+// ---------------------------------------------------------------------------------------
+struct BilateralShape {
+  int64_t B, H, M, N, D;
+};
+
+// Spatial-side tensors of one (batch, head), packed once per work item.
+template <typename acc_t>
+struct SpatialPack {
+  std::vector<acc_t> q, k, kt, vt, v, d_o, lse, delta, bias;
+};
+
+template <typename scalar_t, typename acc_t, typename lse_t>
+void bilateral_fwd_impl(const BilateralShape& sh, const at::Tensor& q_s, const at::Tensor& k_s,
+                        const at::Tensor& v_s, const at::Tensor& q_x, const at::Tensor& k_x,
+                        const at::Tensor& v_x, double scale, const MaskView& mask, scalar_t* o_s, scalar_t* o_x,
+                        lse_t* lse_s, lse_t* lse_x) {
+  const int64_t BH = sh.B * sh.H, M = sh.M, N = sh.N, D = sh.D;
+  const int64_t Dp = round_up_vec<acc_t>(D), Mp = round_up_vec<acc_t>(M), Tp = round_up_vec<acc_t>(kTile);
+  const int64_t nsplit = ceil_div(N, kSplitN);
+  const acc_t sc = static_cast<acc_t>(scale);
+  const auto qs = view4<scalar_t>(q_s), ks = view4<scalar_t>(k_s), vs = view4<scalar_t>(v_s);
+  const auto qx = view4<scalar_t>(q_x), kx = view4<scalar_t>(k_x), vx = view4<scalar_t>(v_x);
+  std::vector<acc_t> part(BH * nsplit * M * (Dp + 2));
+
+  at::parallel_for(0, BH * nsplit, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> q_sp(M * Dp), kt_sp(D * Mp), v_sp(M * Dp), bias_sp(Mp);
+    std::vector<acc_t> q_t(kTile * Dp), kt_t(D * Tp), v_t(kTile * Dp), bias_t(Tp);
+    std::vector<acc_t> s_x(kTile * Tp), m_x(kTile), l_x(kTile), acc_x(kTile * Dp);
+    std::vector<acc_t> s_s(M * Tp), m_s(M), l_s(M), acc_s(M * Dp);
+    for (int64_t j = 0; j < Mp; ++j) bias_sp[j] = j < M ? acc_t(0) : neg_inf<acc_t>();
+    int64_t packed_bh = -1;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t bh = item / nsplit, sp = item % nsplit;
+      if (bh != packed_bh) {
+        pack_rows(q_sp.data(), Dp, qs, bh, 0, M, D, sc);
+        pack_transposed(kt_sp.data(), Mp, Mp, ks, bh, 0, M, D);
+        pack_rows(v_sp.data(), Dp, vs, bh, 0, M, D, acc_t(1));
+        packed_bh = bh;
+      }
+      std::fill(m_s.begin(), m_s.end(), neg_inf<acc_t>());
+      std::fill(l_s.begin(), l_s.end(), acc_t(0));
+      std::fill(acc_s.begin(), acc_s.end(), acc_t(0));
+      const int64_t n_end = std::min(N, (sp + 1) * kSplitN);
+      for (int64_t n0 = sp * kSplitN; n0 < n_end; n0 += kTile) {
+        const int64_t C = std::min(kTile, n_end - n0), Cp = round_up_vec<acc_t>(C);
+        pack_rows(q_t.data(), Dp, qx, bh, n0, C, D, sc);
+        pack_transposed(kt_t.data(), Cp, Cp, kx, bh, n0, C, D);
+        pack_rows(v_t.data(), Dp, vx, bh, n0, C, D, acc_t(1));
+        key_bias(bias_t.data(), mask, bh, n0, C, Cp);
+        // -- direction x: image queries over all M spatial keys, complete per tile --
+        std::fill(m_x.begin(), m_x.begin() + C, neg_inf<acc_t>());
+        std::fill(l_x.begin(), l_x.begin() + C, acc_t(0));
+        std::fill(acc_x.begin(), acc_x.begin() + C * Dp, acc_t(0));
+        for (int64_t j0 = 0; j0 < M; j0 += kTile) {
+          const int64_t L = std::min(kTile, M - j0), Lp = std::min(Tp, Mp - j0);
+          attend_tile(C, D, Dp, q_t.data(), kt_sp.data() + j0, Mp, v_sp.data() + j0 * Dp, Dp, bias_sp.data() + j0,
+                      L, Lp, s_x.data(), m_x.data(), l_x.data(), acc_x.data());
+        }
+        finalize_rows(m_x.data(), l_x.data(), acc_x.data(), C, D, Dp, o_x + (bh * N + n0) * D, lse_x + bh * N + n0);
+        // -- direction s: spatial queries, online softmax over this tile of image keys --
+        attend_tile(M, D, Dp, q_sp.data(), kt_t.data(), Cp, v_t.data(), Dp, bias_t.data(), C, Cp, s_s.data(),
+                    m_s.data(), l_s.data(), acc_s.data());
+      }
+      acc_t* p = part.data() + (bh * nsplit + sp) * M * (Dp + 2);
+      for (int64_t r = 0; r < M; ++r) {
+        p[r * (Dp + 2)] = m_s[r];
+        p[r * (Dp + 2) + 1] = l_s[r];
+        std::copy(acc_s.begin() + r * Dp, acc_s.begin() + (r + 1) * Dp, p + r * (Dp + 2) + 2);
+      }
+    }
+  });
+  combine_partials(part.data(), BH, nsplit, M, D, Dp, o_s, lse_s);
+}
+
+template <typename scalar_t, typename acc_t, typename lse_t>
+void bilateral_bwd_impl(const BilateralShape& sh, const at::Tensor& do_s, const at::Tensor& do_x,
+                        const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& v_s, const at::Tensor& q_x,
+                        const at::Tensor& k_x, const at::Tensor& v_x, const at::Tensor& o_s, const at::Tensor& o_x,
+                        const at::Tensor& lse_s, const at::Tensor& lse_x, double scale, const MaskView& mask,
+                        scalar_t* dq_s, scalar_t* dk_s, scalar_t* dv_s, scalar_t* dq_x, scalar_t* dk_x,
+                        scalar_t* dv_x) {
+  const int64_t BH = sh.B * sh.H, M = sh.M, N = sh.N, D = sh.D;
+  const int64_t Dp = round_up_vec<acc_t>(D), Mp = round_up_vec<acc_t>(M), Tp = round_up_vec<acc_t>(kTile);
+  const int64_t nsplit = ceil_div(N, kSplitN);
+  const acc_t sc = static_cast<acc_t>(scale);
+  const auto qs = view4<scalar_t>(q_s), ks = view4<scalar_t>(k_s), vs = view4<scalar_t>(v_s);
+  const auto qx = view4<scalar_t>(q_x), kx = view4<scalar_t>(k_x), vx = view4<scalar_t>(v_x);
+  const auto dos = view4<scalar_t>(do_s), dox = view4<scalar_t>(do_x);
+  const auto os = view4<scalar_t>(o_s), ox = view4<scalar_t>(o_x);
+  const auto ls = view3<lse_t>(lse_s), lx = view3<lse_t>(lse_x);
+  // Per item: dq_s, dk_s, dv_s partials [M, Dp] each.
+  std::vector<acc_t> part(BH * nsplit * 3 * M * Dp);
+
+  at::parallel_for(0, BH * nsplit, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> q_sp(M * Dp), k_sp(M * Dp), kt_sp(D * Mp), vt_sp(D * Mp), do_sp(M * Dp), o_row(Dp);
+    std::vector<acc_t> lse_sp(M), delta_sp(M), bias_sp(Mp);
+    std::vector<acc_t> q_t(kTile * Dp), k_t(kTile * Dp), kt_t(D * Tp), vt_t(D * Tp), do_t(kTile * Dp);
+    std::vector<acc_t> lse_t_(kTile), delta_t(kTile), bias_t(Tp);
+    std::vector<acc_t> p_x(kTile * Tp), ds_x(kTile * Tp), dq_t(kTile * Dp), dk_t(kTile * Dp), dv_t(kTile * Dp);
+    std::vector<acc_t> p_s(M * Tp), ds_s(M * Tp);
+    for (int64_t j = 0; j < Mp; ++j) bias_sp[j] = j < M ? acc_t(0) : neg_inf<acc_t>();
+    int64_t packed_bh = -1;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t bh = item / nsplit, sp = item % nsplit;
+      if (bh != packed_bh) {
+        pack_rows(q_sp.data(), Dp, qs, bh, 0, M, D, sc);
+        pack_rows(k_sp.data(), Dp, ks, bh, 0, M, D, acc_t(1));
+        pack_transposed(kt_sp.data(), Mp, Mp, ks, bh, 0, M, D);
+        pack_transposed(vt_sp.data(), Mp, Mp, vs, bh, 0, M, D);
+        pack_rows(do_sp.data(), Dp, dos, bh, 0, M, D, acc_t(1));
+        for (int64_t r = 0; r < M; ++r) {
+          pack_rows(o_row.data(), Dp, os, bh, r, 1, D, acc_t(1));
+          delta_sp[r] = dot_row(do_sp.data() + r * Dp, o_row.data(), Dp);
+          lse_sp[r] = static_cast<acc_t>(ls.at(bh, r));
+        }
+        packed_bh = bh;
+      }
+      acc_t* dq_sp = part.data() + (bh * nsplit + sp) * 3 * M * Dp;
+      acc_t* dk_sp = dq_sp + M * Dp;
+      acc_t* dv_sp = dk_sp + M * Dp;
+      std::fill(dq_sp, dq_sp + 3 * M * Dp, acc_t(0));
+      const int64_t n_end = std::min(N, (sp + 1) * kSplitN);
+      for (int64_t n0 = sp * kSplitN; n0 < n_end; n0 += kTile) {
+        const int64_t C = std::min(kTile, n_end - n0), Cp = round_up_vec<acc_t>(C);
+        pack_rows(q_t.data(), Dp, qx, bh, n0, C, D, sc);
+        pack_rows(k_t.data(), Dp, kx, bh, n0, C, D, acc_t(1));
+        pack_transposed(kt_t.data(), Cp, Cp, kx, bh, n0, C, D);
+        pack_transposed(vt_t.data(), Cp, Cp, vx, bh, n0, C, D);
+        pack_rows(do_t.data(), Dp, dox, bh, n0, C, D, acc_t(1));
+        for (int64_t r = 0; r < C; ++r) {
+          pack_rows(o_row.data(), Dp, ox, bh, n0 + r, 1, D, acc_t(1));
+          delta_t[r] = dot_row(do_t.data() + r * Dp, o_row.data(), Dp);
+          lse_t_[r] = static_cast<acc_t>(lx.at(bh, n0 + r));
+        }
+        key_bias(bias_t.data(), mask, bh, n0, C, Cp);
+        // -- direction x: dq_x row-local, dk_s / dv_s into this item's partials --
+        std::fill(dq_t.begin(), dq_t.begin() + C * Dp, acc_t(0));
+        for (int64_t j0 = 0; j0 < M; j0 += kTile) {
+          const int64_t L = std::min(kTile, M - j0), Lp = std::min(Tp, Mp - j0);
+          attend_tile_bwd(C, D, Dp, q_t.data(), do_t.data(), lse_t_.data(), delta_t.data(), k_sp.data() + j0 * Dp,
+                          Dp, kt_sp.data() + j0, Mp, vt_sp.data() + j0, Mp, bias_sp.data() + j0, L, Lp,
+                          p_x.data(), ds_x.data(), dq_t.data(), dk_sp + j0 * Dp, dv_sp + j0 * Dp);
+        }
+        store_rows(dq_x + (bh * N + n0) * D, dq_t.data(), Dp, C, D, sc);
+        // -- direction s: dk_x / dv_x row-local, dq_s into this item's partial --
+        std::fill(dk_t.begin(), dk_t.begin() + C * Dp, acc_t(0));
+        std::fill(dv_t.begin(), dv_t.begin() + C * Dp, acc_t(0));
+        attend_tile_bwd(M, D, Dp, q_sp.data(), do_sp.data(), lse_sp.data(), delta_sp.data(), k_t.data(), Dp,
+                        kt_t.data(), Cp, vt_t.data(), Cp, bias_t.data(), C, Cp, p_s.data(), ds_s.data(), dq_sp,
+                        dk_t.data(), dv_t.data());
+        store_rows(dk_x + (bh * N + n0) * D, dk_t.data(), Dp, C, D, acc_t(1));
+        store_rows(dv_x + (bh * N + n0) * D, dv_t.data(), Dp, C, D, acc_t(1));
+      }
+    }
+  });
+  // -- ordered reduction of the spatial-side partials --
+  at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sum(3 * M * Dp);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      std::fill(sum.begin(), sum.end(), acc_t(0));
+      for (int64_t sp = 0; sp < nsplit; ++sp) {
+        const acc_t* p = part.data() + (bh * nsplit + sp) * 3 * M * Dp;
+        for (int64_t i = 0; i < 3 * M * Dp; ++i) sum[i] += p[i];
+      }
+      store_rows(dq_s + bh * M * D, sum.data(), Dp, M, D, sc);
+      store_rows(dk_s + bh * M * D, sum.data() + M * Dp, Dp, M, D, acc_t(1));
+      store_rows(dv_s + bh * M * D, sum.data() + 2 * M * Dp, Dp, M, D, acc_t(1));
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// Cross attention.
+// ---------------------------------------------------------------------------------------
+
+// Work split for cross attention, from the shapes only (never the thread count): query
+// splits are whole blocks of kQueryBlock rows, key splits whole tiles of kTile keys. Split
+// queries first (free in the forward), then keys, until there are kTargetItems items.
+struct CrossPlan {
+  int64_t q_len, nqs, k_len, nks;
+};
+
+inline CrossPlan plan_cross(int64_t BH, int64_t Lq, int64_t Lk) {
+  const int64_t nqb = std::max<int64_t>(1, ceil_div(Lq, kQueryBlock));
+  const int64_t nkt = std::max<int64_t>(1, ceil_div(Lk, kTile));
+  int64_t nqs = 1, nks = 1;
+  while (BH * nqs * nks < kTargetItems) {
+    if (ceil_div(nqb, nqs) >= 2)
+      nqs *= 2;
+    else if (ceil_div(nkt, nks) >= 8)  // keep at least 4 tiles (256 keys) per key split
+      nks *= 2;
+    else
+      break;
+  }
+  const int64_t q_blocks = ceil_div(nqb, nqs), k_tiles = ceil_div(nkt, nks);
+  return {q_blocks * kQueryBlock, ceil_div(nqb, q_blocks), k_tiles * kTile, ceil_div(nkt, k_tiles)};
+}
+
+template <typename scalar_t, typename acc_t, typename lse_t>
+void cross_fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                    const MaskView& mask, scalar_t* out, lse_t* lse) {
+  const int64_t BH = q.size(0) * q.size(1), Lq = q.size(2), Lk = k.size(2), D = q.size(3);
+  const int64_t Dp = round_up_vec<acc_t>(D), Tp = round_up_vec<acc_t>(kTile);
+  const acc_t sc = static_cast<acc_t>(scale);
+  const auto qv = view4<scalar_t>(q), kv = view4<scalar_t>(k), vv = view4<scalar_t>(v);
+  const CrossPlan plan = plan_cross(BH, Lq, Lk);
+  std::vector<acc_t> part(plan.nks > 1 ? BH * plan.nks * Lq * (Dp + 2) : 0);
+
+  at::parallel_for(0, BH * plan.nqs * plan.nks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> q_b(kQueryBlock * Dp), kt_t(D * Tp), v_t(kTile * Dp), bias_t(Tp), s(kQueryBlock * Tp);
+    std::vector<acc_t> m(kQueryBlock), l(kQueryBlock), acc(kQueryBlock * Dp);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t bh = item / (plan.nqs * plan.nks);
+      const int64_t qs = (item / plan.nks) % plan.nqs, ks = item % plan.nks;
+      const int64_t q_end = std::min(Lq, (qs + 1) * plan.q_len), k_end = std::min(Lk, (ks + 1) * plan.k_len);
+      for (int64_t q0 = qs * plan.q_len; q0 < q_end; q0 += kQueryBlock) {
+        const int64_t R = std::min(kQueryBlock, q_end - q0);
+        pack_rows(q_b.data(), Dp, qv, bh, q0, R, D, sc);
+        std::fill(m.begin(), m.end(), neg_inf<acc_t>());
+        std::fill(l.begin(), l.end(), acc_t(0));
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t k0 = ks * plan.k_len; k0 < k_end; k0 += kTile) {
+          const int64_t L = std::min(kTile, k_end - k0), Lp = round_up_vec<acc_t>(L);
+          pack_transposed(kt_t.data(), Lp, Lp, kv, bh, k0, L, D);
+          pack_rows(v_t.data(), Dp, vv, bh, k0, L, D, acc_t(1));
+          key_bias(bias_t.data(), mask, bh, k0, L, Lp);
+          attend_tile(R, D, Dp, q_b.data(), kt_t.data(), Lp, v_t.data(), Dp, bias_t.data(), L, Lp, s.data(), m.data(),
+                      l.data(), acc.data());
+        }
+        if (plan.nks == 1) {
+          finalize_rows(m.data(), l.data(), acc.data(), R, D, Dp, out + (bh * Lq + q0) * D, lse + bh * Lq + q0);
+        } else {
+          acc_t* p = part.data() + ((bh * plan.nks + ks) * Lq + q0) * (Dp + 2);
+          for (int64_t r = 0; r < R; ++r) {
+            p[r * (Dp + 2)] = m[r];
+            p[r * (Dp + 2) + 1] = l[r];
+            std::copy(acc.begin() + r * Dp, acc.begin() + (r + 1) * Dp, p + r * (Dp + 2) + 2);
+          }
+        }
+      }
+    }
+  });
+  if (plan.nks > 1) combine_partials(part.data(), BH, plan.nks, Lq, D, Dp, out, lse);
+}
+
+template <typename scalar_t, typename acc_t, typename lse_t>
+void cross_bwd_impl(const at::Tensor& d_o, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const at::Tensor& o, const at::Tensor& lse_in, double scale, const MaskView& mask,
+                    scalar_t* dq, scalar_t* dk, scalar_t* dv) {
+  const int64_t BH = q.size(0) * q.size(1), Lq = q.size(2), Lk = k.size(2), D = q.size(3);
+  const int64_t Dp = round_up_vec<acc_t>(D), Tp = round_up_vec<acc_t>(kTile);
+  const acc_t sc = static_cast<acc_t>(scale);
+  const auto qv = view4<scalar_t>(q), kv = view4<scalar_t>(k), vv = view4<scalar_t>(v);
+  const auto dov = view4<scalar_t>(d_o), ov = view4<scalar_t>(o);
+  const auto lv = view3<lse_t>(lse_in);
+  const CrossPlan plan = plan_cross(BH, Lq, Lk);
+  // dq partials per key split [nks, BH, Lq, Dp]; dk/dv partials per query split [nqs, BH, Lk, 2, Dp].
+  std::vector<acc_t> dq_part(plan.nks > 1 ? plan.nks * BH * Lq * Dp : 0);
+  std::vector<acc_t> dkv_part(plan.nqs > 1 ? plan.nqs * BH * Lk * 2 * Dp : 0);
+
+  at::parallel_for(0, BH * plan.nqs * plan.nks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> q_b(kQueryBlock * Dp), do_b(kQueryBlock * Dp), o_row(Dp), lse_b(kQueryBlock),
+        delta_b(kQueryBlock), dq_b(kQueryBlock * Dp);
+    std::vector<acc_t> k_t(kTile * Dp), kt_t(D * Tp), vt_t(D * Tp), bias_t(Tp), p(kQueryBlock * Tp),
+        ds(kQueryBlock * Tp);
+    std::vector<acc_t> dk_loc(plan.k_len * Dp), dv_loc(plan.k_len * Dp);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t bh = item / (plan.nqs * plan.nks);
+      const int64_t qs = (item / plan.nks) % plan.nqs, ks = item % plan.nks;
+      const int64_t q_end = std::min(Lq, (qs + 1) * plan.q_len);
+      const int64_t k_begin = ks * plan.k_len, k_end = std::min(Lk, (ks + 1) * plan.k_len);
+      std::fill(dk_loc.begin(), dk_loc.end(), acc_t(0));
+      std::fill(dv_loc.begin(), dv_loc.end(), acc_t(0));
+      for (int64_t q0 = qs * plan.q_len; q0 < q_end; q0 += kQueryBlock) {
+        const int64_t R = std::min(kQueryBlock, q_end - q0);
+        pack_rows(q_b.data(), Dp, qv, bh, q0, R, D, sc);
+        pack_rows(do_b.data(), Dp, dov, bh, q0, R, D, acc_t(1));
+        for (int64_t r = 0; r < R; ++r) {
+          pack_rows(o_row.data(), Dp, ov, bh, q0 + r, 1, D, acc_t(1));
+          delta_b[r] = dot_row(do_b.data() + r * Dp, o_row.data(), Dp);
+          lse_b[r] = static_cast<acc_t>(lv.at(bh, q0 + r));
+        }
+        std::fill(dq_b.begin(), dq_b.end(), acc_t(0));
+        for (int64_t k0 = k_begin; k0 < k_end; k0 += kTile) {
+          const int64_t L = std::min(kTile, k_end - k0), Lp = round_up_vec<acc_t>(L);
+          pack_rows(k_t.data(), Dp, kv, bh, k0, L, D, acc_t(1));
+          pack_transposed(kt_t.data(), Lp, Lp, kv, bh, k0, L, D);
+          pack_transposed(vt_t.data(), Lp, Lp, vv, bh, k0, L, D);
+          key_bias(bias_t.data(), mask, bh, k0, L, Lp);
+          attend_tile_bwd(R, D, Dp, q_b.data(), do_b.data(), lse_b.data(), delta_b.data(), k_t.data(), Dp,
+                          kt_t.data(), Lp, vt_t.data(), Lp, bias_t.data(), L, Lp, p.data(), ds.data(), dq_b.data(),
+                          dk_loc.data() + (k0 - k_begin) * Dp, dv_loc.data() + (k0 - k_begin) * Dp);
+        }
+        if (plan.nks == 1)
+          store_rows(dq + (bh * Lq + q0) * D, dq_b.data(), Dp, R, D, sc);
+        else
+          std::copy(dq_b.begin(), dq_b.begin() + R * Dp, dq_part.begin() + ((ks * BH + bh) * Lq + q0) * Dp);
+      }
+      const int64_t nk = k_end - k_begin;
+      if (plan.nqs == 1) {
+        store_rows(dk + (bh * Lk + k_begin) * D, dk_loc.data(), Dp, nk, D, acc_t(1));
+        store_rows(dv + (bh * Lk + k_begin) * D, dv_loc.data(), Dp, nk, D, acc_t(1));
+      } else {
+        acc_t* dst = dkv_part.data() + ((qs * BH + bh) * Lk + k_begin) * 2 * Dp;
+        for (int64_t r = 0; r < nk; ++r) {
+          std::copy(dk_loc.begin() + r * Dp, dk_loc.begin() + (r + 1) * Dp, dst + r * 2 * Dp);
+          std::copy(dv_loc.begin() + r * Dp, dv_loc.begin() + (r + 1) * Dp, dst + r * 2 * Dp + Dp);
+        }
+      }
+    }
+  });
+  // -- ordered reductions of the split partials --
+  if (plan.nks > 1) {
+    at::parallel_for(0, BH * Lq, 64, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> sum(Dp);
+      for (int64_t row = begin; row < end; ++row) {
+        std::fill(sum.begin(), sum.end(), acc_t(0));
+        for (int64_t ks = 0; ks < plan.nks; ++ks) axpy_row(sum.data(), dq_part.data() + (ks * BH * Lq + row) * Dp, Dp, acc_t(1));
+        store_rows(dq + row * D, sum.data(), Dp, 1, D, sc);
+      }
+    });
+  }
+  if (plan.nqs > 1) {
+    at::parallel_for(0, BH * Lk, 64, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> sum(2 * Dp);
+      for (int64_t row = begin; row < end; ++row) {
+        std::fill(sum.begin(), sum.end(), acc_t(0));
+        for (int64_t qs = 0; qs < plan.nqs; ++qs)
+          axpy_row(sum.data(), dkv_part.data() + (qs * BH * Lk + row) * 2 * Dp, 2 * Dp, acc_t(1));
+        store_rows(dk + row * D, sum.data(), Dp, 1, D, acc_t(1));
+        store_rows(dv + row * D, sum.data() + Dp, Dp, 1, D, acc_t(1));
+      }
+    });
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Entry points: kernel-level checks, then dtype dispatch. The public API validates first
+// (spatialformer_kernels/validation.py); these checks guard direct calls.
+// ---------------------------------------------------------------------------------------
+void check_input(const at::Tensor& t, const char* name, const at::Tensor& like) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == 4, name, " must have rank 4 [B, H, L, D], got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), name, " has dtype ", t.scalar_type(), " but the inputs are ",
+              like.scalar_type());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble || t.scalar_type() == at::kBFloat16 ||
+                  t.scalar_type() == at::kHalf,
+              name, " has unsupported dtype ", t.scalar_type());
+}
+
+void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected) {
+  TORCH_CHECK(t.sizes() == expected, name, " must have shape ", expected, ", got ", t.sizes());
+}
+
+void check_lse(const at::Tensor& t, const char* name, at::IntArrayRef expected) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, name, " must be a float32 CPU tensor, got ",
+              t.scalar_type(), " on ", t.device());
+  check_shape(t, name, expected);
+}
+
+MaskView check_mask(const c10::optional<at::Tensor>& mask, const char* name, int64_t B, int64_t L, int64_t H) {
+  MaskView view;
+  view.heads = H;
+  if (!mask.has_value()) return view;
+  const at::Tensor& m = *mask;
+  TORCH_CHECK(m.device().is_cpu(), name, " must be a CPU tensor, got ", m.device());
+  TORCH_CHECK(m.scalar_type() == at::kBool, name, " must have dtype bool, got ", m.scalar_type());
+  TORCH_CHECK(m.dim() == 2 && m.size(0) == B && m.size(1) == L, name, " must have shape [", B, ", ", L, "], got ",
+              m.sizes());
+  view.ptr = m.data_ptr<bool>();
+  view.stride_b = m.stride(0);
+  view.stride_l = m.stride(1);
+  return view;
+}
+
+void check_scale(double scale) { TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale); }
+
+BilateralShape check_bilateral(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& v_s,
+                               const at::Tensor& q_x, const at::Tensor& k_x, const at::Tensor& v_x) {
+  check_input(q_s, "q_s", q_s);
+  check_input(k_s, "k_s", q_s);
+  check_input(v_s, "v_s", q_s);
+  check_input(q_x, "q_x", q_s);
+  check_input(k_x, "k_x", q_s);
+  check_input(v_x, "v_x", q_s);
+  BilateralShape sh{q_s.size(0), q_s.size(1), q_s.size(2), q_x.size(2), q_s.size(3)};
+  TORCH_CHECK(sh.D >= 1, "head dim D must be >= 1, got ", sh.D);
+  check_shape(k_s, "k_s", q_s.sizes());
+  check_shape(v_s, "v_s", q_s.sizes());
+  check_shape(q_x, "q_x", {sh.B, sh.H, sh.N, sh.D});
+  check_shape(k_x, "k_x", q_x.sizes());
+  check_shape(v_x, "v_x", q_x.sizes());
+  return sh;
+}
+
+template <typename scalar_t>
+using acc_type_for = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bilateral_fwd(
+    const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& v_s, const at::Tensor& q_x,
+    const at::Tensor& k_x, const at::Tensor& v_x, double scale, const c10::optional<at::Tensor>& image_mask) {
+  const BilateralShape sh = check_bilateral(q_s, k_s, v_s, q_x, k_x, v_x);
+  check_scale(scale);
+  const MaskView mask = check_mask(image_mask, "image_mask", sh.B, sh.N, sh.H);
+  auto o_s = at::empty({sh.B, sh.H, sh.M, sh.D}, q_s.options());
+  auto o_x = at::empty({sh.B, sh.H, sh.N, sh.D}, q_s.options());
+  auto lse_s = at::empty({sh.B, sh.H, sh.M}, q_s.options().dtype(at::kFloat));
+  auto lse_x = at::empty({sh.B, sh.H, sh.N}, q_s.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q_s.scalar_type(), "bilateral_fwd", [&] {
+    bilateral_fwd_impl<scalar_t, acc_type_for<scalar_t>, float>(sh, q_s, k_s, v_s, q_x, k_x, v_x, scale, mask,
+                                                                o_s.data_ptr<scalar_t>(), o_x.data_ptr<scalar_t>(),
+                                                                lse_s.data_ptr<float>(), lse_x.data_ptr<float>());
+  });
+  return {o_s, o_x, lse_s, lse_x};
+}
+
+template <typename scalar_t>
+void bilateral_bwd_dispatch(const BilateralShape& sh, const at::Tensor& do_s, const at::Tensor& do_x,
+                            const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& v_s,
+                            const at::Tensor& q_x, const at::Tensor& k_x, const at::Tensor& v_x,
+                            const at::Tensor& o_s, const at::Tensor& o_x, const at::Tensor& lse_s,
+                            const at::Tensor& lse_x, double scale, const MaskView& mask,
+                            std::vector<at::Tensor>& grads) {
+  using acc_t = acc_type_for<scalar_t>;
+  scalar_t* g[6];
+  for (int i = 0; i < 6; ++i) g[i] = grads[i].data_ptr<scalar_t>();
+  if constexpr (std::is_same_v<acc_t, double>) {
+    // float64: the float32 LSEs of the backend contract would cap the gradients' precision,
+    // so recompute them in float64 (one extra forward; float64 is for checking, not speed).
+    const auto opts = q_s.options().memory_format(at::MemoryFormat::Contiguous);
+    auto o_s64 = at::empty({sh.B, sh.H, sh.M, sh.D}, opts), o_x64 = at::empty({sh.B, sh.H, sh.N, sh.D}, opts);
+    auto ls64 = at::empty({sh.B, sh.H, sh.M}, opts), lx64 = at::empty({sh.B, sh.H, sh.N}, opts);
+    bilateral_fwd_impl<scalar_t, acc_t, double>(sh, q_s, k_s, v_s, q_x, k_x, v_x, scale, mask,
+                                                o_s64.data_ptr<scalar_t>(), o_x64.data_ptr<scalar_t>(),
+                                                ls64.data_ptr<double>(), lx64.data_ptr<double>());
+    bilateral_bwd_impl<scalar_t, acc_t, double>(sh, do_s, do_x, q_s, k_s, v_s, q_x, k_x, v_x, o_s, o_x, ls64, lx64,
+                                                scale, mask, g[0], g[1], g[2], g[3], g[4], g[5]);
+  } else {
+    bilateral_bwd_impl<scalar_t, acc_t, float>(sh, do_s, do_x, q_s, k_s, v_s, q_x, k_x, v_x, o_s, o_x, lse_s, lse_x,
+                                               scale, mask, g[0], g[1], g[2], g[3], g[4], g[5]);
+  }
+}
+
+std::vector<at::Tensor> bilateral_bwd(const at::Tensor& do_s, const at::Tensor& do_x, const at::Tensor& q_s,
+                                      const at::Tensor& k_s, const at::Tensor& v_s, const at::Tensor& q_x,
+                                      const at::Tensor& k_x, const at::Tensor& v_x, const at::Tensor& o_s,
+                                      const at::Tensor& o_x, const at::Tensor& lse_s, const at::Tensor& lse_x,
+                                      double scale, const c10::optional<at::Tensor>& image_mask) {
+  const BilateralShape sh = check_bilateral(q_s, k_s, v_s, q_x, k_x, v_x);
+  check_scale(scale);
+  check_input(do_s, "do_s", q_s);
+  check_input(o_s, "o_s", q_s);
+  check_input(do_x, "do_x", q_s);
+  check_input(o_x, "o_x", q_s);
+  check_shape(do_s, "do_s", q_s.sizes());
+  check_shape(o_s, "o_s", q_s.sizes());
+  check_shape(do_x, "do_x", q_x.sizes());
+  check_shape(o_x, "o_x", q_x.sizes());
+  check_lse(lse_s, "lse_s", {sh.B, sh.H, sh.M});
+  check_lse(lse_x, "lse_x", {sh.B, sh.H, sh.N});
+  const MaskView mask = check_mask(image_mask, "image_mask", sh.B, sh.N, sh.H);
+  std::vector<at::Tensor> grads;
+  for (const at::Tensor* t : {&q_s, &k_s, &v_s, &q_x, &k_x, &v_x})
+    grads.push_back(at::empty(t->sizes(), t->options().memory_format(at::MemoryFormat::Contiguous)));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q_s.scalar_type(), "bilateral_bwd", [&] {
+    bilateral_bwd_dispatch<scalar_t>(sh, do_s, do_x, q_s, k_s, v_s, q_x, k_x, v_x, o_s, o_x, lse_s, lse_x, scale,
+                                     mask, grads);
+  });
+  return grads;
+}
+
+void check_cross(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  check_input(q, "q", q);
+  check_input(k, "k", q);
+  check_input(v, "v", q);
+  TORCH_CHECK(q.size(3) >= 1, "head dim D must be >= 1, got ", q.size(3));
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
+              "k must have shape [B, H, Lk, D] matching q ", q.sizes(), ", got ", k.sizes());
+  check_shape(v, "v", k.sizes());
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                             double scale, const c10::optional<at::Tensor>& key_mask) {
+  check_cross(q, k, v);
+  check_scale(scale);
+  const MaskView mask = check_mask(key_mask, "key_mask", k.size(0), k.size(2), k.size(1));
+  auto o = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "cross_fwd", [&] {
+    cross_fwd_impl<scalar_t, acc_type_for<scalar_t>, float>(q, k, v, scale, mask, o.data_ptr<scalar_t>(),
+                                                            lse.data_ptr<float>());
+  });
+  return {o, lse};
+}
+
+template <typename scalar_t>
+void cross_bwd_dispatch(const at::Tensor& d_o, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const at::Tensor& o, const at::Tensor& lse, double scale, const MaskView& mask,
+                        std::vector<at::Tensor>& grads) {
+  using acc_t = acc_type_for<scalar_t>;
+  scalar_t *dq = grads[0].data_ptr<scalar_t>(), *dk = grads[1].data_ptr<scalar_t>(), *dv = grads[2].data_ptr<scalar_t>();
+  if constexpr (std::is_same_v<acc_t, double>) {
+    // float64: recompute the LSE in float64 (see bilateral_bwd_dispatch).
+    const auto opts = q.options().memory_format(at::MemoryFormat::Contiguous);
+    auto o64 = at::empty(q.sizes(), opts);
+    auto lse64 = at::empty({q.size(0), q.size(1), q.size(2)}, opts);
+    cross_fwd_impl<scalar_t, acc_t, double>(q, k, v, scale, mask, o64.data_ptr<scalar_t>(), lse64.data_ptr<double>());
+    cross_bwd_impl<scalar_t, acc_t, double>(d_o, q, k, v, o, lse64, scale, mask, dq, dk, dv);
+  } else {
+    cross_bwd_impl<scalar_t, acc_t, float>(d_o, q, k, v, o, lse, scale, mask, dq, dk, dv);
+  }
+}
+
+std::vector<at::Tensor> cross_bwd(const at::Tensor& d_o, const at::Tensor& q, const at::Tensor& k,
+                                  const at::Tensor& v, const at::Tensor& o, const at::Tensor& lse, double scale,
+                                  const c10::optional<at::Tensor>& key_mask) {
+  check_cross(q, k, v);
+  check_scale(scale);
+  check_input(d_o, "do", q);
+  check_input(o, "o", q);
+  check_shape(d_o, "do", q.sizes());
+  check_shape(o, "o", q.sizes());
+  check_lse(lse, "lse", {q.size(0), q.size(1), q.size(2)});
+  const MaskView mask = check_mask(key_mask, "key_mask", k.size(0), k.size(2), k.size(1));
+  auto contiguous = at::MemoryFormat::Contiguous;
+  std::vector<at::Tensor> grads{at::empty(q.sizes(), q.options().memory_format(contiguous)),
+                                at::empty(k.sizes(), k.options().memory_format(contiguous)),
+                                at::empty(v.sizes(), v.options().memory_format(contiguous))};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "cross_bwd", [&] {
+    cross_bwd_dispatch<scalar_t>(d_o, q, k, v, o, lse, scale, mask, grads);
+  });
+  return grads;
+}
+
+// Which vector ISA this build uses (for the build log and the tests).
+std::string vector_isa() {
+#if defined(CPU_CAPABILITY_AVX512)
+  return "avx512";
+#elif defined(CPU_CAPABILITY_AVX2)
+  return "avx2";
+#else
+  return "default";
+#endif
+}
+
+}  // namespace sfk
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("bilateral_fwd", &sfk::bilateral_fwd, "bilateral attention forward (CPU)");
+  m.def("bilateral_bwd", &sfk::bilateral_bwd, "bilateral attention backward (CPU)");
+  m.def("cross_fwd", &sfk::cross_fwd, "cross attention forward (CPU)");
+  m.def("cross_bwd", &sfk::cross_bwd, "cross attention backward (CPU)");
+  m.def("vector_isa", &sfk::vector_isa, "vector ISA of this build");
+}
