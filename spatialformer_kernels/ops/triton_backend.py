@@ -1,6 +1,69 @@
-"""Triton kernels (placeholder until the fused kernels land)."""
-DTYPES = ()
+"""Triton kernel backend: the four functions of the contract in dispatch.py.
+
+The kernels and launchers live in bilateral_attention_triton.py; this facade maps the
+bilateral op onto both directions and cross_attention onto one of them, picked by shape:
+few queries over many keys (Lq <= Lk) is direction s (split over the keys, merged by the
+combine step), many queries over few keys is direction x (a complete softmax per query tile).
+"""
+from __future__ import annotations
+
+import torch
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def is_available() -> bool:
-    return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _kernels():
+    from . import bilateral_attention_triton
+
+    return bilateral_attention_triton
+
+
+def bilateral_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask):
+    """-> (o_s [B, H, M, D], o_x [B, H, N, D], lse_s [B, H, M], lse_x [B, H, N])."""
+    return _kernels().attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=image_mask)
+
+
+def bilateral_bwd(do_s, do_x, q_s, k_s, v_s, q_x, k_x, v_x, o_s, o_x, lse_s, lse_x, scale, image_mask):
+    """-> (dq_s, dk_s, dv_s, dq_x, dk_x, dv_x), shaped like the inputs."""
+    return _kernels().attention_bwd(
+        do_s, do_x, q_s, k_s, v_s, q_x, k_x, v_x, o_s, o_x, lse_s, lse_x, scale, image_mask=image_mask
+    )
+
+
+def queries_on_spatial_side(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """cross_attention path: True = direction s (queries are the short side)."""
+    return q.shape[2] <= k.shape[2]
+
+
+def cross_fwd(q, k, v, scale, key_mask):
+    """q [B, H, Lq, D] over k, v [B, H, Lk, D] -> (o [B, H, Lq, D], lse [B, H, Lq])."""
+    kernels = _kernels()
+    if queries_on_spatial_side(q, k):
+        # q_s = q, k_x = k, v_x = v; q_x only gives N (= Lk) and k_s, v_s only M: never read.
+        o, _, lse, _ = kernels.attention_fwd(q, q, q, k, k, v, scale, image_mask=key_mask, do_x=False)
+    else:
+        # q_x = q, k_s = k, v_s = v; q_s only gives M (= Lk) and k_x, v_x only N: never read.
+        _, o, _, lse = kernels.attention_fwd(k, k, v, q, q, q, scale, spatial_mask=key_mask, do_s=False)
+    return o, lse
+
+
+def cross_bwd(do, q, k, v, o, lse, scale, key_mask):
+    """-> (dq, dk, dv), shaped like q, k, v."""
+    kernels = _kernels()
+    if queries_on_spatial_side(q, k):
+        dq, _, _, _, dk, dv = kernels.attention_bwd(
+            do, None, q, q, q, k, k, v, o, None, lse, None, scale, image_mask=key_mask, do_x_dir=False
+        )
+    else:
+        _, dk, dv, dq, _, _ = kernels.attention_bwd(
+            None, do, k, k, v, q, q, q, None, o, None, lse, scale, spatial_mask=key_mask, do_s_dir=False
+        )
+    return dq, dk, dv

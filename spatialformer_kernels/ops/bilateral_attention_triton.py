@@ -1,0 +1,705 @@
+"""Fused Triton kernels for bilateral cross-attention (and single-direction cross-attention).
+
+Shapes: spatial tokens q_s, k_s, v_s [B, H, M, D]; image tokens q_x, k_x, v_x [B, H, N, D].
+Direction s: spatial queries q_s over image keys k_x, v_x (image_mask drops keys) -> o_s.
+Direction x: image queries q_x over spatial keys k_s, v_s -> o_x.
+
+Forward, one launch, grid (B*H, SPLITS, M_PROGRAMS): each program owns CHUNK image tokens
+and walks them in BLOCK_N tiles.
+  - Direction s is an online softmax over the tiles (running max, sum and an fp32
+    accumulator for its BLOCK_M spatial queries); at the end of the chunk the program writes
+    its (max, sum, acc) partial, and `_bilateral_combine_kernel` merges the SPLITS partials
+    in a fixed order with LSE weights (flash-decoding style split-K).
+  - Direction x is complete per tile: the M spatial keys are few, so each tile of image
+    queries sees all of them (one block, kept in registers for the whole chunk, or a loop
+    over key blocks with online softmax when M > BLOCK_M) and o_x, lse_x are written at once.
+    With M_PROGRAMS > 1 (M > BLOCK_M), tile t's direction x is done by program t % M_PROGRAMS.
+Backward, deterministic (no atomics), grid (B*H, SPLITS): delta = rowsum(dO * O) is computed
+in the kernel for both directions; per tile the image-side gradients (dq_x, dk_x, dv_x) are
+complete and written, and the spatial-side ones (dq_s, dk_s, dv_s) are summed per program
+into a per-split fp32 partial, reduced over splits by the launcher in a fixed order.
+
+cross_attention uses the same kernels with one direction switched off: few queries over many
+keys is direction s only (q -> q_s, k, v -> k_x, v_x, key_mask -> image_mask); many queries
+over few keys is direction x only (q -> q_x, k, v -> k_s, v_s, key_mask on the M axis).
+
+Numerics: logits are scaled by scale * log2(e) and exponentiated with exp2; accumulation in
+fp32; fp32 inputs use IEEE dots (PyTorch's default matmul is not TF32). LSEs are natural-log
+fp32, -inf for a query with no kept key (its output and gradients are 0). Offsets are int64.
+
+Limits: D in 8..256 (BLOCK_D is the next power of two >= 16, masked); any M, N >= 1 (M is
+fastest up to 128 at D <= 32 where one block holds it; beyond that key blocks are looped);
+any strides (nothing is copied). No host synchronisation: the split count comes from the
+cached SM count and the shapes, so launches are CUDA-graph capturable.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# ----------------------------------------------------------------------------------------
+# Configs
+# ----------------------------------------------------------------------------------------
+# BLOCK_M (spatial rows per block) is picked by the launcher from M and D, not tuned; the
+# tuner picks the image tile and warps. Stages: the loops are latency-bound loads of small
+# tiles, and two stages double the shared memory at D = 256 for no gain, so 1 or 2 by D.
+_BLOCK_N_CHOICES = (16, 32, 64, 128)
+_WARPS_CHOICES = (4, 8)
+_STAGES_CHOICES = (1, 2)
+FWD_CONFIGS = [
+    triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bn in _BLOCK_N_CHOICES
+    for w in _WARPS_CHOICES
+    for s in _STAGES_CHOICES
+]
+BWD_CONFIGS = list(FWD_CONFIGS)
+# Image tokens per split are a multiple of the largest tile, so tiles never straddle splits.
+CHUNK_ALIGN = 128
+# A split gets at least this many image tokens, so a large batch is not over-split.
+MIN_SPLIT_TOKENS = 256
+# Fixed configuration in the interpreter (no autotuning there) and for the static check.
+FIXED_BLOCK_N = 32
+FIXED_WARPS = 4
+FIXED_STAGES = 1
+# Pretend SM count in the interpreter so that split-K is exercised by the tests.
+INTERPRETER_SM_COUNT = 8
+
+
+def block_d_for(head_dim: int) -> int:
+    """Head dim padded to a power of two >= 16 (tl.dot needs >= 16)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def block_m_for(n_spatial: int, block_d: int, elem_bytes: int, backward: bool) -> int:
+    """Spatial rows per block: all of M when it fits the register budget, else a cap by D."""
+    cap = {16: 128, 32: 128, 64: 64, 128: 32, 256: 16}[block_d]
+    if backward:
+        cap //= 2
+    if elem_bytes == 4:
+        cap //= 2
+    return max(16, min(triton.next_power_of_2(n_spatial), cap))
+
+
+def fuse_directions(block_d: int, elem_bytes: int, backward: bool) -> bool:
+    """Whether both directions share one launch; at large D each direction runs alone to
+    keep the live state in registers (two launches, each still one pass over the tokens)."""
+    limit = 64 if backward else 128
+    if elem_bytes == 4:
+        limit //= 2
+    return block_d <= limit
+
+
+def _live_words_per_thread(block_m, block_n, block_d, elem_bytes, num_warps, backward, both):
+    """Rough count of 32-bit registers per thread held by a program's live tiles."""
+    e = elem_bytes / 4
+    if backward:
+        spatial = block_m * block_d * (4 * e + 3)  # q, k, v, dO + three fp32 accumulators
+        image = block_n * block_d * (4 * e + 3)
+        scores = 4 * block_m * block_n
+    else:
+        spatial = block_m * block_d * (3 * e + 1)
+        image = block_n * block_d * (3 * e + 1)
+        scores = 2 * block_m * block_n
+    if not both:
+        spatial, image, scores = spatial / 2, image / 2, scores / 2
+    return (spatial + image + scores) / (32 * num_warps)
+
+
+def configs_for(block_m, block_d, elem_bytes, backward, both):
+    """The configs autotuning may pick for one shape bucket (also used by the static check)."""
+    configs = BWD_CONFIGS if backward else FWD_CONFIGS
+    budget = 96
+    kept = []
+    for config in configs:
+        bn, w, s = config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
+        if block_d >= 128 and s > 1:
+            continue  # deep stages only add shared memory at large D (see above)
+        if bn * block_d > 8192 or (bn == 16 and block_d < 128):
+            continue  # 16-row tiles only pay off where a wider tile would not fit
+        if w == 8 and bn * max(block_m, 32) < 2048:
+            continue  # too little work per tile for 8 warps
+        if _live_words_per_thread(block_m, bn, block_d, elem_bytes, w, backward, both) > budget:
+            continue
+        kept.append(config)
+    if not kept:  # the smallest tile always fits: keep it rather than fail
+        kept = [triton.Config({"BLOCK_N": 16}, num_warps=8, num_stages=1)]
+    return kept
+
+
+def _prune(backward):
+    def prune(configs, named_args, **kwargs):
+        elem_bytes = named_args["Q_S"].element_size()
+        both = kwargs["DIR_S"] and kwargs["DIR_X"]
+        return configs_for(kwargs["BLOCK_M"], kwargs["BLOCK_D"], elem_bytes, backward, both)
+
+    return prune
+
+
+_TUNE_KEY = ["BLOCK_M", "BLOCK_D", "M_ONE_BLOCK", "DIR_S", "DIR_X", "HAS_IMAGE_MASK", "HAS_SPATIAL_MASK"]
+
+
+def _autotune(kernel, configs, backward):
+    if INTERPRET:
+        return kernel
+    return triton.autotune(configs=configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune(backward)})(
+        kernel
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Shared jit helpers
+# ----------------------------------------------------------------------------------------
+# Triton 3.8's interpreter multiplies bfloat16 dot operands as their raw uint16 bits; there
+# (only) the operands are widened to fp32 first, which is exact for bfloat16 values.
+_WIDEN_BF16_DOTS = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def _dot(a, b, DOT_PRECISION: tl.constexpr):
+    if _WIDEN_BF16_DOTS:
+        if a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _head_base(ptr, b, h, stride_b, stride_h):
+    return ptr + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+
+
+@triton.jit
+def _load_rows(ptr, rows, cols, stride_row, stride_col, row_ok, col_ok):
+    """Load a [len(rows), len(cols)] tile, zeros outside the masks; int64 offsets."""
+    offsets = rows.to(tl.int64)[:, None] * stride_row + cols.to(tl.int64)[None, :] * stride_col
+    return tl.load(ptr + offsets, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _key_keep(MASK, b, keys, keys_ok, stride_mask_b, stride_mask_l, HAS_MASK: tl.constexpr):
+    """Which keys take part: in range and, with a mask, marked True."""
+    keep = keys_ok
+    if HAS_MASK:
+        flags = tl.load(MASK + b.to(tl.int64) * stride_mask_b + keys.to(tl.int64) * stride_mask_l, mask=keys_ok, other=0)
+        keep = keep & (flags != 0)
+    return keep
+
+
+@triton.jit
+def _scores(q, k, keep, qk_scale, DOT_PRECISION: tl.constexpr):
+    """Logits of queries q [R, D] over keys k [C, D] in the log2 domain; -inf for dropped keys."""
+    s = _dot(q, tl.trans(k), DOT_PRECISION) * qk_scale
+    return tl.where(keep[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
+    """Fold one block of log2-domain logits s [R, C] and values v [C, D] into (max, sum, acc)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row with no kept key so far has max -inf; shifting by 0 keeps exp2(-inf) = 0, no NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_safe)
+    p = tl.math.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _lse_log2(LSE, rows, rows_ok):
+    """Saved natural-log LSE -> log2 domain; +inf for empty rows and padding so exp2 gives 0."""
+    lse = tl.load(LSE + rows.to(tl.int64), mask=rows_ok, other=float("-inf"))
+    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+
+
+@triton.jit
+def _attn_bwd_block(q, do, lse2, delta, k, v, keep, qk_scale, sm_scale, DOT_PRECISION: tl.constexpr):
+    """Gradient contributions of queries q [R, D] against one block of keys k, v [C, D]:
+    returns (dq [R, D], dk [C, D], dv [C, D]) in fp32, already multiplied by the scale."""
+    # -- recompute the probabilities from the saved LSE --
+    s = _scores(q, k, keep, qk_scale, DOT_PRECISION)
+    p = tl.math.exp2(s - lse2[:, None])
+    # -- dS = P * (dP - delta) --
+    dp = _dot(do, tl.trans(v), DOT_PRECISION)
+    ds = p * (dp - delta[:, None]) * sm_scale
+    dq = _dot(ds.to(k.dtype), k, DOT_PRECISION)
+    dk = _dot(tl.trans(ds).to(q.dtype), q, DOT_PRECISION)
+    dv = _dot(tl.trans(p).to(do.dtype), do, DOT_PRECISION)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["M", "N", "CHUNK", "SPLITS"])
+def _bilateral_fwd_kernel(
+    Q_S, K_S, V_S,  # [B, H, M, D] each, any strides
+    Q_X, K_X, V_X,  # [B, H, N, D] each, any strides
+    IMAGE_MASK,  # [B, N] bool, keys of direction s (read only with HAS_IMAGE_MASK)
+    SPATIAL_MASK,  # [B, M] bool, keys of direction x (read only with HAS_SPATIAL_MASK)
+    O_X,  # [B, H, N, D] contiguous, input dtype
+    LSE_X,  # [B, H, N] contiguous fp32
+    PART_ACC,  # [B * H, SPLITS, M, D] fp32: unnormalised direction-s output per split
+    PART_MAX,  # [B * H, SPLITS, M] fp32: running max (log2 domain) per split
+    PART_SUM,  # [B * H, SPLITS, M] fp32: running sum of exp2 per split
+    stride_qs_b, stride_qs_h, stride_qs_m, stride_qs_d,
+    stride_ks_b, stride_ks_h, stride_ks_m, stride_ks_d,
+    stride_vs_b, stride_vs_h, stride_vs_m, stride_vs_d,
+    stride_qx_b, stride_qx_h, stride_qx_n, stride_qx_d,
+    stride_kx_b, stride_kx_h, stride_kx_n, stride_kx_d,
+    stride_vx_b, stride_vx_h, stride_vx_n, stride_vx_d,
+    stride_im_b, stride_im_n,
+    stride_sm_b, stride_sm_m,
+    H, M, N, D, CHUNK, SPLITS,
+    qk_scale,  # scale * log2(e)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    M_ONE_BLOCK: tl.constexpr,  # M <= BLOCK_M: the spatial keys stay in registers
+    DIR_S: tl.constexpr, DIR_X: tl.constexpr,
+    HAS_IMAGE_MASK: tl.constexpr, HAS_SPATIAL_MASK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    m_programs = tl.num_programs(2)
+    b = pid_bh // H
+    h = pid_bh % H
+    q_s_ptr = _head_base(Q_S, b, h, stride_qs_b, stride_qs_h)
+    k_s_ptr = _head_base(K_S, b, h, stride_ks_b, stride_ks_h)
+    v_s_ptr = _head_base(V_S, b, h, stride_vs_b, stride_vs_h)
+    q_x_ptr = _head_base(Q_X, b, h, stride_qx_b, stride_qx_h)
+    k_x_ptr = _head_base(K_X, b, h, stride_kx_b, stride_kx_h)
+    v_x_ptr = _head_base(V_X, b, h, stride_vx_b, stride_vx_h)
+    row_base = pid_bh.to(tl.int64) * N  # row offset of this head in O_X / LSE_X
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    offs_blk = tl.arange(0, BLOCK_M)
+    n_start = split * CHUNK
+    n_end = tl.minimum(n_start + CHUNK, N)
+
+    if DIR_X and M_ONE_BLOCK:
+        # -- all spatial keys fit one block: load them once for the whole chunk --
+        ks_ok = offs_blk < M
+        ks_keep = _key_keep(SPATIAL_MASK, b, offs_blk, ks_ok, stride_sm_b, stride_sm_m, HAS_SPATIAL_MASK)
+        k_s = _load_rows(k_s_ptr, offs_blk, offs_d, stride_ks_m, stride_ks_d, ks_ok, d_ok)
+        v_s = _load_rows(v_s_ptr, offs_blk, offs_d, stride_vs_m, stride_vs_d, ks_ok, d_ok)
+    if DIR_S:
+        offs_qm = pid_m * BLOCK_M + offs_blk
+        qm_ok = offs_qm < M
+        q_s = _load_rows(q_s_ptr, offs_qm, offs_d, stride_qs_m, stride_qs_d, qm_ok, d_ok)
+        m_s = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_s = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc_s = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    for n0 in range(n_start, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < n_end
+        if DIR_X:
+            if (n0 // BLOCK_N) % m_programs == pid_m:
+                # -- direction x: this tile of image queries over all spatial keys --
+                q_x = _load_rows(q_x_ptr, offs_n, offs_d, stride_qx_n, stride_qx_d, n_ok, d_ok)
+                m_x = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+                l_x = tl.zeros([BLOCK_N], dtype=tl.float32)
+                acc_x = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+                if M_ONE_BLOCK:
+                    s_x = _scores(q_x, k_s, ks_keep, qk_scale, DOT_PRECISION)
+                    m_x, l_x, acc_x = _online_softmax_step(s_x, v_s, m_x, l_x, acc_x, DOT_PRECISION)
+                else:
+                    for m0 in range(0, M, BLOCK_M):
+                        offs_km = m0 + offs_blk
+                        km_ok = offs_km < M
+                        km_keep = _key_keep(SPATIAL_MASK, b, offs_km, km_ok, stride_sm_b, stride_sm_m, HAS_SPATIAL_MASK)
+                        k_blk = _load_rows(k_s_ptr, offs_km, offs_d, stride_ks_m, stride_ks_d, km_ok, d_ok)
+                        v_blk = _load_rows(v_s_ptr, offs_km, offs_d, stride_vs_m, stride_vs_d, km_ok, d_ok)
+                        s_x = _scores(q_x, k_blk, km_keep, qk_scale, DOT_PRECISION)
+                        m_x, l_x, acc_x = _online_softmax_step(s_x, v_blk, m_x, l_x, acc_x, DOT_PRECISION)
+                # -- normalise and write o_x, lse_x (rows with no kept key: 0 and -inf) --
+                has_key = l_x > 0.0
+                o_x = acc_x / tl.where(has_key, l_x, 1.0)[:, None]
+                lse_x = tl.where(has_key, (m_x + tl.math.log2(l_x)) * 0.6931471805599453, float("-inf"))
+                rows = row_base + offs_n
+                o_ptrs = O_X + rows[:, None] * D + offs_d[None, :]
+                tl.store(o_ptrs, o_x.to(O_X.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
+                tl.store(LSE_X + rows, lse_x, mask=n_ok)
+        if DIR_S:
+            # -- direction s: spatial queries over this tile of image keys, online softmax --
+            keep_n = _key_keep(IMAGE_MASK, b, offs_n, n_ok, stride_im_b, stride_im_n, HAS_IMAGE_MASK)
+            k_x = _load_rows(k_x_ptr, offs_n, offs_d, stride_kx_n, stride_kx_d, n_ok, d_ok)
+            v_x = _load_rows(v_x_ptr, offs_n, offs_d, stride_vx_n, stride_vx_d, n_ok, d_ok)
+            s_s = _scores(q_s, k_x, keep_n, qk_scale, DOT_PRECISION)
+            m_s, l_s, acc_s = _online_softmax_step(s_s, v_x, m_s, l_s, acc_s, DOT_PRECISION)
+
+    if DIR_S:
+        # -- this split's partial (max, sum, acc), merged by the combine kernel --
+        part_rows = (pid_bh.to(tl.int64) * SPLITS + split) * M + offs_qm
+        tl.store(PART_MAX + part_rows, m_s, mask=qm_ok)
+        tl.store(PART_SUM + part_rows, l_s, mask=qm_ok)
+        acc_ptrs = PART_ACC + part_rows[:, None] * D + offs_d[None, :]
+        tl.store(acc_ptrs, acc_s, mask=qm_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _bilateral_combine_kernel(
+    PART_ACC,  # [B * H, SPLITS, M, D] fp32
+    PART_MAX,  # [B * H, SPLITS, M] fp32
+    PART_SUM,  # [B * H, SPLITS, M] fp32
+    O_S,  # [B, H, M, D] contiguous, input dtype
+    LSE_S,  # [B, H, M] contiguous fp32
+    M, D, SPLITS,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Merge the split partials of direction s in split order, weighted by their LSEs."""
+    pid_bh = tl.program_id(0)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < M
+    tile_ok = m_ok[:, None] & (offs_d < D)[None, :]
+    m_run = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_run = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for split in range(0, SPLITS):
+        rows = (pid_bh.to(tl.int64) * SPLITS + split) * M + offs_m
+        m_k = tl.load(PART_MAX + rows, mask=m_ok, other=float("-inf"))
+        l_k = tl.load(PART_SUM + rows, mask=m_ok, other=0.0)
+        acc_k = tl.load(PART_ACC + rows[:, None] * D + offs_d[None, :], mask=tile_ok, other=0.0)
+        m_new = tl.maximum(m_run, m_k)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_run - m_safe)
+        beta = tl.math.exp2(m_k - m_safe)
+        l_run = l_run * alpha + l_k * beta
+        acc = acc * alpha[:, None] + acc_k * beta[:, None]
+        m_run = m_new
+    has_key = l_run > 0.0
+    o = acc / tl.where(has_key, l_run, 1.0)[:, None]
+    lse = tl.where(has_key, (m_run + tl.math.log2(l_run)) * 0.6931471805599453, float("-inf"))
+    out_rows = pid_bh.to(tl.int64) * M + offs_m
+    tl.store(O_S + out_rows[:, None] * D + offs_d[None, :], o.to(O_S.dtype.element_ty), mask=tile_ok)
+    tl.store(LSE_S + out_rows, lse, mask=m_ok)
+
+
+# ----------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["M", "N", "CHUNK", "SPLITS"])
+def _bilateral_bwd_kernel(
+    Q_S, K_S, V_S, O_S, DO_S,  # [B, H, M, D] each, any strides
+    Q_X, K_X, V_X, O_X, DO_X,  # [B, H, N, D] each, any strides
+    LSE_S,  # [B, H, M] contiguous fp32
+    LSE_X,  # [B, H, N] contiguous fp32
+    IMAGE_MASK,  # [B, N] bool (read only with HAS_IMAGE_MASK)
+    SPATIAL_MASK,  # [B, M] bool (read only with HAS_SPATIAL_MASK)
+    DQ_X, DK_X, DV_X,  # [B, H, N, D] contiguous, input dtype
+    PART_DQ_S, PART_DK_S, PART_DV_S,  # [B * H, SPLITS, M, D] fp32 per-split partials
+    stride_qs_b, stride_qs_h, stride_qs_m, stride_qs_d,
+    stride_ks_b, stride_ks_h, stride_ks_m, stride_ks_d,
+    stride_vs_b, stride_vs_h, stride_vs_m, stride_vs_d,
+    stride_os_b, stride_os_h, stride_os_m, stride_os_d,
+    stride_dos_b, stride_dos_h, stride_dos_m, stride_dos_d,
+    stride_qx_b, stride_qx_h, stride_qx_n, stride_qx_d,
+    stride_kx_b, stride_kx_h, stride_kx_n, stride_kx_d,
+    stride_vx_b, stride_vx_h, stride_vx_n, stride_vx_d,
+    stride_ox_b, stride_ox_h, stride_ox_n, stride_ox_d,
+    stride_dox_b, stride_dox_h, stride_dox_n, stride_dox_d,
+    stride_im_b, stride_im_n,
+    stride_sm_b, stride_sm_m,
+    H, M, N, D, CHUNK, SPLITS,
+    qk_scale,  # scale * log2(e)
+    sm_scale,  # scale
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    M_ONE_BLOCK: tl.constexpr,
+    DIR_S: tl.constexpr, DIR_X: tl.constexpr,
+    HAS_IMAGE_MASK: tl.constexpr, HAS_SPATIAL_MASK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    q_s_ptr = _head_base(Q_S, b, h, stride_qs_b, stride_qs_h)
+    k_s_ptr = _head_base(K_S, b, h, stride_ks_b, stride_ks_h)
+    v_s_ptr = _head_base(V_S, b, h, stride_vs_b, stride_vs_h)
+    o_s_ptr = _head_base(O_S, b, h, stride_os_b, stride_os_h)
+    do_s_ptr = _head_base(DO_S, b, h, stride_dos_b, stride_dos_h)
+    q_x_ptr = _head_base(Q_X, b, h, stride_qx_b, stride_qx_h)
+    k_x_ptr = _head_base(K_X, b, h, stride_kx_b, stride_kx_h)
+    v_x_ptr = _head_base(V_X, b, h, stride_vx_b, stride_vx_h)
+    o_x_ptr = _head_base(O_X, b, h, stride_ox_b, stride_ox_h)
+    do_x_ptr = _head_base(DO_X, b, h, stride_dox_b, stride_dox_h)
+    lse_s_ptr = LSE_S + pid_bh.to(tl.int64) * M
+    lse_x_ptr = LSE_X + pid_bh.to(tl.int64) * N
+    part_base = (pid_bh.to(tl.int64) * SPLITS + split) * M * D
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    offs_blk = tl.arange(0, BLOCK_M)
+    n_start = split * CHUNK
+    n_end = tl.minimum(n_start + CHUNK, N)
+
+    if M_ONE_BLOCK:
+        # -- the whole spatial side stays in registers for the chunk --
+        m_ok = offs_blk < M
+        if DIR_S:
+            q_s = _load_rows(q_s_ptr, offs_blk, offs_d, stride_qs_m, stride_qs_d, m_ok, d_ok)
+            do_s = _load_rows(do_s_ptr, offs_blk, offs_d, stride_dos_m, stride_dos_d, m_ok, d_ok)
+            o_s = _load_rows(o_s_ptr, offs_blk, offs_d, stride_os_m, stride_os_d, m_ok, d_ok)
+            delta_s = tl.sum(o_s.to(tl.float32) * do_s.to(tl.float32), 1)
+            lse2_s = _lse_log2(lse_s_ptr, offs_blk, m_ok)
+            dq_s_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        if DIR_X:
+            ks_keep = _key_keep(SPATIAL_MASK, b, offs_blk, m_ok, stride_sm_b, stride_sm_m, HAS_SPATIAL_MASK)
+            k_s = _load_rows(k_s_ptr, offs_blk, offs_d, stride_ks_m, stride_ks_d, m_ok, d_ok)
+            v_s = _load_rows(v_s_ptr, offs_blk, offs_d, stride_vs_m, stride_vs_d, m_ok, d_ok)
+            dk_s_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            dv_s_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    for n0 in range(n_start, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < n_end
+        tile_ok = n_ok[:, None] & d_ok[None, :]
+        out_offsets = (pid_bh.to(tl.int64) * N + offs_n)[:, None] * D + offs_d[None, :]
+        # -- image-side tile --
+        if DIR_X:
+            q_x = _load_rows(q_x_ptr, offs_n, offs_d, stride_qx_n, stride_qx_d, n_ok, d_ok)
+            do_x = _load_rows(do_x_ptr, offs_n, offs_d, stride_dox_n, stride_dox_d, n_ok, d_ok)
+            o_x = _load_rows(o_x_ptr, offs_n, offs_d, stride_ox_n, stride_ox_d, n_ok, d_ok)
+            delta_x = tl.sum(o_x.to(tl.float32) * do_x.to(tl.float32), 1)
+            lse2_x = _lse_log2(lse_x_ptr, offs_n, n_ok)
+            dq_x = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        if DIR_S:
+            keep_n = _key_keep(IMAGE_MASK, b, offs_n, n_ok, stride_im_b, stride_im_n, HAS_IMAGE_MASK)
+            k_x = _load_rows(k_x_ptr, offs_n, offs_d, stride_kx_n, stride_kx_d, n_ok, d_ok)
+            v_x = _load_rows(v_x_ptr, offs_n, offs_d, stride_vx_n, stride_vx_d, n_ok, d_ok)
+            dk_x = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+            dv_x = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+        if M_ONE_BLOCK:
+            if DIR_S:
+                dq_c, dk_c, dv_c = _attn_bwd_block(
+                    q_s, do_s, lse2_s, delta_s, k_x, v_x, keep_n, qk_scale, sm_scale, DOT_PRECISION
+                )
+                dq_s_acc += dq_c
+                dk_x += dk_c
+                dv_x += dv_c
+            if DIR_X:
+                dq_c, dk_c, dv_c = _attn_bwd_block(
+                    q_x, do_x, lse2_x, delta_x, k_s, v_s, ks_keep, qk_scale, sm_scale, DOT_PRECISION
+                )
+                dq_x += dq_c
+                dk_s_acc += dk_c
+                dv_s_acc += dv_c
+        else:
+            # -- M > BLOCK_M: loop over spatial blocks; their partials live in this program's
+            # own slice of the split buffers (first tile stores, later tiles add: no atomics) --
+            not_first = n0 > n_start
+            for m0 in range(0, M, BLOCK_M):
+                offs_m = m0 + offs_blk
+                m_ok = offs_m < M
+                part_offsets = part_base + offs_m.to(tl.int64)[:, None] * D + offs_d[None, :]
+                part_ok = m_ok[:, None] & d_ok[None, :]
+                if DIR_S:
+                    q_s = _load_rows(q_s_ptr, offs_m, offs_d, stride_qs_m, stride_qs_d, m_ok, d_ok)
+                    do_s = _load_rows(do_s_ptr, offs_m, offs_d, stride_dos_m, stride_dos_d, m_ok, d_ok)
+                    o_s = _load_rows(o_s_ptr, offs_m, offs_d, stride_os_m, stride_os_d, m_ok, d_ok)
+                    delta_s = tl.sum(o_s.to(tl.float32) * do_s.to(tl.float32), 1)
+                    lse2_s = _lse_log2(lse_s_ptr, offs_m, m_ok)
+                    dq_c, dk_c, dv_c = _attn_bwd_block(
+                        q_s, do_s, lse2_s, delta_s, k_x, v_x, keep_n, qk_scale, sm_scale, DOT_PRECISION
+                    )
+                    dk_x += dk_c
+                    dv_x += dv_c
+                    old = tl.load(PART_DQ_S + part_offsets, mask=part_ok & not_first, other=0.0)
+                    tl.store(PART_DQ_S + part_offsets, old + dq_c, mask=part_ok)
+                if DIR_X:
+                    km_keep = _key_keep(SPATIAL_MASK, b, offs_m, m_ok, stride_sm_b, stride_sm_m, HAS_SPATIAL_MASK)
+                    k_blk = _load_rows(k_s_ptr, offs_m, offs_d, stride_ks_m, stride_ks_d, m_ok, d_ok)
+                    v_blk = _load_rows(v_s_ptr, offs_m, offs_d, stride_vs_m, stride_vs_d, m_ok, d_ok)
+                    dq_c, dk_c, dv_c = _attn_bwd_block(
+                        q_x, do_x, lse2_x, delta_x, k_blk, v_blk, km_keep, qk_scale, sm_scale, DOT_PRECISION
+                    )
+                    dq_x += dq_c
+                    old = tl.load(PART_DK_S + part_offsets, mask=part_ok & not_first, other=0.0)
+                    tl.store(PART_DK_S + part_offsets, old + dk_c, mask=part_ok)
+                    old = tl.load(PART_DV_S + part_offsets, mask=part_ok & not_first, other=0.0)
+                    tl.store(PART_DV_S + part_offsets, old + dv_c, mask=part_ok)
+
+        # -- image-side gradients are complete for this tile --
+        if DIR_X:
+            tl.store(DQ_X + out_offsets, dq_x.to(DQ_X.dtype.element_ty), mask=tile_ok)
+        if DIR_S:
+            tl.store(DK_X + out_offsets, dk_x.to(DK_X.dtype.element_ty), mask=tile_ok)
+            tl.store(DV_X + out_offsets, dv_x.to(DV_X.dtype.element_ty), mask=tile_ok)
+
+    if M_ONE_BLOCK:
+        part_offsets = part_base + offs_blk.to(tl.int64)[:, None] * D + offs_d[None, :]
+        part_ok = m_ok[:, None] & d_ok[None, :]
+        if DIR_S:
+            tl.store(PART_DQ_S + part_offsets, dq_s_acc, mask=part_ok)
+        if DIR_X:
+            tl.store(PART_DK_S + part_offsets, dk_s_acc, mask=part_ok)
+            tl.store(PART_DV_S + part_offsets, dv_s_acc, mask=part_ok)
+
+
+_bilateral_fwd = _autotune(_bilateral_fwd_kernel, FWD_CONFIGS, backward=False)
+_bilateral_bwd = _autotune(_bilateral_bwd_kernel, BWD_CONFIGS, backward=True)
+
+
+# ----------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached, no synchronisation)."""
+    if device.type != "cuda":
+        return INTERPRETER_SM_COUNT
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _sm_count(index)
+
+
+def split_plan(n_sm: int, programs_per_split: int, n_tokens: int) -> tuple[int, int]:
+    """(splits, chunk): split the image tokens so that about two programs per SM run.
+
+    programs_per_split is B * H (times the spatial blocks in the forward). A split holds at
+    least MIN_SPLIT_TOKENS tokens and a multiple of CHUNK_ALIGN, so large batches get one or
+    a few splits and B = 2, N = 67,200 gets tens.
+    """
+    wanted = triton.cdiv(2 * n_sm, max(1, programs_per_split))
+    splits = max(1, min(wanted, triton.cdiv(n_tokens, MIN_SPLIT_TOKENS)))
+    chunk = triton.cdiv(triton.cdiv(n_tokens, splits), CHUNK_ALIGN) * CHUNK_ALIGN
+    return triton.cdiv(n_tokens, chunk), chunk
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _fixed_meta() -> dict:
+    """Launch options in the interpreter (no autotuning there)."""
+    return {"BLOCK_N": FIXED_BLOCK_N, "num_warps": FIXED_WARPS, "num_stages": FIXED_STAGES} if INTERPRET else {}
+
+
+def _mask_args(mask, like):
+    if mask is None:
+        return like, 0, 0
+    return mask, mask.stride(0), mask.stride(1)
+
+
+def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_mask=None, do_s=True, do_x=True):
+    """Launch the forward; returns (o_s, o_x, lse_s, lse_x), None for a direction not run.
+
+    q_s, k_s, v_s: [B, H, M, D]; q_x, k_x, v_x: [B, H, N, D]; image_mask: bool [B, N] on
+    the keys of direction s; spatial_mask: bool [B, M] on the keys of direction x.
+    """
+    B, H, M, D = q_s.shape
+    N = q_x.shape[2]
+    device, dtype = q_x.device, q_x.dtype
+    block_d = block_d_for(D)
+    block_m = block_m_for(M, block_d, q_x.element_size(), backward=False)
+    if do_s and do_x and not fuse_directions(block_d, q_x.element_size(), backward=False):
+        o_s, _, lse_s, _ = attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask, spatial_mask, True, False)
+        _, o_x, _, lse_x = attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask, spatial_mask, False, True)
+        return o_s, o_x, lse_s, lse_x
+    m_programs = triton.cdiv(M, block_m) if do_s else 1
+    splits, chunk = split_plan(sm_count(device), B * H * m_programs, N)
+    f32 = torch.float32
+    o_x = torch.empty((B, H, N, D), device=device, dtype=dtype) if do_x else None
+    lse_x = torch.empty((B, H, N), device=device, dtype=f32) if do_x else None
+    part_acc = torch.empty((B * H, splits, M, D), device=device, dtype=f32) if do_s else None
+    part_max = torch.empty((B * H, splits, M), device=device, dtype=f32) if do_s else None
+    part_sum = torch.empty((B * H, splits, M), device=device, dtype=f32) if do_s else None
+    dummy = q_x  # stands in for pointers a disabled branch never touches
+    image_mask, stride_im_b, stride_im_n = _mask_args(image_mask, dummy)
+    spatial_mask, stride_sm_b, stride_sm_m = _mask_args(spatial_mask, dummy)
+    _bilateral_fwd[(B * H, splits, m_programs)](
+        q_s, k_s, v_s, q_x, k_x, v_x, image_mask, spatial_mask,
+        o_x if do_x else dummy, lse_x if do_x else dummy,
+        part_acc if do_s else dummy, part_max if do_s else dummy, part_sum if do_s else dummy,
+        *q_s.stride(), *k_s.stride(), *v_s.stride(), *q_x.stride(), *k_x.stride(), *v_x.stride(),
+        stride_im_b, stride_im_n, stride_sm_b, stride_sm_m,
+        H, M, N, D, chunk, splits, scale * LOG2E,
+        BLOCK_M=block_m, BLOCK_D=block_d, M_ONE_BLOCK=M <= block_m, DIR_S=do_s, DIR_X=do_x,
+        HAS_IMAGE_MASK=image_mask is not dummy, HAS_SPATIAL_MASK=spatial_mask is not dummy,
+        DOT_PRECISION=_dot_precision(dtype), **_fixed_meta(),
+    )
+    o_s = lse_s = None
+    if do_s:
+        o_s = torch.empty((B, H, M, D), device=device, dtype=dtype)
+        lse_s = torch.empty((B, H, M), device=device, dtype=f32)
+        combine_m = 16 if block_d >= 128 else 32
+        _bilateral_combine_kernel[(B * H, triton.cdiv(M, combine_m))](
+            part_acc, part_max, part_sum, o_s, lse_s, M, D, splits, BLOCK_M=combine_m, BLOCK_D=block_d
+        )
+    return o_s, o_x, lse_s, lse_x
+
+
+def attention_bwd(
+    do_s, do_x, q_s, k_s, v_s, q_x, k_x, v_x, o_s, o_x, lse_s, lse_x, scale,
+    image_mask=None, spatial_mask=None, do_s_dir=True, do_x_dir=True,
+):
+    """Launch the backward; returns (dq_s, dk_s, dv_s, dq_x, dk_x, dv_x), None for the
+    gradients of a direction not run (dq_s, dk_x, dv_x come from direction s; dq_x, dk_s,
+    dv_s from direction x). Inputs as in `attention_fwd`; do_*/o_*/lse_* of a direction
+    not run may be None."""
+    B, H, M, D = q_s.shape
+    N = q_x.shape[2]
+    device, dtype = q_x.device, q_x.dtype
+    block_d = block_d_for(D)
+    elem = q_x.element_size()
+    if do_s_dir and do_x_dir and not fuse_directions(block_d, elem, backward=True):
+        args = (q_s, k_s, v_s, q_x, k_x, v_x, o_s, o_x, lse_s, lse_x, scale, image_mask, spatial_mask)
+        dq_s, _, _, _, dk_x, dv_x = attention_bwd(do_s, None, *args, True, False)
+        _, dk_s, dv_s, dq_x, _, _ = attention_bwd(None, do_x, *args, False, True)
+        return dq_s, dk_s, dv_s, dq_x, dk_x, dv_x
+    block_m = block_m_for(M, block_d, elem, backward=True)
+    splits, chunk = split_plan(sm_count(device), B * H, N)
+    f32 = torch.float32
+
+    def image_grad(enabled):
+        return torch.empty((B, H, N, D), device=device, dtype=dtype) if enabled else None
+
+    def partial(enabled):
+        return torch.empty((B * H, splits, M, D), device=device, dtype=f32) if enabled else None
+
+    dq_x, dk_x, dv_x = image_grad(do_x_dir), image_grad(do_s_dir), image_grad(do_s_dir)
+    part_dq_s, part_dk_s, part_dv_s = partial(do_s_dir), partial(do_x_dir), partial(do_x_dir)
+    dummy = q_x
+    image_mask, stride_im_b, stride_im_n = _mask_args(image_mask, dummy)
+    spatial_mask, stride_sm_b, stride_sm_m = _mask_args(spatial_mask, dummy)
+    zero4 = (0, 0, 0, 0)
+
+    def strides(t):
+        return t.stride() if t is not None else zero4
+
+    def ptr(t):
+        return t if t is not None else dummy
+
+    _bilateral_bwd[(B * H, splits)](
+        q_s, k_s, v_s, ptr(o_s), ptr(do_s), q_x, k_x, v_x, ptr(o_x), ptr(do_x),
+        ptr(lse_s), ptr(lse_x), image_mask, spatial_mask,
+        ptr(dq_x), ptr(dk_x), ptr(dv_x), ptr(part_dq_s), ptr(part_dk_s), ptr(part_dv_s),
+        *q_s.stride(), *k_s.stride(), *v_s.stride(), *strides(o_s), *strides(do_s),
+        *q_x.stride(), *k_x.stride(), *v_x.stride(), *strides(o_x), *strides(do_x),
+        stride_im_b, stride_im_n, stride_sm_b, stride_sm_m,
+        H, M, N, D, chunk, splits, scale * LOG2E, scale,
+        BLOCK_M=block_m, BLOCK_D=block_d, M_ONE_BLOCK=M <= block_m, DIR_S=do_s_dir, DIR_X=do_x_dir,
+        HAS_IMAGE_MASK=image_mask is not dummy, HAS_SPATIAL_MASK=spatial_mask is not dummy,
+        DOT_PRECISION=_dot_precision(dtype), **_fixed_meta(),
+    )
+
+    def reduce(part):
+        # Fixed-order reduction over the split axis: bitwise reproducible.
+        return part.sum(dim=1).view(B, H, M, D).to(dtype) if part is not None else None
+
+    return reduce(part_dq_s), reduce(part_dk_s), reduce(part_dv_s), dq_x, dk_x, dv_x
