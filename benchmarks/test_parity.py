@@ -1,0 +1,69 @@
+"""Fast parity checks (CI): every provider the harness would time agrees with the reference.
+
+These go through the harness's own parity path (BenchSession.parity, the one used before
+every timed row) on small shapes, so a provider that runs in the throughput suite is known
+to compute the op. Triton is included on CPU here (its interpreter, small shapes only).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spatialformer_kernels import bench
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+SMALL = bench.Shape("parity", B=2, H=2, M=64, N=97, D=32)
+ODD = bench.Shape("parity-odd", B=1, H=3, M=13, N=130, D=40)
+PROVIDERS = bench.providers_for(DEVICE, timing=False)
+DEFAULT = set(bench.default_provider_names(DEVICE))
+# On CPU a compiled provider costs seconds per compilation (one per dtype and grad mode):
+# CI checks torch.compile(reference) once, forward+backward in fp32 (outputs and gradients),
+# and leaves out the providers a default CPU run does not time (FlexAttention).
+
+
+def _cases():
+    for provider in PROVIDERS:
+        if DEVICE.type == "cpu" and provider.name not in DEFAULT and provider.kind != "ours":
+            continue
+        dtypes = ["fp32", "bf16"] if DEVICE.type == "cpu" else ["fp16", "bf16", "fp32"]
+        grad_modes = (False, True)
+        if DEVICE.type == "cpu" and provider.family == "compile":
+            dtypes, grad_modes = ["fp32"], (True,)
+        for dtype in dtypes:
+            for with_grads in grad_modes:
+                grad_id = "fwd_bwd" if with_grads else "fwd"
+                yield pytest.param(provider, SMALL, dtype, with_grads, id=f"{provider.name}-{dtype}-{grad_id}")
+        if provider.kind == "ours":
+            yield pytest.param(provider, ODD, "fp32", True, id=f"{provider.name}-odd-fp32-fwd_bwd")
+
+
+@pytest.fixture(scope="module")
+def session():
+    return bench.BenchSession(DEVICE, PROVIDERS, measure_memory=False)
+
+
+@pytest.mark.parametrize("provider, shape, dtype, with_grads", list(_cases()))
+def test_provider_matches_reference(session, provider, shape, dtype, with_grads):
+    reason = bench.skip_reason(provider, bench.DTYPES[dtype], "fwd_bwd" if with_grads else "fwd")
+    if reason:
+        pytest.skip(reason)
+    try:
+        failure = session.parity(provider, shape, bench.DTYPES[dtype], with_grads)
+    except RuntimeError as error:
+        if provider.kind == "ours":
+            raise
+        pytest.skip(f"{provider.name} cannot run this case: {str(error).splitlines()[0][:200]}")
+    assert failure is None, failure
+
+
+def test_parity_catches_a_wrong_provider(session):
+    """A provider with a wrong scale must be reported as failed, never timed."""
+    wrong = bench.Provider(
+        "wrong-scale", "baseline", "reference",
+        lambda: lambda q_s, k_s, v_s, q_x, k_x, v_x, scale: bench.bilateral_attention_reference(q_s, k_s, v_s, q_x, k_x, v_x, 1.1 * scale),
+    )  # fmt: skip
+    wrong_session = bench.BenchSession(DEVICE, [wrong], measure_memory=False)
+    row = wrong_session.row(SMALL, torch.float32, "fwd", "wrong-scale")
+    assert row.status == "failed" and "parity" in row.note and row.median_ms is None
+    failure = wrong_session.parity(wrong, SMALL, torch.float32, with_grads=True)
+    assert failure is not None and "max abs err" in failure

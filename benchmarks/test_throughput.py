@@ -1,0 +1,88 @@
+"""Throughput suite (run with --benchmark): the op on DESIGN.md section 4's shapes, and whole models.
+
+Kernel rows: every provider x shape x dtype x pass; each row first asserts parity with the
+reference (outputs, and gradients for the passes with a backward), then is timed. A provider
+that cannot run here is skipped with the reason. On CPU the shapes are scaled down (B and N
+divided by spatialformer_kernels.bench.CPU_SCALE).
+
+Model rows: SpatialFormer-T/S/B images per second, inference and a training step, on each
+kernel path of the device and on the reference path; the kernel path first asserts that its
+logits match the reference path's (same weights).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spatialformer_kernels import bench
+
+pytestmark = pytest.mark.throughput
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# Whole-model settings: a training batch on CUDA (bf16 autocast); a small batch on CPU.
+MODEL_BATCH, MODEL_IMG, MODEL_DTYPE = (64, 224, "bf16") if DEVICE.type == "cuda" else (2, 224, "fp32")
+
+
+def _dtypes(config) -> list[str]:
+    option = config.getoption("--bench-dtypes")
+    return option.split(",") if option else (["bf16"] if DEVICE.type == "cuda" else ["fp32"])
+
+
+def pytest_generate_tests(metafunc):
+    if "kernel_row" in metafunc.fixturenames:
+        params = [
+            pytest.param((shape, dtype, pass_, provider.name), id=f"{shape.label}-{dtype}-{pass_}-{provider.name}")
+            for shape in bench.shapes_for(DEVICE)
+            for dtype in _dtypes(metafunc.config)
+            for pass_ in bench.PASSES
+            for provider in bench.providers_for(DEVICE)
+        ]
+        metafunc.parametrize("kernel_row", params)
+    if "model_row" in metafunc.fixturenames:
+        params = [
+            pytest.param((variant, mode, backend), id=f"{variant}-{mode}-{backend}")
+            for variant in bench.MODEL_VARIANTS
+            for mode in ("inference", "train")
+            for backend in bench.model_backends(DEVICE)
+        ]
+        metafunc.parametrize("model_row", params)
+
+
+def test_attention_throughput(kernel_row, bench_session, record):
+    shape, dtype, pass_, provider = kernel_row
+    row = bench_session.row(shape, bench.DTYPES[dtype], pass_, provider)
+    if row.status == "skipped":
+        pytest.skip(row.note)
+    assert row.status == "ok", row.note  # parity with the reference failed
+    assert row.gbps is not None and row.gbps > 0
+    record(row, f"{shape.label} {dtype} {bench.PASS_LABELS[pass_]}")
+
+
+_model_rows: dict = {}
+
+
+def _model_row(variant: str, mode: str, backend: str, budget: float) -> bench.ModelRow:
+    key = (variant, mode, backend)
+    if key not in _model_rows:
+        _model_rows[key] = bench.bench_model(
+            variant, backend, mode, DEVICE, bench.DTYPES[MODEL_DTYPE], MODEL_BATCH, MODEL_IMG, budget_s=budget
+        )
+    return _model_rows[key]
+
+
+def test_model_throughput(model_row, pytestconfig, record):
+    variant, mode, backend = model_row
+    option = pytestconfig.getoption("--bench-models")
+    wanted = option.split(",") if option else (list(bench.MODEL_VARIANTS) if DEVICE.type == "cuda" else ["tiny"])
+    if variant not in wanted:
+        pytest.skip(f"spatialformer_{variant} not selected (CPU runs tiny only by default; --bench-models={','.join(bench.MODEL_VARIANTS)})")
+    try:
+        if backend != "reference":
+            bench.check_model_parity(variant, backend, DEVICE, bench.DTYPES[MODEL_DTYPE], batch=2, img_size=MODEL_IMG)
+        budget = 3 * pytestconfig.getoption("--bench-budget")
+        row = _model_row(variant, mode, backend, budget)
+        reference = _model_row(variant, mode, "reference", budget)
+    except bench.ModelsUnavailable as error:
+        pytest.skip(str(error))
+    row.speedup = reference.median_ms / row.median_ms
+    record(row, f"spatialformer_{variant} {mode} B{MODEL_BATCH} {MODEL_IMG}px {MODEL_DTYPE}")
