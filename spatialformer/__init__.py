@@ -2,7 +2,9 @@
 from .backend import ENV_VAR as BACKEND_ENV_VAR
 from .backend import default_backend, use_backend
 from .layers import BCABlock, BilateralCrossAttention, JointSelfAttention, SABlock, SpatialTokens
+from .queries import SpatialQueries, SpatialQueryInit
 from .spatialformer import SpatialFormer, spatialformer_base, spatialformer_small, spatialformer_tiny
+from .swap import SwapSummary, swap_attention
 
 __all__ = [
     "BACKEND_ENV_VAR",
@@ -11,10 +13,14 @@ __all__ = [
     "JointSelfAttention",
     "SABlock",
     "SpatialFormer",
+    "SpatialQueries",
+    "SpatialQueryInit",
     "SpatialTokens",
+    "SwapSummary",
     "default_backend",
     "spatialformer_base",
     "spatialformer_small",
     "spatialformer_tiny",
+    "swap_attention",
     "use_backend",
 ]

@@ -70,6 +70,8 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
     """Turn a backend name into the concrete backend for these inputs, or raise."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    if backend == "reference":
+        return backend
     available = available_backends()
     if backend == "auto":
         preferred = ("triton",) if device.type == "cuda" else ("cpu",)
@@ -77,8 +79,6 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
             if name in available and dtype in _load(name).DTYPES:
                 return name
         return "reference"
-    if backend == "reference":
-        return backend
     if backend not in available:
         raise RuntimeError(
             f"backend {backend!r} is not available on this machine (available: {', '.join(available)})"
