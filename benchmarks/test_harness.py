@@ -1,0 +1,236 @@
+"""Tests of the benchmark harness itself: arithmetic, roofline table, rows, the renderer, the CLI."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from spatialformer_kernels import bench
+
+_spec = importlib.util.spec_from_file_location("render_tables", Path(__file__).with_name("render_tables.py"))
+render_tables = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(render_tables)
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    "name, label, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", "H100 SXM", 3350.0),
+        ("NVIDIA H100 PCIe", "H100 PCIe", 2000.0),
+        ("NVIDIA H100 NVL", "H100 NVL", 3900.0),
+        ("NVIDIA H200", "H200", 4800.0),
+        ("NVIDIA GH200 480GB", "GH200 (HBM3)", 4000.0),
+        ("NVIDIA A100-SXM4-80GB", "A100 80GB SXM", 2039.0),
+        ("NVIDIA A100 80GB PCIe", "A100 80GB PCIe", 1935.0),
+        ("NVIDIA A100-SXM4-40GB", "A100 40GB", 1555.0),
+        ("NVIDIA A100-PCIE-40GB", "A100 40GB", 1555.0),
+        ("NVIDIA L4", "L4", 300.0),
+        ("NVIDIA L40S", "L40S", 864.0),
+        ("Tesla T4", "T4", 320.0),
+    ],
+)
+def test_roofline_lookup(name, label, peak):
+    assert bench.lookup_roofline(name) == (label, peak)
+
+
+@pytest.mark.parametrize("name", ["AMD EPYC", "Intel(R) Xeon(R) Platinum 8480+", "NVIDIA Mystery 9000"])
+def test_unknown_devices_have_no_roofline(name):
+    assert bench.lookup_roofline(name) is None
+
+
+def test_cpu_environment_says_no_roofline_unless_given():
+    env = bench.environment(CPU)
+    assert env["roofline"]["peak_gbps"] is None and "no HBM roofline" in env["roofline"]["source"]
+    assert env["device_type"] == "cpu" and env["torch"] == torch.__version__ and "reference" in env["backends"]
+    assert bench.environment(CPU, peak_gbps=40.0)["roofline"]["peak_gbps"] == 40.0
+    assert bench.hardware_slug({"device_type": "cpu", "device_name": "AMD EPYC 7B13", "cpu_threads": 2}) == "cpu-amd-epyc-7b13-2t"
+    assert bench.hardware_slug({"device_type": "cuda", "device_name": "NVIDIA H100 80GB HBM3"}) == "h100-80gb-hbm3"
+
+
+def test_bytes_and_flops_of_cls224_stage1():
+    shape = bench.SHAPES[0]
+    assert (shape.B, shape.H, shape.M, shape.N, shape.D) == (64, 2, 64, 3136, 32)
+    per_side = 64 * 2 * (64 + 3136) * 32  # B*H*(M+N)*D elements of one tensor pair side
+    assert bench.bytes_moved(shape, torch.bfloat16, "fwd") == 4 * per_side * 2 == 104_857_600
+    assert bench.bytes_moved(shape, torch.float32, "fwd") == 4 * per_side * 4
+    assert bench.bytes_moved(shape, torch.bfloat16, "bwd") == 8 * per_side * 2 + 4 * 64 * 2 * 3200
+    assert bench.bytes_moved(shape, torch.bfloat16, "fwd_bwd") == sum(bench.bytes_moved(shape, torch.bfloat16, p) for p in ("fwd", "bwd"))
+    assert bench.flops(shape, "fwd") == 8 * 64 * 2 * 64 * 3136 * 32
+    assert bench.flops(shape, "fwd_bwd") == 28 * 64 * 2 * 64 * 3136 * 32
+    # DESIGN.md section 2: "about 64 FLOP/byte at D = 32" in 16-bit.
+    assert 60 < bench.flops(shape, "fwd") / bench.bytes_moved(shape, torch.bfloat16, "fwd") < 64
+
+
+def test_bandwidth_and_roofline_arithmetic():
+    assert bench.gbps(3_000_000_000, 1.5) == pytest.approx(2.0)
+    assert bench.pct_of_roofline(1675.0, 3350.0) == pytest.approx(50.0)
+    assert bench.pct_of_roofline(10.0, None) is None
+
+
+def test_cpu_scaling_keeps_h_m_d_and_divides_b_n():
+    shapes = {s.name: s for s in bench.shapes_for(CPU)}
+    assert shapes["cls224-stage1"] == bench.Shape("cls224-stage1", 64 // 8, 2, 64, 3136 // 8, 32, scale=8)
+    assert shapes["det800x1344-stage1"].B == 1 and shapes["det800x1344-stage1"].N == 8400
+    assert shapes["cls224-stage1"].label == "cls224-stage1/8"
+    assert "divided by 8" in bench.scaling_note(list(shapes.values()))
+    assert bench.scaling_note(bench.shapes_for(CPU, scale=1)) == "full DESIGN.md section 4 shapes"
+    with pytest.raises(ValueError, match="unknown shape"):
+        bench.shapes_for(CPU, ["nope"])
+
+
+def _row(provider, kind, family, median_ms):
+    return bench.Row("s", 1, 1, 1, 1, 1, 1, "fp32", "fwd", provider, kind, family, median_ms=median_ms)
+
+
+def test_speedup_against_best_baseline_and_best_sdpa():
+    ours = _row("ours-x", "ours", "ours", 1.0)
+    baselines = [
+        _row("reference", "baseline", "reference", 8.0),
+        _row("sdpa-flash", "baseline", "sdpa", 3.0),
+        _row("sdpa-math", "baseline", "sdpa", 6.0),
+        _row("compile-reference", "baseline", "compile", 2.0),
+        bench.Row("s", 1, 1, 1, 1, 1, 1, "fp32", "fwd", "xformers", "baseline", "xformers", status="skipped"),
+    ]
+    bench.add_speedup(ours, baselines)
+    assert ours.speedup == pytest.approx(2.0) and ours.best_baseline == "compile-reference"
+    assert ours.speedup_vs_sdpa == pytest.approx(3.0)
+
+
+def test_measured_row_carries_every_metric():
+    shape = bench.Shape("tiny", B=1, H=2, M=8, N=40, D=16)
+    providers = [p for p in bench.providers_for(CPU) if p.name in ("reference", "sdpa")]
+    session = bench.BenchSession(CPU, providers, budget_s=0.02)
+    row = session.row(shape, torch.float32, "fwd_bwd", "reference")
+    assert row.status == "ok", row.note
+    assert row.repeats >= 5 and row.median_ms > 0 and len(row.samples_s) == row.repeats
+    assert row.gbps == pytest.approx(row.bytes / (row.median_ms / 1e3) / 1e9)
+    assert row.tflops == pytest.approx(row.flops / (row.median_ms / 1e3) / 1e12)
+    assert row.pct_roofline is None  # no roofline known for a CPU
+    assert row.speedup is not None and row.best_baseline in ("reference", "sdpa")
+    assert row.peak_mem_bytes is None or row.peak_mem_bytes >= 0
+    metrics = row.metrics()
+    assert "samples_s" not in metrics and metrics["pass"] == "fwd_bwd"
+    json.dumps(metrics)
+
+
+def test_measure_on_cpu_warms_up_then_repeats():
+    calls = []
+    samples = bench.measure(lambda: calls.append(1), CPU, budget_s=0.0, min_repeats=7, warmup=3)
+    assert len(samples) == 7 and len(calls) == 10 and all(s >= 0 for s in samples)
+
+
+def test_replay_clock_feeds_measured_samples_to_pytest_benchmark(benchmark, record, pytestconfig):
+    if pytestconfig.getoption("--benchmark"):
+        pytest.skip("keeps synthetic samples out of --benchmark result files")
+    row = _row("ours-x", "ours", "ours", 2.0)
+    row.samples_s = [0.003, 0.001, 0.002]
+    record(row, "harness self-test")
+    assert benchmark.stats.stats.median == pytest.approx(0.002)
+    assert benchmark.stats.stats.rounds == 3 and benchmark.extra_info["provider"] == "ours-x"
+
+
+# ---------------------------------------------------------------------------- renderer
+
+
+def _result_file(path: Path, device_type: str, device_name: str, rows: list[dict], roofline=None) -> Path:
+    benchmarks = [{"name": f"row{i}", "group": "g", "extra_info": extra, "stats": {}} for i, extra in enumerate(rows)]
+    data = {
+        "machine_info": {
+            "device_type": device_type, "device_name": device_name, "torch_version": "2.x", "triton_version": "3.x",
+            "cuda_version": "12.x", "git_commit": "0123456789abcdef", "roofline_gbps": roofline,
+            "roofline_source": "data sheet" if roofline else "no HBM roofline is known for a CPU unless measured",
+        },
+        "commit_info": {"id": "0123456789abcdef"},
+        "datetime": "2026-11-25T12:00:00",
+        "benchmarks": benchmarks,
+    }  # fmt: skip
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+def _kernel(shape, pass_, provider, kind, median_ms, speedup_vs_sdpa=None, pct=None, dtype="bf16"):
+    return {
+        "shape": shape, "B": 2, "H": 2, "M": 64, "N": 67200, "D": 32, "dtype": dtype, "pass": pass_, "provider": provider,
+        "kind": kind, "median_ms": median_ms, "gbps": 100.0, "pct_roofline": pct, "tflops": 1.0, "speedup": 1.0,
+        "speedup_vs_sdpa": speedup_vs_sdpa,
+    }  # fmt: skip
+
+
+def test_renderer_without_gpu_file_says_not_yet_measured(tmp_path):
+    _result_file(tmp_path / "cpu-x.json", "cpu", "AMD EPYC", [
+        _kernel("cls224-stage1/8", "fwd", "ours-cpu", "ours", 1.5, dtype="fp32"),
+        _kernel("cls224-stage1/8", "fwd", "reference", "baseline", 3.0, dtype="fp32"),
+        {"model": "spatialformer_tiny", "mode": "inference", "backend": "cpu", "batch": 2, "img_size": 224, "dtype": "fp32",
+         "median_ms": 100.0, "images_per_s": 20.0, "speedup": 1.3},
+    ])  # fmt: skip
+    text = render_tables.render(render_tables.load_results(tmp_path))
+    assert "GPU numbers are not yet measured" in text
+    assert "| cls224-stage1/8 (B2 H2 M64 N67200 D32) | fp32 | forward | 1.500 ms | 3.000 ms |" in text
+    assert "| spatialformer_tiny | inference | 2, 224x224, fp32 | cpu | 20.0 | 100.0 | 1.30x |" in text
+    assert text.count("| not yet measured | no H100 result file |") == len(render_tables.TARGETS)
+    assert " met " not in text
+
+
+def test_renderer_reports_targets_met_and_not_met_from_an_h100_file(tmp_path):
+    _result_file(tmp_path / "h100.json", "cuda", "NVIDIA H100 80GB HBM3", [
+        _kernel("cls224-stage1", "fwd", "ours-triton", "ours", 0.05, speedup_vs_sdpa=1.8, pct=75.0),
+        _kernel("det800x1344-stage1", "fwd", "ours-triton", "ours", 0.10, speedup_vs_sdpa=3.2),
+        _kernel("cls224-stage1", "fwd_bwd", "ours-triton", "ours", 0.20, speedup_vs_sdpa=1.6),
+    ], roofline=3350.0)  # fmt: skip
+    text = render_tables.render(render_tables.load_results(tmp_path))
+    assert "not yet measured** (no GPU" not in text
+    assert "| forward cls224-stage1: >= 1.5x SDPA, >= 70% of HBM roofline | met | ours-triton 0.050 ms, 1.80x SDPA, 100 GB/s = 75.0% of roofline" in text
+    assert "| forward det800x1344-stage1: >= 4x SDPA | not met | ours-triton 0.100 ms, 3.20x SDPA" in text
+    assert "| forward+backward cls224-stage1: >= 1.5x SDPA | met |" in text
+    assert "| forward+backward det800x1344-stage1: >= 1.5x SDPA | not yet measured | no bf16 row in h100.json |" in text
+
+
+def test_renderer_rewrites_only_between_markers(tmp_path):
+    readme = f"# title\nbefore\n{render_tables.START}\nold tables\n{render_tables.END}\nafter\n"
+    updated = render_tables.rewrite(readme, "NEW\n")
+    assert updated == f"# title\nbefore\n{render_tables.START}\nNEW\n{render_tables.END}\nafter\n"
+    assert render_tables.rewrite("# no markers\n", "NEW\n") is None
+    results = tmp_path / "results"
+    results.mkdir()
+    (tmp_path / "README.md").write_text(readme, encoding="utf-8")
+    args = ["--results", str(results), "--readme", str(tmp_path / "README.md")]
+    assert render_tables.main([*args, "--check"]) == 1
+    assert render_tables.main(args) == 0
+    assert render_tables.main([*args, "--check"]) == 0
+    text = (tmp_path / "README.md").read_text(encoding="utf-8")
+    assert text.startswith("# title\nbefore\n") and text.endswith(f"{render_tables.END}\nafter\n")
+    assert "GPU numbers are not yet measured" in text and "old tables" not in text
+
+
+def test_committed_results_render(tmp_path):
+    """Every committed result file parses and renders (and the README section, if marked, is current)."""
+    results = Path(__file__).with_name("results")
+    text = render_tables.render(render_tables.load_results(results))
+    assert "Targets (H100, bf16" in text
+    readme = Path(__file__).resolve().parent.parent / "README.md"
+    if render_tables.START in readme.read_text(encoding="utf-8"):
+        assert render_tables.main(["--check"]) == 0, "README tables are stale: run python benchmarks/render_tables.py"
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def test_spatialformer_bench_quick_writes_table_json_and_plot(tmp_path, capsys):
+    out = tmp_path / "bench-out"
+    assert bench.main(["--quick", "--out", str(out), "--no-progress", "--providers", "reference", "sdpa",
+                       *[p.name for p in bench.providers_for(CPU) if p.kind == "ours" and not p.skip]]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "scaled down" in printed and "no HBM roofline" in printed
+    table = (out / "table.txt").read_text(encoding="utf-8")
+    assert "median ms" in table and "GB/s" in table and "reference" in table
+    result = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert result["environment"]["device_type"] == "cpu" and "torch" in result["environment"]
+    ok = [r for r in result["rows"] if r["status"] == "ok"]
+    assert {r["pass"] for r in ok} == set(bench.PASSES)
+    assert ok and all(r["gbps"] > 0 and r["tflops"] > 0 and r["median_ms"] > 0 for r in ok)
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
