@@ -48,29 +48,33 @@ LN2 = 0.6931471805599453
 # ----------------------------------------------------------------------------------------
 # Configs
 # ----------------------------------------------------------------------------------------
-# BLOCK_M (spatial rows per block) is picked by the launcher from M and D, not tuned; the
-# tuner picks the image tile and warps. Stages: the loops are latency-bound loads of small
-# tiles, and two stages double the shared memory at D = 256 for no gain, so 1 or 2 by D.
-_BLOCK_N_CHOICES = (16, 32, 64, 128)
-_WARPS_CHOICES = (4, 8)
-_STAGES_CHOICES = (1, 2)
+# BLOCK_M (spatial rows per block) is fixed per head-dim bucket and dtype size; the tuner
+# picks the image tile BLOCK_N and the warps. Stages follow D (2 up to D = 64; beyond, a
+# second stage only adds shared memory). Budgets and exclusions below were set from the
+# static check (python -m spatialformer_kernels.static_check): every kept config compiles
+# for sm_80 and sm_90 without spills.
 FWD_CONFIGS = [
-    triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bn in _BLOCK_N_CHOICES
-    for w in _WARPS_CHOICES
-    for s in _STAGES_CHOICES
+    triton.Config({"BLOCK_N": bn}, num_warps=w)
+    for bn in (16, 32, 64, 128)
+    for w in (4, 8)
 ]
-BWD_CONFIGS = list(FWD_CONFIGS)
+# Backward tiles stop at 64 tokens: at 128 the s-direction backward spills at every D.
+BWD_CONFIGS = [c for c in FWD_CONFIGS if c.kwargs["BLOCK_N"] <= 64]
+# At most this many configs are benchmarked per shape bucket (the largest tiles that fit).
+MAX_TUNED_CONFIGS = 3
 # Image tokens per split are a multiple of the largest tile, so tiles never straddle splits.
 CHUNK_ALIGN = 128
 # A split gets at least this many image tokens, so a large batch is not over-split.
 MIN_SPLIT_TOKENS = 256
-# Fixed configuration in the interpreter (no autotuning there) and for the static check.
+# Fixed configuration in the interpreter (no autotuning there); the static check compiles
+# it too. Warps do not matter to the interpreter; 8 keeps it spill-free on a GPU.
 FIXED_BLOCK_N = 32
-FIXED_WARPS = 4
-FIXED_STAGES = 1
+FIXED_WARPS = 8
 # Pretend SM count in the interpreter so that split-K is exercised by the tests.
 INTERPRETER_SM_COUNT = 8
+# Estimated live 32-bit registers per thread (see _live_words_per_thread) above which a
+# config spills on sm_90 in the static check's measurements.
+REGISTER_BUDGET = 96
 
 
 def block_d_for(head_dim: int) -> int:
@@ -78,23 +82,25 @@ def block_d_for(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def block_m_for(n_spatial: int, block_d: int, elem_bytes: int, backward: bool) -> int:
-    """Spatial rows per block: all of M when it fits the register budget, else a cap by D."""
-    cap = {16: 128, 32: 128, 64: 64, 128: 32, 256: 16}[block_d]
-    if backward:
-        cap //= 2
-    if elem_bytes == 4:
-        cap //= 2
-    return max(16, min(triton.next_power_of_2(n_spatial), cap))
+def num_stages_for(block_d: int) -> int:
+    return 2 if block_d <= 64 else 1
 
 
-def fuse_directions(block_d: int, elem_bytes: int, backward: bool) -> bool:
-    """Whether both directions share one launch; at large D each direction runs alone to
-    keep the live state in registers (two launches, each still one pass over the tokens)."""
-    limit = 64 if backward else 128
+def block_m_for(block_d: int, elem_bytes: int, backward: bool) -> int:
+    """Spatial rows per block, fixed per head-dim bucket. In the backward, M <= BLOCK_M
+    keeps the spatial side and its gradients in registers; larger M loops over blocks."""
+    cap = {16: 64, 32: 64, 64: 32, 128: 32, 256: 16}[block_d]
     if elem_bytes == 4:
-        limit //= 2
-    return block_d <= limit
+        cap //= 2
+    return max(16, cap)
+
+
+def fuse_directions(block_d: int, elem_bytes: int) -> bool:
+    """Whether the forward runs both directions in one launch. The directions read disjoint
+    image tensors (s: k_x, v_x; x: q_x), so two launches move the same bytes; at large D
+    each runs alone to keep its live state in registers. The backward always runs one
+    direction per launch: fused, its live state spills at every tile size on sm_80/sm_90."""
+    return block_d <= (64 if elem_bytes == 2 else 32)
 
 
 def _live_words_per_thread(block_m, block_n, block_d, elem_bytes, num_warps, backward, both):
@@ -115,28 +121,25 @@ def _live_words_per_thread(block_m, block_n, block_d, elem_bytes, num_warps, bac
 
 def configs_for(block_m, block_d, elem_bytes, backward, both):
     """The configs autotuning may pick for one shape bucket (also used by the static check)."""
-    configs = BWD_CONFIGS if backward else FWD_CONFIGS
-    budget = 96
     kept = []
-    for config in configs:
-        bn, w, s = config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
-        if block_d >= 128 and s > 1:
-            continue  # deep stages only add shared memory at large D (see above)
+    for config in BWD_CONFIGS if backward else FWD_CONFIGS:
+        bn, w = config.kwargs["BLOCK_N"], config.num_warps
         if bn * block_d > 8192 or (bn == 16 and block_d < 128):
-            continue  # 16-row tiles only pay off where a wider tile would not fit
+            continue  # 16-token tiles only where a wider one would not fit
         if w == 8 and bn * max(block_m, 32) < 2048:
             continue  # too little work per tile for 8 warps
-        if _live_words_per_thread(block_m, bn, block_d, elem_bytes, w, backward, both) > budget:
+        if _live_words_per_thread(block_m, bn, block_d, elem_bytes, w, backward, both) > REGISTER_BUDGET:
             continue
-        kept.append(config)
-    if not kept:  # the smallest tile always fits: keep it rather than fail
-        kept = [triton.Config({"BLOCK_N": 16}, num_warps=8, num_stages=1)]
-    return kept
+        kept.append(triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=num_stages_for(block_d)))
+    kept.sort(key=lambda c: (-c.kwargs["BLOCK_N"], c.num_warps))
+    if not kept:  # the fixed config is spill-free in every bucket (static check)
+        kept = [triton.Config({"BLOCK_N": FIXED_BLOCK_N}, num_warps=FIXED_WARPS, num_stages=num_stages_for(block_d))]
+    return kept[:MAX_TUNED_CONFIGS]
 
 
 def _prune(backward):
     def prune(configs, named_args, **kwargs):
-        elem_bytes = named_args["Q_S"].element_size()
+        elem_bytes = named_args["Q_X"].element_size()
         both = kwargs["DIR_S"] and kwargs["DIR_X"]
         return configs_for(kwargs["BLOCK_M"], kwargs["BLOCK_D"], elem_bytes, backward, both)
 
@@ -261,7 +264,6 @@ def _bilateral_fwd_kernel(
     H, M, N, D, CHUNK, SPLITS,
     qk_scale,  # scale * log2(e)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    M_ONE_BLOCK: tl.constexpr,  # M <= BLOCK_M: the spatial keys stay in registers
     DIR_S: tl.constexpr, DIR_X: tl.constexpr,
     HAS_IMAGE_MASK: tl.constexpr, HAS_SPATIAL_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -286,12 +288,6 @@ def _bilateral_fwd_kernel(
     n_start = split * CHUNK
     n_end = tl.minimum(n_start + CHUNK, N)
 
-    if DIR_X and M_ONE_BLOCK:
-        # -- all spatial keys fit one block: load them once for the whole chunk --
-        ks_ok = offs_blk < M
-        ks_keep = _key_keep(SPATIAL_MASK, b, offs_blk, ks_ok, stride_sm_b, stride_sm_m, HAS_SPATIAL_MASK)
-        k_s = _load_rows(k_s_ptr, offs_blk, offs_d, stride_ks_m, stride_ks_d, ks_ok, d_ok)
-        v_s = _load_rows(v_s_ptr, offs_blk, offs_d, stride_vs_m, stride_vs_d, ks_ok, d_ok)
     if DIR_S:
         offs_qm = pid_m * BLOCK_M + offs_blk
         qm_ok = offs_qm < M
@@ -310,18 +306,17 @@ def _bilateral_fwd_kernel(
                 m_x = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
                 l_x = tl.zeros([BLOCK_N], dtype=tl.float32)
                 acc_x = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-                if M_ONE_BLOCK:
-                    s_x = _scores(q_x, k_s, ks_keep, qk_scale, DOT_PRECISION)
-                    m_x, l_x, acc_x = _online_softmax_step(s_x, v_s, m_x, l_x, acc_x, DOT_PRECISION)
-                else:
-                    for m0 in range(0, M, BLOCK_M):
-                        offs_km = m0 + offs_blk
-                        km_ok = offs_km < M
-                        km_keep = _key_keep(SPATIAL_MASK, b, offs_km, km_ok, stride_sm_b, stride_sm_m, HAS_SPATIAL_MASK)
-                        k_blk = _load_rows(k_s_ptr, offs_km, offs_d, stride_ks_m, stride_ks_d, km_ok, d_ok)
-                        v_blk = _load_rows(v_s_ptr, offs_km, offs_d, stride_vs_m, stride_vs_d, km_ok, d_ok)
-                        s_x = _scores(q_x, k_blk, km_keep, qk_scale, DOT_PRECISION)
-                        m_x, l_x, acc_x = _online_softmax_step(s_x, v_blk, m_x, l_x, acc_x, DOT_PRECISION)
+                # Spatial keys are re-read per tile (L1/L2 hits): holding them across the
+                # loop costs registers without a measurable saving, and one code path
+                # serves any M.
+                for m0 in range(0, M, BLOCK_M):
+                    offs_km = m0 + offs_blk
+                    km_ok = offs_km < M
+                    km_keep = _key_keep(SPATIAL_MASK, b, offs_km, km_ok, stride_sm_b, stride_sm_m, HAS_SPATIAL_MASK)
+                    k_blk = _load_rows(k_s_ptr, offs_km, offs_d, stride_ks_m, stride_ks_d, km_ok, d_ok)
+                    v_blk = _load_rows(v_s_ptr, offs_km, offs_d, stride_vs_m, stride_vs_d, km_ok, d_ok)
+                    s_x = _scores(q_x, k_blk, km_keep, qk_scale, DOT_PRECISION)
+                    m_x, l_x, acc_x = _online_softmax_step(s_x, v_blk, m_x, l_x, acc_x, DOT_PRECISION)
                 # -- normalise and write o_x, lse_x (rows with no kept key: 0 and -inf) --
                 has_key = l_x > 0.0
                 o_x = acc_x / tl.where(has_key, l_x, 1.0)[:, None]
@@ -585,9 +580,11 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _fixed_meta() -> dict:
+def _fixed_meta(block_d: int) -> dict:
     """Launch options in the interpreter (no autotuning there)."""
-    return {"BLOCK_N": FIXED_BLOCK_N, "num_warps": FIXED_WARPS, "num_stages": FIXED_STAGES} if INTERPRET else {}
+    if not INTERPRET:
+        return {}
+    return {"BLOCK_N": FIXED_BLOCK_N, "num_warps": FIXED_WARPS, "num_stages": num_stages_for(block_d)}
 
 
 def _mask_args(mask, like):
@@ -606,8 +603,8 @@ def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_
     N = q_x.shape[2]
     device, dtype = q_x.device, q_x.dtype
     block_d = block_d_for(D)
-    block_m = block_m_for(M, block_d, q_x.element_size(), backward=False)
-    if do_s and do_x and not fuse_directions(block_d, q_x.element_size(), backward=False):
+    block_m = block_m_for(block_d, q_x.element_size(), backward=False)
+    if do_s and do_x and not fuse_directions(block_d, q_x.element_size()):
         o_s, _, lse_s, _ = attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask, spatial_mask, True, False)
         _, o_x, _, lse_x = attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask, spatial_mask, False, True)
         return o_s, o_x, lse_s, lse_x
@@ -629,9 +626,9 @@ def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_
         *q_s.stride(), *k_s.stride(), *v_s.stride(), *q_x.stride(), *k_x.stride(), *v_x.stride(),
         stride_im_b, stride_im_n, stride_sm_b, stride_sm_m,
         H, M, N, D, chunk, splits, scale * LOG2E,
-        BLOCK_M=block_m, BLOCK_D=block_d, M_ONE_BLOCK=M <= block_m, DIR_S=do_s, DIR_X=do_x,
+        BLOCK_M=block_m, BLOCK_D=block_d, DIR_S=do_s, DIR_X=do_x,
         HAS_IMAGE_MASK=image_mask is not dummy, HAS_SPATIAL_MASK=spatial_mask is not dummy,
-        DOT_PRECISION=_dot_precision(dtype), **_fixed_meta(),
+        DOT_PRECISION=_dot_precision(dtype), **_fixed_meta(block_d),
     )
     o_s = lse_s = None
     if do_s:
@@ -657,12 +654,12 @@ def attention_bwd(
     device, dtype = q_x.device, q_x.dtype
     block_d = block_d_for(D)
     elem = q_x.element_size()
-    if do_s_dir and do_x_dir and not fuse_directions(block_d, elem, backward=True):
+    if do_s_dir and do_x_dir:
         args = (q_s, k_s, v_s, q_x, k_x, v_x, o_s, o_x, lse_s, lse_x, scale, image_mask, spatial_mask)
         dq_s, _, _, _, dk_x, dv_x = attention_bwd(do_s, None, *args, True, False)
         _, dk_s, dv_s, dq_x, _, _ = attention_bwd(None, do_x, *args, False, True)
         return dq_s, dk_s, dv_s, dq_x, dk_x, dv_x
-    block_m = block_m_for(M, block_d, elem, backward=True)
+    block_m = block_m_for(block_d, elem, backward=True)
     splits, chunk = split_plan(sm_count(device), B * H, N)
     f32 = torch.float32
 
@@ -695,7 +692,7 @@ def attention_bwd(
         H, M, N, D, chunk, splits, scale * LOG2E, scale,
         BLOCK_M=block_m, BLOCK_D=block_d, M_ONE_BLOCK=M <= block_m, DIR_S=do_s_dir, DIR_X=do_x_dir,
         HAS_IMAGE_MASK=image_mask is not dummy, HAS_SPATIAL_MASK=spatial_mask is not dummy,
-        DOT_PRECISION=_dot_precision(dtype), **_fixed_meta(),
+        DOT_PRECISION=_dot_precision(dtype), **_fixed_meta(block_d),
     )
 
     def reduce(part):

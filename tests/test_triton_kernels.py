@@ -1,0 +1,168 @@
+"""The Triton kernels (Triton's interpreter on CPU here, the GPU where there is one) against
+the reference, under the one tolerance rule; determinism; split-K planning."""
+import pytest
+import torch
+
+import spatialformer_kernels as sk
+from spatialformer_kernels import dispatch
+from spatialformer_kernels.reference import bilateral_attention_reference, cross_attention_reference
+from spatialformer_kernels.testing import (
+    assert_close,
+    case_id,
+    make_bilateral_inputs,
+    make_image_mask,
+    reference_pair,
+)
+
+pytestmark = pytest.mark.skipif(
+    "triton" not in sk.available_backends()
+    or not (torch.cuda.is_available() or dispatch.triton_interpreter_enabled()),
+    reason="the Triton backend needs CUDA or TRITON_INTERPRET=1",
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+NAMES = ("q_s", "k_s", "v_s", "q_x", "k_x", "v_x")
+FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
+
+# (B, H, M, N, D, dtype, layout, mask: None | "mask" | "empty" (one sample without tokens)).
+# Together: every dtype; N = 1, 97, 1025; M = 1, 49, 130; D = 8, 40, 96; all layouts.
+BILATERAL_CASES = [
+    (1, 1, 1, 1, 8, FP32, "contiguous", None),
+    (2, 2, 49, 97, 40, FP16, "bnhd", "empty"),
+    (2, 1, 130, 97, 8, BF16, "strided", "mask"),
+    (1, 1, 49, 1025, 96, FP32, "bnhd", "mask"),
+    (1, 1, 1, 1025, 40, BF16, "contiguous", None),
+    (2, 1, 130, 1, 96, FP16, "strided", "empty"),
+    (1, 2, 130, 97, 40, FP32, "strided", "empty"),
+]
+
+
+def _bilateral_id(case):
+    B, H, M, N, D, dtype, layout, mask = case
+    return f"{case_id(B, H, M, N, D, dtype)}-{layout}-{mask or 'nomask'}"
+
+
+def _mask(B, N, kind):
+    if kind is None:
+        return None
+    return make_image_mask(B, N, empty_samples=(B - 1,) if kind == "empty" else (), device=DEVICE, seed=3)
+
+
+def _odd_grad(shape, dtype, seed):
+    """A non-contiguous grad output: a [B, L, H, D] buffer viewed as [B, H, L, D]."""
+    B, H, L, D = shape
+    g = torch.randn(B, L, H, D, generator=torch.Generator().manual_seed(seed)).transpose(1, 2)
+    return g.to(device=DEVICE, dtype=dtype)
+
+
+def _bilateral_grads(inputs, grads, scale, mask, backend):
+    """Outputs and the gradients of all six inputs, for a backend or the reference."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    if backend is None:
+        outs = bilateral_attention_reference(*leaves, scale, mask)
+    else:
+        outs = sk.bilateral_attention(*leaves, scale=scale, image_mask=mask, backend=backend)
+    dtype = leaves[0].dtype
+    return outs, torch.autograd.grad(outs, leaves, [g.to(dtype) for g in grads])
+
+
+@pytest.mark.parametrize("case", BILATERAL_CASES, ids=_bilateral_id)
+def test_bilateral_forward_and_all_gradients_match_reference(case):
+    B, H, M, N, D, dtype, layout, mask_kind = case
+    inputs = make_bilateral_inputs(B, H, M, N, D, dtype, device=DEVICE, layout=layout, seed=1)
+    mask = _mask(B, N, mask_kind)
+    scale = 0.9 * D**-0.5
+    grads = (_odd_grad((B, H, M, D), dtype, 4), _odd_grad((B, H, N, D), dtype, 5))
+
+    outs, d_inputs = _bilateral_grads(inputs, grads, scale, mask, "triton")
+    (ref_outs, ref_grads), (exact_outs, exact_grads) = reference_pair(
+        lambda *t: _bilateral_grads(t[:6], t[6:], scale, mask, None), [*inputs, *grads]
+    )
+    name = _bilateral_id(case)
+    assert_close(outs, ref_outs, exact_outs, dtype, f"{name} (o_s, o_x)")
+    for label, actual, same, exact in zip(NAMES, d_inputs, ref_grads, exact_grads):
+        assert_close(actual, same, exact, dtype, f"{name} d{label}")
+    if mask_kind == "empty":  # the empty-mask rule: o_s = 0 and zero gradients, never NaN
+        empty = B - 1
+        assert torch.equal(outs[0][empty], torch.zeros_like(outs[0][empty]))
+        for label, g in zip(NAMES, d_inputs):
+            assert torch.isfinite(g).all(), label
+        for g in (d_inputs[0], d_inputs[4], d_inputs[5]):  # dq_s, dk_x, dv_x of that sample
+            assert torch.equal(g[empty], torch.zeros_like(g[empty]))
+
+
+# (B, H, Lq, Lk, D, dtype, masked): both paths (Lq <= Lk: split over keys; Lq > Lk: a full
+# softmax per query tile), including keys beyond one block (Lk = 130 > BLOCK_M).
+CROSS_CASES = [
+    (2, 2, 7, 300, 40, FP16, True),
+    (2, 1, 300, 7, 40, BF16, True),
+    (1, 2, 200, 130, 8, FP32, True),
+    (2, 1, 1, 1, 96, FP32, False),
+    (1, 1, 130, 1025, 8, BF16, False),
+]
+
+
+@pytest.mark.parametrize(
+    "case", CROSS_CASES, ids=lambda c: f"{case_id(c[0], c[1], c[2], c[3], c[4], c[5])}-{'mask' if c[6] else 'nomask'}"
+)
+def test_cross_attention_both_shapes_forward_and_gradients(case):
+    B, H, Lq, Lk, D, dtype, masked = case
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(B, Lq, H, D, generator=gen).transpose(1, 2).to(DEVICE, dtype)  # bnhd view
+    k = torch.randn(B, H, Lk, D, generator=gen).to(DEVICE, dtype)
+    v = torch.randn(B, H, Lk + 2, D, generator=gen)[:, :, 1 : Lk + 1].to(DEVICE, dtype)  # strided
+    key_mask = make_image_mask(B, Lk, empty_samples=(0,), device=DEVICE, seed=8) if masked else None
+    grad = _odd_grad((B, H, Lq, D), dtype, 9)
+    scale = D**-0.5
+
+    def run(q, k, v, grad, backend=None):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        if backend is None:
+            o = cross_attention_reference(*leaves, scale, key_mask)
+        else:
+            o = sk.cross_attention(*leaves, scale=scale, key_mask=key_mask, backend=backend)
+        return o, torch.autograd.grad(o, leaves, grad.to(leaves[0].dtype))
+
+    out, grads = run(q, k, v, grad, "triton")
+    (ref_out, ref_grads), (exact_out, exact_grads) = reference_pair(run, [q, k, v, grad])
+    name = case_id(B, H, Lq, Lk, D, dtype)
+    assert_close(out, ref_out, exact_out, dtype, f"{name} o")
+    for label, actual, same, exact in zip("qkv", grads, ref_grads, exact_grads):
+        assert_close(actual, same, exact, dtype, f"{name} d{label}")
+    if masked:
+        assert torch.equal(out[0], torch.zeros_like(out[0]))
+
+
+def test_two_runs_are_bitwise_equal_forward_and_backward():
+    """Split-K partials and spatial-block partials are reduced in a fixed order, no atomics."""
+    B, H, M, N, D = 1, 1, 49, 1025, 40  # several splits and, in the backward, two spatial blocks
+    inputs = make_bilateral_inputs(B, H, M, N, D, FP16, device=DEVICE, layout="bnhd", seed=11)
+    mask = _mask(B, N, "mask")
+    grads = (_odd_grad((B, H, M, D), FP16, 12), _odd_grad((B, H, N, D), FP16, 13))
+    first = _bilateral_grads(inputs, grads, D**-0.5, mask, "triton")
+    second = _bilateral_grads(inputs, grads, D**-0.5, mask, "triton")
+    for a, b in zip([*first[0], *first[1]], [*second[0], *second[1]]):
+        assert torch.equal(a, b)
+
+
+def test_split_plan_fills_the_gpu_without_over_splitting():
+    from spatialformer_kernels.ops.bilateral_attention_triton import split_plan
+
+    h100_sms = 132
+    splits, chunk = split_plan(h100_sms, 2 * 2, 67_200)  # det800x1344-stage1: B=2, H=2
+    assert splits * 4 >= h100_sms and splits * chunk >= 67_200 > (splits - 1) * chunk
+    splits, _ = split_plan(h100_sms, 64 * 2, 3_136)  # cls224-stage1 training batch
+    assert splits <= 3
+    assert split_plan(h100_sms, 1, 100) == (1, 128)  # never more splits than tokens allow
+
+
+def test_small_batch_large_n_uses_several_splits_and_matches():
+    from spatialformer_kernels.ops import bilateral_attention_triton as bt
+
+    B, H, M, N, D = 1, 1, 49, 1025, 40
+    splits, _ = bt.split_plan(bt.sm_count(torch.device(DEVICE)), B * H, N)
+    assert splits > 1
+    inputs = make_bilateral_inputs(B, H, M, N, D, FP32, device=DEVICE, seed=14)
+    out = sk.bilateral_attention(*inputs, backend="triton")
+    same, exact = reference_pair(lambda *t: bilateral_attention_reference(*t, D**-0.5), inputs)
+    assert_close(out, same, exact, FP32, case_id(B, H, M, N, D, FP32))
