@@ -27,14 +27,19 @@
 #endif
 #define CPU_CAPABILITY sfk_native
 
-#include <torch/extension.h>
-
+// Only the ATen pieces the kernels use, and the op registry instead of pybind11: the first-use
+// build compiles this file in about a third of the time torch/extension.h would take.
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -63,21 +68,42 @@ constexpr T neg_inf() {
 }
 
 // ---------------------------------------------------------------------------------------
-// Strided views of the [B, H, L, D] inputs (any strides, any float dtype).
+// Strided views of the [B, H, L, D] inputs (any strides, any float dtype). The drivers are
+// compiled once per accumulation type (float, double); only these small pack/store
+// helpers switch on the storage dtype, which keeps the first-use build short.
 // ---------------------------------------------------------------------------------------
-template <typename scalar_t>
+template <typename F>
+inline void with_storage_type(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat: f(float{}); break;
+    case at::kDouble: f(double{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}); break;
+    case at::kHalf: f(c10::Half{}); break;
+    default: TORCH_CHECK(false, "spatialformer_cpu: unsupported dtype ", dtype);
+  }
+}
+
 struct View {
-  const scalar_t* ptr;
+  const void* ptr;
+  at::ScalarType dtype;
   int64_t stride_b, stride_h, stride_l, stride_d, heads;
-  const scalar_t* row(int64_t bh, int64_t l) const {
-    return ptr + (bh / heads) * stride_b + (bh % heads) * stride_h + l * stride_l;
+  int64_t base(int64_t bh) const { return (bh / heads) * stride_b + (bh % heads) * stride_h; }
+};
+
+inline View view4(const at::Tensor& t) {
+  return {t.data_ptr(), t.scalar_type(), t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.size(1)};
+}
+
+// A contiguous output in its storage dtype; at(i) is element i.
+struct OutPtr {
+  void* ptr;
+  at::ScalarType dtype;
+  OutPtr at(int64_t offset) const {
+    return {static_cast<char*>(ptr) + offset * static_cast<int64_t>(c10::elementSize(dtype)), dtype};
   }
 };
 
-template <typename scalar_t>
-View<scalar_t> view4(const at::Tensor& t) {
-  return {t.data_ptr<scalar_t>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.size(1)};
-}
+inline OutPtr out_ptr(const at::Tensor& t) { return {t.data_ptr(), t.scalar_type()}; }
 
 // [B, H, L] statistics (the LSEs), read with strides.
 template <typename T>
@@ -108,29 +134,50 @@ struct MaskView {
 // ---------------------------------------------------------------------------------------
 
 // dst[r, d] = mul * src[l0 + r, d] for r < rows; d in [D, ld) = 0.
-template <typename scalar_t, typename acc_t>
-void pack_rows(acc_t* dst, int64_t ld, const View<scalar_t>& src, int64_t bh, int64_t l0, int64_t rows,
-               int64_t D, acc_t mul) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const scalar_t* s = src.row(bh, l0 + r);
-    acc_t* d = dst + r * ld;
-    if (src.stride_d == 1) {
-      for (int64_t i = 0; i < D; ++i) d[i] = static_cast<acc_t>(s[i]) * mul;
-    } else {
-      for (int64_t i = 0; i < D; ++i) d[i] = static_cast<acc_t>(s[i * src.stride_d]) * mul;
+template <typename acc_t>
+void pack_rows(acc_t* dst, int64_t ld, const View& src, int64_t bh, int64_t l0, int64_t rows, int64_t D,
+               acc_t mul) {
+  with_storage_type(src.dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* first = static_cast<const scalar_t*>(src.ptr) + src.base(bh) + l0 * src.stride_l;
+    for (int64_t r = 0; r < rows; ++r) {
+      const scalar_t* __restrict__ s = first + r * src.stride_l;
+      acc_t* __restrict__ d = dst + r * ld;
+      if (src.stride_d == 1) {
+        for (int64_t i = 0; i < D; ++i) d[i] = static_cast<acc_t>(s[i]) * mul;
+      } else {
+        for (int64_t i = 0; i < D; ++i) d[i] = static_cast<acc_t>(s[i * src.stride_d]) * mul;
+      }
+      for (int64_t i = D; i < ld; ++i) d[i] = acc_t(0);
     }
-    for (int64_t i = D; i < ld; ++i) d[i] = acc_t(0);
+  });
+}
+
+// Ask for rows [l0, l0 + rows) ahead of use. A tile is consumed in a burst and then computed
+// on for tens of microseconds, during which the hardware prefetcher sees no demand misses;
+// prefetching the next tile meanwhile hides the DRAM latency of the packing.
+inline void prefetch_rows(const View& src, int64_t bh, int64_t l0, int64_t rows, int64_t D) {
+  const int64_t elem = static_cast<int64_t>(c10::elementSize(src.dtype));
+  const int64_t span = std::min<int64_t>(((D - 1) * src.stride_d + 1) * elem, 512);
+  const char* first = static_cast<const char*>(src.ptr) + (src.base(bh) + l0 * src.stride_l) * elem;
+  for (int64_t r = 0; r < rows; ++r) {
+    const char* row = first + r * src.stride_l * elem;
+    for (int64_t off = 0; off < span; off += 64) __builtin_prefetch(row + off);
   }
 }
 
 // dst[d, r] = src[l0 + r, d] for r < rows; columns r in [rows, cols) = 0. dst is [D, ld].
-template <typename scalar_t, typename acc_t>
-void pack_transposed(acc_t* dst, int64_t ld, int64_t cols, const View<scalar_t>& src, int64_t bh, int64_t l0,
-                     int64_t rows, int64_t D) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const scalar_t* s = src.row(bh, l0 + r);
-    for (int64_t i = 0; i < D; ++i) dst[i * ld + r] = static_cast<acc_t>(s[i * src.stride_d]);
-  }
+template <typename acc_t>
+void pack_transposed(acc_t* dst, int64_t ld, int64_t cols, const View& src, int64_t bh, int64_t l0, int64_t rows,
+                     int64_t D, acc_t mul) {
+  with_storage_type(src.dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* first = static_cast<const scalar_t*>(src.ptr) + src.base(bh) + l0 * src.stride_l;
+    for (int64_t r = 0; r < rows; ++r) {
+      const scalar_t* s = first + r * src.stride_l;
+      for (int64_t i = 0; i < D; ++i) dst[i * ld + r] = static_cast<acc_t>(s[i * src.stride_d]) * mul;
+    }
+  });
   for (int64_t i = 0; i < D; ++i)
     for (int64_t r = rows; r < cols; ++r) dst[i * ld + r] = acc_t(0);
 }
@@ -142,11 +189,26 @@ void key_bias(acc_t* bias, const MaskView& mask, int64_t bh, int64_t l0, int64_t
   for (int64_t j = L; j < Lp; ++j) bias[j] = neg_inf<acc_t>();
 }
 
-// Write rows of acc_t results (times mul) to a contiguous [B*H, L, D] output.
-template <typename scalar_t, typename acc_t>
-void store_rows(scalar_t* out, const acc_t* src, int64_t ld, int64_t rows, int64_t D, acc_t mul) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t i = 0; i < D; ++i) out[r * D + i] = static_cast<scalar_t>(src[r * ld + i] * mul);
+// Write rows of acc_t results, row r times mul[r], to a contiguous output at `out`.
+template <typename acc_t>
+void store_rows_scaled(OutPtr out, const acc_t* src, int64_t ld, int64_t rows, int64_t D, const acc_t* mul) {
+  with_storage_type(out.dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    scalar_t* o = static_cast<scalar_t*>(out.ptr);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t i = 0; i < D; ++i) o[r * D + i] = static_cast<scalar_t>(src[r * ld + i] * mul[r]);
+  });
+}
+
+// Write rows of acc_t results (times mul) to a contiguous output at `out`.
+template <typename acc_t>
+void store_rows(OutPtr out, const acc_t* src, int64_t ld, int64_t rows, int64_t D, acc_t mul) {
+  with_storage_type(out.dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    scalar_t* o = static_cast<scalar_t*>(out.ptr);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t i = 0; i < D; ++i) o[r * D + i] = static_cast<scalar_t>(src[r * ld + i] * mul);
+  });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -207,6 +269,16 @@ void gemm(int64_t rows, int64_t cols, int64_t K, const T* A, int64_t a_rs, int64
 // Vector row helpers (n is a multiple of the vector width). Horizontal reductions run
 // lane by lane in a fixed order.
 // ---------------------------------------------------------------------------------------
+// exp on a vector: ATen's exp_u20 for float (a short polynomial, exp(-inf) = 0, what ATen's own
+// CPU flash attention uses), Sleef's exp for double.
+template <typename T>
+inline Vectorized<T> vexp(const Vectorized<T>& x) {
+  if constexpr (std::is_same_v<T, float>)
+    return x.exp_u20();
+  else
+    return x.exp();
+}
+
 template <typename T>
 inline T hsum(const Vectorized<T>& v) {
   alignas(64) T lanes[Vectorized<T>::size()];
@@ -238,6 +310,14 @@ inline T add_bias_max(T* x, const T* bias, int64_t n) {
   return hmax(m);
 }
 
+template <typename T>
+inline T row_max(const T* x, int64_t n) {
+  using Vec = Vectorized<T>;
+  Vec m(neg_inf<T>());
+  for (int64_t i = 0; i < n; i += Vec::size()) m = at::vec::maximum(m, Vec::loadu(x + i));
+  return hmax(m);
+}
+
 // x = exp(x - shift); return sum(x).
 template <typename T>
 inline T exp_shift_sum(T* x, int64_t n, T shift) {
@@ -245,7 +325,7 @@ inline T exp_shift_sum(T* x, int64_t n, T shift) {
   const Vec sh(shift);
   Vec s(T(0));
   for (int64_t i = 0; i < n; i += Vec::size()) {
-    const Vec e = (Vec::loadu(x + i) - sh).exp();
+    const Vec e = vexp(Vec::loadu(x + i) - sh);
     e.store(x + i);
     s = s + e;
   }
@@ -279,9 +359,10 @@ inline T dot_row(const T* x, const T* y, int64_t n) {
 // Tile steps shared by every driver.
 // ---------------------------------------------------------------------------------------
 
-// Online-softmax update of R query rows with one tile of L keys (Lp padded).
-// Q [R, Dp] (pre-scaled), KT [D, ldkt], V [L, ldv], bias [Lp], S scratch [R, Lp];
-// state m [R], l [R], acc [R, Dp].
+// Online-softmax update of R query rows with one tile of L keys (Lp padded): the "row" form,
+// for many queries over few keys (direction x; cross attention).
+// Q [R, Dp] (pre-scaled), KT [D, ldkt], V [L, ldv], bias [Lp] (0 or -inf; nullptr = all keys
+// kept and L == Lp), S scratch [R, Lp]; state m [R], l [R], acc [R, Dp].
 template <typename T>
 void attend_tile(int64_t R, int64_t D, int64_t Dp, const T* Q, const T* KT, int64_t ldkt, const T* V, int64_t ldv,
                  const T* bias, int64_t L, int64_t Lp, T* S, T* m, T* l, T* acc) {
@@ -290,18 +371,94 @@ void attend_tile(int64_t R, int64_t D, int64_t Dp, const T* Q, const T* KT, int6
   // -- online softmax --
   for (int64_t r = 0; r < R; ++r) {
     T* s = S + r * Lp;
-    const T m_new = std::max(m[r], add_bias_max(s, bias, Lp));
+    const T m_tile = bias ? add_bias_max(s, bias, Lp) : row_max(s, Lp);
+    const T m_new = std::max(m[r], m_tile);
     if (m_new == neg_inf<T>()) {  // no kept key so far: p = 0, state unchanged
       std::fill(s, s + Lp, T(0));
       continue;
     }
-    const T alpha = std::exp(m[r] - m_new);  // 0 when m[r] = -inf
-    l[r] = l[r] * alpha + exp_shift_sum(s, Lp, m_new);
+    const T sum = exp_shift_sum(s, Lp, m_new);
+    if (m[r] == neg_inf<T>()) {  // first kept keys of this row: acc and l are still 0
+      l[r] = sum;
+    } else if (m_new != m[r]) {
+      const T alpha = std::exp(m[r] - m_new);
+      l[r] = l[r] * alpha + sum;
+      scale_row(acc + r * Dp, Dp, alpha);
+    } else {
+      l[r] += sum;
+    }
     m[r] = m_new;
-    if (alpha != T(1)) scale_row(acc + r * Dp, Dp, alpha);
   }
   // -- acc += p v --
   gemm<T, true>(R, Dp, L, S, Lp, 1, V, ldv, acc, Dp);
+}
+
+// Complete softmax of C query columns over all M keys, the column form of a full (not
+// online) softmax, for direction x: s^T = k q^T [M, Cp] has the keys on rows, so the row max
+// and sum of each query reduce with vector max/add over the M rows.
+// K [M, Dp], QT [D, Cp] (pre-scaled), V [M, Dp]; scratch S [M, Cp], O [C, Dp];
+// outputs: inv_l [Cp] (1 / sum, for the caller's store) and lse [Cp].
+template <typename T>
+void attend_full_cols(int64_t C, int64_t Cp, int64_t M, int64_t D, int64_t Dp, const T* K, const T* QT, const T* V,
+                      T* S, T* O, T* inv_l, T* lse) {
+  using Vec = Vectorized<T>;
+  // -- s^T = k q^T --
+  gemm<T, false>(M, Cp, D, K, Dp, 1, QT, Cp, S, Cp);
+  for (int64_t j = 0; j < Cp; j += Vec::size()) {
+    // -- column max, p = exp(s - max), column sum --
+    Vec mx(neg_inf<T>());
+    for (int64_t r = 0; r < M; ++r) mx = at::vec::maximum(mx, Vec::loadu(S + r * Cp + j));
+    Vec sum(T(0));
+    for (int64_t r = 0; r < M; ++r) {
+      const Vec p = vexp(Vec::loadu(S + r * Cp + j) - mx);
+      p.store(S + r * Cp + j);
+      sum = sum + p;
+    }
+    (Vec(T(1)) / sum).store(inv_l + j);
+    (mx + sum.log()).store(lse + j);
+  }
+  // -- o = p v (normalised by the caller's store) --
+  gemm<T, false>(C, Dp, M, S, 1, Cp, V, Dp, O, Dp);
+}
+
+// Online-softmax update of M query columns with one tile of C keys: the "column" form, for
+// few queries over many keys (direction s). Computing s^T = k q^T puts the keys on rows, so
+// the softmax statistics are per column and reduce with plain vector max/add over rows (no
+// horizontal reductions), and no key tile needs a transpose.
+// K [C, Dp] (tile rows), QT [D, Mp] (pre-scaled), V [C, Dp], keep [C] (nullptr = all kept),
+// S scratch [C, Mp], shift scratch [Mp]; state m [Mp], l [Mp], acc [M, Dp].
+template <typename T>
+void attend_tile_cols(int64_t C, int64_t M, int64_t Mp, int64_t D, int64_t Dp, const T* K, const T* QT, const T* V,
+                      const bool* keep, T* S, T* shift, T* m, T* l, T* acc) {
+  using Vec = Vectorized<T>;
+  const Vec vneg(neg_inf<T>()), vzero(T(0));
+  // -- s^T = k q^T --
+  gemm<T, false>(C, Mp, D, K, Dp, 1, QT, Mp, S, Mp);
+  if (keep)
+    for (int64_t r = 0; r < C; ++r)
+      if (!keep[r]) std::fill(S + r * Mp, S + (r + 1) * Mp, neg_inf<T>());
+  for (int64_t j = 0; j < Mp; j += Vec::size()) {
+    // -- column max, new shift (0 while a column has no kept key: keeps exp(-inf - shift) = 0) --
+    const Vec m_old = Vec::loadu(m + j);
+    Vec m_new = m_old;
+    for (int64_t r = 0; r < C; ++r) m_new = at::vec::maximum(m_new, Vec::loadu(S + r * Mp + j));
+    const Vec sh = Vec::blendv(m_new, vzero, m_new == vneg);
+    // -- p = exp(s - shift), column sums --
+    Vec sum(T(0));
+    for (int64_t r = 0; r < C; ++r) {
+      const Vec p = vexp(Vec::loadu(S + r * Mp + j) - sh);
+      p.store(S + r * Mp + j);
+      sum = sum + p;
+    }
+    const Vec alpha = vexp(m_old - sh);  // 0 for a column without state
+    (Vec::loadu(l + j) * alpha + sum).store(l + j);
+    alpha.store(shift + j);  // reuse the scratch for the per-column rescale below
+    m_new.store(m + j);
+  }
+  for (int64_t j = 0; j < M; ++j)
+    if (shift[j] != T(1)) scale_row(acc + j * Dp, Dp, shift[j]);
+  // -- acc += p^T v --
+  gemm<T, true>(M, Dp, C, S, 1, Mp, V, Dp, acc, Dp);
 }
 
 // Gradients of R query rows against one tile of L keys.
@@ -328,7 +485,7 @@ void attend_tile_bwd(int64_t R, int64_t D, int64_t Dp, const T* Q, const T* dO, 
     }
     const Vec vl(lse[r]), vd(delta[r]);
     for (int64_t j = 0; j < Lp; j += Vec::size()) {
-      const Vec pj = (Vec::loadu(p + j) + Vec::loadu(bias + j) - vl).exp();
+      const Vec pj = vexp(Vec::loadu(p + j) + Vec::loadu(bias + j) - vl);
       pj.store(p + j);
       (pj * (Vec::loadu(ds + j) - vd)).store(ds + j);
     }
@@ -339,11 +496,45 @@ void attend_tile_bwd(int64_t R, int64_t D, int64_t Dp, const T* Q, const T* dO, 
   gemm<T, true>(L, Dp, R, P, 1, Lp, dO, Dp, dV, Dp);
 }
 
+// Gradients for the column form (see attend_tile_cols): M query columns against C keys.
+// K, V [C, Dp] tile rows; QT [D, Mp] and Q [M, Dp] (pre-scaled); dOT [D, Mp], dO [M, Dp];
+// lse_safe [Mp] (+inf for a column without kept keys, and for padding), delta [Mp];
+// keep [C] (nullptr = all kept); scratch P, dS [C, Mp].
+// dQ [M, Dp] += dS^T K (unscaled); dK [C, Dp] = dS Q; dV [C, Dp] = P dO.
+template <typename T>
+void attend_tile_cols_bwd(int64_t C, int64_t M, int64_t Mp, int64_t D, int64_t Dp, const T* K, const T* V,
+                          const T* QT, const T* Q, const T* dOT, const T* dO, const T* lse_safe, const T* delta,
+                          const bool* keep, T* P, T* dS, T* dQ, T* dK, T* dV) {
+  using Vec = Vectorized<T>;
+  // -- s^T = k q^T, dp^T = v do^T --
+  gemm<T, false>(C, Mp, D, K, Dp, 1, QT, Mp, P, Mp);
+  gemm<T, false>(C, Mp, D, V, Dp, 1, dOT, Mp, dS, Mp);
+  // -- p = exp(s - lse), ds = p (dp - delta) --
+  for (int64_t r = 0; r < C; ++r) {
+    T* p = P + r * Mp;
+    T* ds = dS + r * Mp;
+    if (keep && !keep[r]) {
+      std::fill(p, p + Mp, T(0));
+      std::fill(ds, ds + Mp, T(0));
+      continue;
+    }
+    for (int64_t j = 0; j < Mp; j += Vec::size()) {
+      const Vec pj = vexp(Vec::loadu(p + j) - Vec::loadu(lse_safe + j));
+      pj.store(p + j);
+      (pj * (Vec::loadu(ds + j) - Vec::loadu(delta + j))).store(ds + j);
+    }
+  }
+  // -- dq += ds^T k, dk = ds q, dv = p do --
+  gemm<T, true>(M, Dp, C, dS, 1, Mp, K, Dp, dQ, Dp);
+  gemm<T, false>(C, Dp, M, dS, Mp, 1, Q, Dp, dK, Dp);
+  gemm<T, false>(C, Dp, M, P, Mp, 1, dO, Dp, dV, Dp);
+}
+
 // Merge softmax partials part[bh][split][row] = (m, l, acc[Dp]) in split order; write o
 // (contiguous [BH, rows, D]) and lse (contiguous [BH, rows]).
-template <typename scalar_t, typename acc_t, typename lse_t>
+template <typename acc_t, typename lse_t>
 void combine_partials(const acc_t* part, int64_t BH, int64_t nsplit, int64_t rows, int64_t D, int64_t Dp,
-                      scalar_t* out, lse_t* lse) {
+                      OutPtr out, lse_t* lse) {
   const int64_t stride_row = Dp + 2;
   at::parallel_for(0, BH * rows, 16, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(Dp);
@@ -352,13 +543,12 @@ void combine_partials(const acc_t* part, int64_t BH, int64_t nsplit, int64_t row
       const acc_t* first = part + (bh * nsplit * rows + row) * stride_row;
       acc_t gm = neg_inf<acc_t>();
       for (int64_t sp = 0; sp < nsplit; ++sp) gm = std::max(gm, first[sp * rows * stride_row]);
-      scalar_t* o = out + idx * D;
+      std::fill(acc.begin(), acc.end(), acc_t(0));
       if (gm == neg_inf<acc_t>()) {
-        for (int64_t i = 0; i < D; ++i) o[i] = scalar_t(0);
+        store_rows(out.at(idx * D), acc.data(), Dp, 1, D, acc_t(0));
         lse[idx] = neg_inf<lse_t>();
         continue;
       }
-      std::fill(acc.begin(), acc.end(), acc_t(0));
       acc_t l = 0;
       for (int64_t sp = 0; sp < nsplit; ++sp) {
         const acc_t* p = first + sp * rows * stride_row;
@@ -367,27 +557,25 @@ void combine_partials(const acc_t* part, int64_t BH, int64_t nsplit, int64_t row
         l += w * p[1];
         axpy_row(acc.data(), p + 2, Dp, w);
       }
-      const acc_t inv = acc_t(1) / l;
-      for (int64_t i = 0; i < D; ++i) o[i] = static_cast<scalar_t>(acc[i] * inv);
+      store_rows(out.at(idx * D), acc.data(), Dp, 1, D, acc_t(1) / l);
       lse[idx] = static_cast<lse_t>(gm + std::log(l));
     }
   });
 }
 
 // Write final rows of an online-softmax state.
-template <typename scalar_t, typename acc_t, typename lse_t>
-void finalize_rows(const acc_t* m, const acc_t* l, const acc_t* acc, int64_t rows, int64_t D, int64_t Dp,
-                   scalar_t* out, lse_t* lse) {
+template <typename acc_t, typename lse_t>
+void finalize_rows(const acc_t* m, const acc_t* l, acc_t* acc, int64_t rows, int64_t D, int64_t Dp, OutPtr out,
+                   lse_t* lse) {
   for (int64_t r = 0; r < rows; ++r) {
-    if (m[r] == neg_inf<acc_t>()) {
-      for (int64_t i = 0; i < D; ++i) out[r * D + i] = scalar_t(0);
+    if (m[r] == neg_inf<acc_t>()) {  // no kept key: acc is 0, so o = 0
       lse[r] = neg_inf<lse_t>();
       continue;
     }
-    const acc_t inv = acc_t(1) / l[r];
-    for (int64_t i = 0; i < D; ++i) out[r * D + i] = static_cast<scalar_t>(acc[r * Dp + i] * inv);
+    scale_row(acc + r * Dp, Dp, acc_t(1) / l[r]);
     lse[r] = static_cast<lse_t>(m[r] + std::log(l[r]));
   }
+  store_rows(out, acc, Dp, rows, D, acc_t(1));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -397,37 +585,45 @@ struct BilateralShape {
   int64_t B, H, M, N, D;
 };
 
-// Spatial-side tensors of one (batch, head), packed once per work item.
-template <typename acc_t>
-struct SpatialPack {
-  std::vector<acc_t> q, k, kt, vt, v, d_o, lse, delta, bias;
-};
+// keep[j] for the C image tokens of a tile; false when the tile has no masked token.
+inline bool tile_keep(bool* keep, const MaskView& mask, int64_t bh, int64_t n0, int64_t C) {
+  if (mask.ptr == nullptr) return false;
+  bool any_masked = false;
+  for (int64_t j = 0; j < C; ++j) {
+    keep[j] = mask.keep(bh, n0 + j);
+    any_masked |= !keep[j];
+  }
+  return any_masked;
+}
 
-template <typename scalar_t, typename acc_t, typename lse_t>
+template <typename acc_t, typename lse_t>
 void bilateral_fwd_impl(const BilateralShape& sh, const at::Tensor& q_s, const at::Tensor& k_s,
                         const at::Tensor& v_s, const at::Tensor& q_x, const at::Tensor& k_x,
-                        const at::Tensor& v_x, double scale, const MaskView& mask, scalar_t* o_s, scalar_t* o_x,
+                        const at::Tensor& v_x, double scale, const MaskView& mask, OutPtr o_s, OutPtr o_x,
                         lse_t* lse_s, lse_t* lse_x) {
   const int64_t BH = sh.B * sh.H, M = sh.M, N = sh.N, D = sh.D;
   const int64_t Dp = round_up_vec<acc_t>(D), Mp = round_up_vec<acc_t>(M), Tp = round_up_vec<acc_t>(kTile);
   const int64_t nsplit = ceil_div(N, kSplitN);
   const acc_t sc = static_cast<acc_t>(scale);
-  const auto qs = view4<scalar_t>(q_s), ks = view4<scalar_t>(k_s), vs = view4<scalar_t>(v_s);
-  const auto qx = view4<scalar_t>(q_x), kx = view4<scalar_t>(k_x), vx = view4<scalar_t>(v_x);
+  const auto qs = view4(q_s), ks = view4(k_s), vs = view4(v_s);
+  const auto qx = view4(q_x), kx = view4(k_x), vx = view4(v_x);
+  // Direction-s partials per (bh, split): rows of (m, l, acc[Dp]).
   std::vector<acc_t> part(BH * nsplit * M * (Dp + 2));
 
   at::parallel_for(0, BH * nsplit, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> q_sp(M * Dp), kt_sp(D * Mp), v_sp(M * Dp), bias_sp(Mp);
-    std::vector<acc_t> q_t(kTile * Dp), kt_t(D * Tp), v_t(kTile * Dp), bias_t(Tp);
-    std::vector<acc_t> s_x(kTile * Tp), m_x(kTile), l_x(kTile), acc_x(kTile * Dp);
-    std::vector<acc_t> s_s(M * Tp), m_s(M), l_s(M), acc_s(M * Dp);
-    for (int64_t j = 0; j < Mp; ++j) bias_sp[j] = j < M ? acc_t(0) : neg_inf<acc_t>();
+    // spatial side of one (batch, head): q_s^T (scaled), k_s, v_s
+    std::vector<acc_t> qt_sp(D * Mp), k_sp(M * Dp), v_sp(M * Dp);
+    // one tile of image tokens: q_x^T (scaled), k_x, v_x rows
+    std::vector<acc_t> qt_t(D * Tp), k_t(kTile * Dp), v_t(kTile * Dp);
+    std::unique_ptr<bool[]> keep(new bool[kTile]);
+    std::vector<acc_t> s_x(M * Tp), o_t(kTile * Dp), inv_l(Tp), lse_t_(Tp);
+    std::vector<acc_t> s_s(kTile * Mp), shift(Mp), m_s(Mp), l_s(Mp), acc_s(M * Dp);
     int64_t packed_bh = -1;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bh = item / nsplit, sp = item % nsplit;
       if (bh != packed_bh) {
-        pack_rows(q_sp.data(), Dp, qs, bh, 0, M, D, sc);
-        pack_transposed(kt_sp.data(), Mp, Mp, ks, bh, 0, M, D);
+        pack_transposed(qt_sp.data(), Mp, Mp, qs, bh, 0, M, D, sc);
+        pack_rows(k_sp.data(), Dp, ks, bh, 0, M, D, acc_t(1));
         pack_rows(v_sp.data(), Dp, vs, bh, 0, M, D, acc_t(1));
         packed_bh = bh;
       }
@@ -437,23 +633,22 @@ void bilateral_fwd_impl(const BilateralShape& sh, const at::Tensor& q_s, const a
       const int64_t n_end = std::min(N, (sp + 1) * kSplitN);
       for (int64_t n0 = sp * kSplitN; n0 < n_end; n0 += kTile) {
         const int64_t C = std::min(kTile, n_end - n0), Cp = round_up_vec<acc_t>(C);
-        pack_rows(q_t.data(), Dp, qx, bh, n0, C, D, sc);
-        pack_transposed(kt_t.data(), Cp, Cp, kx, bh, n0, C, D);
+        pack_transposed(qt_t.data(), Cp, Cp, qx, bh, n0, C, D, sc);
+        pack_rows(k_t.data(), Dp, kx, bh, n0, C, D, acc_t(1));
         pack_rows(v_t.data(), Dp, vx, bh, n0, C, D, acc_t(1));
-        key_bias(bias_t.data(), mask, bh, n0, C, Cp);
-        // -- direction x: image queries over all M spatial keys, complete per tile --
-        std::fill(m_x.begin(), m_x.begin() + C, neg_inf<acc_t>());
-        std::fill(l_x.begin(), l_x.begin() + C, acc_t(0));
-        std::fill(acc_x.begin(), acc_x.begin() + C * Dp, acc_t(0));
-        for (int64_t j0 = 0; j0 < M; j0 += kTile) {
-          const int64_t L = std::min(kTile, M - j0), Lp = std::min(Tp, Mp - j0);
-          attend_tile(C, D, Dp, q_t.data(), kt_sp.data() + j0, Mp, v_sp.data() + j0 * Dp, Dp, bias_sp.data() + j0,
-                      L, Lp, s_x.data(), m_x.data(), l_x.data(), acc_x.data());
+        if (n0 + C < N) {  // the next tile (of this item or the next one) while this one computes
+          const int64_t next = std::min(kTile, N - n0 - C);
+          for (const View* v : {&qx, &kx, &vx}) prefetch_rows(*v, bh, n0 + C, next, D);
         }
-        finalize_rows(m_x.data(), l_x.data(), acc_x.data(), C, D, Dp, o_x + (bh * N + n0) * D, lse_x + bh * N + n0);
+        const bool masked = tile_keep(keep.get(), mask, bh, n0, C);
+        // -- direction x: image queries over all M spatial keys, complete per tile --
+        attend_full_cols(C, Cp, M, D, Dp, k_sp.data(), qt_t.data(), v_sp.data(), s_x.data(), o_t.data(),
+                         inv_l.data(), lse_t_.data());
+        store_rows_scaled(o_x.at((bh * N + n0) * D), o_t.data(), Dp, C, D, inv_l.data());
+        for (int64_t r = 0; r < C; ++r) lse_x[bh * N + n0 + r] = static_cast<lse_t>(lse_t_[r]);
         // -- direction s: spatial queries, online softmax over this tile of image keys --
-        attend_tile(M, D, Dp, q_sp.data(), kt_t.data(), Cp, v_t.data(), Dp, bias_t.data(), C, Cp, s_s.data(),
-                    m_s.data(), l_s.data(), acc_s.data());
+        attend_tile_cols(C, M, Mp, D, Dp, k_t.data(), qt_sp.data(), v_t.data(), masked ? keep.get() : nullptr,
+                         s_s.data(), shift.data(), m_s.data(), l_s.data(), acc_s.data());
       }
       acc_t* p = part.data() + (bh * nsplit + sp) * M * (Dp + 2);
       for (int64_t r = 0; r < M; ++r) {
@@ -466,46 +661,57 @@ void bilateral_fwd_impl(const BilateralShape& sh, const at::Tensor& q_s, const a
   combine_partials(part.data(), BH, nsplit, M, D, Dp, o_s, lse_s);
 }
 
-template <typename scalar_t, typename acc_t, typename lse_t>
+template <typename acc_t, typename lse_t>
 void bilateral_bwd_impl(const BilateralShape& sh, const at::Tensor& do_s, const at::Tensor& do_x,
                         const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& v_s, const at::Tensor& q_x,
                         const at::Tensor& k_x, const at::Tensor& v_x, const at::Tensor& o_s, const at::Tensor& o_x,
                         const at::Tensor& lse_s, const at::Tensor& lse_x, double scale, const MaskView& mask,
-                        scalar_t* dq_s, scalar_t* dk_s, scalar_t* dv_s, scalar_t* dq_x, scalar_t* dk_x,
-                        scalar_t* dv_x) {
+                        OutPtr dq_s, OutPtr dk_s, OutPtr dv_s, OutPtr dq_x, OutPtr dk_x, OutPtr dv_x) {
   const int64_t BH = sh.B * sh.H, M = sh.M, N = sh.N, D = sh.D;
   const int64_t Dp = round_up_vec<acc_t>(D), Mp = round_up_vec<acc_t>(M), Tp = round_up_vec<acc_t>(kTile);
   const int64_t nsplit = ceil_div(N, kSplitN);
   const acc_t sc = static_cast<acc_t>(scale);
-  const auto qs = view4<scalar_t>(q_s), ks = view4<scalar_t>(k_s), vs = view4<scalar_t>(v_s);
-  const auto qx = view4<scalar_t>(q_x), kx = view4<scalar_t>(k_x), vx = view4<scalar_t>(v_x);
-  const auto dos = view4<scalar_t>(do_s), dox = view4<scalar_t>(do_x);
-  const auto os = view4<scalar_t>(o_s), ox = view4<scalar_t>(o_x);
+  const auto qs = view4(q_s), ks = view4(k_s), vs = view4(v_s);
+  const auto qx = view4(q_x), kx = view4(k_x), vx = view4(v_x);
+  const auto dos = view4(do_s), dox = view4(do_x);
+  const auto os = view4(o_s), ox = view4(o_x);
   const auto ls = view3<lse_t>(lse_s), lx = view3<lse_t>(lse_x);
   // Per item: dq_s, dk_s, dv_s partials [M, Dp] each.
   std::vector<acc_t> part(BH * nsplit * 3 * M * Dp);
 
   at::parallel_for(0, BH * nsplit, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> q_sp(M * Dp), k_sp(M * Dp), kt_sp(D * Mp), vt_sp(D * Mp), do_sp(M * Dp), o_row(Dp);
-    std::vector<acc_t> lse_sp(M), delta_sp(M), bias_sp(Mp);
-    std::vector<acc_t> q_t(kTile * Dp), k_t(kTile * Dp), kt_t(D * Tp), vt_t(D * Tp), do_t(kTile * Dp);
-    std::vector<acc_t> lse_t_(kTile), delta_t(kTile), bias_t(Tp);
+    // spatial side of one (batch, head)
+    std::vector<acc_t> q_sp(M * Dp), qt_sp(D * Mp), k_sp(M * Dp), kt_sp(D * Mp), vt_sp(D * Mp), do_sp(M * Dp),
+        dot_sp(D * Mp), o_row(Dp), lse_safe_sp(Mp), delta_sp(Mp), bias_sp(Mp);
+    // one tile of image tokens
+    std::vector<acc_t> q_t(kTile * Dp), k_t(kTile * Dp), v_t(kTile * Dp), do_t(kTile * Dp), lse_t_(kTile),
+        delta_t(kTile);
+    std::unique_ptr<bool[]> keep(new bool[kTile]);
     std::vector<acc_t> p_x(kTile * Tp), ds_x(kTile * Tp), dq_t(kTile * Dp), dk_t(kTile * Dp), dv_t(kTile * Dp);
-    std::vector<acc_t> p_s(M * Tp), ds_s(M * Tp);
+    std::vector<acc_t> p_s(kTile * Mp), ds_s(kTile * Mp);
     for (int64_t j = 0; j < Mp; ++j) bias_sp[j] = j < M ? acc_t(0) : neg_inf<acc_t>();
     int64_t packed_bh = -1;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bh = item / nsplit, sp = item % nsplit;
       if (bh != packed_bh) {
         pack_rows(q_sp.data(), Dp, qs, bh, 0, M, D, sc);
+        pack_transposed(qt_sp.data(), Mp, Mp, qs, bh, 0, M, D, sc);
         pack_rows(k_sp.data(), Dp, ks, bh, 0, M, D, acc_t(1));
-        pack_transposed(kt_sp.data(), Mp, Mp, ks, bh, 0, M, D);
-        pack_transposed(vt_sp.data(), Mp, Mp, vs, bh, 0, M, D);
+        pack_transposed(kt_sp.data(), Mp, Mp, ks, bh, 0, M, D, acc_t(1));
+        pack_transposed(vt_sp.data(), Mp, Mp, vs, bh, 0, M, D, acc_t(1));
         pack_rows(do_sp.data(), Dp, dos, bh, 0, M, D, acc_t(1));
-        for (int64_t r = 0; r < M; ++r) {
+        pack_transposed(dot_sp.data(), Mp, Mp, dos, bh, 0, M, D, acc_t(1));
+        for (int64_t r = 0; r < Mp; ++r) {
+          if (r >= M) {
+            lse_safe_sp[r] = std::numeric_limits<acc_t>::infinity();
+            delta_sp[r] = acc_t(0);
+            continue;
+          }
           pack_rows(o_row.data(), Dp, os, bh, r, 1, D, acc_t(1));
           delta_sp[r] = dot_row(do_sp.data() + r * Dp, o_row.data(), Dp);
-          lse_sp[r] = static_cast<acc_t>(ls.at(bh, r));
+          const acc_t lse = static_cast<acc_t>(ls.at(bh, r));
+          // a row without kept keys has lse = -inf; +inf makes its p = exp(s - lse) exactly 0
+          lse_safe_sp[r] = lse == neg_inf<acc_t>() ? std::numeric_limits<acc_t>::infinity() : lse;
         }
         packed_bh = bh;
       }
@@ -515,19 +721,22 @@ void bilateral_bwd_impl(const BilateralShape& sh, const at::Tensor& do_s, const 
       std::fill(dq_sp, dq_sp + 3 * M * Dp, acc_t(0));
       const int64_t n_end = std::min(N, (sp + 1) * kSplitN);
       for (int64_t n0 = sp * kSplitN; n0 < n_end; n0 += kTile) {
-        const int64_t C = std::min(kTile, n_end - n0), Cp = round_up_vec<acc_t>(C);
+        const int64_t C = std::min(kTile, n_end - n0);
         pack_rows(q_t.data(), Dp, qx, bh, n0, C, D, sc);
         pack_rows(k_t.data(), Dp, kx, bh, n0, C, D, acc_t(1));
-        pack_transposed(kt_t.data(), Cp, Cp, kx, bh, n0, C, D);
-        pack_transposed(vt_t.data(), Cp, Cp, vx, bh, n0, C, D);
+        pack_rows(v_t.data(), Dp, vx, bh, n0, C, D, acc_t(1));
         pack_rows(do_t.data(), Dp, dox, bh, n0, C, D, acc_t(1));
+        if (n0 + C < N) {  // the next tile while this one computes
+          const int64_t next = std::min(kTile, N - n0 - C);
+          for (const View* v : {&qx, &kx, &vx, &dox, &ox}) prefetch_rows(*v, bh, n0 + C, next, D);
+        }
         for (int64_t r = 0; r < C; ++r) {
           pack_rows(o_row.data(), Dp, ox, bh, n0 + r, 1, D, acc_t(1));
           delta_t[r] = dot_row(do_t.data() + r * Dp, o_row.data(), Dp);
           lse_t_[r] = static_cast<acc_t>(lx.at(bh, n0 + r));
         }
-        key_bias(bias_t.data(), mask, bh, n0, C, Cp);
-        // -- direction x: dq_x row-local, dk_s / dv_s into this item's partials --
+        const bool masked = tile_keep(keep.get(), mask, bh, n0, C);
+        // -- direction x (row form): dq_x row-local, dk_s / dv_s into this item's partials --
         std::fill(dq_t.begin(), dq_t.begin() + C * Dp, acc_t(0));
         for (int64_t j0 = 0; j0 < M; j0 += kTile) {
           const int64_t L = std::min(kTile, M - j0), Lp = std::min(Tp, Mp - j0);
@@ -535,15 +744,13 @@ void bilateral_bwd_impl(const BilateralShape& sh, const at::Tensor& do_s, const 
                           Dp, kt_sp.data() + j0, Mp, vt_sp.data() + j0, Mp, bias_sp.data() + j0, L, Lp,
                           p_x.data(), ds_x.data(), dq_t.data(), dk_sp + j0 * Dp, dv_sp + j0 * Dp);
         }
-        store_rows(dq_x + (bh * N + n0) * D, dq_t.data(), Dp, C, D, sc);
-        // -- direction s: dk_x / dv_x row-local, dq_s into this item's partial --
-        std::fill(dk_t.begin(), dk_t.begin() + C * Dp, acc_t(0));
-        std::fill(dv_t.begin(), dv_t.begin() + C * Dp, acc_t(0));
-        attend_tile_bwd(M, D, Dp, q_sp.data(), do_sp.data(), lse_sp.data(), delta_sp.data(), k_t.data(), Dp,
-                        kt_t.data(), Cp, vt_t.data(), Cp, bias_t.data(), C, Cp, p_s.data(), ds_s.data(), dq_sp,
-                        dk_t.data(), dv_t.data());
-        store_rows(dk_x + (bh * N + n0) * D, dk_t.data(), Dp, C, D, acc_t(1));
-        store_rows(dv_x + (bh * N + n0) * D, dv_t.data(), Dp, C, D, acc_t(1));
+        store_rows(dq_x.at((bh * N + n0) * D), dq_t.data(), Dp, C, D, sc);
+        // -- direction s (column form): dk_x / dv_x row-local, dq_s into this item's partial --
+        attend_tile_cols_bwd(C, M, Mp, D, Dp, k_t.data(), v_t.data(), qt_sp.data(), q_sp.data(), dot_sp.data(),
+                             do_sp.data(), lse_safe_sp.data(), delta_sp.data(), masked ? keep.get() : nullptr,
+                             p_s.data(), ds_s.data(), dq_sp, dk_t.data(), dv_t.data());
+        store_rows(dk_x.at((bh * N + n0) * D), dk_t.data(), Dp, C, D, acc_t(1));
+        store_rows(dv_x.at((bh * N + n0) * D), dv_t.data(), Dp, C, D, acc_t(1));
       }
     }
   });
@@ -552,13 +759,11 @@ void bilateral_bwd_impl(const BilateralShape& sh, const at::Tensor& do_s, const 
     std::vector<acc_t> sum(3 * M * Dp);
     for (int64_t bh = begin; bh < end; ++bh) {
       std::fill(sum.begin(), sum.end(), acc_t(0));
-      for (int64_t sp = 0; sp < nsplit; ++sp) {
-        const acc_t* p = part.data() + (bh * nsplit + sp) * 3 * M * Dp;
-        for (int64_t i = 0; i < 3 * M * Dp; ++i) sum[i] += p[i];
-      }
-      store_rows(dq_s + bh * M * D, sum.data(), Dp, M, D, sc);
-      store_rows(dk_s + bh * M * D, sum.data() + M * Dp, Dp, M, D, acc_t(1));
-      store_rows(dv_s + bh * M * D, sum.data() + 2 * M * Dp, Dp, M, D, acc_t(1));
+      for (int64_t sp = 0; sp < nsplit; ++sp)
+        axpy_row(sum.data(), part.data() + (bh * nsplit + sp) * 3 * M * Dp, 3 * M * Dp, acc_t(1));
+      store_rows(dq_s.at(bh * M * D), sum.data(), Dp, M, D, sc);
+      store_rows(dk_s.at(bh * M * D), sum.data() + M * Dp, Dp, M, D, acc_t(1));
+      store_rows(dv_s.at(bh * M * D), sum.data() + 2 * M * Dp, Dp, M, D, acc_t(1));
     }
   });
 }
@@ -590,13 +795,13 @@ inline CrossPlan plan_cross(int64_t BH, int64_t Lq, int64_t Lk) {
   return {q_blocks * kQueryBlock, ceil_div(nqb, q_blocks), k_tiles * kTile, ceil_div(nkt, k_tiles)};
 }
 
-template <typename scalar_t, typename acc_t, typename lse_t>
+template <typename acc_t, typename lse_t>
 void cross_fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
-                    const MaskView& mask, scalar_t* out, lse_t* lse) {
+                    const MaskView& mask, OutPtr out, lse_t* lse) {
   const int64_t BH = q.size(0) * q.size(1), Lq = q.size(2), Lk = k.size(2), D = q.size(3);
   const int64_t Dp = round_up_vec<acc_t>(D), Tp = round_up_vec<acc_t>(kTile);
   const acc_t sc = static_cast<acc_t>(scale);
-  const auto qv = view4<scalar_t>(q), kv = view4<scalar_t>(k), vv = view4<scalar_t>(v);
+  const auto qv = view4(q), kv = view4(k), vv = view4(v);
   const CrossPlan plan = plan_cross(BH, Lq, Lk);
   std::vector<acc_t> part(plan.nks > 1 ? BH * plan.nks * Lq * (Dp + 2) : 0);
 
@@ -615,14 +820,14 @@ void cross_fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         std::fill(acc.begin(), acc.end(), acc_t(0));
         for (int64_t k0 = ks * plan.k_len; k0 < k_end; k0 += kTile) {
           const int64_t L = std::min(kTile, k_end - k0), Lp = round_up_vec<acc_t>(L);
-          pack_transposed(kt_t.data(), Lp, Lp, kv, bh, k0, L, D);
+          pack_transposed(kt_t.data(), Lp, Lp, kv, bh, k0, L, D, acc_t(1));
           pack_rows(v_t.data(), Dp, vv, bh, k0, L, D, acc_t(1));
           key_bias(bias_t.data(), mask, bh, k0, L, Lp);
           attend_tile(R, D, Dp, q_b.data(), kt_t.data(), Lp, v_t.data(), Dp, bias_t.data(), L, Lp, s.data(), m.data(),
                       l.data(), acc.data());
         }
         if (plan.nks == 1) {
-          finalize_rows(m.data(), l.data(), acc.data(), R, D, Dp, out + (bh * Lq + q0) * D, lse + bh * Lq + q0);
+          finalize_rows(m.data(), l.data(), acc.data(), R, D, Dp, out.at((bh * Lq + q0) * D), lse + bh * Lq + q0);
         } else {
           acc_t* p = part.data() + ((bh * plan.nks + ks) * Lq + q0) * (Dp + 2);
           for (int64_t r = 0; r < R; ++r) {
@@ -637,15 +842,15 @@ void cross_fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   if (plan.nks > 1) combine_partials(part.data(), BH, plan.nks, Lq, D, Dp, out, lse);
 }
 
-template <typename scalar_t, typename acc_t, typename lse_t>
+template <typename acc_t, typename lse_t>
 void cross_bwd_impl(const at::Tensor& d_o, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     const at::Tensor& o, const at::Tensor& lse_in, double scale, const MaskView& mask,
-                    scalar_t* dq, scalar_t* dk, scalar_t* dv) {
+                    OutPtr dq, OutPtr dk, OutPtr dv) {
   const int64_t BH = q.size(0) * q.size(1), Lq = q.size(2), Lk = k.size(2), D = q.size(3);
   const int64_t Dp = round_up_vec<acc_t>(D), Tp = round_up_vec<acc_t>(kTile);
   const acc_t sc = static_cast<acc_t>(scale);
-  const auto qv = view4<scalar_t>(q), kv = view4<scalar_t>(k), vv = view4<scalar_t>(v);
-  const auto dov = view4<scalar_t>(d_o), ov = view4<scalar_t>(o);
+  const auto qv = view4(q), kv = view4(k), vv = view4(v);
+  const auto dov = view4(d_o), ov = view4(o);
   const auto lv = view3<lse_t>(lse_in);
   const CrossPlan plan = plan_cross(BH, Lq, Lk);
   // dq partials per key split [nks, BH, Lq, Dp]; dk/dv partials per query split [nqs, BH, Lk, 2, Dp].
@@ -678,22 +883,22 @@ void cross_bwd_impl(const at::Tensor& d_o, const at::Tensor& q, const at::Tensor
         for (int64_t k0 = k_begin; k0 < k_end; k0 += kTile) {
           const int64_t L = std::min(kTile, k_end - k0), Lp = round_up_vec<acc_t>(L);
           pack_rows(k_t.data(), Dp, kv, bh, k0, L, D, acc_t(1));
-          pack_transposed(kt_t.data(), Lp, Lp, kv, bh, k0, L, D);
-          pack_transposed(vt_t.data(), Lp, Lp, vv, bh, k0, L, D);
+          pack_transposed(kt_t.data(), Lp, Lp, kv, bh, k0, L, D, acc_t(1));
+          pack_transposed(vt_t.data(), Lp, Lp, vv, bh, k0, L, D, acc_t(1));
           key_bias(bias_t.data(), mask, bh, k0, L, Lp);
           attend_tile_bwd(R, D, Dp, q_b.data(), do_b.data(), lse_b.data(), delta_b.data(), k_t.data(), Dp,
                           kt_t.data(), Lp, vt_t.data(), Lp, bias_t.data(), L, Lp, p.data(), ds.data(), dq_b.data(),
                           dk_loc.data() + (k0 - k_begin) * Dp, dv_loc.data() + (k0 - k_begin) * Dp);
         }
         if (plan.nks == 1)
-          store_rows(dq + (bh * Lq + q0) * D, dq_b.data(), Dp, R, D, sc);
+          store_rows(dq.at((bh * Lq + q0) * D), dq_b.data(), Dp, R, D, sc);
         else
           std::copy(dq_b.begin(), dq_b.begin() + R * Dp, dq_part.begin() + ((ks * BH + bh) * Lq + q0) * Dp);
       }
       const int64_t nk = k_end - k_begin;
       if (plan.nqs == 1) {
-        store_rows(dk + (bh * Lk + k_begin) * D, dk_loc.data(), Dp, nk, D, acc_t(1));
-        store_rows(dv + (bh * Lk + k_begin) * D, dv_loc.data(), Dp, nk, D, acc_t(1));
+        store_rows(dk.at((bh * Lk + k_begin) * D), dk_loc.data(), Dp, nk, D, acc_t(1));
+        store_rows(dv.at((bh * Lk + k_begin) * D), dv_loc.data(), Dp, nk, D, acc_t(1));
       } else {
         acc_t* dst = dkv_part.data() + ((qs * BH + bh) * Lk + k_begin) * 2 * Dp;
         for (int64_t r = 0; r < nk; ++r) {
@@ -710,7 +915,7 @@ void cross_bwd_impl(const at::Tensor& d_o, const at::Tensor& q, const at::Tensor
       for (int64_t row = begin; row < end; ++row) {
         std::fill(sum.begin(), sum.end(), acc_t(0));
         for (int64_t ks = 0; ks < plan.nks; ++ks) axpy_row(sum.data(), dq_part.data() + (ks * BH * Lq + row) * Dp, Dp, acc_t(1));
-        store_rows(dq + row * D, sum.data(), Dp, 1, D, sc);
+        store_rows(dq.at(row * D), sum.data(), Dp, 1, D, sc);
       }
     });
   }
@@ -721,8 +926,8 @@ void cross_bwd_impl(const at::Tensor& d_o, const at::Tensor& q, const at::Tensor
         std::fill(sum.begin(), sum.end(), acc_t(0));
         for (int64_t qs = 0; qs < plan.nqs; ++qs)
           axpy_row(sum.data(), dkv_part.data() + (qs * BH * Lk + row) * 2 * Dp, 2 * Dp, acc_t(1));
-        store_rows(dk + row * D, sum.data(), Dp, 1, D, acc_t(1));
-        store_rows(dv + row * D, sum.data() + Dp, Dp, 1, D, acc_t(1));
+        store_rows(dk.at(row * D), sum.data(), Dp, 1, D, acc_t(1));
+        store_rows(dv.at(row * D), sum.data() + Dp, Dp, 1, D, acc_t(1));
       }
     });
   }
@@ -787,9 +992,6 @@ BilateralShape check_bilateral(const at::Tensor& q_s, const at::Tensor& k_s, con
   return sh;
 }
 
-template <typename scalar_t>
-using acc_type_for = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bilateral_fwd(
     const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& v_s, const at::Tensor& q_x,
     const at::Tensor& k_x, const at::Tensor& v_x, double scale, const c10::optional<at::Tensor>& image_mask) {
@@ -800,39 +1002,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bilateral_fwd(
   auto o_x = at::empty({sh.B, sh.H, sh.N, sh.D}, q_s.options());
   auto lse_s = at::empty({sh.B, sh.H, sh.M}, q_s.options().dtype(at::kFloat));
   auto lse_x = at::empty({sh.B, sh.H, sh.N}, q_s.options().dtype(at::kFloat));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q_s.scalar_type(), "bilateral_fwd", [&] {
-    bilateral_fwd_impl<scalar_t, acc_type_for<scalar_t>, float>(sh, q_s, k_s, v_s, q_x, k_x, v_x, scale, mask,
-                                                                o_s.data_ptr<scalar_t>(), o_x.data_ptr<scalar_t>(),
-                                                                lse_s.data_ptr<float>(), lse_x.data_ptr<float>());
-  });
+  if (q_s.scalar_type() == at::kDouble)
+    bilateral_fwd_impl<double, float>(sh, q_s, k_s, v_s, q_x, k_x, v_x, scale, mask, out_ptr(o_s), out_ptr(o_x),
+                                      lse_s.data_ptr<float>(), lse_x.data_ptr<float>());
+  else
+    bilateral_fwd_impl<float, float>(sh, q_s, k_s, v_s, q_x, k_x, v_x, scale, mask, out_ptr(o_s), out_ptr(o_x),
+                                     lse_s.data_ptr<float>(), lse_x.data_ptr<float>());
   return {o_s, o_x, lse_s, lse_x};
-}
-
-template <typename scalar_t>
-void bilateral_bwd_dispatch(const BilateralShape& sh, const at::Tensor& do_s, const at::Tensor& do_x,
-                            const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& v_s,
-                            const at::Tensor& q_x, const at::Tensor& k_x, const at::Tensor& v_x,
-                            const at::Tensor& o_s, const at::Tensor& o_x, const at::Tensor& lse_s,
-                            const at::Tensor& lse_x, double scale, const MaskView& mask,
-                            std::vector<at::Tensor>& grads) {
-  using acc_t = acc_type_for<scalar_t>;
-  scalar_t* g[6];
-  for (int i = 0; i < 6; ++i) g[i] = grads[i].data_ptr<scalar_t>();
-  if constexpr (std::is_same_v<acc_t, double>) {
-    // float64: the float32 LSEs of the backend contract would cap the gradients' precision,
-    // so recompute them in float64 (one extra forward; float64 is for checking, not speed).
-    const auto opts = q_s.options().memory_format(at::MemoryFormat::Contiguous);
-    auto o_s64 = at::empty({sh.B, sh.H, sh.M, sh.D}, opts), o_x64 = at::empty({sh.B, sh.H, sh.N, sh.D}, opts);
-    auto ls64 = at::empty({sh.B, sh.H, sh.M}, opts), lx64 = at::empty({sh.B, sh.H, sh.N}, opts);
-    bilateral_fwd_impl<scalar_t, acc_t, double>(sh, q_s, k_s, v_s, q_x, k_x, v_x, scale, mask,
-                                                o_s64.data_ptr<scalar_t>(), o_x64.data_ptr<scalar_t>(),
-                                                ls64.data_ptr<double>(), lx64.data_ptr<double>());
-    bilateral_bwd_impl<scalar_t, acc_t, double>(sh, do_s, do_x, q_s, k_s, v_s, q_x, k_x, v_x, o_s, o_x, ls64, lx64,
-                                                scale, mask, g[0], g[1], g[2], g[3], g[4], g[5]);
-  } else {
-    bilateral_bwd_impl<scalar_t, acc_t, float>(sh, do_s, do_x, q_s, k_s, v_s, q_x, k_x, v_x, o_s, o_x, lse_s, lse_x,
-                                               scale, mask, g[0], g[1], g[2], g[3], g[4], g[5]);
-  }
 }
 
 std::vector<at::Tensor> bilateral_bwd(const at::Tensor& do_s, const at::Tensor& do_x, const at::Tensor& q_s,
@@ -856,10 +1032,22 @@ std::vector<at::Tensor> bilateral_bwd(const at::Tensor& do_s, const at::Tensor& 
   std::vector<at::Tensor> grads;
   for (const at::Tensor* t : {&q_s, &k_s, &v_s, &q_x, &k_x, &v_x})
     grads.push_back(at::empty(t->sizes(), t->options().memory_format(at::MemoryFormat::Contiguous)));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q_s.scalar_type(), "bilateral_bwd", [&] {
-    bilateral_bwd_dispatch<scalar_t>(sh, do_s, do_x, q_s, k_s, v_s, q_x, k_x, v_x, o_s, o_x, lse_s, lse_x, scale,
-                                     mask, grads);
-  });
+  OutPtr g[6];
+  for (int i = 0; i < 6; ++i) g[i] = out_ptr(grads[i]);
+  if (q_s.scalar_type() == at::kDouble) {
+    // float64: the float32 LSEs of the backend contract would cap the gradients' precision,
+    // so recompute them in float64 (one extra forward; float64 is for checking, not speed).
+    const auto opts = q_s.options().memory_format(at::MemoryFormat::Contiguous);
+    auto o_s64 = at::empty({sh.B, sh.H, sh.M, sh.D}, opts), o_x64 = at::empty({sh.B, sh.H, sh.N, sh.D}, opts);
+    auto ls64 = at::empty({sh.B, sh.H, sh.M}, opts), lx64 = at::empty({sh.B, sh.H, sh.N}, opts);
+    bilateral_fwd_impl<double, double>(sh, q_s, k_s, v_s, q_x, k_x, v_x, scale, mask, out_ptr(o_s64),
+                                       out_ptr(o_x64), ls64.data_ptr<double>(), lx64.data_ptr<double>());
+    bilateral_bwd_impl<double, double>(sh, do_s, do_x, q_s, k_s, v_s, q_x, k_x, v_x, o_s, o_x, ls64, lx64, scale,
+                                       mask, g[0], g[1], g[2], g[3], g[4], g[5]);
+  } else {
+    bilateral_bwd_impl<float, float>(sh, do_s, do_x, q_s, k_s, v_s, q_x, k_x, v_x, o_s, o_x, lse_s, lse_x, scale,
+                                     mask, g[0], g[1], g[2], g[3], g[4], g[5]);
+  }
   return grads;
 }
 
@@ -880,29 +1068,11 @@ std::tuple<at::Tensor, at::Tensor> cross_fwd(const at::Tensor& q, const at::Tens
   const MaskView mask = check_mask(key_mask, "key_mask", k.size(0), k.size(2), k.size(1));
   auto o = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "cross_fwd", [&] {
-    cross_fwd_impl<scalar_t, acc_type_for<scalar_t>, float>(q, k, v, scale, mask, o.data_ptr<scalar_t>(),
-                                                            lse.data_ptr<float>());
-  });
+  if (q.scalar_type() == at::kDouble)
+    cross_fwd_impl<double, float>(q, k, v, scale, mask, out_ptr(o), lse.data_ptr<float>());
+  else
+    cross_fwd_impl<float, float>(q, k, v, scale, mask, out_ptr(o), lse.data_ptr<float>());
   return {o, lse};
-}
-
-template <typename scalar_t>
-void cross_bwd_dispatch(const at::Tensor& d_o, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                        const at::Tensor& o, const at::Tensor& lse, double scale, const MaskView& mask,
-                        std::vector<at::Tensor>& grads) {
-  using acc_t = acc_type_for<scalar_t>;
-  scalar_t *dq = grads[0].data_ptr<scalar_t>(), *dk = grads[1].data_ptr<scalar_t>(), *dv = grads[2].data_ptr<scalar_t>();
-  if constexpr (std::is_same_v<acc_t, double>) {
-    // float64: recompute the LSE in float64 (see bilateral_bwd_dispatch).
-    const auto opts = q.options().memory_format(at::MemoryFormat::Contiguous);
-    auto o64 = at::empty(q.sizes(), opts);
-    auto lse64 = at::empty({q.size(0), q.size(1), q.size(2)}, opts);
-    cross_fwd_impl<scalar_t, acc_t, double>(q, k, v, scale, mask, o64.data_ptr<scalar_t>(), lse64.data_ptr<double>());
-    cross_bwd_impl<scalar_t, acc_t, double>(d_o, q, k, v, o, lse64, scale, mask, dq, dk, dv);
-  } else {
-    cross_bwd_impl<scalar_t, acc_t, float>(d_o, q, k, v, o, lse, scale, mask, dq, dk, dv);
-  }
 }
 
 std::vector<at::Tensor> cross_bwd(const at::Tensor& d_o, const at::Tensor& q, const at::Tensor& k,
@@ -916,13 +1086,21 @@ std::vector<at::Tensor> cross_bwd(const at::Tensor& d_o, const at::Tensor& q, co
   check_shape(o, "o", q.sizes());
   check_lse(lse, "lse", {q.size(0), q.size(1), q.size(2)});
   const MaskView mask = check_mask(key_mask, "key_mask", k.size(0), k.size(2), k.size(1));
-  auto contiguous = at::MemoryFormat::Contiguous;
+  const auto contiguous = at::MemoryFormat::Contiguous;
   std::vector<at::Tensor> grads{at::empty(q.sizes(), q.options().memory_format(contiguous)),
                                 at::empty(k.sizes(), k.options().memory_format(contiguous)),
                                 at::empty(v.sizes(), v.options().memory_format(contiguous))};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "cross_bwd", [&] {
-    cross_bwd_dispatch<scalar_t>(d_o, q, k, v, o, lse, scale, mask, grads);
-  });
+  if (q.scalar_type() == at::kDouble) {
+    // float64: recompute the LSE in float64 (see bilateral_bwd).
+    auto o64 = at::empty(q.sizes(), q.options().memory_format(contiguous));
+    auto lse64 = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+    cross_fwd_impl<double, double>(q, k, v, scale, mask, out_ptr(o64), lse64.data_ptr<double>());
+    cross_bwd_impl<double, double>(d_o, q, k, v, o, lse64, scale, mask, out_ptr(grads[0]), out_ptr(grads[1]),
+                                   out_ptr(grads[2]));
+  } else {
+    cross_bwd_impl<float, float>(d_o, q, k, v, o, lse, scale, mask, out_ptr(grads[0]), out_ptr(grads[1]),
+                                 out_ptr(grads[2]));
+  }
   return grads;
 }
 
@@ -939,10 +1117,22 @@ std::string vector_isa() {
 
 }  // namespace sfk
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("bilateral_fwd", &sfk::bilateral_fwd, "bilateral attention forward (CPU)");
-  m.def("bilateral_bwd", &sfk::bilateral_bwd, "bilateral attention backward (CPU)");
-  m.def("cross_fwd", &sfk::cross_fwd, "cross attention forward (CPU)");
-  m.def("cross_bwd", &sfk::cross_bwd, "cross attention backward (CPU)");
-  m.def("vector_isa", &sfk::vector_isa, "vector ISA of this build");
+// Registered in a namespace of their own; the public ops (torch.ops.spatialformer.*) call
+// these from spatialformer_kernels/ops/cpu_backend.py.
+TORCH_LIBRARY(spatialformer_cpu, m) {
+  m.def(
+      "bilateral_fwd(Tensor q_s, Tensor k_s, Tensor v_s, Tensor q_x, Tensor k_x, Tensor v_x, float scale, "
+      "Tensor? image_mask) -> (Tensor, Tensor, Tensor, Tensor)",
+      &sfk::bilateral_fwd);
+  m.def(
+      "bilateral_bwd(Tensor do_s, Tensor do_x, Tensor q_s, Tensor k_s, Tensor v_s, Tensor q_x, Tensor k_x, "
+      "Tensor v_x, Tensor o_s, Tensor o_x, Tensor lse_s, Tensor lse_x, float scale, Tensor? image_mask) -> Tensor[]",
+      &sfk::bilateral_bwd);
+  m.def("cross_fwd(Tensor q, Tensor k, Tensor v, float scale, Tensor? key_mask) -> (Tensor, Tensor)",
+        &sfk::cross_fwd);
+  m.def(
+      "cross_bwd(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, float scale, Tensor? key_mask) "
+      "-> Tensor[]",
+      &sfk::cross_bwd);
+  m.def("vector_isa() -> str", &sfk::vector_isa);
 }

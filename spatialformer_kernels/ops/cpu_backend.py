@@ -35,7 +35,6 @@ import sys
 import threading
 import warnings
 from pathlib import Path
-from types import ModuleType
 
 import torch
 
@@ -47,7 +46,7 @@ _BASE_FLAGS = ["-O3", "-fopenmp"]
 _ISA_FLAGS = (["-march=native"], [])
 
 _lock = threading.Lock()
-_extension: ModuleType | None = None
+_extension = None  # torch.ops.spatialformer_cpu once loaded
 _failure: str | None = None
 
 
@@ -94,7 +93,8 @@ def _build_directory(sources: list[Path], flags: list[str]) -> Path:
     return _cache_root() / name
 
 
-def _build() -> ModuleType:
+def _build():
+    """Compile (or reuse the cached build of) csrc/ and load it; return torch.ops.spatialformer_cpu."""
     from torch.utils.cpp_extension import load
 
     sources = _source_paths()
@@ -107,20 +107,23 @@ def _build() -> ModuleType:
             # torch's own compiler checks warn; the one warning the user sees is ours.
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return load(
+                # is_python_module=False: the ops register with TORCH_LIBRARY (no pybind11).
+                load(
                     name="spatialformer_bca_cpu",
                     sources=[str(p) for p in sources],
                     extra_cflags=flags,
                     extra_ldflags=["-fopenmp"],
                     build_directory=str(directory),
+                    is_python_module=False,
                     verbose=False,
                 )
+            return torch.ops.spatialformer_cpu
         except Exception as error:  # compiler missing, flag unsupported, ...
             errors.append(f"[{' '.join(flags)}] {type(error).__name__}: {str(error).strip()[-600:]}")
     raise RuntimeError("\n".join(errors))
 
 
-def _ext() -> ModuleType:
+def _ext():
     if not is_available():
         raise RuntimeError(f"the C++ CPU kernel is not available: {_failure}")
     return _extension
