@@ -26,7 +26,7 @@ def pytest_addoption(parser):
     )  # fmt: skip
     group.addoption("--bench-dtypes", default=None, help="comma list of fp32,fp16,bf16 (default: bf16 on CUDA, fp32 on CPU)")
     group.addoption("--bench-models", default=None, help="comma list of tiny,small,base (default: all on CUDA, tiny on CPU)")
-    group.addoption("--bench-budget", type=float, default=0.3, help="timed seconds per kernel row (default 0.3)")
+    group.addoption("--bench-budget", type=float, default=0.25, help="timed seconds per kernel row (default 0.25)")
     group.addoption("--bench-peak-gbps", type=float, default=None, help="peak bandwidth for %% of roofline (overrides the table)")
 
 
@@ -69,7 +69,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "hardware_slug": bench.hardware_slug(env),
         "shape_scaling": bench.scaling_note(bench.shapes_for(bench_device())),
     })  # fmt: skip
-    for key in ("sm_count", "capability", "cpu_threads", "cpu_count"):
+    for key in ("sm_count", "capability", "cpu_threads", "cpu_count", "load_average_1min"):
         if key in env:
             machine_info[key] = env[key]
 

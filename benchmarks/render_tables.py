@@ -163,6 +163,8 @@ def render(results: list[dict]) -> str:
         parts.append(
             f"Roofline: {roofline:g} GB/s ({m.get('roofline_source')})." if roofline else f"Roofline: {m.get('roofline_source', 'unknown')}."
         )
+        if m.get("load_average_1min") is not None:
+            parts.append(f"Load average when the run started: {m['load_average_1min']:g} on {m.get('cpu_count')} cores (a shared machine slows every row).")
         if result["notes"].get("timing"):
             parts.append(f"Timing: {result['notes']['timing']}; median per row, each row parity-checked first.")
         parts.append("")

@@ -233,6 +233,8 @@ def environment(device: torch.device, peak_gbps: Optional[float] = None) -> dict
     else:
         env["cpu_threads"] = torch.get_num_threads()
         env["cpu_count"] = os.cpu_count()
+        if hasattr(os, "getloadavg"):  # other processes on a shared CPU skew every timing
+            env["load_average_1min"] = round(os.getloadavg()[0], 2)
     return env
 
 
@@ -330,6 +332,14 @@ def _compiled_reference() -> AttentionFn:
     return torch.compile(bilateral_attention_reference)
 
 
+def _no_donated_buffers() -> contextlib.AbstractContextManager:
+    # A compiled backward that donates its buffers cannot run twice on one graph; the
+    # backward-only pass replays one graph (retain_graph=True), so compile without donation.
+    import torch._functorch.config
+
+    return torch._functorch.config.patch(donated_buffer=False)
+
+
 def _flex() -> AttentionFn:
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -403,7 +413,7 @@ def providers_for(device: torch.device, *, timing: bool = True) -> list[Provider
             out.append(Provider(f"sdpa-{label}", "baseline", "sdpa", lambda: _sdpa, context=_sdpa_context(backend)))
     else:
         out.append(Provider("sdpa", "baseline", "sdpa", lambda: _sdpa))
-    out.append(Provider("compile-reference", "baseline", "compile", _compiled_reference))
+    out.append(Provider("compile-reference", "baseline", "compile", _compiled_reference, context=_no_donated_buffers))
     flex = Provider("flex", "baseline", "flex", _flex)
     if device.type == "cpu":
         flex.forward_only = True  # FlexAttention has no CPU backward
@@ -553,10 +563,11 @@ def measure(
 
     CUDA: `warmup` synchronised calls (compilation, autotuning), then triton's do_bench
     (CUDA events, L2 cache cleared before each call; its own warm-up of 25 ms, then
-    `budget_s` of timed calls). CPU: `warmup` calls, then perf_counter per call until
-    `budget_s` has passed (at least `min_repeats`, at most `max_repeats` calls).
+    `budget_s` of timed calls). CPU: one warm-up call (a row's parity check has already run
+    the provider once), then perf_counter per call until `budget_s` has passed (at least
+    `min_repeats`, at most `max_repeats` calls).
     """
-    for _ in range(warmup):
+    for _ in range(warmup if device.type == "cuda" else min(warmup, 1)):
         fn()
     _synchronize(device)
     if device.type == "cuda":
@@ -666,7 +677,7 @@ class BenchSession:
         device: torch.device,
         providers: Sequence[Provider],
         *,
-        budget_s: float = 0.3,
+        budget_s: float = 0.25,
         peak_gbps: Optional[float] = None,
         measure_memory: bool = True,
     ):
@@ -961,7 +972,7 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--providers", nargs="+", help="provider names (default: all that run here)")
     parser.add_argument("--scale", type=int, help=f"divide B and N by this (default {CPU_SCALE} on CPU, 1 on CUDA)")
-    parser.add_argument("--budget", type=float, help="timed seconds per row (default 0.3, --quick 0.05)")
+    parser.add_argument("--budget", type=float, help="timed seconds per row (default 0.25, --quick 0.05)")
     parser.add_argument("--peak-gbps", type=float, help="peak memory bandwidth for %% of roofline (overrides the table)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-progress", action="store_true")
@@ -976,7 +987,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         scale = args.scale or (4 * default_scale(device) if device.type == "cpu" else 1)
         budget = args.budget or 0.05
     else:
-        shape_names, scale, budget = args.shapes, args.scale, args.budget or 0.3
+        shape_names, scale, budget = args.shapes, args.scale, args.budget or 0.25
     shapes = shapes_for(device, shape_names, scale)
     passes = args.passes or list(PASSES)
     dtype_names = args.dtypes or (["bf16"] if device.type == "cuda" else ["fp32"])
@@ -997,6 +1008,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"shapes: {note}")
     if device.type == "cpu":
         print(f"roofline: {env['roofline']['source']}")
+        print(f"load average: {env.get('load_average_1min')} on {env['cpu_count']} cores (other processes slow every row)")
 
     jobs = [(s, DTYPES[d], p, prov.name) for s in shapes for d in dtype_names for p in passes for prov in providers]
     try:
