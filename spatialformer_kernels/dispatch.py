@@ -66,6 +66,8 @@ def available_backends() -> list[str]:
     return ["reference"] + [name for name in _KERNEL_MODULES if _load(name) is not None]
 
 
+# Constant under torch.compile: it depends only on Python values and on what this machine can run.
+@torch.compiler.assume_constant_result
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """Turn a backend name into the concrete backend for these inputs, or raise."""
     if backend not in BACKENDS:

@@ -5,6 +5,7 @@ import torch
 
 import spatialformer  # noqa: F401  (registers the models)
 from spatialformer import SpatialFormer
+from spatialformer_kernels import available_backends
 
 TABLE = {  # DESIGN.md section 3: channels, heads, blocks per stage
     "spatialformer_tiny": ((64, 128, 256, 320), (2, 4, 8, 10), (2, 2, 6, 2)),
@@ -106,9 +107,15 @@ def test_reset_classifier_and_prune():
     assert isinstance(model.head, torch.nn.Identity)
 
 
-def test_torch_compile_fullgraph_has_no_graph_break():
-    model = _tiny_config().eval()
-    images = torch.randn(1, 3, 64, 64)
+COMPILE_CASES = [(b, "parallel") for b in available_backends()] + [(available_backends()[-1], "sequential")]
+
+
+@pytest.mark.parametrize("backend,bca_mode", COMPILE_CASES)
+def test_torch_compile_fullgraph_has_no_graph_break(backend, bca_mode):
+    torch._dynamo.reset()
+    model = _tiny_config(backend=backend, bca_mode=bca_mode)
+    images = torch.randn(2, 3, 64, 64)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(images), model(images), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(compiled(images), model(images), rtol=1e-4, atol=1e-4)
+    compiled(images).sum().backward()  # the backward graph traces through the registered autograd
+    assert all(p.grad is not None for p in model.parameters())
