@@ -216,15 +216,25 @@ void store_rows(OutPtr out, const acc_t* src, int64_t ld, int64_t rows, int64_t 
 // cols is a multiple of the vector width; A is read by broadcast, so any strides (a
 // transposed A included) cost nothing; B and C rows are dense.
 // ---------------------------------------------------------------------------------------
+// K >= 1. The first k step initialises the accumulators, so they live in registers from start
+// to end (a separate zero/load-then-loop shape made GCC keep them on the stack around the
+// loop, which cost about a fifth of the throughput at K = 32).
 template <typename T, int R, int NV, bool ACC>
-inline void gemm_block(int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* B, int64_t ldb, T* C,
-                       int64_t ldc) {
+__attribute__((always_inline)) inline void gemm_block(int64_t K, const T* A, int64_t a_rs, int64_t a_ks,
+                                                      const T* B, int64_t ldb, T* C, int64_t ldc) {
   using Vec = Vectorized<T>;
   constexpr int W = Vec::size();
   Vec acc[R][NV];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = ACC ? Vec::loadu(C + r * ldc + v * W) : Vec(T(0));
-  for (int64_t k = 0; k < K; ++k) {
+  {
+    Vec b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = Vec::loadu(B + v * W);
+    for (int r = 0; r < R; ++r) {
+      const Vec a(A[r * a_rs]);
+      for (int v = 0; v < NV; ++v)
+        acc[r][v] = ACC ? at::vec::fmadd(a, b[v], Vec::loadu(C + r * ldc + v * W)) : a * b[v];
+    }
+  }
+  for (int64_t k = 1; k < K; ++k) {
     Vec b[NV];
     for (int v = 0; v < NV; ++v) b[v] = Vec::loadu(B + k * ldb + v * W);
     for (int r = 0; r < R; ++r) {
@@ -253,6 +263,11 @@ template <typename T, bool ACC>
 void gemm(int64_t rows, int64_t cols, int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* B, int64_t ldb,
           T* C, int64_t ldc) {
   constexpr int64_t W = Vectorized<T>::size();
+  if (K <= 0) {  // an empty sum: C = 0 (or unchanged when accumulating)
+    if (!ACC)
+      for (int64_t r = 0; r < rows; ++r) std::fill(C + r * ldc, C + r * ldc + cols, T(0));
+    return;
+  }
   for (int64_t j = 0; j < cols; j += 2 * W) {
     const bool two = cols - j >= 2 * W;
     for (int64_t r = 0; r < rows; r += kRowBlock) {
@@ -355,6 +370,51 @@ inline T dot_row(const T* x, const T* y, int64_t n) {
   return hsum(s);
 }
 
+// Column helpers for an [rows, ld] block, one vector of columns at j: four independent
+// accumulation chains (combined in a fixed order) so the loop runs at throughput instead of
+// at the latency of one max/add chain.
+template <typename T>
+inline Vectorized<T> column_max(const T* S, int64_t ld, int64_t rows, int64_t j, Vectorized<T> init) {
+  using Vec = Vectorized<T>;
+  Vec m0 = init, m1 = init, m2 = init, m3 = init;
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    m0 = at::vec::clamp_min(Vec::loadu(S + r * ld + j), m0);
+    m1 = at::vec::clamp_min(Vec::loadu(S + (r + 1) * ld + j), m1);
+    m2 = at::vec::clamp_min(Vec::loadu(S + (r + 2) * ld + j), m2);
+    m3 = at::vec::clamp_min(Vec::loadu(S + (r + 3) * ld + j), m3);
+  }
+  for (; r < rows; ++r) m0 = at::vec::clamp_min(Vec::loadu(S + r * ld + j), m0);
+  return at::vec::clamp_min(at::vec::clamp_min(m0, m1), at::vec::clamp_min(m2, m3));
+}
+
+// S[:, j] = exp(S[:, j] - shift); return the column sums.
+template <typename T>
+inline Vectorized<T> column_exp_sum(T* S, int64_t ld, int64_t rows, int64_t j, Vectorized<T> shift) {
+  using Vec = Vectorized<T>;
+  Vec s0(T(0)), s1(T(0)), s2(T(0)), s3(T(0));
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    T* x = S + r * ld + j;
+    const Vec p0 = vexp(Vec::loadu(x) - shift), p1 = vexp(Vec::loadu(x + ld) - shift);
+    const Vec p2 = vexp(Vec::loadu(x + 2 * ld) - shift), p3 = vexp(Vec::loadu(x + 3 * ld) - shift);
+    p0.store(x);
+    p1.store(x + ld);
+    p2.store(x + 2 * ld);
+    p3.store(x + 3 * ld);
+    s0 = s0 + p0;
+    s1 = s1 + p1;
+    s2 = s2 + p2;
+    s3 = s3 + p3;
+  }
+  for (; r < rows; ++r) {
+    const Vec p = vexp(Vec::loadu(S + r * ld + j) - shift);
+    p.store(S + r * ld + j);
+    s0 = s0 + p;
+  }
+  return (s0 + s1) + (s2 + s3);
+}
+
 // ---------------------------------------------------------------------------------------
 // Tile steps shared by every driver.
 // ---------------------------------------------------------------------------------------
@@ -406,14 +466,8 @@ void attend_full_cols(int64_t C, int64_t Cp, int64_t M, int64_t D, int64_t Dp, c
   gemm<T, false>(M, Cp, D, K, Dp, 1, QT, Cp, S, Cp);
   for (int64_t j = 0; j < Cp; j += Vec::size()) {
     // -- column max, p = exp(s - max), column sum --
-    Vec mx(neg_inf<T>());
-    for (int64_t r = 0; r < M; ++r) mx = at::vec::maximum(mx, Vec::loadu(S + r * Cp + j));
-    Vec sum(T(0));
-    for (int64_t r = 0; r < M; ++r) {
-      const Vec p = vexp(Vec::loadu(S + r * Cp + j) - mx);
-      p.store(S + r * Cp + j);
-      sum = sum + p;
-    }
+    const Vec mx = column_max(S, Cp, M, j, Vec(neg_inf<T>()));
+    const Vec sum = column_exp_sum(S, Cp, M, j, mx);
     (Vec(T(1)) / sum).store(inv_l + j);
     (mx + sum.log()).store(lse + j);
   }
@@ -440,16 +494,10 @@ void attend_tile_cols(int64_t C, int64_t M, int64_t Mp, int64_t D, int64_t Dp, c
   for (int64_t j = 0; j < Mp; j += Vec::size()) {
     // -- column max, new shift (0 while a column has no kept key: keeps exp(-inf - shift) = 0) --
     const Vec m_old = Vec::loadu(m + j);
-    Vec m_new = m_old;
-    for (int64_t r = 0; r < C; ++r) m_new = at::vec::maximum(m_new, Vec::loadu(S + r * Mp + j));
+    const Vec m_new = column_max(S, Mp, C, j, m_old);
     const Vec sh = Vec::blendv(m_new, vzero, m_new == vneg);
     // -- p = exp(s - shift), column sums --
-    Vec sum(T(0));
-    for (int64_t r = 0; r < C; ++r) {
-      const Vec p = vexp(Vec::loadu(S + r * Mp + j) - sh);
-      p.store(S + r * Mp + j);
-      sum = sum + p;
-    }
+    const Vec sum = column_exp_sum(S, Mp, C, j, sh);
     const Vec alpha = vexp(m_old - sh);  // 0 for a column without state
     (Vec::loadu(l + j) * alpha + sum).store(l + j);
     alpha.store(shift + j);  // reuse the scratch for the per-column rescale below
