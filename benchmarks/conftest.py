@@ -27,6 +27,7 @@ def pytest_addoption(parser):
     group.addoption("--bench-dtypes", default=None, help="comma list of fp32,fp16,bf16 (default: bf16 on CUDA, fp32 on CPU)")
     group.addoption("--bench-models", default=None, help="comma list of tiny,small,base (default: all on CUDA, tiny on CPU)")
     group.addoption("--bench-budget", type=float, default=0.25, help="timed seconds per kernel row (default 0.25)")
+    group.addoption("--bench-threads", default="auto", help="CPU threads for timed rows: a number, or auto (see bench.choose_threads)")
     group.addoption("--bench-peak-gbps", type=float, default=None, help="peak bandwidth for %% of roofline (overrides the table)")
 
 
@@ -49,6 +50,9 @@ def bench_device() -> torch.device:
 
 def _environment(config) -> dict:
     if not hasattr(config, "_spatialformer_env"):
+        if config.getoption("--benchmark") and bench_device().type == "cpu":
+            # Only a throughput run changes the thread count (the CI run shares this process with tests/).
+            torch.set_num_threads(bench.choose_threads(config.getoption("--bench-threads")))
         config._spatialformer_env = bench.environment(bench_device(), config.getoption("--bench-peak-gbps"))
     return config._spatialformer_env
 
@@ -69,7 +73,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "hardware_slug": bench.hardware_slug(env),
         "shape_scaling": bench.scaling_note(bench.shapes_for(bench_device())),
     })  # fmt: skip
-    for key in ("sm_count", "capability", "cpu_threads", "cpu_count", "load_average_1min"):
+    for key in ("sm_count", "capability", "cpu_threads", "cpu_count", "load_average_1min", "busy_cores"):
         if key in env:
             machine_info[key] = env[key]
 
@@ -128,7 +132,7 @@ def bench_env(pytestconfig) -> dict:
 
 
 @pytest.fixture(scope="session")
-def bench_session(pytestconfig, device, bench_env) -> bench.BenchSession:
+def bench_session(pytestconfig, device, bench_env) -> bench.BenchSession:  # bench_env first: it sets the threads
     return bench.BenchSession(
         device,
         bench.providers_for(device),

@@ -164,7 +164,10 @@ def render(results: list[dict]) -> str:
             f"Roofline: {roofline:g} GB/s ({m.get('roofline_source')})." if roofline else f"Roofline: {m.get('roofline_source', 'unknown')}."
         )
         if m.get("load_average_1min") is not None:
-            parts.append(f"Load average when the run started: {m['load_average_1min']:g} on {m.get('cpu_count')} cores (a shared machine slows every row).")
+            parts.append(
+                f"A shared machine: other processes kept {m.get('busy_cores', '?')} of {m.get('cpu_count')} cores busy when the run "
+                f"started (load average {m['load_average_1min']:g}); timed with {m.get('cpu_threads')} thread(s)."
+            )
         if result["notes"].get("timing"):
             parts.append(f"Timing: {result['notes']['timing']}; median per row, each row parity-checked first.")
         parts.append("")

@@ -234,3 +234,9 @@ def test_spatialformer_bench_quick_writes_table_json_and_plot(tmp_path, capsys):
     assert {r["pass"] for r in ok} == set(bench.PASSES)
     assert ok and all(r["gbps"] > 0 and r["tflops"] > 0 and r["median_ms"] > 0 for r in ok)
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_thread_choice():
+    assert bench.choose_threads("3") == 3 and bench.choose_threads(1) == 1
+    assert 1 <= bench.choose_threads("auto") <= torch.get_num_threads()
+    assert bench.busy_cores(samples=2, interval_s=0.0) >= 0

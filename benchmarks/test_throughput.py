@@ -70,7 +70,7 @@ def _model_row(variant: str, mode: str, backend: str, budget: float) -> bench.Mo
     return _model_rows[key]
 
 
-def test_model_throughput(model_row, pytestconfig, record):
+def test_model_throughput(model_row, pytestconfig, bench_env, record):
     variant, mode, backend = model_row
     option = pytestconfig.getoption("--bench-models")
     wanted = option.split(",") if option else (list(bench.MODEL_VARIANTS) if DEVICE.type == "cuda" else ["tiny"])

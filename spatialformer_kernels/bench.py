@@ -235,7 +235,37 @@ def environment(device: torch.device, peak_gbps: Optional[float] = None) -> dict
         env["cpu_count"] = os.cpu_count()
         if hasattr(os, "getloadavg"):  # other processes on a shared CPU skew every timing
             env["load_average_1min"] = round(os.getloadavg()[0], 2)
+        env["busy_cores"] = round(busy_cores(), 2)
     return env
+
+
+def busy_cores(samples: int = 10, interval_s: float = 0.02) -> float:
+    """Mean number of other processes' runnable tasks now (Linux /proc/loadavg), else the
+    1-minute load average."""
+    try:
+        counts = []
+        for _ in range(samples):
+            with open("/proc/loadavg", encoding="utf-8") as f:
+                running = int(f.read().split()[3].split("/")[0])
+            counts.append(running - 1)  # this thread is running while it reads
+            time.sleep(interval_s)
+        return statistics.mean(counts)
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+
+
+def choose_threads(requested: Optional[str] = "auto") -> int:
+    """CPU threads for timing: a number, or "auto".
+
+    "auto" keeps torch's default unless other processes keep cores busy, then uses only the
+    idle cores, at least one: with more threads than idle cores every parallel region waits
+    at its barrier for a descheduled thread, and the timings measure the scheduler (on a
+    shared 2-core machine, 2 threads turned a 9 ms row into 290 ms).
+    """
+    if requested not in (None, "auto"):
+        return max(1, int(requested))
+    default = torch.get_num_threads()
+    return max(1, min(default, int((os.cpu_count() or 1) - busy_cores() + 0.5)))
 
 
 def hardware_slug(env: dict) -> str:
@@ -975,6 +1005,7 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--budget", type=float, help="timed seconds per row (default 0.25, --quick 0.05)")
     parser.add_argument("--peak-gbps", type=float, help="peak memory bandwidth for %% of roofline (overrides the table)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", default="auto", help="CPU threads: a number, or auto (fewer when other processes keep cores busy)")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
 
@@ -998,6 +1029,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if unknown:
         raise SystemExit(f"unknown provider(s) {unknown}; known here: {', '.join(sorted(known))}")
     providers = [p for p in all_providers if p.name in wanted]
+    if device.type == "cpu":
+        torch.set_num_threads(choose_threads(args.threads))
     env = environment(device, args.peak_gbps)
     session = BenchSession(device, providers, budget_s=budget, peak_gbps=env["roofline"]["peak_gbps"])
     note = scaling_note(shapes)
@@ -1008,7 +1041,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"shapes: {note}")
     if device.type == "cpu":
         print(f"roofline: {env['roofline']['source']}")
-        print(f"load average: {env.get('load_average_1min')} on {env['cpu_count']} cores (other processes slow every row)")
+        print(f"threads: {env['cpu_threads']} (--threads {args.threads}); other processes keep {env['busy_cores']} of "
+              f"{env['cpu_count']} cores busy (load average {env.get('load_average_1min')}): they slow every row")  # fmt: skip
 
     jobs = [(s, DTYPES[d], p, prov.name) for s in shapes for d in dtype_names for p in passes for prov in providers]
     try:
