@@ -8,7 +8,7 @@ and the measured samples are replayed into pytest-benchmark, so `--benchmark-jso
 the device timings, with GB/s, % of roofline, TFLOP/s, speedup and peak memory in each
 row's extra_info and the device, versions and commit in machine_info.
 
-    pytest benchmarks/ --benchmark --benchmark-json=benchmarks/results/<hardware>.json
+    pytest benchmarks/ --benchmark --benchmark-json=benchmarks/results/<hardware>.json  (hardware: bench.hardware_slug, e.g. cpu-amd-epyc-2c, h100-80gb-hbm3)
 """
 from __future__ import annotations
 

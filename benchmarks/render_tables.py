@@ -150,7 +150,9 @@ def render(results: list[dict]) -> str:
     for result in results:
         m = result["machine"]
         is_cpu = m.get("device_type") != "cuda"
-        title = m.get("device_name", "unknown device") + (f", {m['cpu_threads']} threads" if is_cpu and "cpu_threads" in m else "")
+        title = m.get("device_name", "unknown device")
+        if is_cpu and "cpu_count" in m:
+            title += f", {m['cpu_count']} cores, timed with {m.get('cpu_threads', '?')} thread(s)"
         parts += [f"#### {title} (`benchmarks/results/{result['file']}`)", ""]
         facts = [
             f"torch {m.get('torch_version')}", f"triton {m.get('triton_version')}", f"CUDA {m.get('cuda_version')}",
@@ -166,7 +168,8 @@ def render(results: list[dict]) -> str:
         if m.get("load_average_1min") is not None:
             parts.append(
                 f"A shared machine: other processes kept {m.get('busy_cores', '?')} of {m.get('cpu_count')} cores busy when the run "
-                f"started (load average {m['load_average_1min']:g}); timed with {m.get('cpu_threads')} thread(s)."
+                f"started (load average {m['load_average_1min']:g}), so timings are noisy; fewer threads than cores avoids "
+                "measuring the scheduler."
             )
         if result["notes"].get("timing"):
             parts.append(f"Timing: {result['notes']['timing']}; median per row, each row parity-checked first.")

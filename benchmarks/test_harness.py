@@ -48,7 +48,7 @@ def test_cpu_environment_says_no_roofline_unless_given():
     assert env["roofline"]["peak_gbps"] is None and "no HBM roofline" in env["roofline"]["source"]
     assert env["device_type"] == "cpu" and env["torch"] == torch.__version__ and "reference" in env["backends"]
     assert bench.environment(CPU, peak_gbps=40.0)["roofline"]["peak_gbps"] == 40.0
-    assert bench.hardware_slug({"device_type": "cpu", "device_name": "AMD EPYC 7B13", "cpu_threads": 2}) == "cpu-amd-epyc-7b13-2t"
+    assert bench.hardware_slug({"device_type": "cpu", "device_name": "AMD EPYC 7B13", "cpu_count": 2}) == "cpu-amd-epyc-7b13-2c"
     assert bench.hardware_slug({"device_type": "cuda", "device_name": "NVIDIA H100 80GB HBM3"}) == "h100-80gb-hbm3"
 
 
@@ -207,13 +207,14 @@ def test_renderer_rewrites_only_between_markers(tmp_path):
     assert "GPU numbers are not yet measured" in text and "old tables" not in text
 
 
-def test_committed_results_render(tmp_path):
+def test_committed_results_render(pytestconfig):
     """Every committed result file parses and renders (and the README section, if marked, is current)."""
     results = Path(__file__).with_name("results")
     text = render_tables.render(render_tables.load_results(results))
     assert "Targets (H100, bf16" in text
     readme = Path(__file__).resolve().parent.parent / "README.md"
-    if render_tables.START in readme.read_text(encoding="utf-8"):
+    # A --benchmark run is about to write a new result file: the README is re-rendered after it.
+    if render_tables.START in readme.read_text(encoding="utf-8") and not pytestconfig.getoption("--benchmark"):
         assert render_tables.main(["--check"]) == 0, "README tables are stale: run python benchmarks/render_tables.py"
 
 

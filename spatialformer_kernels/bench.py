@@ -269,10 +269,10 @@ def choose_threads(requested: Optional[str] = "auto") -> int:
 
 
 def hardware_slug(env: dict) -> str:
-    """A file-name stem naming the hardware, e.g. "h100-80gb-hbm3" or "cpu-amd-epyc-2t"."""
+    """A file-name stem naming the hardware, e.g. "h100-80gb-hbm3" or "cpu-amd-epyc-2c" (2 cores)."""
     slug = re.sub(r"[^a-z0-9]+", "-", env["device_name"].lower().replace("nvidia", "")).strip("-")
     if env["device_type"] == "cpu":
-        return f"cpu-{slug}-{env.get('cpu_threads', 1)}t"
+        return f"cpu-{slug}-{env.get('cpu_count') or 1}c"
     return slug
 
 
