@@ -1011,7 +1011,14 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parse_args(argv)
+    threads = torch.get_num_threads()
+    try:
+        return _main(_parse_args(argv))
+    finally:
+        torch.set_num_threads(threads)  # main() may run inside another program (tests)
+
+
+def _main(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     if args.quick:
         shape_names = args.shapes or ["cls224-stage1", "det800x1344-stage1"]
