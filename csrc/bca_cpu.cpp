@@ -36,6 +36,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <memory>
@@ -153,17 +154,15 @@ void pack_rows(acc_t* dst, int64_t ld, const View& src, int64_t bh, int64_t l0, 
   });
 }
 
-// Ask for rows [l0, l0 + rows) ahead of use. A tile is consumed in a burst and then computed
-// on for tens of microseconds, during which the hardware prefetcher sees no demand misses;
-// prefetching the next tile meanwhile hides the DRAM latency of the packing.
-inline void prefetch_rows(const View& src, int64_t bh, int64_t l0, int64_t rows, int64_t D) {
-  const int64_t elem = static_cast<int64_t>(c10::elementSize(src.dtype));
-  const int64_t span = std::min<int64_t>(((D - 1) * src.stride_d + 1) * elem, 512);
-  const char* first = static_cast<const char*>(src.ptr) + (src.base(bh) + l0 * src.stride_l) * elem;
-  for (int64_t r = 0; r < rows; ++r) {
-    const char* row = first + r * src.stride_l * elem;
-    for (int64_t off = 0; off < span; off += 64) __builtin_prefetch(row + off);
-  }
+// Rows [l0, ...) of the input used in place as a GEMM operand (row stride src.stride_l),
+// when they already are what packing would produce: acc_t storage, unit stride along D and
+// D a whole number of vectors (Dp == D). nullptr otherwise.
+template <typename acc_t>
+const acc_t* direct_rows(const View& src, int64_t bh, int64_t l0, int64_t D, int64_t Dp) {
+  const bool same = (std::is_same_v<acc_t, float> && src.dtype == at::kFloat) ||
+                    (std::is_same_v<acc_t, double> && src.dtype == at::kDouble);
+  if (!same || src.stride_d != 1 || D != Dp) return nullptr;
+  return static_cast<const acc_t*>(src.ptr) + src.base(bh) + l0 * src.stride_l;
 }
 
 // dst[d, r] = src[l0 + r, d] for r < rows; columns r in [rows, cols) = 0. dst is [D, ld].
@@ -479,15 +478,16 @@ void attend_full_cols(int64_t C, int64_t Cp, int64_t M, int64_t D, int64_t Dp, c
 // few queries over many keys (direction s). Computing s^T = k q^T puts the keys on rows, so
 // the softmax statistics are per column and reduce with plain vector max/add over rows (no
 // horizontal reductions), and no key tile needs a transpose.
-// K [C, Dp] (tile rows), QT [D, Mp] (pre-scaled), V [C, Dp], keep [C] (nullptr = all kept),
+// K [C, ldk] (tile rows), QT [D, Mp] (pre-scaled), V [C, ldv], keep [C] (nullptr = all kept),
 // S scratch [C, Mp], shift scratch [Mp]; state m [Mp], l [Mp], acc [M, Dp].
 template <typename T>
-void attend_tile_cols(int64_t C, int64_t M, int64_t Mp, int64_t D, int64_t Dp, const T* K, const T* QT, const T* V,
+void attend_tile_cols(int64_t C, int64_t M, int64_t Mp, int64_t D, int64_t Dp, const T* K, int64_t ldk, const T* QT,
+                      const T* V, int64_t ldv,
                       const bool* keep, T* S, T* shift, T* m, T* l, T* acc) {
   using Vec = Vectorized<T>;
   const Vec vneg(neg_inf<T>()), vzero(T(0));
   // -- s^T = k q^T --
-  gemm<T, false>(C, Mp, D, K, Dp, 1, QT, Mp, S, Mp);
+  gemm<T, false>(C, Mp, D, K, ldk, 1, QT, Mp, S, Mp);
   if (keep)
     for (int64_t r = 0; r < C; ++r)
       if (!keep[r]) std::fill(S + r * Mp, S + (r + 1) * Mp, neg_inf<T>());
@@ -506,7 +506,7 @@ void attend_tile_cols(int64_t C, int64_t M, int64_t Mp, int64_t D, int64_t Dp, c
   for (int64_t j = 0; j < M; ++j)
     if (shift[j] != T(1)) scale_row(acc + j * Dp, Dp, shift[j]);
   // -- acc += p^T v --
-  gemm<T, true>(M, Dp, C, S, 1, Mp, V, Dp, acc, Dp);
+  gemm<T, true>(M, Dp, C, S, 1, Mp, V, ldv, acc, Dp);
 }
 
 // Gradients of R query rows against one tile of L keys.
@@ -626,6 +626,24 @@ void finalize_rows(const acc_t* m, const acc_t* l, acc_t* acc, int64_t rows, int
   store_rows(out, acc, Dp, rows, D, acc_t(1));
 }
 
+// Work items handed out dynamically: each of at::get_num_threads() workers allocates its
+// scratch once and takes the next item index until none is left. Every item writes only its
+// own outputs and partial slots, so which thread runs it never changes a bit of the result;
+// taking items dynamically (rather than in fixed halves) keeps both cores busy when another
+// process steals one of them for a while.
+template <typename Worker>
+void parallel_items(int64_t n, const Worker& worker) {
+  std::atomic<int64_t> counter{0};
+  const auto next_item = [&]() -> int64_t {
+    const int64_t item = counter.fetch_add(1, std::memory_order_relaxed);
+    return item < n ? item : -1;
+  };
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(n, at::get_num_threads()));
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) worker(next_item);
+  });
+}
+
 // ---------------------------------------------------------------------------------------
 // Bilateral attention.
 // ---------------------------------------------------------------------------------------
@@ -658,7 +676,7 @@ void bilateral_fwd_impl(const BilateralShape& sh, const at::Tensor& q_s, const a
   // Direction-s partials per (bh, split): rows of (m, l, acc[Dp]).
   std::vector<acc_t> part(BH * nsplit * M * (Dp + 2));
 
-  at::parallel_for(0, BH * nsplit, 1, [&](int64_t begin, int64_t end) {
+  parallel_items(BH * nsplit, [&](const auto& next_item) {
     // spatial side of one (batch, head): q_s^T (scaled), k_s, v_s
     std::vector<acc_t> qt_sp(D * Mp), k_sp(M * Dp), v_sp(M * Dp);
     // one tile of image tokens: q_x^T (scaled), k_x, v_x rows
@@ -667,7 +685,7 @@ void bilateral_fwd_impl(const BilateralShape& sh, const at::Tensor& q_s, const a
     std::vector<acc_t> s_x(M * Tp), o_t(kTile * Dp), inv_l(Tp), lse_t_(Tp);
     std::vector<acc_t> s_s(kTile * Mp), shift(Mp), m_s(Mp), l_s(Mp), acc_s(M * Dp);
     int64_t packed_bh = -1;
-    for (int64_t item = begin; item < end; ++item) {
+    for (int64_t item = next_item(); item >= 0; item = next_item()) {
       const int64_t bh = item / nsplit, sp = item % nsplit;
       if (bh != packed_bh) {
         pack_transposed(qt_sp.data(), Mp, Mp, qs, bh, 0, M, D, sc);
@@ -682,12 +700,10 @@ void bilateral_fwd_impl(const BilateralShape& sh, const at::Tensor& q_s, const a
       for (int64_t n0 = sp * kSplitN; n0 < n_end; n0 += kTile) {
         const int64_t C = std::min(kTile, n_end - n0), Cp = round_up_vec<acc_t>(C);
         pack_transposed(qt_t.data(), Cp, Cp, qx, bh, n0, C, D, sc);
-        pack_rows(k_t.data(), Dp, kx, bh, n0, C, D, acc_t(1));
-        pack_rows(v_t.data(), Dp, vx, bh, n0, C, D, acc_t(1));
-        if (n0 + C < N) {  // the next tile (of this item or the next one) while this one computes
-          const int64_t next = std::min(kTile, N - n0 - C);
-          for (const View* v : {&qx, &kx, &vx}) prefetch_rows(*v, bh, n0 + C, next, D);
-        }
+        const acc_t* k_rows = direct_rows<acc_t>(kx, bh, n0, D, Dp);
+        const acc_t* v_rows = direct_rows<acc_t>(vx, bh, n0, D, Dp);
+        if (!k_rows) pack_rows(k_t.data(), Dp, kx, bh, n0, C, D, acc_t(1));
+        if (!v_rows) pack_rows(v_t.data(), Dp, vx, bh, n0, C, D, acc_t(1));
         const bool masked = tile_keep(keep.get(), mask, bh, n0, C);
         // -- direction x: image queries over all M spatial keys, complete per tile --
         attend_full_cols(C, Cp, M, D, Dp, k_sp.data(), qt_t.data(), v_sp.data(), s_x.data(), o_t.data(),
@@ -695,7 +711,8 @@ void bilateral_fwd_impl(const BilateralShape& sh, const at::Tensor& q_s, const a
         store_rows_scaled(o_x.at((bh * N + n0) * D), o_t.data(), Dp, C, D, inv_l.data());
         for (int64_t r = 0; r < C; ++r) lse_x[bh * N + n0 + r] = static_cast<lse_t>(lse_t_[r]);
         // -- direction s: spatial queries, online softmax over this tile of image keys --
-        attend_tile_cols(C, M, Mp, D, Dp, k_t.data(), qt_sp.data(), v_t.data(), masked ? keep.get() : nullptr,
+        attend_tile_cols(C, M, Mp, D, Dp, k_rows ? k_rows : k_t.data(), k_rows ? kx.stride_l : Dp, qt_sp.data(),
+                         v_rows ? v_rows : v_t.data(), v_rows ? vx.stride_l : Dp, masked ? keep.get() : nullptr,
                          s_s.data(), shift.data(), m_s.data(), l_s.data(), acc_s.data());
       }
       acc_t* p = part.data() + (bh * nsplit + sp) * M * (Dp + 2);
@@ -727,7 +744,7 @@ void bilateral_bwd_impl(const BilateralShape& sh, const at::Tensor& do_s, const 
   // Per item: dq_s, dk_s, dv_s partials [M, Dp] each.
   std::vector<acc_t> part(BH * nsplit * 3 * M * Dp);
 
-  at::parallel_for(0, BH * nsplit, 1, [&](int64_t begin, int64_t end) {
+  parallel_items(BH * nsplit, [&](const auto& next_item) {
     // spatial side of one (batch, head)
     std::vector<acc_t> q_sp(M * Dp), qt_sp(D * Mp), k_sp(M * Dp), kt_sp(D * Mp), vt_sp(D * Mp), do_sp(M * Dp),
         dot_sp(D * Mp), o_row(Dp), lse_safe_sp(Mp), delta_sp(Mp), bias_sp(Mp);
@@ -739,7 +756,7 @@ void bilateral_bwd_impl(const BilateralShape& sh, const at::Tensor& do_s, const 
     std::vector<acc_t> p_s(kTile * Mp), ds_s(kTile * Mp);
     for (int64_t j = 0; j < Mp; ++j) bias_sp[j] = j < M ? acc_t(0) : neg_inf<acc_t>();
     int64_t packed_bh = -1;
-    for (int64_t item = begin; item < end; ++item) {
+    for (int64_t item = next_item(); item >= 0; item = next_item()) {
       const int64_t bh = item / nsplit, sp = item % nsplit;
       if (bh != packed_bh) {
         pack_rows(q_sp.data(), Dp, qs, bh, 0, M, D, sc);
@@ -774,10 +791,6 @@ void bilateral_bwd_impl(const BilateralShape& sh, const at::Tensor& do_s, const 
         pack_rows(k_t.data(), Dp, kx, bh, n0, C, D, acc_t(1));
         pack_rows(v_t.data(), Dp, vx, bh, n0, C, D, acc_t(1));
         pack_rows(do_t.data(), Dp, dox, bh, n0, C, D, acc_t(1));
-        if (n0 + C < N) {  // the next tile while this one computes
-          const int64_t next = std::min(kTile, N - n0 - C);
-          for (const View* v : {&qx, &kx, &vx, &dox, &ox}) prefetch_rows(*v, bh, n0 + C, next, D);
-        }
         for (int64_t r = 0; r < C; ++r) {
           pack_rows(o_row.data(), Dp, ox, bh, n0 + r, 1, D, acc_t(1));
           delta_t[r] = dot_row(do_t.data() + r * Dp, o_row.data(), Dp);
@@ -853,10 +866,10 @@ void cross_fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const CrossPlan plan = plan_cross(BH, Lq, Lk);
   std::vector<acc_t> part(plan.nks > 1 ? BH * plan.nks * Lq * (Dp + 2) : 0);
 
-  at::parallel_for(0, BH * plan.nqs * plan.nks, 1, [&](int64_t begin, int64_t end) {
+  parallel_items(BH * plan.nqs * plan.nks, [&](const auto& next_item) {
     std::vector<acc_t> q_b(kQueryBlock * Dp), kt_t(D * Tp), v_t(kTile * Dp), bias_t(Tp), s(kQueryBlock * Tp);
     std::vector<acc_t> m(kQueryBlock), l(kQueryBlock), acc(kQueryBlock * Dp);
-    for (int64_t item = begin; item < end; ++item) {
+    for (int64_t item = next_item(); item >= 0; item = next_item()) {
       const int64_t bh = item / (plan.nqs * plan.nks);
       const int64_t qs = (item / plan.nks) % plan.nqs, ks = item % plan.nks;
       const int64_t q_end = std::min(Lq, (qs + 1) * plan.q_len), k_end = std::min(Lk, (ks + 1) * plan.k_len);
@@ -905,13 +918,13 @@ void cross_bwd_impl(const at::Tensor& d_o, const at::Tensor& q, const at::Tensor
   std::vector<acc_t> dq_part(plan.nks > 1 ? plan.nks * BH * Lq * Dp : 0);
   std::vector<acc_t> dkv_part(plan.nqs > 1 ? plan.nqs * BH * Lk * 2 * Dp : 0);
 
-  at::parallel_for(0, BH * plan.nqs * plan.nks, 1, [&](int64_t begin, int64_t end) {
+  parallel_items(BH * plan.nqs * plan.nks, [&](const auto& next_item) {
     std::vector<acc_t> q_b(kQueryBlock * Dp), do_b(kQueryBlock * Dp), o_row(Dp), lse_b(kQueryBlock),
         delta_b(kQueryBlock), dq_b(kQueryBlock * Dp);
     std::vector<acc_t> k_t(kTile * Dp), kt_t(D * Tp), vt_t(D * Tp), bias_t(Tp), p(kQueryBlock * Tp),
         ds(kQueryBlock * Tp);
     std::vector<acc_t> dk_loc(plan.k_len * Dp), dv_loc(plan.k_len * Dp);
-    for (int64_t item = begin; item < end; ++item) {
+    for (int64_t item = next_item(); item >= 0; item = next_item()) {
       const int64_t bh = item / (plan.nqs * plan.nks);
       const int64_t qs = (item / plan.nks) % plan.nqs, ks = item % plan.nks;
       const int64_t q_end = std::min(Lq, (qs + 1) * plan.q_len);
