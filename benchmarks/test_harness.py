@@ -210,7 +210,11 @@ def test_renderer_rewrites_only_between_markers(tmp_path):
 def test_committed_results_render(pytestconfig):
     """Every committed result file parses and renders (and the README section, if marked, is current)."""
     results = Path(__file__).with_name("results")
-    text = render_tables.render(render_tables.load_results(results))
+    loaded = render_tables.load_results(results)
+    for result in loaded:  # every kernel row carries its bandwidth, every result its provenance
+        assert result["kernels"] and all(row["gbps"] > 0 and row["median_ms"] > 0 for row in result["kernels"]), result["file"]
+        assert all(result["machine"].get(key) for key in ("device_name", "torch_version", "git_commit")), result["file"]
+    text = render_tables.render(loaded)
     assert "Targets (H100, bf16" in text
     readme = Path(__file__).resolve().parent.parent / "README.md"
     # A --benchmark run is about to write a new result file: the README is re-rendered after it.

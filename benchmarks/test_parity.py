@@ -67,3 +67,19 @@ def test_parity_catches_a_wrong_provider(session):
     assert row.status == "failed" and "parity" in row.note and row.median_ms is None
     failure = wrong_session.parity(wrong, SMALL, torch.float32, with_grads=True)
     assert failure is not None and "max abs err" in failure
+
+
+def test_a_crashing_kernel_fails_its_row_and_a_crashing_baseline_is_skipped():
+    def crash():
+        def run(*args):
+            raise RuntimeError("no kernel image is available")
+
+        return run
+
+    ours = bench.Provider("ours-broken", "ours", "ours", crash)
+    baseline = bench.Provider("baseline-broken", "baseline", "sdpa", crash)
+    crash_session = bench.BenchSession(DEVICE, [ours, baseline], measure_memory=False)
+    row = crash_session.row(SMALL, torch.float32, "fwd", "ours-broken")
+    assert row.status == "failed" and "no kernel image" in row.note
+    row = crash_session.row(SMALL, torch.float32, "fwd", "baseline-broken")
+    assert row.status == "skipped" and "no kernel image" in row.note

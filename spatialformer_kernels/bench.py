@@ -759,10 +759,9 @@ class BenchSession:
                 if self.measure_memory:
                     row.peak_mem_bytes, row.peak_mem_method = peak_memory(fn, self.device)
             del fn
-        except Exception as error:  # noqa: BLE001 - a baseline that cannot run here is skipped
-            if provider.kind == "ours":
-                raise
-            row.status, row.note = "skipped", f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
+        except Exception as error:  # noqa: BLE001 - a baseline that cannot run here is skipped; ours failed
+            message = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"
+            row.status, row.note = ("failed", message) if provider.kind == "ours" else ("skipped", message)
             return row
         median = statistics.median(samples)
         q = statistics.quantiles(samples, n=4) if len(samples) > 1 else [median, median, median]
@@ -960,6 +959,7 @@ def plot(rows: Sequence[Row], path: Path, title: str) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     ok = [r for r in rows if r.status == "ok"]
     panels = sorted({(r.pass_, r.dtype) for r in ok}, key=lambda p: (PASSES.index(p[0]), p[1]))
@@ -972,7 +972,10 @@ def plot(rows: Sequence[Row], path: Path, title: str) -> Path:
             ax.plot([p[0] for p in points], [p[1] for p in points], style, label=provider)
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("N (image tokens); B differs per shape")
+        ticks = sorted({(r.N, r.shape.split("/")[0]) for r in subset})
+        ax.set_xticks([n for n, _ in ticks], [f"{n}\n{name}" for n, name in ticks], fontsize=6)
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_xlabel("N (image tokens); B and H differ per shape")
         ax.set_ylabel("median time (ms)")
         ax.set_title(f"{PASS_LABELS[pass_]}, {dtype}")
         ax.grid(True, which="both", alpha=0.3)
