@@ -83,9 +83,6 @@ class Shape:
     def label(self) -> str:
         return self.name if self.scale == 1 else f"{self.name}/{self.scale}"
 
-    def dims(self) -> str:
-        return f"B{self.B}-H{self.H}-M{self.M}-N{self.N}-D{self.D}"
-
 
 SHAPES = (
     Shape("cls224-stage1", 64, 2, 64, 3136, 32),
@@ -314,10 +311,6 @@ def pct_of_roofline(achieved_gbps: float, peak_gbps: Optional[float]) -> Optiona
 # ----------------------------------------------------------------------------------------
 
 AttentionFn = Callable[..., tuple]  # (q_s, k_s, v_s, q_x, k_x, v_x, scale) -> (o_s, o_x)
-
-
-class ProviderSkip(Exception):
-    """A baseline that cannot run here (not installed, unsupported dtype or device)."""
 
 
 @dataclasses.dataclass
