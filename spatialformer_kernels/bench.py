@@ -7,18 +7,20 @@ times one provider on one shape, dtype and pass.
 
 Shapes are DESIGN.md section 4. On CPU they are scaled down so that every row runs in well
 under a second on 2 cores: B and N are divided by `CPU_SCALE` (B at least 1); H, M and D
-stay as they are, so the per-head work keeps its shape and the M:N ratio only moves by the
-same factor for every shape.
+stay as they are, so per-head tiles keep their shape and every shape shrinks alike (N/M is
+CPU_SCALE times smaller). A scaled shape is named "<shape>/<factor>".
 
 Providers: ours (one per kernel backend in `available_backends()` that can run on the
 device), the reference, PyTorch SDPA (each backend the device has, both directions as two
-calls), torch.compile of the reference, FlexAttention (compiled), xformers and flash-attn
-when installed. Passes: "fwd" (inference, no autograd graph), "bwd" (autograd.grad of a
+calls), torch.compile of the reference, FlexAttention (compiled; on CPU forward only, and
+left out of a default CPU `spatialformer-bench` run for its compile time), xformers and
+flash-attn when installed. Passes: "fwd" (inference, no autograd graph), "bwd" (autograd.grad of a
 retained graph) and "fwd_bwd" (both).
 
 Timing: on CUDA `triton.testing.do_bench` (CUDA events, L2 flushed before every call,
-autotuning and compilation finished by explicit warm-up calls first); on CPU warm-up calls,
-then `time.perf_counter` around each call until a time budget, median reported.
+autotuning and compilation finished by explicit warm-up calls first); on CPU a warm-up
+call, then `time.perf_counter` around each call until a time budget, median reported, with
+as many threads as there are idle cores (`choose_threads`).
 
 Work model (the same for every provider, so GB/s is an effective bandwidth):
     bytes fwd  = 4 * B*H*(M+N)*D * itemsize              (read q, k, v; write o; both sides)
