@@ -29,6 +29,7 @@ def pytest_addoption(parser):
     group.addoption("--bench-budget", type=float, default=0.25, help="timed seconds per kernel row (default 0.25)")
     group.addoption("--bench-threads", default="auto", help="CPU threads for timed rows: a number, or auto (see bench.choose_threads)")
     group.addoption("--bench-peak-gbps", type=float, default=None, help="peak bandwidth for %% of roofline (overrides the table)")
+    group.addoption("--bench-measure-bandwidth", action="store_true", help="use a measured copy bandwidth as the roofline")
 
 
 def pytest_configure(config):
@@ -53,7 +54,9 @@ def _environment(config) -> dict:
         if config.getoption("--benchmark") and bench_device().type == "cpu":
             # Only a throughput run changes the thread count (the CI run shares this process with tests/).
             torch.set_num_threads(bench.choose_threads(config.getoption("--bench-threads")))
-        config._spatialformer_env = bench.environment(bench_device(), config.getoption("--bench-peak-gbps"))
+        config._spatialformer_env = bench.environment(
+            bench_device(), config.getoption("--bench-peak-gbps"), config.getoption("--bench-measure-bandwidth")
+        )
     return config._spatialformer_env
 
 

@@ -48,6 +48,8 @@ def test_cpu_environment_says_no_roofline_unless_given():
     assert env["roofline"]["peak_gbps"] is None and "no HBM roofline" in env["roofline"]["source"]
     assert env["device_type"] == "cpu" and env["torch"] == torch.__version__ and "reference" in env["backends"]
     assert bench.environment(CPU, peak_gbps=40.0)["roofline"]["peak_gbps"] == 40.0
+    measured = bench.environment(CPU, measure_bandwidth=True)["roofline"]
+    assert measured["peak_gbps"] > 0 and measured["source"].startswith("measured")
     assert bench.hardware_slug({"device_type": "cpu", "device_name": "AMD EPYC 7B13", "cpu_count": 2}) == "cpu-amd-epyc-7b13-2c"
     assert bench.hardware_slug({"device_type": "cuda", "device_name": "NVIDIA H100 80GB HBM3"}) == "h100-80gb-hbm3"
 

@@ -155,7 +155,22 @@ KNOWN_DEVICES: tuple[tuple[frozenset, str, float], ...] = tuple(
     )
 )
 
-CPU_ROOFLINE_NOTE = "no HBM roofline is known for a CPU unless measured: pass --peak-gbps to give one"
+CPU_ROOFLINE_NOTE = "no HBM roofline is known for a CPU unless measured: pass --measure-bandwidth or --peak-gbps"
+
+
+def measure_copy_bandwidth(device: torch.device, nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
+    """Best GB/s of a large tensor copy (bytes read + bytes written): a measured roofline,
+    for devices without a data-sheet entry (CPUs)."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first copy faults the pages in
+        _synchronize(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        _synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * nbytes / best / 1e9
 
 
 def lookup_roofline(device_name: str) -> Optional[tuple[str, float]]:
@@ -197,8 +212,12 @@ def git_commit() -> Optional[str]:
     return sha + ("-dirty" if dirty else "")
 
 
-def environment(device: torch.device, peak_gbps: Optional[float] = None) -> dict:
-    """Device, versions, roofline and commit: what a result needs to be reproduced."""
+def environment(device: torch.device, peak_gbps: Optional[float] = None, measure_bandwidth: bool = False) -> dict:
+    """Device, versions, roofline and commit: what a result needs to be reproduced.
+
+    The roofline is, in order: `peak_gbps` as given, a measured copy bandwidth when
+    `measure_bandwidth`, the data-sheet table for a known GPU, else none (with the reason).
+    """
     try:
         import triton
 
@@ -209,6 +228,9 @@ def environment(device: torch.device, peak_gbps: Optional[float] = None) -> dict
     known = lookup_roofline(name) if device.type == "cuda" else None
     if peak_gbps is not None:
         roofline = {"peak_gbps": peak_gbps, "source": "user-supplied (--peak-gbps)"}
+    elif measure_bandwidth:
+        measured = round(measure_copy_bandwidth(device), 1)
+        roofline = {"peak_gbps": measured, "source": f"measured: best copy of 256 MiB (read + write), {torch.get_num_threads()} thread(s)"}
     elif known is not None:
         roofline = {"peak_gbps": known[1], "source": f"data sheet, {known[0]}"}
     else:
@@ -1026,6 +1048,7 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--scale", type=int, help=f"divide B and N by this (default {CPU_SCALE} on CPU, 1 on CUDA)")
     parser.add_argument("--budget", type=float, help="timed seconds per row (default 0.25, --quick 0.05)")
     parser.add_argument("--peak-gbps", type=float, help="peak memory bandwidth for %% of roofline (overrides the table)")
+    parser.add_argument("--measure-bandwidth", action="store_true", help="use a measured copy bandwidth as the roofline")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", default="auto", help="CPU threads: a number, or auto (fewer when other processes keep cores busy)")
     parser.add_argument("--no-progress", action="store_true")
@@ -1060,7 +1083,7 @@ def _main(args: argparse.Namespace) -> int:
     providers = [p for p in all_providers if p.name in wanted]
     if device.type == "cpu":
         torch.set_num_threads(choose_threads(args.threads))
-    env = environment(device, args.peak_gbps)
+    env = environment(device, args.peak_gbps, args.measure_bandwidth)
     session = BenchSession(device, providers, budget_s=budget, peak_gbps=env["roofline"]["peak_gbps"])
     note = scaling_note(shapes)
 
