@@ -578,36 +578,43 @@ void attend_tile_cols_bwd(int64_t C, int64_t M, int64_t Mp, int64_t D, int64_t D
   gemm<T, false>(C, Dp, M, P, Mp, 1, dO, Dp, dV, Dp);
 }
 
-// Merge softmax partials part[bh][split][row] = (m, l, acc[Dp]) in split order; write o
-// (contiguous [BH, rows, D]) and lse (contiguous [BH, rows]).
+// Merge softmax partials part[bh][split][row] = (m, l, acc[Dp]) in split order for the
+// flat rows idx in [begin, end) (idx = bh * rows + row); write o (contiguous [BH, rows, D])
+// and lse (contiguous [BH, rows]). acc: scratch [Dp].
+template <typename acc_t, typename lse_t>
+void combine_rows(const acc_t* part, int64_t nsplit, int64_t rows, int64_t D, int64_t Dp, OutPtr out, lse_t* lse,
+                  int64_t begin, int64_t end, acc_t* acc) {
+  const int64_t stride_row = Dp + 2;
+  for (int64_t idx = begin; idx < end; ++idx) {
+    const int64_t bh = idx / rows, row = idx % rows;
+    const acc_t* first = part + (bh * nsplit * rows + row) * stride_row;
+    acc_t gm = neg_inf<acc_t>();
+    for (int64_t sp = 0; sp < nsplit; ++sp) gm = std::max(gm, first[sp * rows * stride_row]);
+    std::fill(acc, acc + Dp, acc_t(0));
+    if (gm == neg_inf<acc_t>()) {
+      store_rows(out.at(idx * D), acc, Dp, 1, D, acc_t(0));
+      lse[idx] = neg_inf<lse_t>();
+      continue;
+    }
+    acc_t l = 0;
+    for (int64_t sp = 0; sp < nsplit; ++sp) {
+      const acc_t* p = first + sp * rows * stride_row;
+      if (p[0] == neg_inf<acc_t>()) continue;
+      const acc_t w = std::exp(p[0] - gm);
+      l += w * p[1];
+      axpy_row(acc, p + 2, Dp, w);
+    }
+    store_rows(out.at(idx * D), acc, Dp, 1, D, acc_t(1) / l);
+    lse[idx] = static_cast<lse_t>(gm + std::log(l));
+  }
+}
+
 template <typename acc_t, typename lse_t>
 void combine_partials(const acc_t* part, int64_t BH, int64_t nsplit, int64_t rows, int64_t D, int64_t Dp,
                       OutPtr out, lse_t* lse) {
-  const int64_t stride_row = Dp + 2;
   at::parallel_for(0, BH * rows, 16, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(Dp);
-    for (int64_t idx = begin; idx < end; ++idx) {
-      const int64_t bh = idx / rows, row = idx % rows;
-      const acc_t* first = part + (bh * nsplit * rows + row) * stride_row;
-      acc_t gm = neg_inf<acc_t>();
-      for (int64_t sp = 0; sp < nsplit; ++sp) gm = std::max(gm, first[sp * rows * stride_row]);
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      if (gm == neg_inf<acc_t>()) {
-        store_rows(out.at(idx * D), acc.data(), Dp, 1, D, acc_t(0));
-        lse[idx] = neg_inf<lse_t>();
-        continue;
-      }
-      acc_t l = 0;
-      for (int64_t sp = 0; sp < nsplit; ++sp) {
-        const acc_t* p = first + sp * rows * stride_row;
-        if (p[0] == neg_inf<acc_t>()) continue;
-        const acc_t w = std::exp(p[0] - gm);
-        l += w * p[1];
-        axpy_row(acc.data(), p + 2, Dp, w);
-      }
-      store_rows(out.at(idx * D), acc.data(), Dp, 1, D, acc_t(1) / l);
-      lse[idx] = static_cast<lse_t>(gm + std::log(l));
-    }
+    combine_rows(part, nsplit, rows, D, Dp, out, lse, begin, end, acc.data());
   });
 }
 
@@ -673,8 +680,11 @@ void bilateral_fwd_impl(const BilateralShape& sh, const at::Tensor& q_s, const a
   const acc_t sc = static_cast<acc_t>(scale);
   const auto qs = view4(q_s), ks = view4(k_s), vs = view4(v_s);
   const auto qx = view4(q_x), kx = view4(k_x), vx = view4(v_x);
-  // Direction-s partials per (bh, split): rows of (m, l, acc[Dp]).
+  // Direction-s partials per (bh, split): rows of (m, l, acc[Dp]). The worker that writes the
+  // last split of a (batch, head) merges them (in split order), so no second parallel pass.
   std::vector<acc_t> part(BH * nsplit * M * (Dp + 2));
+  std::unique_ptr<std::atomic<int64_t>[]> splits_done(new std::atomic<int64_t>[BH]);
+  for (int64_t bh = 0; bh < BH; ++bh) splits_done[bh].store(0);
 
   parallel_items(BH * nsplit, [&](const auto& next_item) {
     // spatial side of one (batch, head): q_s^T (scaled), k_s, v_s
@@ -683,7 +693,7 @@ void bilateral_fwd_impl(const BilateralShape& sh, const at::Tensor& q_s, const a
     std::vector<acc_t> qt_t(D * Tp), k_t(kTile * Dp), v_t(kTile * Dp);
     std::unique_ptr<bool[]> keep(new bool[kTile]);
     std::vector<acc_t> s_x(M * Tp), o_t(kTile * Dp), inv_l(Tp), lse_t_(Tp);
-    std::vector<acc_t> s_s(kTile * Mp), shift(Mp), m_s(Mp), l_s(Mp), acc_s(M * Dp);
+    std::vector<acc_t> s_s(kTile * Mp), shift(Mp), m_s(Mp), l_s(Mp), acc_s(M * Dp), merged(Dp);
     int64_t packed_bh = -1;
     for (int64_t item = next_item(); item >= 0; item = next_item()) {
       const int64_t bh = item / nsplit, sp = item % nsplit;
@@ -721,9 +731,11 @@ void bilateral_fwd_impl(const BilateralShape& sh, const at::Tensor& q_s, const a
         p[r * (Dp + 2) + 1] = l_s[r];
         std::copy(acc_s.begin() + r * Dp, acc_s.begin() + (r + 1) * Dp, p + r * (Dp + 2) + 2);
       }
+      if (splits_done[bh].fetch_add(1, std::memory_order_acq_rel) == nsplit - 1)
+        combine_rows(part.data(), nsplit, M, D, Dp, o_s, lse_s, bh * M, (bh + 1) * M, merged.data());
     }
   });
-  combine_partials(part.data(), BH, nsplit, M, D, Dp, o_s, lse_s);
+  if (nsplit == 0) combine_partials(part.data(), BH, nsplit, M, D, Dp, o_s, lse_s);  // N = 0: o_s = 0
 }
 
 template <typename acc_t, typename lse_t>
@@ -741,8 +753,19 @@ void bilateral_bwd_impl(const BilateralShape& sh, const at::Tensor& do_s, const 
   const auto dos = view4(do_s), dox = view4(do_x);
   const auto os = view4(o_s), ox = view4(o_x);
   const auto ls = view3<lse_t>(lse_s), lx = view3<lse_t>(lse_x);
-  // Per item: dq_s, dk_s, dv_s partials [M, Dp] each.
+  // Per item: dq_s, dk_s, dv_s partials [M, Dp] each; the worker that writes the last split
+  // of a (batch, head) sums them in split order.
   std::vector<acc_t> part(BH * nsplit * 3 * M * Dp);
+  std::unique_ptr<std::atomic<int64_t>[]> splits_done(new std::atomic<int64_t>[BH]);
+  for (int64_t bh = 0; bh < BH; ++bh) splits_done[bh].store(0);
+  const auto reduce_spatial = [&](int64_t bh, acc_t* sum) {
+    std::fill(sum, sum + 3 * M * Dp, acc_t(0));
+    for (int64_t sp = 0; sp < nsplit; ++sp)
+      axpy_row(sum, part.data() + (bh * nsplit + sp) * 3 * M * Dp, 3 * M * Dp, acc_t(1));
+    store_rows(dq_s.at(bh * M * D), sum, Dp, M, D, sc);
+    store_rows(dk_s.at(bh * M * D), sum + M * Dp, Dp, M, D, acc_t(1));
+    store_rows(dv_s.at(bh * M * D), sum + 2 * M * Dp, Dp, M, D, acc_t(1));
+  };
 
   parallel_items(BH * nsplit, [&](const auto& next_item) {
     // spatial side of one (batch, head)
@@ -753,7 +776,7 @@ void bilateral_bwd_impl(const BilateralShape& sh, const at::Tensor& do_s, const 
         delta_t(kTile);
     std::unique_ptr<bool[]> keep(new bool[kTile]);
     std::vector<acc_t> p_x(kTile * Tp), ds_x(kTile * Tp), dq_t(kTile * Dp), dk_t(kTile * Dp), dv_t(kTile * Dp);
-    std::vector<acc_t> p_s(kTile * Mp), ds_s(kTile * Mp);
+    std::vector<acc_t> p_s(kTile * Mp), ds_s(kTile * Mp), sum;
     for (int64_t j = 0; j < Mp; ++j) bias_sp[j] = j < M ? acc_t(0) : neg_inf<acc_t>();
     int64_t packed_bh = -1;
     for (int64_t item = next_item(); item >= 0; item = next_item()) {
@@ -813,20 +836,17 @@ void bilateral_bwd_impl(const BilateralShape& sh, const at::Tensor& do_s, const 
         store_rows(dk_x.at((bh * N + n0) * D), dk_t.data(), Dp, C, D, acc_t(1));
         store_rows(dv_x.at((bh * N + n0) * D), dv_t.data(), Dp, C, D, acc_t(1));
       }
+      // -- ordered reduction of the spatial-side partials, once all splits of bh are in --
+      if (splits_done[bh].fetch_add(1, std::memory_order_acq_rel) == nsplit - 1) {
+        if (sum.empty()) sum.resize(3 * M * Dp);
+        reduce_spatial(bh, sum.data());
+      }
     }
   });
-  // -- ordered reduction of the spatial-side partials --
-  at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
+  if (nsplit == 0) {  // N = 0: no image token, so the spatial gradients are 0
     std::vector<acc_t> sum(3 * M * Dp);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      std::fill(sum.begin(), sum.end(), acc_t(0));
-      for (int64_t sp = 0; sp < nsplit; ++sp)
-        axpy_row(sum.data(), part.data() + (bh * nsplit + sp) * 3 * M * Dp, 3 * M * Dp, acc_t(1));
-      store_rows(dq_s.at(bh * M * D), sum.data(), Dp, M, D, sc);
-      store_rows(dk_s.at(bh * M * D), sum.data() + M * Dp, Dp, M, D, acc_t(1));
-      store_rows(dv_s.at(bh * M * D), sum.data() + 2 * M * Dp, Dp, M, D, acc_t(1));
-    }
-  });
+    for (int64_t bh = 0; bh < BH; ++bh) reduce_spatial(bh, sum.data());
+  }
 }
 
 // ---------------------------------------------------------------------------------------
