@@ -169,6 +169,24 @@ const acc_t* direct_rows(const View& src, int64_t bh, int64_t l0, int64_t D, int
 template <typename acc_t>
 void pack_transposed(acc_t* dst, int64_t ld, int64_t cols, const View& src, int64_t bh, int64_t l0, int64_t rows,
                      int64_t D, acc_t mul) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (src.dtype == at::kFloat && src.stride_d == 1) {
+      // fp32 rows: 8 x 8 register transposes (ATen's transpose_mxn), then the scale per row
+      const float* first = static_cast<const float*>(src.ptr) + src.base(bh) + l0 * src.stride_l;
+      const int64_t r8 = rows / 8 * 8, d8 = D / 8 * 8;
+      for (int64_t r = 0; r < r8; r += 8)
+        for (int64_t i = 0; i < d8; i += 8)
+          at::vec::transpose_mxn<float, 8, 8>(first + r * src.stride_l + i, src.stride_l, dst + i * ld + r, ld);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t i = (r < r8 ? d8 : 0); i < D; ++i) dst[i * ld + r] = first[r * src.stride_l + i];
+      for (int64_t i = 0; i < D; ++i) {
+        if (mul != 1.0f)
+          for (int64_t r = 0; r < rows; ++r) dst[i * ld + r] *= mul;
+        for (int64_t r = rows; r < cols; ++r) dst[i * ld + r] = 0.0f;
+      }
+      return;
+    }
+  }
   with_storage_type(src.dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* first = static_cast<const scalar_t*>(src.ptr) + src.base(bh) + l0 * src.stride_l;
