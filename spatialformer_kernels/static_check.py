@@ -1,19 +1,21 @@
 """Static GPU check: compile the Triton kernels for sm_80 and sm_90 without a GPU.
 
-    python -m spatialformer_kernels.static_check [--all] [--arch 80 90]
+    python -m spatialformer_kernels.static_check [--all] [--arch 80 90] [--jobs N]
 
-For every kernel, at every config the autotuner may pick (the launcher's own tables:
-`block_m_for`, `fuse_directions`, `configs_for`) and at the fixed interpreter/test config,
+For every kernel variant the launchers can launch, at every config the autotuner may keep
+for it (the launcher's own tables: `block_m_for`, `fuse_directions`, `backward_supported`,
+`configs_for`; the interpreter's fixed test config is one of them, marked "(test)"),
 Triton compiles the kernel to a cubin for each target; `cuobjdump --dump-resource-usage`
-(shipped in the triton wheel) reads registers and stack (spill) bytes, and
-`metadata.shared` gives the shared memory. Prints one row per compile and exits non-zero on
-any spill or on shared memory above the device limit (sm_80: 163 KB, sm_90: 227 KB).
+(shipped in the triton wheel) reads registers and stack bytes (spills), and
+`metadata.shared` plus the static shared memory give the shared memory. Prints one row per
+compile and exits non-zero on any spill or on shared memory above the device limit
+(sm_80: 163 KB, sm_90: 227 KB per block).
 
 Coverage: by default a representative set of (dtype, head-dim bucket) pairs that covers
-every dtype and every BLOCK_D bucket, the heaviest dtype (fp32) at small, middle and large
-D, and every kernel variant those pairs reach (both directions fused or one at a time, the
-one-block and looped-M paths, the cross_attention directions). `--all` compiles every
-dtype at every bucket (several times slower).
+every dtype and every BLOCK_D bucket (fp16 and bf16 compile to the same resource usage in
+every bucket of an `--all` run); `--all` compiles every dtype at every bucket (about three
+times longer). Pointer alignment and unit strides are specialised as they are at run time
+for contiguous last dimensions and torch allocations.
 """
 from __future__ import annotations
 
