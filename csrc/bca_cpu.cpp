@@ -199,13 +199,6 @@ void pack_transposed(acc_t* dst, int64_t ld, int64_t cols, const View& src, int6
     for (int64_t r = rows; r < cols; ++r) dst[i * ld + r] = acc_t(0);
 }
 
-// Additive key bias for one tile: 0 for a kept key, -inf for a masked or padding column.
-template <typename acc_t>
-void key_bias(acc_t* bias, const MaskView& mask, int64_t bh, int64_t l0, int64_t L, int64_t Lp) {
-  for (int64_t j = 0; j < L; ++j) bias[j] = mask.keep(bh, l0 + j) ? acc_t(0) : neg_inf<acc_t>();
-  for (int64_t j = L; j < Lp; ++j) bias[j] = neg_inf<acc_t>();
-}
-
 // Write rows of acc_t results, row r times mul[r], to a contiguous output at `out`.
 template <typename acc_t>
 void store_rows_scaled(OutPtr out, const acc_t* src, int64_t ld, int64_t rows, int64_t D, const acc_t* mul) {
@@ -321,50 +314,6 @@ inline T hsum(const Vectorized<T>& v) {
 }
 
 template <typename T>
-inline T hmax(const Vectorized<T>& v) {
-  alignas(64) T lanes[Vectorized<T>::size()];
-  v.store(lanes);
-  T m = lanes[0];
-  for (int i = 1; i < Vectorized<T>::size(); ++i) m = std::max(m, lanes[i]);
-  return m;
-}
-
-// x += bias; return max(x).
-template <typename T>
-inline T add_bias_max(T* x, const T* bias, int64_t n) {
-  using Vec = Vectorized<T>;
-  Vec m(neg_inf<T>());
-  for (int64_t i = 0; i < n; i += Vec::size()) {
-    const Vec s = Vec::loadu(x + i) + Vec::loadu(bias + i);
-    s.store(x + i);
-    m = at::vec::maximum(m, s);
-  }
-  return hmax(m);
-}
-
-template <typename T>
-inline T row_max(const T* x, int64_t n) {
-  using Vec = Vectorized<T>;
-  Vec m(neg_inf<T>());
-  for (int64_t i = 0; i < n; i += Vec::size()) m = at::vec::maximum(m, Vec::loadu(x + i));
-  return hmax(m);
-}
-
-// x = exp(x - shift); return sum(x).
-template <typename T>
-inline T exp_shift_sum(T* x, int64_t n, T shift) {
-  using Vec = Vectorized<T>;
-  const Vec sh(shift);
-  Vec s(T(0));
-  for (int64_t i = 0; i < n; i += Vec::size()) {
-    const Vec e = vexp(Vec::loadu(x + i) - sh);
-    e.store(x + i);
-    s = s + e;
-  }
-  return hsum(s);
-}
-
-template <typename T>
 inline void scale_row(T* x, int64_t n, T a) {
   using Vec = Vectorized<T>;
   const Vec va(a);
@@ -435,40 +384,6 @@ inline Vectorized<T> column_exp_sum(T* S, int64_t ld, int64_t rows, int64_t j, V
 // ---------------------------------------------------------------------------------------
 // Tile steps shared by every driver.
 // ---------------------------------------------------------------------------------------
-
-// Online-softmax update of R query rows with one tile of L keys (Lp padded): the "row" form,
-// for many queries over few keys (direction x; cross attention).
-// Q [R, Dp] (pre-scaled), KT [D, ldkt], V [L, ldv], bias [Lp] (0 or -inf; nullptr = all keys
-// kept and L == Lp), S scratch [R, Lp]; state m [R], l [R], acc [R, Dp].
-template <typename T>
-void attend_tile(int64_t R, int64_t D, int64_t Dp, const T* Q, const T* KT, int64_t ldkt, const T* V, int64_t ldv,
-                 const T* bias, int64_t L, int64_t Lp, T* S, T* m, T* l, T* acc) {
-  // -- s = q k^T --
-  gemm<T, false>(R, Lp, D, Q, Dp, 1, KT, ldkt, S, Lp);
-  // -- online softmax --
-  for (int64_t r = 0; r < R; ++r) {
-    T* s = S + r * Lp;
-    const T m_tile = bias ? add_bias_max(s, bias, Lp) : row_max(s, Lp);
-    const T m_new = std::max(m[r], m_tile);
-    if (m_new == neg_inf<T>()) {  // no kept key so far: p = 0, state unchanged
-      std::fill(s, s + Lp, T(0));
-      continue;
-    }
-    const T sum = exp_shift_sum(s, Lp, m_new);
-    if (m[r] == neg_inf<T>()) {  // first kept keys of this row: acc and l are still 0
-      l[r] = sum;
-    } else if (m_new != m[r]) {
-      const T alpha = std::exp(m[r] - m_new);
-      l[r] = l[r] * alpha + sum;
-      scale_row(acc + r * Dp, Dp, alpha);
-    } else {
-      l[r] += sum;
-    }
-    m[r] = m_new;
-  }
-  // -- acc += p v --
-  gemm<T, true>(R, Dp, L, S, Lp, 1, V, ldv, acc, Dp);
-}
 
 // Complete softmax of C query columns over all M keys, the column form of a full (not
 // online) softmax, for direction x: s^T = k q^T [M, Cp] has the keys on rows, so the row max
@@ -563,18 +478,18 @@ void attend_tile_bwd(int64_t R, int64_t D, int64_t Dp, const T* Q, const T* dO, 
 }
 
 // Gradients for the column form (see attend_tile_cols): M query columns against C keys.
-// K, V [C, Dp] tile rows; QT [D, Mp] and Q [M, Dp] (pre-scaled); dOT [D, Mp], dO [M, Dp];
+// K [C, ldk], V [C, ldv] tile rows; QT [D, Mp] and Q [M, Dp] (pre-scaled); dOT [D, Mp], dO [M, Dp];
 // lse_safe [Mp] (+inf for a column without kept keys, and for padding), delta [Mp];
 // keep [C] (nullptr = all kept); scratch P, dS [C, Mp].
-// dQ [M, Dp] += dS^T K (unscaled); dK [C, Dp] = dS Q; dV [C, Dp] = P dO.
-template <typename T>
-void attend_tile_cols_bwd(int64_t C, int64_t M, int64_t Mp, int64_t D, int64_t Dp, const T* K, const T* V,
-                          const T* QT, const T* Q, const T* dOT, const T* dO, const T* lse_safe, const T* delta,
-                          const bool* keep, T* P, T* dS, T* dQ, T* dK, T* dV) {
+// dQ [M, Dp] += dS^T K (unscaled); dK [C, Dp] (+)= dS Q; dV [C, Dp] (+)= P dO (+= when ACC_KV).
+template <bool ACC_KV, typename T>
+void attend_tile_cols_bwd(int64_t C, int64_t M, int64_t Mp, int64_t D, int64_t Dp, const T* K, int64_t ldk,
+                          const T* V, int64_t ldv, const T* QT, const T* Q, const T* dOT, const T* dO,
+                          const T* lse_safe, const T* delta, const bool* keep, T* P, T* dS, T* dQ, T* dK, T* dV) {
   using Vec = Vectorized<T>;
   // -- s^T = k q^T, dp^T = v do^T --
-  gemm<T, false>(C, Mp, D, K, Dp, 1, QT, Mp, P, Mp);
-  gemm<T, false>(C, Mp, D, V, Dp, 1, dOT, Mp, dS, Mp);
+  gemm<T, false>(C, Mp, D, K, ldk, 1, QT, Mp, P, Mp);
+  gemm<T, false>(C, Mp, D, V, ldv, 1, dOT, Mp, dS, Mp);
   // -- p = exp(s - lse), ds = p (dp - delta) --
   for (int64_t r = 0; r < C; ++r) {
     T* p = P + r * Mp;
@@ -591,9 +506,9 @@ void attend_tile_cols_bwd(int64_t C, int64_t M, int64_t Mp, int64_t D, int64_t D
     }
   }
   // -- dq += ds^T k, dk = ds q, dv = p do --
-  gemm<T, true>(M, Dp, C, dS, 1, Mp, K, Dp, dQ, Dp);
-  gemm<T, false>(C, Dp, M, dS, Mp, 1, Q, Dp, dK, Dp);
-  gemm<T, false>(C, Dp, M, P, Mp, 1, dO, Dp, dV, Dp);
+  gemm<T, true>(M, Dp, C, dS, 1, Mp, K, ldk, dQ, Dp);
+  gemm<T, ACC_KV>(C, Dp, M, dS, Mp, 1, Q, Dp, dK, Dp);
+  gemm<T, ACC_KV>(C, Dp, M, P, Mp, 1, dO, Dp, dV, Dp);
 }
 
 // Merge softmax partials part[bh][split][row] = (m, l, acc[Dp]) in split order for the
@@ -829,8 +744,10 @@ void bilateral_bwd_impl(const BilateralShape& sh, const at::Tensor& do_s, const 
       for (int64_t n0 = sp * kSplitN; n0 < n_end; n0 += kTile) {
         const int64_t C = std::min(kTile, n_end - n0);
         pack_rows(q_t.data(), Dp, qx, bh, n0, C, D, sc);
-        pack_rows(k_t.data(), Dp, kx, bh, n0, C, D, acc_t(1));
-        pack_rows(v_t.data(), Dp, vx, bh, n0, C, D, acc_t(1));
+        const acc_t* k_rows = direct_rows<acc_t>(kx, bh, n0, D, Dp);
+        const acc_t* v_rows = direct_rows<acc_t>(vx, bh, n0, D, Dp);
+        if (!k_rows) pack_rows(k_t.data(), Dp, kx, bh, n0, C, D, acc_t(1));
+        if (!v_rows) pack_rows(v_t.data(), Dp, vx, bh, n0, C, D, acc_t(1));
         pack_rows(do_t.data(), Dp, dox, bh, n0, C, D, acc_t(1));
         for (int64_t r = 0; r < C; ++r) {
           pack_rows(o_row.data(), Dp, ox, bh, n0 + r, 1, D, acc_t(1));
@@ -848,7 +765,8 @@ void bilateral_bwd_impl(const BilateralShape& sh, const at::Tensor& do_s, const 
         }
         store_rows(dq_x.at((bh * N + n0) * D), dq_t.data(), Dp, C, D, sc);
         // -- direction s (column form): dk_x / dv_x row-local, dq_s into this item's partial --
-        attend_tile_cols_bwd(C, M, Mp, D, Dp, k_t.data(), v_t.data(), qt_sp.data(), q_sp.data(), dot_sp.data(),
+        attend_tile_cols_bwd<false>(C, M, Mp, D, Dp, k_rows ? k_rows : k_t.data(), k_rows ? kx.stride_l : Dp,
+                             v_rows ? v_rows : v_t.data(), v_rows ? vx.stride_l : Dp, qt_sp.data(), q_sp.data(), dot_sp.data(),
                              do_sp.data(), lse_safe_sp.data(), delta_sp.data(), masked ? keep.get() : nullptr,
                              p_s.data(), ds_s.data(), dq_sp, dk_t.data(), dv_t.data());
         store_rows(dk_x.at((bh * N + n0) * D), dk_t.data(), Dp, C, D, acc_t(1));
@@ -904,26 +822,33 @@ void cross_fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const CrossPlan plan = plan_cross(BH, Lq, Lk);
   std::vector<acc_t> part(plan.nks > 1 ? BH * plan.nks * Lq * (Dp + 2) : 0);
 
+  // Column form (as direction s of the bilateral kernel): per query block q^T is packed once,
+  // key tiles are read as rows (in place for fp32), softmax statistics per query column.
+  const int64_t Qp = round_up_vec<acc_t>(kQueryBlock);
   parallel_items(BH * plan.nqs * plan.nks, [&](const auto& next_item) {
-    std::vector<acc_t> q_b(kQueryBlock * Dp), kt_t(D * Tp), v_t(kTile * Dp), bias_t(Tp), s(kQueryBlock * Tp);
-    std::vector<acc_t> m(kQueryBlock), l(kQueryBlock), acc(kQueryBlock * Dp);
+    std::vector<acc_t> qt_b(D * Qp), k_t(kTile * Dp), v_t(kTile * Dp), s(kTile * Qp), shift(Qp);
+    std::vector<acc_t> m(Qp), l(Qp), acc(kQueryBlock * Dp);
+    std::unique_ptr<bool[]> keep(new bool[kTile]);
     for (int64_t item = next_item(); item >= 0; item = next_item()) {
       const int64_t bh = item / (plan.nqs * plan.nks);
       const int64_t qs = (item / plan.nks) % plan.nqs, ks = item % plan.nks;
       const int64_t q_end = std::min(Lq, (qs + 1) * plan.q_len), k_end = std::min(Lk, (ks + 1) * plan.k_len);
       for (int64_t q0 = qs * plan.q_len; q0 < q_end; q0 += kQueryBlock) {
-        const int64_t R = std::min(kQueryBlock, q_end - q0);
-        pack_rows(q_b.data(), Dp, qv, bh, q0, R, D, sc);
+        const int64_t R = std::min(kQueryBlock, q_end - q0), Rp = round_up_vec<acc_t>(R);
+        pack_transposed(qt_b.data(), Rp, Rp, qv, bh, q0, R, D, sc);
         std::fill(m.begin(), m.end(), neg_inf<acc_t>());
         std::fill(l.begin(), l.end(), acc_t(0));
         std::fill(acc.begin(), acc.end(), acc_t(0));
         for (int64_t k0 = ks * plan.k_len; k0 < k_end; k0 += kTile) {
-          const int64_t L = std::min(kTile, k_end - k0), Lp = round_up_vec<acc_t>(L);
-          pack_transposed(kt_t.data(), Lp, Lp, kv, bh, k0, L, D, acc_t(1));
-          pack_rows(v_t.data(), Dp, vv, bh, k0, L, D, acc_t(1));
-          key_bias(bias_t.data(), mask, bh, k0, L, Lp);
-          attend_tile(R, D, Dp, q_b.data(), kt_t.data(), Lp, v_t.data(), Dp, bias_t.data(), L, Lp, s.data(), m.data(),
-                      l.data(), acc.data());
+          const int64_t L = std::min(kTile, k_end - k0);
+          const acc_t* k_rows = direct_rows<acc_t>(kv, bh, k0, D, Dp);
+          const acc_t* v_rows = direct_rows<acc_t>(vv, bh, k0, D, Dp);
+          if (!k_rows) pack_rows(k_t.data(), Dp, kv, bh, k0, L, D, acc_t(1));
+          if (!v_rows) pack_rows(v_t.data(), Dp, vv, bh, k0, L, D, acc_t(1));
+          const bool masked = tile_keep(keep.get(), mask, bh, k0, L);
+          attend_tile_cols(L, R, Rp, D, Dp, k_rows ? k_rows : k_t.data(), k_rows ? kv.stride_l : Dp, qt_b.data(),
+                           v_rows ? v_rows : v_t.data(), v_rows ? vv.stride_l : Dp, masked ? keep.get() : nullptr,
+                           s.data(), shift.data(), m.data(), l.data(), acc.data());
         }
         if (plan.nks == 1) {
           finalize_rows(m.data(), l.data(), acc.data(), R, D, Dp, out.at((bh * Lq + q0) * D), lse + bh * Lq + q0);
@@ -956,11 +881,13 @@ void cross_bwd_impl(const at::Tensor& d_o, const at::Tensor& q, const at::Tensor
   std::vector<acc_t> dq_part(plan.nks > 1 ? plan.nks * BH * Lq * Dp : 0);
   std::vector<acc_t> dkv_part(plan.nqs > 1 ? plan.nqs * BH * Lk * 2 * Dp : 0);
 
+  const int64_t Qp = round_up_vec<acc_t>(kQueryBlock);
   parallel_items(BH * plan.nqs * plan.nks, [&](const auto& next_item) {
-    std::vector<acc_t> q_b(kQueryBlock * Dp), do_b(kQueryBlock * Dp), o_row(Dp), lse_b(kQueryBlock),
-        delta_b(kQueryBlock), dq_b(kQueryBlock * Dp);
-    std::vector<acc_t> k_t(kTile * Dp), kt_t(D * Tp), vt_t(D * Tp), bias_t(Tp), p(kQueryBlock * Tp),
-        ds(kQueryBlock * Tp);
+    // one query block: q (scaled) as rows and transposed, do as rows and transposed
+    std::vector<acc_t> q_b(kQueryBlock * Dp), qt_b(D * Qp), do_b(kQueryBlock * Dp), dot_b(D * Qp), o_row(Dp),
+        lse_safe(Qp), delta(Qp), dq_b(kQueryBlock * Dp);
+    std::vector<acc_t> k_t(kTile * Dp), v_t(kTile * Dp), p(kTile * Qp), ds(kTile * Qp);
+    std::unique_ptr<bool[]> keep(new bool[kTile]);
     std::vector<acc_t> dk_loc(plan.k_len * Dp), dv_loc(plan.k_len * Dp);
     for (int64_t item = next_item(); item >= 0; item = next_item()) {
       const int64_t bh = item / (plan.nqs * plan.nks);
@@ -970,24 +897,36 @@ void cross_bwd_impl(const at::Tensor& d_o, const at::Tensor& q, const at::Tensor
       std::fill(dk_loc.begin(), dk_loc.end(), acc_t(0));
       std::fill(dv_loc.begin(), dv_loc.end(), acc_t(0));
       for (int64_t q0 = qs * plan.q_len; q0 < q_end; q0 += kQueryBlock) {
-        const int64_t R = std::min(kQueryBlock, q_end - q0);
+        const int64_t R = std::min(kQueryBlock, q_end - q0), Rp = round_up_vec<acc_t>(R);
         pack_rows(q_b.data(), Dp, qv, bh, q0, R, D, sc);
+        pack_transposed(qt_b.data(), Rp, Rp, qv, bh, q0, R, D, sc);
         pack_rows(do_b.data(), Dp, dov, bh, q0, R, D, acc_t(1));
-        for (int64_t r = 0; r < R; ++r) {
+        pack_transposed(dot_b.data(), Rp, Rp, dov, bh, q0, R, D, acc_t(1));
+        for (int64_t r = 0; r < Rp; ++r) {
+          if (r >= R) {
+            lse_safe[r] = std::numeric_limits<acc_t>::infinity();
+            delta[r] = acc_t(0);
+            continue;
+          }
           pack_rows(o_row.data(), Dp, ov, bh, q0 + r, 1, D, acc_t(1));
-          delta_b[r] = dot_row(do_b.data() + r * Dp, o_row.data(), Dp);
-          lse_b[r] = static_cast<acc_t>(lv.at(bh, q0 + r));
+          delta[r] = dot_row(do_b.data() + r * Dp, o_row.data(), Dp);
+          const acc_t lse = static_cast<acc_t>(lv.at(bh, q0 + r));
+          // no kept key: lse = -inf; +inf makes p = exp(s - lse) exactly 0
+          lse_safe[r] = lse == neg_inf<acc_t>() ? std::numeric_limits<acc_t>::infinity() : lse;
         }
         std::fill(dq_b.begin(), dq_b.end(), acc_t(0));
         for (int64_t k0 = k_begin; k0 < k_end; k0 += kTile) {
-          const int64_t L = std::min(kTile, k_end - k0), Lp = round_up_vec<acc_t>(L);
-          pack_rows(k_t.data(), Dp, kv, bh, k0, L, D, acc_t(1));
-          pack_transposed(kt_t.data(), Lp, Lp, kv, bh, k0, L, D, acc_t(1));
-          pack_transposed(vt_t.data(), Lp, Lp, vv, bh, k0, L, D, acc_t(1));
-          key_bias(bias_t.data(), mask, bh, k0, L, Lp);
-          attend_tile_bwd(R, D, Dp, q_b.data(), do_b.data(), lse_b.data(), delta_b.data(), k_t.data(), Dp,
-                          kt_t.data(), Lp, vt_t.data(), Lp, bias_t.data(), L, Lp, p.data(), ds.data(), dq_b.data(),
-                          dk_loc.data() + (k0 - k_begin) * Dp, dv_loc.data() + (k0 - k_begin) * Dp);
+          const int64_t L = std::min(kTile, k_end - k0);
+          const acc_t* k_rows = direct_rows<acc_t>(kv, bh, k0, D, Dp);
+          const acc_t* v_rows = direct_rows<acc_t>(vv, bh, k0, D, Dp);
+          if (!k_rows) pack_rows(k_t.data(), Dp, kv, bh, k0, L, D, acc_t(1));
+          if (!v_rows) pack_rows(v_t.data(), Dp, vv, bh, k0, L, D, acc_t(1));
+          const bool masked = tile_keep(keep.get(), mask, bh, k0, L);
+          attend_tile_cols_bwd<true>(L, R, Rp, D, Dp, k_rows ? k_rows : k_t.data(), k_rows ? kv.stride_l : Dp,
+                                     v_rows ? v_rows : v_t.data(), v_rows ? vv.stride_l : Dp, qt_b.data(), q_b.data(),
+                                     dot_b.data(), do_b.data(), lse_safe.data(), delta.data(),
+                                     masked ? keep.get() : nullptr, p.data(), ds.data(), dq_b.data(),
+                                     dk_loc.data() + (k0 - k_begin) * Dp, dv_loc.data() + (k0 - k_begin) * Dp);
         }
         if (plan.nks == 1)
           store_rows(dq.at((bh * Lq + q0) * D), dq_b.data(), Dp, R, D, sc);
