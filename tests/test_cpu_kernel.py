@@ -123,7 +123,9 @@ def test_bilateral_lse_matches_reference(dtype):
     assert lse_s.dtype == lse_x.dtype == torch.float32
     assert torch.equal(lse_s[1], torch.full_like(lse_s[1], float("-inf")))
     for got, (q, k, v, m) in ((lse_s, (q_s, k_x, v_x, mask)), (lse_x, (q_x, k_s, v_s, None))):
-        ref, exact = reference_pair(lambda *t: cross_attention_reference_with_lse(*t, 0.2, m, upcast=True)[1], [q, k, v])
+        ref, exact = reference_pair(
+            lambda *t: cross_attention_reference_with_lse(*t, 0.2, m, upcast=True)[1], [q, k, v]
+        )
         assert_close(got, ref, exact, FP32, "lse")
 
 
@@ -159,7 +161,9 @@ def test_cross_outputs_and_gradients_match_reference(case):
     for name, got, ref, exact in zip(("dq", "dk", "dv"), d_qkv, ref_grads, exact_grads):
         assert_close(got, ref, exact, dtype, name)
     _, lse = cpu_backend.cross_fwd(q, k, v, 0.3, mask)
-    ref_lse, exact_lse = reference_pair(lambda *t: cross_attention_reference_with_lse(*t, 0.3, mask, upcast=True)[1], [q, k, v])
+    ref_lse, exact_lse = reference_pair(
+        lambda *t: cross_attention_reference_with_lse(*t, 0.3, mask, upcast=True)[1], [q, k, v]
+    )
     assert_close(lse, ref_lse, exact_lse, FP32, "lse")  # float32 LSEs for every input dtype
 
 

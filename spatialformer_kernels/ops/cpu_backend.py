@@ -19,11 +19,12 @@ Environment:
 - SPATIALFORMER_KERNELS_NO_CPU=1: never build; the "cpu" backend is unavailable.
 - CXX: the compiler, as for any torch extension.
 
-Kernel layout (see the comment at the top of csrc/bca_cpu.cpp): tiles of 64 tokens packed
-into fp32 (fp64 for float64 inputs), register-blocked micro-GEMMs with ATen's at::vec, online
-softmax, work items of fixed size under at::parallel_for, partials reduced in a fixed order
-(bitwise identical results for any thread count). Inputs are read through their strides;
-nothing is made contiguous.
+Kernel layout (see the comment at the top of csrc/bca_cpu.cpp): tiles of 64 tokens read
+through their strides into fp32 buffers (fp64 for float64 inputs; fp32 rows with unit stride
+along D are used in place, nothing is made contiguous), register-blocked micro-GEMMs with
+ATen's at::vec (AVX2/AVX-512 as the build machine allows), softmax over transposed logits,
+work items of fixed size under at::parallel_for, partials reduced in a fixed order (bitwise
+identical results for any thread count).
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ import torch
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
-_SOURCES = ("bca_cpu.cpp",)
+_SOURCES = ("bca_cpu.cpp", "bca_cpu_kernels.h")
 _BASE_FLAGS = ["-O3", "-fopenmp"]
 # Tried in order: the native ISA first (AVX2/AVX-512 via at::vec), then a portable build.
 _ISA_FLAGS = (["-march=native"], [])
@@ -110,7 +111,7 @@ def _build():
                 # is_python_module=False: the ops register with TORCH_LIBRARY (no pybind11).
                 load(
                     name="spatialformer_bca_cpu",
-                    sources=[str(p) for p in sources],
+                    sources=[str(p) for p in sources if p.suffix == ".cpp"],
                     extra_cflags=flags,
                     extra_ldflags=["-fopenmp"],
                     build_directory=str(directory),

@@ -1,0 +1,558 @@
+// Building blocks of the fused CPU attention kernels (csrc/bca_cpu.cpp): strided views,
+// packing, the at::vec micro-GEMM, vector row/column helpers and the per-tile softmax steps.
+// Included by bca_cpu.cpp only, after it has chosen the vector ISA.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+namespace sfk {
+
+using at::vec::Vectorized;
+
+constexpr int64_t kTile = 64;        // tokens (keys or image queries) per packed tile
+constexpr int64_t kSplitN = 256;     // image tokens per bilateral work item
+constexpr int64_t kQueryBlock = 64;  // query rows per block in cross attention
+constexpr int64_t kTargetItems = 64; // cross attention: split until this many work items
+constexpr int kRowBlock = 6;         // micro-GEMM rows (6 x 2 vectors: 12 accumulators)
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename T>
+inline int64_t round_up_vec(int64_t n) {
+  constexpr int64_t W = Vectorized<T>::size();
+  return ceil_div(n, W) * W;
+}
+
+template <typename T>
+constexpr T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+// ---------------------------------------------------------------------------------------
+// Strided views of the [B, H, L, D] inputs (any strides, any float dtype). The drivers are
+// compiled once per accumulation type (float, double); only these small pack/store
+// helpers switch on the storage dtype, which keeps the first-use build short.
+// ---------------------------------------------------------------------------------------
+template <typename F>
+inline void with_storage_type(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat: f(float{}); break;
+    case at::kDouble: f(double{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}); break;
+    case at::kHalf: f(c10::Half{}); break;
+    default: TORCH_CHECK(false, "spatialformer_cpu: unsupported dtype ", dtype);
+  }
+}
+
+struct View {
+  const void* ptr;
+  at::ScalarType dtype;
+  int64_t stride_b, stride_h, stride_l, stride_d, heads;
+  int64_t base(int64_t bh) const { return (bh / heads) * stride_b + (bh % heads) * stride_h; }
+};
+
+inline View view4(const at::Tensor& t) {
+  return {t.data_ptr(), t.scalar_type(), t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.size(1)};
+}
+
+// A contiguous output in its storage dtype; at(i) is element i.
+struct OutPtr {
+  void* ptr;
+  at::ScalarType dtype;
+  OutPtr at(int64_t offset) const {
+    return {static_cast<char*>(ptr) + offset * static_cast<int64_t>(c10::elementSize(dtype)), dtype};
+  }
+};
+
+inline OutPtr out_ptr(const at::Tensor& t) { return {t.data_ptr(), t.scalar_type()}; }
+
+// [B, H, L] statistics (the LSEs), read with strides.
+template <typename T>
+struct View3 {
+  const T* ptr;
+  int64_t stride_b, stride_h, stride_l, heads;
+  T at(int64_t bh, int64_t l) const {
+    return ptr[(bh / heads) * stride_b + (bh % heads) * stride_h + l * stride_l];
+  }
+};
+
+template <typename T>
+View3<T> view3(const at::Tensor& t) {
+  return {t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2), t.size(1)};
+}
+
+// bool [B, L] key mask; absent = every key kept.
+struct MaskView {
+  const bool* ptr = nullptr;
+  int64_t stride_b = 0, stride_l = 0, heads = 1;
+  bool keep(int64_t bh, int64_t l) const {
+    return ptr == nullptr || ptr[(bh / heads) * stride_b + l * stride_l];
+  }
+};
+
+// ---------------------------------------------------------------------------------------
+// Packing: strided input rows -> dense acc_t tiles, zero-padded to a whole vector.
+// ---------------------------------------------------------------------------------------
+
+// dst[r, d] = mul * src[l0 + r, d] for r < rows; d in [D, ld) = 0.
+template <typename acc_t>
+void pack_rows(acc_t* dst, int64_t ld, const View& src, int64_t bh, int64_t l0, int64_t rows, int64_t D,
+               acc_t mul) {
+  with_storage_type(src.dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* first = static_cast<const scalar_t*>(src.ptr) + src.base(bh) + l0 * src.stride_l;
+    for (int64_t r = 0; r < rows; ++r) {
+      const scalar_t* __restrict__ s = first + r * src.stride_l;
+      acc_t* __restrict__ d = dst + r * ld;
+      if (src.stride_d == 1) {
+        for (int64_t i = 0; i < D; ++i) d[i] = static_cast<acc_t>(s[i]) * mul;
+      } else {
+        for (int64_t i = 0; i < D; ++i) d[i] = static_cast<acc_t>(s[i * src.stride_d]) * mul;
+      }
+      for (int64_t i = D; i < ld; ++i) d[i] = acc_t(0);
+    }
+  });
+}
+
+// Rows [l0, ...) of the input used in place as a GEMM operand (row stride src.stride_l),
+// when they already are what packing would produce: acc_t storage, unit stride along D and
+// D a whole number of vectors (Dp == D). nullptr otherwise.
+template <typename acc_t>
+const acc_t* direct_rows(const View& src, int64_t bh, int64_t l0, int64_t D, int64_t Dp) {
+  const bool same = (std::is_same_v<acc_t, float> && src.dtype == at::kFloat) ||
+                    (std::is_same_v<acc_t, double> && src.dtype == at::kDouble);
+  if (!same || src.stride_d != 1 || D != Dp) return nullptr;
+  return static_cast<const acc_t*>(src.ptr) + src.base(bh) + l0 * src.stride_l;
+}
+
+// dst[d, r] = src[l0 + r, d] for r < rows; columns r in [rows, cols) = 0. dst is [D, ld].
+template <typename acc_t>
+void pack_transposed(acc_t* dst, int64_t ld, int64_t cols, const View& src, int64_t bh, int64_t l0, int64_t rows,
+                     int64_t D, acc_t mul) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (src.dtype == at::kFloat && src.stride_d == 1) {
+      // fp32 rows: 8 x 8 register transposes (ATen's transpose_mxn), then the scale per row
+      const float* first = static_cast<const float*>(src.ptr) + src.base(bh) + l0 * src.stride_l;
+      const int64_t r8 = rows / 8 * 8, d8 = D / 8 * 8;
+      for (int64_t r = 0; r < r8; r += 8)
+        for (int64_t i = 0; i < d8; i += 8)
+          at::vec::transpose_mxn<float, 8, 8>(first + r * src.stride_l + i, src.stride_l, dst + i * ld + r, ld);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t i = (r < r8 ? d8 : 0); i < D; ++i) dst[i * ld + r] = first[r * src.stride_l + i];
+      for (int64_t i = 0; i < D; ++i) {
+        if (mul != 1.0f)
+          for (int64_t r = 0; r < rows; ++r) dst[i * ld + r] *= mul;
+        for (int64_t r = rows; r < cols; ++r) dst[i * ld + r] = 0.0f;
+      }
+      return;
+    }
+  }
+  with_storage_type(src.dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* first = static_cast<const scalar_t*>(src.ptr) + src.base(bh) + l0 * src.stride_l;
+    for (int64_t r = 0; r < rows; ++r) {
+      const scalar_t* s = first + r * src.stride_l;
+      for (int64_t i = 0; i < D; ++i) dst[i * ld + r] = static_cast<acc_t>(s[i * src.stride_d]) * mul;
+    }
+  });
+  for (int64_t i = 0; i < D; ++i)
+    for (int64_t r = rows; r < cols; ++r) dst[i * ld + r] = acc_t(0);
+}
+
+// Write rows of acc_t results, row r times mul[r], to a contiguous output at `out`.
+template <typename acc_t>
+void store_rows_scaled(OutPtr out, const acc_t* src, int64_t ld, int64_t rows, int64_t D, const acc_t* mul) {
+  with_storage_type(out.dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    scalar_t* o = static_cast<scalar_t*>(out.ptr);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t i = 0; i < D; ++i) o[r * D + i] = static_cast<scalar_t>(src[r * ld + i] * mul[r]);
+  });
+}
+
+// Write rows of acc_t results (times mul) to a contiguous output at `out`.
+template <typename acc_t>
+void store_rows(OutPtr out, const acc_t* src, int64_t ld, int64_t rows, int64_t D, acc_t mul) {
+  with_storage_type(out.dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    scalar_t* o = static_cast<scalar_t*>(out.ptr);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t i = 0; i < D; ++i) o[r * D + i] = static_cast<scalar_t>(src[r * ld + i] * mul);
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// Micro-GEMM: C[r, j] (+)= sum_k A[r * a_rs + k * a_ks] * B[k * ldb + j].
+// cols is a multiple of the vector width; A is read by broadcast, so any strides (a
+// transposed A included) cost nothing; B and C rows are dense.
+// ---------------------------------------------------------------------------------------
+// K >= 1. The first k step initialises the accumulators, so they live in registers from start
+// to end (a separate zero/load-then-loop shape made GCC keep them on the stack around the
+// loop, which cost about a fifth of the throughput at K = 32).
+template <typename T, int R, int NV, bool ACC>
+__attribute__((always_inline)) inline void gemm_block(int64_t K, const T* A, int64_t a_rs, int64_t a_ks,
+                                                      const T* B, int64_t ldb, T* C, int64_t ldc) {
+  using Vec = Vectorized<T>;
+  constexpr int W = Vec::size();
+  Vec acc[R][NV];
+  {
+    Vec b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = Vec::loadu(B + v * W);
+    for (int r = 0; r < R; ++r) {
+      const Vec a(A[r * a_rs]);
+      for (int v = 0; v < NV; ++v)
+        acc[r][v] = ACC ? at::vec::fmadd(a, b[v], Vec::loadu(C + r * ldc + v * W)) : a * b[v];
+    }
+  }
+  for (int64_t k = 1; k < K; ++k) {
+    Vec b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = Vec::loadu(B + k * ldb + v * W);
+    for (int r = 0; r < R; ++r) {
+      const Vec a(A[r * a_rs + k * a_ks]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(a, b[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v].store(C + r * ldc + v * W);
+}
+
+template <typename T, int NV, bool ACC>
+inline void gemm_rows(int64_t rows, int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* B, int64_t ldb,
+                      T* C, int64_t ldc) {
+  switch (rows) {
+    case 6: gemm_block<T, 6, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc); break;
+    case 5: gemm_block<T, 5, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc); break;
+    case 4: gemm_block<T, 4, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc); break;
+    case 3: gemm_block<T, 3, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc); break;
+    case 2: gemm_block<T, 2, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc); break;
+    default: gemm_block<T, 1, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc); break;
+  }
+}
+
+template <typename T, bool ACC>
+void gemm(int64_t rows, int64_t cols, int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* B, int64_t ldb,
+          T* C, int64_t ldc) {
+  constexpr int64_t W = Vectorized<T>::size();
+  if (K <= 0) {  // an empty sum: C = 0 (or unchanged when accumulating)
+    if (!ACC)
+      for (int64_t r = 0; r < rows; ++r) std::fill(C + r * ldc, C + r * ldc + cols, T(0));
+    return;
+  }
+  for (int64_t j = 0; j < cols; j += 2 * W) {
+    const bool two = cols - j >= 2 * W;
+    for (int64_t r = 0; r < rows; r += kRowBlock) {
+      const int64_t rr = std::min<int64_t>(kRowBlock, rows - r);
+      if (two)
+        gemm_rows<T, 2, ACC>(rr, K, A + r * a_rs, a_rs, a_ks, B + j, ldb, C + r * ldc + j, ldc);
+      else
+        gemm_rows<T, 1, ACC>(rr, K, A + r * a_rs, a_rs, a_ks, B + j, ldb, C + r * ldc + j, ldc);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Vector row helpers (n is a multiple of the vector width). Horizontal reductions run
+// lane by lane in a fixed order.
+// ---------------------------------------------------------------------------------------
+// exp on a vector: ATen's exp_u20 for float (a short polynomial, exp(-inf) = 0, what ATen's own
+// CPU flash attention uses), Sleef's exp for double.
+template <typename T>
+inline Vectorized<T> vexp(const Vectorized<T>& x) {
+  if constexpr (std::is_same_v<T, float>)
+    return x.exp_u20();
+  else
+    return x.exp();
+}
+
+template <typename T>
+inline T hsum(const Vectorized<T>& v) {
+  alignas(64) T lanes[Vectorized<T>::size()];
+  v.store(lanes);
+  T s = T(0);
+  for (int i = 0; i < Vectorized<T>::size(); ++i) s += lanes[i];
+  return s;
+}
+
+template <typename T>
+inline void scale_row(T* x, int64_t n, T a) {
+  using Vec = Vectorized<T>;
+  const Vec va(a);
+  for (int64_t i = 0; i < n; i += Vec::size()) (Vec::loadu(x + i) * va).store(x + i);
+}
+
+template <typename T>
+inline void axpy_row(T* y, const T* x, int64_t n, T a) {  // y += a * x
+  using Vec = Vectorized<T>;
+  const Vec va(a);
+  for (int64_t i = 0; i < n; i += Vec::size())
+    at::vec::fmadd(va, Vec::loadu(x + i), Vec::loadu(y + i)).store(y + i);
+}
+
+template <typename T>
+inline T dot_row(const T* x, const T* y, int64_t n) {
+  using Vec = Vectorized<T>;
+  Vec s(T(0));
+  for (int64_t i = 0; i < n; i += Vec::size()) s = at::vec::fmadd(Vec::loadu(x + i), Vec::loadu(y + i), s);
+  return hsum(s);
+}
+
+// Column helpers for an [rows, ld] block, one vector of columns at j: four independent
+// accumulation chains (combined in a fixed order) so the loop runs at throughput instead of
+// at the latency of one max/add chain.
+template <typename T>
+inline Vectorized<T> column_max(const T* S, int64_t ld, int64_t rows, int64_t j, Vectorized<T> init) {
+  using Vec = Vectorized<T>;
+  Vec m0 = init, m1 = init, m2 = init, m3 = init;
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    m0 = at::vec::clamp_min(Vec::loadu(S + r * ld + j), m0);
+    m1 = at::vec::clamp_min(Vec::loadu(S + (r + 1) * ld + j), m1);
+    m2 = at::vec::clamp_min(Vec::loadu(S + (r + 2) * ld + j), m2);
+    m3 = at::vec::clamp_min(Vec::loadu(S + (r + 3) * ld + j), m3);
+  }
+  for (; r < rows; ++r) m0 = at::vec::clamp_min(Vec::loadu(S + r * ld + j), m0);
+  return at::vec::clamp_min(at::vec::clamp_min(m0, m1), at::vec::clamp_min(m2, m3));
+}
+
+// S[:, j] = exp(S[:, j] - shift); return the column sums.
+template <typename T>
+inline Vectorized<T> column_exp_sum(T* S, int64_t ld, int64_t rows, int64_t j, Vectorized<T> shift) {
+  using Vec = Vectorized<T>;
+  Vec s0(T(0)), s1(T(0)), s2(T(0)), s3(T(0));
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    T* x = S + r * ld + j;
+    const Vec p0 = vexp(Vec::loadu(x) - shift), p1 = vexp(Vec::loadu(x + ld) - shift);
+    const Vec p2 = vexp(Vec::loadu(x + 2 * ld) - shift), p3 = vexp(Vec::loadu(x + 3 * ld) - shift);
+    p0.store(x);
+    p1.store(x + ld);
+    p2.store(x + 2 * ld);
+    p3.store(x + 3 * ld);
+    s0 = s0 + p0;
+    s1 = s1 + p1;
+    s2 = s2 + p2;
+    s3 = s3 + p3;
+  }
+  for (; r < rows; ++r) {
+    const Vec p = vexp(Vec::loadu(S + r * ld + j) - shift);
+    p.store(S + r * ld + j);
+    s0 = s0 + p;
+  }
+  return (s0 + s1) + (s2 + s3);
+}
+
+// ---------------------------------------------------------------------------------------
+// Tile steps shared by every driver.
+// ---------------------------------------------------------------------------------------
+
+// Complete softmax of C query columns over all M keys, the column form of a full (not
+// online) softmax, for direction x: s^T = k q^T [M, Cp] has the keys on rows, so the row max
+// and sum of each query reduce with vector max/add over the M rows.
+// K [M, Dp], QT [D, Cp] (pre-scaled), V [M, Dp]; scratch S [M, Cp], O [C, Dp];
+// outputs: inv_l [Cp] (1 / sum, for the caller's store) and lse [Cp].
+template <typename T>
+void attend_full_cols(int64_t C, int64_t Cp, int64_t M, int64_t D, int64_t Dp, const T* K, const T* QT, const T* V,
+                      T* S, T* O, T* inv_l, T* lse) {
+  using Vec = Vectorized<T>;
+  // -- s^T = k q^T --
+  gemm<T, false>(M, Cp, D, K, Dp, 1, QT, Cp, S, Cp);
+  for (int64_t j = 0; j < Cp; j += Vec::size()) {
+    // -- column max, p = exp(s - max), column sum --
+    const Vec mx = column_max(S, Cp, M, j, Vec(neg_inf<T>()));
+    const Vec sum = column_exp_sum(S, Cp, M, j, mx);
+    (Vec(T(1)) / sum).store(inv_l + j);
+    (mx + sum.log()).store(lse + j);
+  }
+  // -- o = p v (normalised by the caller's store) --
+  gemm<T, false>(C, Dp, M, S, 1, Cp, V, Dp, O, Dp);
+}
+
+// Online-softmax update of M query columns with one tile of C keys: the "column" form, for
+// few queries over many keys (direction s). Computing s^T = k q^T puts the keys on rows, so
+// the softmax statistics are per column and reduce with plain vector max/add over rows (no
+// horizontal reductions), and no key tile needs a transpose.
+// K [C, ldk] (tile rows), QT [D, Mp] (pre-scaled), V [C, ldv], keep [C] (nullptr = all kept),
+// S scratch [C, Mp], shift scratch [Mp]; state m [Mp], l [Mp], acc [M, Dp].
+template <typename T>
+void attend_tile_cols(int64_t C, int64_t M, int64_t Mp, int64_t D, int64_t Dp, const T* K, int64_t ldk, const T* QT,
+                      const T* V, int64_t ldv,
+                      const bool* keep, T* S, T* shift, T* m, T* l, T* acc) {
+  using Vec = Vectorized<T>;
+  const Vec vneg(neg_inf<T>()), vzero(T(0));
+  // -- s^T = k q^T --
+  gemm<T, false>(C, Mp, D, K, ldk, 1, QT, Mp, S, Mp);
+  if (keep)
+    for (int64_t r = 0; r < C; ++r)
+      if (!keep[r]) std::fill(S + r * Mp, S + (r + 1) * Mp, neg_inf<T>());
+  for (int64_t j = 0; j < Mp; j += Vec::size()) {
+    // -- column max, new shift (0 while a column has no kept key: keeps exp(-inf - shift) = 0) --
+    const Vec m_old = Vec::loadu(m + j);
+    const Vec m_new = column_max(S, Mp, C, j, m_old);
+    const Vec sh = Vec::blendv(m_new, vzero, m_new == vneg);
+    // -- p = exp(s - shift), column sums --
+    const Vec sum = column_exp_sum(S, Mp, C, j, sh);
+    const Vec alpha = vexp(m_old - sh);  // 0 for a column without state
+    (Vec::loadu(l + j) * alpha + sum).store(l + j);
+    alpha.store(shift + j);  // reuse the scratch for the per-column rescale below
+    m_new.store(m + j);
+  }
+  for (int64_t j = 0; j < M; ++j)
+    if (shift[j] != T(1)) scale_row(acc + j * Dp, Dp, shift[j]);
+  // -- acc += p^T v --
+  gemm<T, true>(M, Dp, C, S, 1, Mp, V, ldv, acc, Dp);
+}
+
+// Gradients of R query rows against one tile of L keys.
+// Q [R, Dp] (pre-scaled), dO [R, Dp], lse [R], delta [R] (= rowsum(dO * O));
+// K [L, ldk], KT [D, ldkt], VT [D, ldvt], bias [Lp]; scratch P, dS [R, Lp].
+// dQ [R, Dp] += dS K (unscaled: the caller multiplies by scale once);
+// dK [L, Dp] += dS^T Q; dV [L, Dp] += P^T dO.
+template <typename T>
+void attend_tile_bwd(int64_t R, int64_t D, int64_t Dp, const T* Q, const T* dO, const T* lse, const T* delta,
+                     const T* K, int64_t ldk, const T* KT, int64_t ldkt, const T* VT, int64_t ldvt, const T* bias,
+                     int64_t L, int64_t Lp, T* P, T* dS, T* dQ, T* dK, T* dV) {
+  using Vec = Vectorized<T>;
+  // -- s = q k^T, dp = do v^T --
+  gemm<T, false>(R, Lp, D, Q, Dp, 1, KT, ldkt, P, Lp);
+  gemm<T, false>(R, Lp, D, dO, Dp, 1, VT, ldvt, dS, Lp);
+  // -- p = exp(s - lse), ds = p (dp - delta) --
+  for (int64_t r = 0; r < R; ++r) {
+    T* p = P + r * Lp;
+    T* ds = dS + r * Lp;
+    if (lse[r] == neg_inf<T>()) {  // row without kept keys: no gradient
+      std::fill(p, p + Lp, T(0));
+      std::fill(ds, ds + Lp, T(0));
+      continue;
+    }
+    const Vec vl(lse[r]), vd(delta[r]);
+    for (int64_t j = 0; j < Lp; j += Vec::size()) {
+      const Vec pj = vexp(Vec::loadu(p + j) + Vec::loadu(bias + j) - vl);
+      pj.store(p + j);
+      (pj * (Vec::loadu(ds + j) - vd)).store(ds + j);
+    }
+  }
+  // -- dq += ds k, dk += ds^T q, dv += p^T do --
+  gemm<T, true>(R, Dp, L, dS, Lp, 1, K, ldk, dQ, Dp);
+  gemm<T, true>(L, Dp, R, dS, 1, Lp, Q, Dp, dK, Dp);
+  gemm<T, true>(L, Dp, R, P, 1, Lp, dO, Dp, dV, Dp);
+}
+
+// Gradients for the column form (see attend_tile_cols): M query columns against C keys.
+// K [C, ldk], V [C, ldv] tile rows; QT [D, Mp] and Q [M, Dp] (pre-scaled); dOT [D, Mp], dO [M, Dp];
+// lse_safe [Mp] (+inf for a column without kept keys, and for padding), delta [Mp];
+// keep [C] (nullptr = all kept); scratch P, dS [C, Mp].
+// dQ [M, Dp] += dS^T K (unscaled); dK [C, Dp] (+)= dS Q; dV [C, Dp] (+)= P dO (+= when ACC_KV).
+template <bool ACC_KV, typename T>
+void attend_tile_cols_bwd(int64_t C, int64_t M, int64_t Mp, int64_t D, int64_t Dp, const T* K, int64_t ldk,
+                          const T* V, int64_t ldv, const T* QT, const T* Q, const T* dOT, const T* dO,
+                          const T* lse_safe, const T* delta, const bool* keep, T* P, T* dS, T* dQ, T* dK, T* dV) {
+  using Vec = Vectorized<T>;
+  // -- s^T = k q^T, dp^T = v do^T --
+  gemm<T, false>(C, Mp, D, K, ldk, 1, QT, Mp, P, Mp);
+  gemm<T, false>(C, Mp, D, V, ldv, 1, dOT, Mp, dS, Mp);
+  // -- p = exp(s - lse), ds = p (dp - delta) --
+  for (int64_t r = 0; r < C; ++r) {
+    T* p = P + r * Mp;
+    T* ds = dS + r * Mp;
+    if (keep && !keep[r]) {
+      std::fill(p, p + Mp, T(0));
+      std::fill(ds, ds + Mp, T(0));
+      continue;
+    }
+    for (int64_t j = 0; j < Mp; j += Vec::size()) {
+      const Vec pj = vexp(Vec::loadu(p + j) - Vec::loadu(lse_safe + j));
+      pj.store(p + j);
+      (pj * (Vec::loadu(ds + j) - Vec::loadu(delta + j))).store(ds + j);
+    }
+  }
+  // -- dq += ds^T k, dk = ds q, dv = p do --
+  gemm<T, true>(M, Dp, C, dS, 1, Mp, K, ldk, dQ, Dp);
+  gemm<T, ACC_KV>(C, Dp, M, dS, Mp, 1, Q, Dp, dK, Dp);
+  gemm<T, ACC_KV>(C, Dp, M, P, Mp, 1, dO, Dp, dV, Dp);
+}
+
+// Merge softmax partials part[bh][split][row] = (m, l, acc[Dp]) in split order for the
+// flat rows idx in [begin, end) (idx = bh * rows + row); write o (contiguous [BH, rows, D])
+// and lse (contiguous [BH, rows]). acc: scratch [Dp].
+template <typename acc_t, typename lse_t>
+void combine_rows(const acc_t* part, int64_t nsplit, int64_t rows, int64_t D, int64_t Dp, OutPtr out, lse_t* lse,
+                  int64_t begin, int64_t end, acc_t* acc) {
+  const int64_t stride_row = Dp + 2;
+  for (int64_t idx = begin; idx < end; ++idx) {
+    const int64_t bh = idx / rows, row = idx % rows;
+    const acc_t* first = part + (bh * nsplit * rows + row) * stride_row;
+    acc_t gm = neg_inf<acc_t>();
+    for (int64_t sp = 0; sp < nsplit; ++sp) gm = std::max(gm, first[sp * rows * stride_row]);
+    std::fill(acc, acc + Dp, acc_t(0));
+    if (gm == neg_inf<acc_t>()) {
+      store_rows(out.at(idx * D), acc, Dp, 1, D, acc_t(0));
+      lse[idx] = neg_inf<lse_t>();
+      continue;
+    }
+    acc_t l = 0;
+    for (int64_t sp = 0; sp < nsplit; ++sp) {
+      const acc_t* p = first + sp * rows * stride_row;
+      if (p[0] == neg_inf<acc_t>()) continue;
+      const acc_t w = std::exp(p[0] - gm);
+      l += w * p[1];
+      axpy_row(acc, p + 2, Dp, w);
+    }
+    store_rows(out.at(idx * D), acc, Dp, 1, D, acc_t(1) / l);
+    lse[idx] = static_cast<lse_t>(gm + std::log(l));
+  }
+}
+
+template <typename acc_t, typename lse_t>
+void combine_partials(const acc_t* part, int64_t BH, int64_t nsplit, int64_t rows, int64_t D, int64_t Dp,
+                      OutPtr out, lse_t* lse) {
+  at::parallel_for(0, BH * rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(Dp);
+    combine_rows(part, nsplit, rows, D, Dp, out, lse, begin, end, acc.data());
+  });
+}
+
+// Write final rows of an online-softmax state.
+template <typename acc_t, typename lse_t>
+void finalize_rows(const acc_t* m, const acc_t* l, acc_t* acc, int64_t rows, int64_t D, int64_t Dp, OutPtr out,
+                   lse_t* lse) {
+  for (int64_t r = 0; r < rows; ++r) {
+    if (m[r] == neg_inf<acc_t>()) {  // no kept key: acc is 0, so o = 0
+      lse[r] = neg_inf<lse_t>();
+      continue;
+    }
+    scale_row(acc + r * Dp, Dp, acc_t(1) / l[r]);
+    lse[r] = static_cast<lse_t>(m[r] + std::log(l[r]));
+  }
+  store_rows(out, acc, Dp, rows, D, acc_t(1));
+}
+
+// Work items handed out dynamically: each of at::get_num_threads() workers allocates its
+// scratch once and takes the next item index until none is left. Every item writes only its
+// own outputs and partial slots, so which thread runs it never changes a bit of the result;
+// taking items dynamically (rather than in fixed halves) keeps both cores busy when another
+// process steals one of them for a while.
+template <typename Worker>
+void parallel_items(int64_t n, const Worker& worker) {
+  std::atomic<int64_t> counter{0};
+  const auto next_item = [&]() -> int64_t {
+    const int64_t item = counter.fetch_add(1, std::memory_order_relaxed);
+    return item < n ? item : -1;
+  };
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(n, at::get_num_threads()));
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) worker(next_item);
+  });
+}
+
+}  // namespace sfk
