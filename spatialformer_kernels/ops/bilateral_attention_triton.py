@@ -39,6 +39,7 @@ cached SM count and the shapes, so launches are CUDA-graph capturable.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -646,6 +647,11 @@ def _fixed_meta(block_m, block_d, elem_bytes, backward, both, dir_s) -> dict:
     return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
+def _device_guard(device: torch.device):
+    """Launch on the inputs' GPU even when another one is current."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _mask_args(mask, like):
     if mask is None:
         return like, 0, 0
@@ -678,26 +684,28 @@ def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_
     dummy = q_x  # stands in for pointers a disabled branch never touches
     image_mask, stride_im_b, stride_im_n = _mask_args(image_mask, dummy)
     spatial_mask, stride_sm_b, stride_sm_m = _mask_args(spatial_mask, dummy)
-    _bilateral_fwd[(B * H, splits, m_programs)](
-        q_s, k_s, v_s, q_x, k_x, v_x, image_mask, spatial_mask,
-        o_x if do_x else dummy, lse_x if do_x else dummy,
-        part_acc if do_s else dummy, part_max if do_s else dummy, part_sum if do_s else dummy,
-        *q_s.stride(), *k_s.stride(), *v_s.stride(), *q_x.stride(), *k_x.stride(), *v_x.stride(),
-        stride_im_b, stride_im_n, stride_sm_b, stride_sm_m,
-        H, M, N, D, chunk, splits, scale * LOG2E,
-        BLOCK_M=block_m, BLOCK_D=block_d, DIR_S=do_s, DIR_X=do_x,
-        HAS_IMAGE_MASK=image_mask is not dummy, HAS_SPATIAL_MASK=spatial_mask is not dummy,
-        DOT_PRECISION=_dot_precision(dtype),
-        **_fixed_meta(block_m, block_d, q_x.element_size(), False, do_s and do_x, do_s),
-    )
+    with _device_guard(device):
+        _bilateral_fwd[(B * H, splits, m_programs)](
+            q_s, k_s, v_s, q_x, k_x, v_x, image_mask, spatial_mask,
+            o_x if do_x else dummy, lse_x if do_x else dummy,
+            part_acc if do_s else dummy, part_max if do_s else dummy, part_sum if do_s else dummy,
+            *q_s.stride(), *k_s.stride(), *v_s.stride(), *q_x.stride(), *k_x.stride(), *v_x.stride(),
+            stride_im_b, stride_im_n, stride_sm_b, stride_sm_m,
+            H, M, N, D, chunk, splits, scale * LOG2E,
+            BLOCK_M=block_m, BLOCK_D=block_d, DIR_S=do_s, DIR_X=do_x,
+            HAS_IMAGE_MASK=image_mask is not dummy, HAS_SPATIAL_MASK=spatial_mask is not dummy,
+            DOT_PRECISION=_dot_precision(dtype),
+            **_fixed_meta(block_m, block_d, q_x.element_size(), False, do_s and do_x, do_s),
+        )
     o_s = lse_s = None
     if do_s:
         o_s = torch.empty((B, H, M, D), device=device, dtype=dtype)
         lse_s = torch.empty((B, H, M), device=device, dtype=f32)
         combine_m = 16 if block_d >= 128 else 32
-        _bilateral_combine_kernel[(B * H, triton.cdiv(M, combine_m))](
-            part_acc, part_max, part_sum, o_s, lse_s, M, D, splits, BLOCK_M=combine_m, BLOCK_D=block_d
-        )
+        with _device_guard(device):
+            _bilateral_combine_kernel[(B * H, triton.cdiv(M, combine_m))](
+                part_acc, part_max, part_sum, o_s, lse_s, M, D, splits, BLOCK_M=combine_m, BLOCK_D=block_d
+            )
     return o_s, o_x, lse_s, lse_x
 
 
@@ -767,18 +775,19 @@ def attention_bwd(
     def ptr(t):
         return t if t is not None else dummy
 
-    _bilateral_bwd[(B * H, splits)](
-        q_s, k_s, v_s, ptr(o_s), ptr(do_s), q_x, k_x, v_x, ptr(o_x), ptr(do_x),
-        ptr(lse_s), ptr(lse_x), image_mask, spatial_mask,
-        ptr(dq_x), ptr(dk_x), ptr(dv_x), ptr(part_dq_s), ptr(part_dk_s), ptr(part_dv_s),
-        *q_s.stride(), *k_s.stride(), *v_s.stride(), *strides(o_s), *strides(do_s),
-        *q_x.stride(), *k_x.stride(), *v_x.stride(), *strides(o_x), *strides(do_x),
-        stride_im_b, stride_im_n, stride_sm_b, stride_sm_m,
-        H, M, N, D, chunk, splits, scale * LOG2E, scale,
-        BLOCK_M=block_m, BLOCK_D=block_d, M_ONE_BLOCK=M <= block_m, DIR_S=do_s_dir, DIR_X=do_x_dir,
-        HAS_IMAGE_MASK=image_mask is not dummy, HAS_SPATIAL_MASK=spatial_mask is not dummy,
-        DOT_PRECISION=_dot_precision(dtype), **_fixed_meta(block_m, block_d, elem, True, False, do_s_dir),
-    )
+    with _device_guard(device):
+        _bilateral_bwd[(B * H, splits)](
+            q_s, k_s, v_s, ptr(o_s), ptr(do_s), q_x, k_x, v_x, ptr(o_x), ptr(do_x),
+            ptr(lse_s), ptr(lse_x), image_mask, spatial_mask,
+            ptr(dq_x), ptr(dk_x), ptr(dv_x), ptr(part_dq_s), ptr(part_dk_s), ptr(part_dv_s),
+            *q_s.stride(), *k_s.stride(), *v_s.stride(), *strides(o_s), *strides(do_s),
+            *q_x.stride(), *k_x.stride(), *v_x.stride(), *strides(o_x), *strides(do_x),
+            stride_im_b, stride_im_n, stride_sm_b, stride_sm_m,
+            H, M, N, D, chunk, splits, scale * LOG2E, scale,
+            BLOCK_M=block_m, BLOCK_D=block_d, M_ONE_BLOCK=M <= block_m, DIR_S=do_s_dir, DIR_X=do_x_dir,
+            HAS_IMAGE_MASK=image_mask is not dummy, HAS_SPATIAL_MASK=spatial_mask is not dummy,
+            DOT_PRECISION=_dot_precision(dtype), **_fixed_meta(block_m, block_d, elem, True, False, do_s_dir),
+        )
 
     def reduce(part):
         # Fixed-order reduction over the split axis: bitwise reproducible.
