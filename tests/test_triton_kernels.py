@@ -166,3 +166,35 @@ def test_small_batch_large_n_uses_several_splits_and_matches():
     out = sk.bilateral_attention(*inputs, backend="triton")
     same, exact = reference_pair(lambda *t: bilateral_attention_reference(*t, D**-0.5), inputs)
     assert_close(out, same, exact, FP32, case_id(B, H, M, N, D, FP32))
+
+
+@pytest.mark.parametrize("mode", ["parallel", "sequential"])
+def test_bca_block_runs_on_the_triton_backend(mode):
+    """The layer path: a BCA block with backend="triton" (one fused op, or two cross_attention
+    calls) against the same block on the reference, outputs and every gradient."""
+    import copy
+
+    from spatialformer.layers import BCABlock
+
+    torch.manual_seed(21)
+    block = BCABlock(32, num_heads=2, mode=mode, backend="triton").to(DEVICE)
+    exact_block = copy.deepcopy(block).double()
+    same_block = copy.deepcopy(block)
+    exact_block.attn.backend = same_block.attn.backend = "reference"
+    assert block.attn._backend() == "triton"
+    s, x = torch.randn(2, 6, 32, device=DEVICE), torch.randn(2, 37, 32, device=DEVICE)
+    mask = make_image_mask(2, 37, empty_samples=(1,), device=DEVICE, seed=22)
+
+    def run(module, s, x):
+        s, x = s.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+        out_s, out_x = module(s, x, mask)
+        loss = out_s.square().sum() + out_x.sin().sum()
+        grads = torch.autograd.grad(loss, [s, x, *module.parameters()])
+        return [out_s, out_x, *grads]
+
+    actual = run(block, s, x)
+    same = run(same_block, s, x)
+    exact = run(exact_block, s.double(), x.double())
+    names = ["s", "x", "ds", "dx", *(f"d{n}" for n, _ in block.named_parameters())]
+    for name, a, r, e in zip(names, actual, same, exact):
+        assert_close(a, r, e, torch.float32, f"{mode} {name}")
