@@ -198,3 +198,24 @@ def test_bca_block_runs_on_the_triton_backend(mode):
     names = ["s", "x", "ds", "dx", *(f"d{n}" for n, _ in block.named_parameters())]
     for name, a, r, e in zip(names, actual, same, exact):
         assert_close(a, r, e, torch.float32, f"{mode} {name}")
+
+
+def test_torch_compile_fullgraph_traces_the_triton_ops():
+    """The custom ops (fake implementations + autograd) trace without a graph break."""
+    B, H, M, N, D = 1, 2, 5, 33, 16
+    inputs = [t.requires_grad_() for t in make_bilateral_inputs(B, H, M, N, D, FP32, device=DEVICE, seed=23)]
+    mask = _mask(B, N, "mask")
+
+    def step(q_s, k_s, v_s, q_x, k_x, v_x):
+        o_s, o_x = sk.bilateral_attention(q_s, k_s, v_s, q_x, k_x, v_x, image_mask=mask, backend="triton")
+        o = sk.cross_attention(o_x, q_s, v_s, backend="triton")  # many queries over few keys
+        return o_s.sum() + o.square().sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss = compiled(*inputs)
+    grads = torch.autograd.grad(loss, inputs)
+    expected_loss = step(*inputs)
+    expected = torch.autograd.grad(expected_loss, inputs)
+    assert torch.equal(loss, expected_loss)
+    for a, e in zip(grads, expected):
+        assert torch.equal(a, e)
