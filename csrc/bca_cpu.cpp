@@ -117,7 +117,7 @@ void bilateral_fwd_impl(const BilateralShape& sh, const at::Tensor& q_s, const a
         // -- direction x: image queries over all M spatial keys, complete per tile --
         attend_full_cols(C, Cp, M, D, Dp, k_sp.data(), qt_t.data(), v_sp.data(), s_x.data(), o_t.data(),
                          inv_l.data(), lse_t_.data());
-        store_rows_scaled(o_x.at((bh * N + n0) * D), o_t.data(), Dp, C, D, inv_l.data());
+        store_rows_stream(o_x.at((bh * N + n0) * D), o_t.data(), Dp, C, D, inv_l.data(), acc_t(1));
         for (int64_t r = 0; r < C; ++r) lse_x[bh * N + n0 + r] = static_cast<lse_t>(lse_t_[r]);
         // -- direction s: spatial queries, online softmax over this tile of image keys --
         attend_tile_cols(C, M, Mp, D, Dp, k_rows ? k_rows : k_t.data(), k_rows ? kx.stride_l : Dp, qt_sp.data(),
@@ -150,6 +150,7 @@ void bilateral_bwd_impl(const BilateralShape& sh, const at::Tensor& do_s, const 
   const auto qs = view4(q_s), ks = view4(k_s), vs = view4(v_s);
   const auto qx = view4(q_x), kx = view4(k_x), vx = view4(v_x);
   const auto dos = view4(do_s), dox = view4(do_x);
+  const acc_t* no_rows = nullptr;  // one multiplier for every row
   const auto os = view4(o_s), ox = view4(o_x);
   const auto ls = view3<lse_t>(lse_s), lx = view3<lse_t>(lse_x);
   // Per item: dq_s, dk_s, dv_s partials [M, Dp] each; the worker that writes the last split
@@ -229,15 +230,15 @@ void bilateral_bwd_impl(const BilateralShape& sh, const at::Tensor& do_s, const 
                           Dp, kt_sp.data() + j0, Mp, vt_sp.data() + j0, Mp, bias_sp.data() + j0, L, Lp,
                           p_x.data(), ds_x.data(), dq_t.data(), dk_sp + j0 * Dp, dv_sp + j0 * Dp);
         }
-        store_rows(dq_x.at((bh * N + n0) * D), dq_t.data(), Dp, C, D, sc);
+        store_rows_stream(dq_x.at((bh * N + n0) * D), dq_t.data(), Dp, C, D, no_rows, sc);
         // -- direction s (column form): dk_x / dv_x row-local, dq_s into this item's partial --
         attend_tile_cols_bwd<false>(C, M, Mp, D, Dp, k_rows ? k_rows : k_t.data(), k_rows ? kx.stride_l : Dp,
                                     v_rows ? v_rows : v_t.data(), v_rows ? vx.stride_l : Dp, qt_sp.data(),
                                     q_sp.data(), dot_sp.data(),
                              do_sp.data(), lse_safe_sp.data(), delta_sp.data(), masked ? keep.get() : nullptr,
                              p_s.data(), ds_s.data(), dq_sp, dk_t.data(), dv_t.data());
-        store_rows(dk_x.at((bh * N + n0) * D), dk_t.data(), Dp, C, D, acc_t(1));
-        store_rows(dv_x.at((bh * N + n0) * D), dv_t.data(), Dp, C, D, acc_t(1));
+        store_rows_stream(dk_x.at((bh * N + n0) * D), dk_t.data(), Dp, C, D, no_rows, acc_t(1));
+        store_rows_stream(dv_x.at((bh * N + n0) * D), dv_t.data(), Dp, C, D, no_rows, acc_t(1));
       }
       // -- ordered reduction of the spatial-side partials, once all splits of bh are in --
       if (splits_done[bh].fetch_add(1, std::memory_order_acq_rel) == nsplit - 1) {

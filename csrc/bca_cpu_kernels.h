@@ -170,14 +170,33 @@ void pack_transposed(acc_t* dst, int64_t ld, int64_t cols, const View& src, int6
     for (int64_t r = rows; r < cols; ++r) dst[i * ld + r] = acc_t(0);
 }
 
-// Write rows of acc_t results, row r times mul[r], to a contiguous output at `out`.
+// Rows of an image-token tile written once and not read again by this kernel: fp32 rows
+// of whole 8-float vectors at 32-byte alignment go out with streaming (non-temporal)
+// stores, which skip the read-for-ownership of the destination lines; anything else takes
+// the plain path. The workers fence these stores before they finish (parallel_items).
 template <typename acc_t>
-void store_rows_scaled(OutPtr out, const acc_t* src, int64_t ld, int64_t rows, int64_t D, const acc_t* mul) {
+void store_rows_stream(OutPtr out, const acc_t* src, int64_t ld, int64_t rows, int64_t D, const acc_t* mul_rows,
+                       acc_t mul) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (out.dtype == at::kFloat && D % 8 == 0 && reinterpret_cast<uintptr_t>(out.ptr) % 32 == 0) {
+      float* o = static_cast<float*>(out.ptr);
+      for (int64_t r = 0; r < rows; ++r) {
+        const __m256 m = _mm256_set1_ps(mul_rows ? mul_rows[r] : mul);
+        for (int64_t i = 0; i < D; i += 8)
+          _mm256_stream_ps(o + r * D + i, _mm256_mul_ps(_mm256_loadu_ps(src + r * ld + i), m));
+      }
+      return;
+    }
+  }
+#endif
   with_storage_type(out.dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
     scalar_t* o = static_cast<scalar_t*>(out.ptr);
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t i = 0; i < D; ++i) o[r * D + i] = static_cast<scalar_t>(src[r * ld + i] * mul[r]);
+    for (int64_t r = 0; r < rows; ++r) {
+      const acc_t m = mul_rows ? mul_rows[r] : mul;
+      for (int64_t i = 0; i < D; ++i) o[r * D + i] = static_cast<scalar_t>(src[r * ld + i] * m);
+    }
   });
 }
 
@@ -552,6 +571,9 @@ void parallel_items(int64_t n, const Worker& worker) {
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(n, at::get_num_threads()));
   at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) worker(next_item);
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+    _mm_sfence();  // order this worker's streaming stores before the region ends
+#endif
   });
 }
 
