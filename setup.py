@@ -30,6 +30,8 @@ setup(
         "einops>=0.8",
         "tqdm",
         "numpy",
+        # torch.utils.cpp_extension builds the C++ CPU kernel on first use with ninja.
+        "ninja",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "safetensors", "scikit-learn", "matplotlib"],
