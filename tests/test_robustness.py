@@ -418,6 +418,22 @@ def test_grad_output_layouts(monkeypatch, backend, loss):
         assert_close(leaf.grad, s, e, FP32, name)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_inputs_broadcast_along_tokens(backend):
+    """Stride 0 along the token axis (one query, key or value shared by every token): the
+    kernels must read it as given. Forward only: some exact gradients are then identically 0
+    (softmax invariances), which makes a gradient comparison pure rounding."""
+    base = _inputs(shape=(B, H, 1, 1, D))
+    for shared in ("q_s", "k_s", "v_s", "q_x", "k_x", "v_x"):
+        inputs = _inputs(seed=2)
+        i = NAMES.index(shared)
+        inputs[i] = base[i].expand_as(inputs[i])
+        assert inputs[i].stride(2) == 0
+        outs = sk.bilateral_attention(*inputs, backend=backend)
+        same, exact = reference_pair(lambda *t: bilateral_attention_reference(*t, D**-0.5), inputs)
+        assert_close(list(outs), list(same), list(exact), FP32, f"{shared} shared by all tokens: o_s, o_x")
+
+
 # ----------------------------------------------------------------------------------------
 # Large inputs: int64 offsets, memory
 # ----------------------------------------------------------------------------------------
