@@ -30,7 +30,7 @@ import spatialformer_kernels as sk
 from spatialformer import BCABlock, BilateralCrossAttention
 from spatialformer.layers import _merge_heads, _split_heads
 from spatialformer_kernels import dispatch
-from spatialformer_kernels.reference import bilateral_attention_reference, cross_attention_reference
+from spatialformer_kernels.reference import bilateral_attention_reference
 from spatialformer_kernels.testing import assert_close, make_bilateral_inputs, reference_pair
 
 FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
