@@ -330,6 +330,8 @@ def _forbid_kernels(monkeypatch, backend):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_empty_inputs_return_shaped_outputs_without_launching(monkeypatch, backend, b, m, n):
     _forbid_kernels(monkeypatch, backend)
+    with pytest.raises(AssertionError, match="ran on an empty input"):  # the trap works
+        sk.bilateral_attention(*_inputs(), backend=backend)
     inputs = [t.requires_grad_() for t in _inputs(shape=(b, H, m, n, D))]
     mask = torch.ones(b, n, dtype=torch.bool, device=DEVICE)
     o_s, o_x = sk.bilateral_attention(*inputs, image_mask=mask, backend=backend)
