@@ -512,7 +512,11 @@ void combine_rows(const acc_t* part, int64_t nsplit, int64_t rows, int64_t D, in
     const int64_t bh = idx / rows, row = idx % rows;
     const acc_t* first = part + (bh * nsplit * rows + row) * stride_row;
     acc_t gm = neg_inf<acc_t>();
-    for (int64_t sp = 0; sp < nsplit; ++sp) gm = std::max(gm, first[sp * rows * stride_row]);
+    for (int64_t sp = 0; sp < nsplit; ++sp) {
+      // NaN in any split's max propagates to the row (std::max would drop it and zero the row).
+      const acc_t m_split = first[sp * rows * stride_row];
+      if (std::isnan(m_split) || m_split > gm) gm = m_split;
+    }
     std::fill(acc, acc + Dp, acc_t(0));
     if (gm == neg_inf<acc_t>()) {
       store_rows(out.at(idx * D), acc, Dp, 1, D, acc_t(0));

@@ -84,21 +84,6 @@ def _reference_with_grads(inputs, grads, scale=None, mask=None):
                           [*inputs, *grads])
 
 
-# Bugs these tests found that the kernel owner has not fixed yet, as (backend, case) -> bug.
-KNOWN_BUGS = {
-    ("cpu", "nan-query"): (
-        "C++ kernel, bilateral direction s: a spatial query row q_s[b, h, m] holding NaN gets "
-        "o_s[b, h, m] = 0 instead of NaN (the row max drops NaN, so the row looks like one with no "
-        "kept key)"
-    ),
-}
-
-
-def _known_bug(request, backend, case):
-    if (backend, case) in KNOWN_BUGS:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[backend, case]))
-
-
 # ----------------------------------------------------------------------------------------
 # NaN / Inf
 # ----------------------------------------------------------------------------------------
@@ -150,9 +135,7 @@ def _outside(tensors, region):
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_nan_reaches_only_the_outputs_that_depend_on_it(request, backend, name):
-    if name == "q_s":
-        _known_bug(request, backend, "nan-query")
+def test_nan_reaches_only_the_outputs_that_depend_on_it(backend, name):
     inputs = _inputs()
     inputs[NAMES.index(name)][_poisoned_index(name)] = float("nan")
     grads = [torch.randn_like(inputs[0]), torch.randn_like(inputs[3])]
