@@ -165,7 +165,9 @@ def render(results: list[dict]) -> str:
         parts.append(
             f"Roofline: {roofline:g} GB/s ({m.get('roofline_source')})." if roofline else f"Roofline: {m.get('roofline_source', 'unknown')}."
         )
-        if m.get("load_average_1min") is not None:
+        if m.get("load_average_1min") is not None and (m.get("busy_cores") or 0) < 0.5:
+            parts.append(f"No other process kept a core busy when the run started (load average {m['load_average_1min']:g}).")
+        elif m.get("load_average_1min") is not None:
             parts.append(
                 f"A shared machine: other processes kept {m.get('busy_cores', '?')} of {m.get('cpu_count')} cores busy when the run "
                 f"started (load average {m['load_average_1min']:g}), so timings are noisy; fewer threads than cores avoids "
