@@ -119,3 +119,17 @@ def case_id(B, H, M, N, D, dtype) -> str:
     """Readable test id, e.g. B2-H2-M64-N97-D40-bf16."""
     short = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
     return f"B{B}-H{H}-M{M}-N{N}-D{D}-{short[dtype]}"
+
+
+def bilateral_case_id(case) -> str:
+    """Id of a (B, H, M, N, D, dtype, layout, mask_kind) test case, e.g. B2-H2-M49-N97-D40-fp16-bnhd-empty."""
+    B, H, M, N, D, dtype, layout, mask_kind = case
+    return f"{case_id(B, H, M, N, D, dtype)}-{layout}-{mask_kind or 'nomask'}"
+
+
+def mask_for_case(B: int, N: int, kind, device="cpu", seed: int = 3):
+    """The image mask of a test case: None, "mask" (random lengths) or "empty" (the last
+    sample has no real token)."""
+    if kind is None:
+        return None
+    return make_image_mask(B, N, empty_samples=(B - 1,) if kind == "empty" else (), device=device, seed=seed)

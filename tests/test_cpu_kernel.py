@@ -21,9 +21,11 @@ from spatialformer_kernels.reference import (
 )
 from spatialformer_kernels.testing import (
     assert_close,
+    bilateral_case_id,
     case_id,
     make_bilateral_inputs,
     make_image_mask,
+    mask_for_case,
     reference_pair,
 )
 
@@ -57,17 +59,6 @@ BILATERAL_CASES = [
 ]
 
 
-def _bilateral_id(case):
-    B, H, M, N, D, dtype, layout, mask = case
-    return f"{case_id(B, H, M, N, D, dtype)}-{layout}-{mask or 'nomask'}"
-
-
-def _mask(B, N, kind):
-    if kind is None:
-        return None
-    return make_image_mask(B, N, empty_samples=(B - 1,) if kind == "empty" else (), seed=3)
-
-
 def _transposed_grad(shape, dtype, seed):
     """A non-contiguous grad output: a [B, L, H, D] buffer viewed as [B, H, L, D]."""
     B, H, L, D = shape
@@ -83,11 +74,11 @@ def _with_grads(fn, inputs, grads):
 
 
 @needs_kernel
-@pytest.mark.parametrize("case", BILATERAL_CASES, ids=_bilateral_id)
+@pytest.mark.parametrize("case", BILATERAL_CASES, ids=bilateral_case_id)
 def test_bilateral_outputs_and_all_gradients_match_reference(case):
     B, H, M, N, D, dtype, layout, mask_kind = case
     inputs = make_bilateral_inputs(B, H, M, N, D, dtype, layout=layout, seed=1)
-    mask = _mask(B, N, mask_kind)
+    mask = mask_for_case(B, N, mask_kind)
     scale = 0.9 * D**-0.5
     grads = (_transposed_grad((B, H, M, D), dtype, 4), _transposed_grad((B, H, N, D), dtype, 5))
 
@@ -149,7 +140,7 @@ def test_cross_outputs_and_gradients_match_reference(case):
     B, H, Lq, Lk, D, dtype, layout, mask_kind = case
     q = make_bilateral_inputs(B, H, 1, Lq, D, dtype, layout=layout, seed=6)[3]
     k, v = make_bilateral_inputs(B, H, 1, Lk, D, dtype, layout=layout, seed=7)[4:]
-    mask = _mask(B, Lk, mask_kind)
+    mask = mask_for_case(B, Lk, mask_kind)
     grads = (_transposed_grad((B, H, Lq, D), dtype, 8),)
     out, d_qkv = _with_grads(
         lambda *t: sk.cross_attention(*t, scale=0.3, key_mask=mask, backend="cpu"), (q, k, v), grads

@@ -8,9 +8,11 @@ from spatialformer_kernels import dispatch
 from spatialformer_kernels.reference import bilateral_attention_reference, cross_attention_reference
 from spatialformer_kernels.testing import (
     assert_close,
+    bilateral_case_id,
     case_id,
     make_bilateral_inputs,
     make_image_mask,
+    mask_for_case,
     reference_pair,
 )
 
@@ -37,17 +39,6 @@ BILATERAL_CASES = [
 ]
 
 
-def _bilateral_id(case):
-    B, H, M, N, D, dtype, layout, mask = case
-    return f"{case_id(B, H, M, N, D, dtype)}-{layout}-{mask or 'nomask'}"
-
-
-def _mask(B, N, kind):
-    if kind is None:
-        return None
-    return make_image_mask(B, N, empty_samples=(B - 1,) if kind == "empty" else (), device=DEVICE, seed=3)
-
-
 def _odd_grad(shape, dtype, seed):
     """A non-contiguous grad output: a [B, L, H, D] buffer viewed as [B, H, L, D]."""
     B, H, L, D = shape
@@ -66,11 +57,11 @@ def _bilateral_grads(inputs, grads, scale, mask, backend):
     return outs, torch.autograd.grad(outs, leaves, [g.to(dtype) for g in grads])
 
 
-@pytest.mark.parametrize("case", BILATERAL_CASES, ids=_bilateral_id)
+@pytest.mark.parametrize("case", BILATERAL_CASES, ids=bilateral_case_id)
 def test_bilateral_forward_and_all_gradients_match_reference(case):
     B, H, M, N, D, dtype, layout, mask_kind = case
     inputs = make_bilateral_inputs(B, H, M, N, D, dtype, device=DEVICE, layout=layout, seed=1)
-    mask = _mask(B, N, mask_kind)
+    mask = mask_for_case(B, N, mask_kind, device=DEVICE)
     scale = 0.9 * D**-0.5
     grads = (_odd_grad((B, H, M, D), dtype, 4), _odd_grad((B, H, N, D), dtype, 5))
 
@@ -78,7 +69,7 @@ def test_bilateral_forward_and_all_gradients_match_reference(case):
     (ref_outs, ref_grads), (exact_outs, exact_grads) = reference_pair(
         lambda *t: _bilateral_grads(t[:6], t[6:], scale, mask, None), [*inputs, *grads]
     )
-    name = _bilateral_id(case)
+    name = bilateral_case_id(case)
     assert_close(outs, ref_outs, exact_outs, dtype, f"{name} (o_s, o_x)")
     for label, actual, same, exact in zip(NAMES, d_inputs, ref_grads, exact_grads):
         assert_close(actual, same, exact, dtype, f"{name} d{label}")
@@ -137,7 +128,7 @@ def test_two_runs_are_bitwise_equal_forward_and_backward():
     """Split-K partials and spatial-block partials are reduced in a fixed order, no atomics."""
     B, H, M, N, D = 1, 1, 49, 600, 40  # three splits and, in the backward, looped spatial blocks
     inputs = make_bilateral_inputs(B, H, M, N, D, FP16, device=DEVICE, layout="bnhd", seed=11)
-    mask = _mask(B, N, "mask")
+    mask = mask_for_case(B, N, "mask", device=DEVICE)
     grads = (_odd_grad((B, H, M, D), FP16, 12), _odd_grad((B, H, N, D), FP16, 13))
     first = _bilateral_grads(inputs, grads, D**-0.5, mask, "triton")
     second = _bilateral_grads(inputs, grads, D**-0.5, mask, "triton")
@@ -204,7 +195,7 @@ def test_torch_compile_fullgraph_traces_the_triton_ops():
     """The custom ops (fake implementations + autograd) trace without a graph break."""
     B, H, M, N, D = 1, 2, 5, 33, 16
     inputs = [t.requires_grad_() for t in make_bilateral_inputs(B, H, M, N, D, FP32, device=DEVICE, seed=23)]
-    mask = _mask(B, N, "mask")
+    mask = mask_for_case(B, N, "mask", device=DEVICE)
 
     def step(q_s, k_s, v_s, q_x, k_x, v_x):
         o_s, o_x = sk.bilateral_attention(q_s, k_s, v_s, q_x, k_x, v_x, image_mask=mask, backend="triton")
