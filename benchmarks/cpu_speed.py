@@ -6,7 +6,7 @@ round and the rounds repeat, so load from other processes hits all of them alike
 the candidates in separate phases gave biased numbers on a shared machine); wall-clock
 medians over the rounds. Writes the raw samples and medians as JSON.
 
-    python benchmarks/cpu_speed.py --rounds 40 --json benchmarks/results/cpu-speed-<machine>.json
+    python benchmarks/cpu_speed.py --rounds 40 --json benchmarks/results/cpu-speed/<machine>.json
 """
 from __future__ import annotations
 

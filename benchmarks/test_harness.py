@@ -216,8 +216,11 @@ def test_committed_results_render(pytestconfig):
     for result in loaded:  # every kernel row carries its bandwidth, every result its provenance
         assert result["kernels"] and all(row["gbps"] > 0 and row["median_ms"] > 0 for row in result["kernels"]), result["file"]
         assert all(result["machine"].get(key) for key in ("device_name", "torch_version", "git_commit")), result["file"]
-    text = render_tables.render(loaded)
+    speed = render_tables.load_cpu_speed(results)
+    text = render_tables.render(loaded, speed)
     assert "Targets (H100, bf16" in text
+    for record in speed:  # issue 4's measurement: both passes against their targets
+        assert f"cpu-speed/{record['file']}" in text and text.count(" | >= ") >= 2
     readme = Path(__file__).resolve().parent.parent / "README.md"
     # A --benchmark run is about to write a new result file: the README is re-rendered after it.
     if render_tables.START in readme.read_text(encoding="utf-8") and not pytestconfig.getoption("--benchmark"):
