@@ -133,3 +133,23 @@ def mask_for_case(B: int, N: int, kind, device="cpu", seed: int = 3):
     if kind is None:
         return None
     return make_image_mask(B, N, empty_samples=(B - 1,) if kind == "empty" else (), device=device, seed=seed)
+
+
+def transposed_grad(shape, dtype: torch.dtype, seed: int, device="cpu") -> torch.Tensor:
+    """A non-contiguous grad output of `shape` [B, H, L, D]: a [B, L, H, D] buffer viewed as [B, H, L, D]."""
+    B, H, L, D = shape
+    grad = torch.randn(B, L, H, D, generator=torch.Generator().manual_seed(seed)).transpose(1, 2)
+    return grad.to(device=device, dtype=dtype)
+
+
+def outputs_and_grads(fn: Callable, inputs: Sequence[torch.Tensor], grad_outputs: Sequence[torch.Tensor]):
+    """(outputs, gradients of every input) of fn(*inputs) for the given grad outputs (cast to the inputs' dtype).
+
+    The inputs are detached copies, so the caller's tensors are untouched; fn may return a
+    tensor or a tuple of tensors.
+    """
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    outputs = fn(*leaves)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    dtype = leaves[0].dtype
+    return outputs, torch.autograd.grad(outputs, leaves, [g.to(dtype) for g in grad_outputs])

@@ -26,7 +26,9 @@ from spatialformer_kernels.testing import (
     make_bilateral_inputs,
     make_image_mask,
     mask_for_case,
+    outputs_and_grads,
     reference_pair,
+    transposed_grad,
 )
 
 HAS_COMPILER = shutil.which(os.environ.get("CXX", "c++")) is not None
@@ -59,20 +61,6 @@ BILATERAL_CASES = [
 ]
 
 
-def _transposed_grad(shape, dtype, seed):
-    """A non-contiguous grad output: a [B, L, H, D] buffer viewed as [B, H, L, D]."""
-    B, H, L, D = shape
-    return torch.randn(B, L, H, D, generator=torch.Generator().manual_seed(seed)).transpose(1, 2).to(dtype)
-
-
-def _with_grads(fn, inputs, grads):
-    """Outputs of fn(*inputs) and the gradients of every input for the given grad outputs."""
-    leaves = [t.detach().clone().requires_grad_() for t in inputs]
-    outs = fn(*leaves)
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    return outs, torch.autograd.grad(outs, leaves, [g.to(leaves[0].dtype) for g in grads])
-
-
 @needs_kernel
 @pytest.mark.parametrize("case", BILATERAL_CASES, ids=bilateral_case_id)
 def test_bilateral_outputs_and_all_gradients_match_reference(case):
@@ -80,13 +68,13 @@ def test_bilateral_outputs_and_all_gradients_match_reference(case):
     inputs = make_bilateral_inputs(B, H, M, N, D, dtype, layout=layout, seed=1)
     mask = mask_for_case(B, N, mask_kind)
     scale = 0.9 * D**-0.5
-    grads = (_transposed_grad((B, H, M, D), dtype, 4), _transposed_grad((B, H, N, D), dtype, 5))
+    grads = (transposed_grad((B, H, M, D), dtype, 4), transposed_grad((B, H, N, D), dtype, 5))
 
-    outs, d_inputs = _with_grads(
+    outs, d_inputs = outputs_and_grads(
         lambda *t: sk.bilateral_attention(*t, scale=scale, image_mask=mask, backend="cpu"), inputs, grads
     )
     (ref_outs, ref_grads), (exact_outs, exact_grads) = reference_pair(
-        lambda *t: _with_grads(lambda *u: bilateral_attention_reference(*u, scale, mask), t[:6], t[6:]),
+        lambda *t: outputs_and_grads(lambda *u: bilateral_attention_reference(*u, scale, mask), t[:6], t[6:]),
         [*inputs, *grads],
     )
     assert [o.dtype for o in outs] == [dtype, dtype]
@@ -141,12 +129,12 @@ def test_cross_outputs_and_gradients_match_reference(case):
     q = make_bilateral_inputs(B, H, 1, Lq, D, dtype, layout=layout, seed=6)[3]
     k, v = make_bilateral_inputs(B, H, 1, Lk, D, dtype, layout=layout, seed=7)[4:]
     mask = mask_for_case(B, Lk, mask_kind)
-    grads = (_transposed_grad((B, H, Lq, D), dtype, 8),)
-    out, d_qkv = _with_grads(
+    grads = (transposed_grad((B, H, Lq, D), dtype, 8),)
+    out, d_qkv = outputs_and_grads(
         lambda *t: sk.cross_attention(*t, scale=0.3, key_mask=mask, backend="cpu"), (q, k, v), grads
     )
     (ref_out, ref_grads), (exact_out, exact_grads) = reference_pair(
-        lambda *t: _with_grads(lambda *u: cross_attention_reference(*u, 0.3, mask), t[:3], t[3:]), [q, k, v, *grads]
+        lambda *t: outputs_and_grads(lambda *u: cross_attention_reference(*u, 0.3, mask), t[:3], t[3:]), [q, k, v, *grads]
     )
     assert_close(out[0], ref_out[0], exact_out[0], dtype, "o")
     for name, got, ref, exact in zip(("dq", "dk", "dv"), d_qkv, ref_grads, exact_grads):
@@ -160,11 +148,11 @@ def test_cross_outputs_and_gradients_match_reference(case):
 
 def _run_everything(inputs, mask, grads, threads):
     torch.set_num_threads(threads)
-    outs, d_bilateral = _with_grads(
+    outs, d_bilateral = outputs_and_grads(
         lambda *t: sk.bilateral_attention(*t, image_mask=mask, backend="cpu"), inputs, grads
     )
-    few, d_few = _with_grads(lambda *t: sk.cross_attention(*t, backend="cpu"), (inputs[0], *inputs[4:]), grads[:1])
-    many, d_many = _with_grads(
+    few, d_few = outputs_and_grads(lambda *t: sk.cross_attention(*t, backend="cpu"), (inputs[0], *inputs[4:]), grads[:1])
+    many, d_many = outputs_and_grads(
         lambda *t: sk.cross_attention(*t, backend="cpu"), (inputs[3], *inputs[1:3]), grads[1:]
     )
     return [*outs, *d_bilateral, *few, *d_few, *many, *d_many]
@@ -175,7 +163,7 @@ def test_bitwise_deterministic_across_thread_counts_and_runs():
     B, H, M, N, D = 1, 2, 64, 1500, 32  # 6 splits of N; cross attention splits both ways
     inputs = make_bilateral_inputs(B, H, M, N, D, seed=9)
     mask = make_image_mask(B, N, seed=9)
-    grads = (_transposed_grad((B, H, M, D), FP32, 10), _transposed_grad((B, H, N, D), FP32, 11))
+    grads = (transposed_grad((B, H, M, D), FP32, 10), transposed_grad((B, H, N, D), FP32, 11))
     threads = torch.get_num_threads()
     try:
         first = _run_everything(inputs, mask, grads, 1)

@@ -13,7 +13,9 @@ from spatialformer_kernels.testing import (
     make_bilateral_inputs,
     make_image_mask,
     mask_for_case,
+    outputs_and_grads,
     reference_pair,
+    transposed_grad,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -39,35 +41,20 @@ BILATERAL_CASES = [
 ]
 
 
-def _odd_grad(shape, dtype, seed):
-    """A non-contiguous grad output: a [B, L, H, D] buffer viewed as [B, H, L, D]."""
-    B, H, L, D = shape
-    g = torch.randn(B, L, H, D, generator=torch.Generator().manual_seed(seed)).transpose(1, 2)
-    return g.to(device=DEVICE, dtype=dtype)
-
-
-def _bilateral_grads(inputs, grads, scale, mask, backend):
-    """Outputs and the gradients of all six inputs, for a backend or the reference."""
-    leaves = [t.detach().clone().requires_grad_() for t in inputs]
-    if backend is None:
-        outs = bilateral_attention_reference(*leaves, scale, mask)
-    else:
-        outs = sk.bilateral_attention(*leaves, scale=scale, image_mask=mask, backend=backend)
-    dtype = leaves[0].dtype
-    return outs, torch.autograd.grad(outs, leaves, [g.to(dtype) for g in grads])
-
-
 @pytest.mark.parametrize("case", BILATERAL_CASES, ids=bilateral_case_id)
 def test_bilateral_forward_and_all_gradients_match_reference(case):
     B, H, M, N, D, dtype, layout, mask_kind = case
     inputs = make_bilateral_inputs(B, H, M, N, D, dtype, device=DEVICE, layout=layout, seed=1)
     mask = mask_for_case(B, N, mask_kind, device=DEVICE)
     scale = 0.9 * D**-0.5
-    grads = (_odd_grad((B, H, M, D), dtype, 4), _odd_grad((B, H, N, D), dtype, 5))
+    grads = (transposed_grad((B, H, M, D), dtype, 4, device=DEVICE), transposed_grad((B, H, N, D), dtype, 5, device=DEVICE))
 
-    outs, d_inputs = _bilateral_grads(inputs, grads, scale, mask, "triton")
+    outs, d_inputs = outputs_and_grads(
+        lambda *t: sk.bilateral_attention(*t, scale=scale, image_mask=mask, backend="triton"), inputs, grads
+    )
     (ref_outs, ref_grads), (exact_outs, exact_grads) = reference_pair(
-        lambda *t: _bilateral_grads(t[:6], t[6:], scale, mask, None), [*inputs, *grads]
+        lambda *t: outputs_and_grads(lambda *u: bilateral_attention_reference(*u, scale, mask), t[:6], t[6:]),
+        [*inputs, *grads],
     )
     name = bilateral_case_id(case)
     assert_close(outs, ref_outs, exact_outs, dtype, f"{name} (o_s, o_x)")
@@ -103,19 +90,16 @@ def test_cross_attention_both_shapes_forward_and_gradients(case):
     k = torch.randn(B, H, Lk, D, generator=gen).to(DEVICE, dtype)
     v = torch.randn(B, H, Lk + 2, D, generator=gen)[:, :, 1 : Lk + 1].to(DEVICE, dtype)  # strided
     key_mask = make_image_mask(B, Lk, empty_samples=(0,), device=DEVICE, seed=8) if masked else None
-    grad = _odd_grad((B, H, Lq, D), dtype, 9)
+    grad = transposed_grad((B, H, Lq, D), dtype, 9, device=DEVICE)
     scale = D**-0.5
 
-    def run(q, k, v, grad, backend=None):
-        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-        if backend is None:
-            o = cross_attention_reference(*leaves, scale, key_mask)
-        else:
-            o = sk.cross_attention(*leaves, scale=scale, key_mask=key_mask, backend=backend)
-        return o, torch.autograd.grad(o, leaves, grad.to(leaves[0].dtype))
-
-    out, grads = run(q, k, v, grad, "triton")
-    (ref_out, ref_grads), (exact_out, exact_grads) = reference_pair(run, [q, k, v, grad])
+    (out,), grads = outputs_and_grads(
+        lambda *t: sk.cross_attention(*t, scale=scale, key_mask=key_mask, backend="triton"), (q, k, v), (grad,)
+    )
+    ((ref_out,), ref_grads), ((exact_out,), exact_grads) = reference_pair(
+        lambda *t: outputs_and_grads(lambda *u: cross_attention_reference(*u, scale, key_mask), t[:3], t[3:]),
+        [q, k, v, grad],
+    )
     name = case_id(B, H, Lq, Lk, D, dtype)
     assert_close(out, ref_out, exact_out, dtype, f"{name} o")
     for label, actual, same, exact in zip("qkv", grads, ref_grads, exact_grads):
@@ -129,9 +113,11 @@ def test_two_runs_are_bitwise_equal_forward_and_backward():
     B, H, M, N, D = 1, 1, 49, 600, 40  # three splits and, in the backward, looped spatial blocks
     inputs = make_bilateral_inputs(B, H, M, N, D, FP16, device=DEVICE, layout="bnhd", seed=11)
     mask = mask_for_case(B, N, "mask", device=DEVICE)
-    grads = (_odd_grad((B, H, M, D), FP16, 12), _odd_grad((B, H, N, D), FP16, 13))
-    first = _bilateral_grads(inputs, grads, D**-0.5, mask, "triton")
-    second = _bilateral_grads(inputs, grads, D**-0.5, mask, "triton")
+    grads = (transposed_grad((B, H, M, D), FP16, 12, device=DEVICE), transposed_grad((B, H, N, D), FP16, 13, device=DEVICE))
+    def run():
+        return outputs_and_grads(lambda *t: sk.bilateral_attention(*t, image_mask=mask, backend="triton"), inputs, grads)
+
+    first, second = run(), run()
     for a, b in zip([*first[0], *first[1]], [*second[0], *second[1]]):
         assert torch.equal(a, b)
 
