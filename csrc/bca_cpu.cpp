@@ -13,6 +13,10 @@
 //     item of a (batch, head) merges the partials in split order.
 //   - bilateral backward: the same pass; dq_x, dk_x, dv_x are row-local, dq_s, dk_s, dv_s
 //     are per-item partials summed in split order.
+//   - backward delta (the rowsum(P * dP) of dS = P (dP - delta)): where a row's keys are all in
+//     one tile (direction x) it is formed from P and dP as the reference's softmax backward
+//     does; where they are split (direction s, cross attention) it is dO . O computed by the
+//     same micro-GEMM as dP. Either way a one-hot softmax (|logits| ~ 1e4) cancels exactly.
 //   - cross attention: items are (batch*head, query split, key split); key splits produce
 //     softmax partials (forward) or dq partials (backward), query splits dk/dv partials.
 // Determinism: split boundaries depend only on the shapes (never on the thread count) and
@@ -68,11 +72,11 @@ inline bool tile_keep(bool* keep, const MaskView& mask, int64_t bh, int64_t n0, 
   return any_masked;
 }
 
-template <typename acc_t, typename lse_t>
+template <typename acc_t>
 void bilateral_fwd_impl(const BilateralShape& sh, const at::Tensor& q_s, const at::Tensor& k_s,
                         const at::Tensor& v_s, const at::Tensor& q_x, const at::Tensor& k_x,
                         const at::Tensor& v_x, double scale, const MaskView& mask, OutPtr o_s, OutPtr o_x,
-                        lse_t* lse_s, lse_t* lse_x) {
+                        double* lse_s, double* lse_x) {
   const int64_t BH = sh.B * sh.H, M = sh.M, N = sh.N, D = sh.D;
   const int64_t Dp = round_up_vec<acc_t>(D), Mp = round_up_vec<acc_t>(M), Tp = round_up_vec<acc_t>(kTile);
   const int64_t nsplit = ceil_div(N, kSplitN);
@@ -91,7 +95,7 @@ void bilateral_fwd_impl(const BilateralShape& sh, const at::Tensor& q_s, const a
     // one tile of image tokens: q_x^T (scaled), k_x, v_x rows
     std::vector<acc_t> qt_t(D * Tp), k_t(kTile * Dp), v_t(kTile * Dp);
     std::unique_ptr<bool[]> keep(new bool[kTile]);
-    std::vector<acc_t> s_x(M * Tp), o_t(kTile * Dp), inv_l(Tp), lse_t_(Tp);
+    std::vector<acc_t> s_x(M * Tp), o_t(kTile * Dp), inv_l(Tp), row_max(Tp), log_sum(Tp);
     std::vector<acc_t> s_s(kTile * Mp), shift(Mp), m_s(Mp), l_s(Mp), acc_s(M * Dp), merged(Dp);
     int64_t packed_bh = -1;
     for (int64_t item = next_item(); item >= 0; item = next_item()) {
@@ -116,9 +120,10 @@ void bilateral_fwd_impl(const BilateralShape& sh, const at::Tensor& q_s, const a
         const bool masked = tile_keep(keep.get(), mask, bh, n0, C);
         // -- direction x: image queries over all M spatial keys, complete per tile --
         attend_full_cols(C, Cp, M, D, Dp, k_sp.data(), qt_t.data(), v_sp.data(), s_x.data(), o_t.data(),
-                         inv_l.data(), lse_t_.data());
+                         inv_l.data(), row_max.data(), log_sum.data());
         store_rows_stream(o_x.at((bh * N + n0) * D), o_t.data(), Dp, C, D, inv_l.data(), acc_t(1));
-        for (int64_t r = 0; r < C; ++r) lse_x[bh * N + n0 + r] = static_cast<lse_t>(lse_t_[r]);
+        for (int64_t r = 0; r < C; ++r)
+          lse_x[bh * N + n0 + r] = static_cast<double>(row_max[r]) + static_cast<double>(log_sum[r]);
         // -- direction s: spatial queries, online softmax over this tile of image keys --
         attend_tile_cols(C, M, Mp, D, Dp, k_rows ? k_rows : k_t.data(), k_rows ? kx.stride_l : Dp, qt_sp.data(),
                          v_rows ? v_rows : v_t.data(), v_rows ? vx.stride_l : Dp, masked ? keep.get() : nullptr,
@@ -137,11 +142,11 @@ void bilateral_fwd_impl(const BilateralShape& sh, const at::Tensor& q_s, const a
   if (nsplit == 0) combine_partials(part.data(), BH, nsplit, M, D, Dp, o_s, lse_s);  // N = 0: o_s = 0
 }
 
-template <typename acc_t, typename lse_t>
+template <typename acc_t>
 void bilateral_bwd_impl(const BilateralShape& sh, const at::Tensor& do_s, const at::Tensor& do_x,
                         const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& v_s, const at::Tensor& q_x,
-                        const at::Tensor& k_x, const at::Tensor& v_x, const at::Tensor& o_s, const at::Tensor& o_x,
-                        const at::Tensor& lse_s, const at::Tensor& lse_x, double scale, const MaskView& mask,
+                        const at::Tensor& k_x, const at::Tensor& v_x, const at::Tensor& o_s, const at::Tensor& lse_s,
+                        const at::Tensor& lse_x, double scale, const MaskView& mask,
                         OutPtr dq_s, OutPtr dk_s, OutPtr dv_s, OutPtr dq_x, OutPtr dk_x, OutPtr dv_x) {
   const int64_t BH = sh.B * sh.H, M = sh.M, N = sh.N, D = sh.D;
   const int64_t Dp = round_up_vec<acc_t>(D), Mp = round_up_vec<acc_t>(M), Tp = round_up_vec<acc_t>(kTile);
@@ -151,8 +156,8 @@ void bilateral_bwd_impl(const BilateralShape& sh, const at::Tensor& do_s, const 
   const auto qx = view4(q_x), kx = view4(k_x), vx = view4(v_x);
   const auto dos = view4(do_s), dox = view4(do_x);
   const acc_t* no_rows = nullptr;  // one multiplier for every row
-  const auto os = view4(o_s), ox = view4(o_x);
-  const auto ls = view3<lse_t>(lse_s), lx = view3<lse_t>(lse_x);
+  const auto os = view4(o_s);  // (o_x is not read: direction x forms delta from P and dP)
+  const auto ls = view3<double>(lse_s), lx = view3<double>(lse_x);
   // Per item: dq_s, dk_s, dv_s partials [M, Dp] each; the worker that writes the last split
   // of a (batch, head) sums them in split order.
   std::vector<acc_t> part(BH * nsplit * 3 * M * Dp);
@@ -170,12 +175,12 @@ void bilateral_bwd_impl(const BilateralShape& sh, const at::Tensor& do_s, const 
   parallel_items(BH * nsplit, [&](const auto& next_item) {
     // spatial side of one (batch, head)
     std::vector<acc_t> q_sp(M * Dp), qt_sp(D * Mp), k_sp(M * Dp), kt_sp(D * Mp), vt_sp(D * Mp), do_sp(M * Dp),
-        dot_sp(D * Mp), o_row(Dp), lse_safe_sp(Mp), delta_sp(Mp), bias_sp(Mp);
+        dot_sp(D * Mp), o_sp(M * Dp), lse_hi_sp(Mp), lse_lo_sp(Mp), delta_sp(Mp), bias_sp(Mp), delta_scratch(Tp);
     // one tile of image tokens
-    std::vector<acc_t> q_t(kTile * Dp), k_t(kTile * Dp), v_t(kTile * Dp), do_t(kTile * Dp), lse_t_(kTile),
-        delta_t(kTile);
+    std::vector<acc_t> q_t(kTile * Dp), k_t(kTile * Dp), v_t(kTile * Dp), do_t(kTile * Dp), lse_hi_t(kTile),
+        lse_lo_t(kTile);
     std::unique_ptr<bool[]> keep(new bool[kTile]);
-    std::vector<acc_t> p_x(kTile * Tp), ds_x(kTile * Tp), dq_t(kTile * Dp), dk_t(kTile * Dp), dv_t(kTile * Dp);
+    std::vector<acc_t> p_x(kTile * Mp), ds_x(kTile * Mp), dq_t(kTile * Dp), dk_t(kTile * Dp), dv_t(kTile * Dp);
     std::vector<acc_t> p_s(kTile * Mp), ds_s(kTile * Mp), sum;
     for (int64_t j = 0; j < Mp; ++j) bias_sp[j] = j < M ? acc_t(0) : neg_inf<acc_t>();
     int64_t packed_bh = -1;
@@ -189,18 +194,10 @@ void bilateral_bwd_impl(const BilateralShape& sh, const at::Tensor& do_s, const 
         pack_transposed(vt_sp.data(), Mp, Mp, vs, bh, 0, M, D, acc_t(1));
         pack_rows(do_sp.data(), Dp, dos, bh, 0, M, D, acc_t(1));
         pack_transposed(dot_sp.data(), Mp, Mp, dos, bh, 0, M, D, acc_t(1));
-        for (int64_t r = 0; r < Mp; ++r) {
-          if (r >= M) {
-            lse_safe_sp[r] = std::numeric_limits<acc_t>::infinity();
-            delta_sp[r] = acc_t(0);
-            continue;
-          }
-          pack_rows(o_row.data(), Dp, os, bh, r, 1, D, acc_t(1));
-          delta_sp[r] = dot_row(do_sp.data() + r * Dp, o_row.data(), Dp);
-          const acc_t lse = static_cast<acc_t>(ls.at(bh, r));
-          // a row without kept keys has lse = -inf; +inf makes its p = exp(s - lse) exactly 0
-          lse_safe_sp[r] = lse == neg_inf<acc_t>() ? std::numeric_limits<acc_t>::infinity() : lse;
-        }
+        pack_rows(o_sp.data(), Dp, os, bh, 0, M, D, acc_t(1));
+        column_delta(M, Mp, D, o_sp.data(), Dp, dot_sp.data(), delta_scratch.data(), delta_sp.data());
+        for (int64_t r = 0; r < Mp; ++r)  // padding columns: as a row without kept keys
+          split_lse(r < M ? ls.at(bh, r) : neg_inf<double>(), lse_hi_sp[r], lse_lo_sp[r]);
         packed_bh = bh;
       }
       acc_t* dq_sp = part.data() + (bh * nsplit + sp) * 3 * M * Dp;
@@ -216,26 +213,19 @@ void bilateral_bwd_impl(const BilateralShape& sh, const at::Tensor& do_s, const 
         if (!k_rows) pack_rows(k_t.data(), Dp, kx, bh, n0, C, D, acc_t(1));
         if (!v_rows) pack_rows(v_t.data(), Dp, vx, bh, n0, C, D, acc_t(1));
         pack_rows(do_t.data(), Dp, dox, bh, n0, C, D, acc_t(1));
-        for (int64_t r = 0; r < C; ++r) {
-          pack_rows(o_row.data(), Dp, ox, bh, n0 + r, 1, D, acc_t(1));
-          delta_t[r] = dot_row(do_t.data() + r * Dp, o_row.data(), Dp);
-          lse_t_[r] = static_cast<acc_t>(lx.at(bh, n0 + r));
-        }
+        for (int64_t r = 0; r < C; ++r) split_lse(lx.at(bh, n0 + r), lse_hi_t[r], lse_lo_t[r]);
         const bool masked = tile_keep(keep.get(), mask, bh, n0, C);
-        // -- direction x (row form): dq_x row-local, dk_s / dv_s into this item's partials --
+        // -- direction x (row form, all M spatial keys at once): dq_x row-local, dk_s / dv_s
+        // into this item's partials --
         std::fill(dq_t.begin(), dq_t.begin() + C * Dp, acc_t(0));
-        for (int64_t j0 = 0; j0 < M; j0 += kTile) {
-          const int64_t L = std::min(kTile, M - j0), Lp = std::min(Tp, Mp - j0);
-          attend_tile_bwd(C, D, Dp, q_t.data(), do_t.data(), lse_t_.data(), delta_t.data(), k_sp.data() + j0 * Dp,
-                          Dp, kt_sp.data() + j0, Mp, vt_sp.data() + j0, Mp, bias_sp.data() + j0, L, Lp,
-                          p_x.data(), ds_x.data(), dq_t.data(), dk_sp + j0 * Dp, dv_sp + j0 * Dp);
-        }
+        attend_tile_bwd(C, D, Dp, q_t.data(), do_t.data(), lse_hi_t.data(), lse_lo_t.data(), k_sp.data(), Dp, kt_sp.data(), Mp,
+                        vt_sp.data(), Mp, bias_sp.data(), M, Mp, p_x.data(), ds_x.data(), dq_t.data(), dk_sp, dv_sp);
         store_rows_stream(dq_x.at((bh * N + n0) * D), dq_t.data(), Dp, C, D, no_rows, sc);
         // -- direction s (column form): dk_x / dv_x row-local, dq_s into this item's partial --
         attend_tile_cols_bwd<false>(C, M, Mp, D, Dp, k_rows ? k_rows : k_t.data(), k_rows ? kx.stride_l : Dp,
                                     v_rows ? v_rows : v_t.data(), v_rows ? vx.stride_l : Dp, qt_sp.data(),
                                     q_sp.data(), dot_sp.data(),
-                             do_sp.data(), lse_safe_sp.data(), delta_sp.data(), masked ? keep.get() : nullptr,
+                             do_sp.data(), lse_hi_sp.data(), lse_lo_sp.data(), delta_sp.data(), masked ? keep.get() : nullptr,
                              p_s.data(), ds_s.data(), dq_sp, dk_t.data(), dv_t.data());
         store_rows_stream(dk_x.at((bh * N + n0) * D), dk_t.data(), Dp, C, D, no_rows, acc_t(1));
         store_rows_stream(dv_x.at((bh * N + n0) * D), dv_t.data(), Dp, C, D, no_rows, acc_t(1));
@@ -280,9 +270,9 @@ inline CrossPlan plan_cross(int64_t BH, int64_t Lq, int64_t Lk) {
   return {q_blocks * kQueryBlock, ceil_div(nqb, q_blocks), k_tiles * kTile, ceil_div(nkt, k_tiles)};
 }
 
-template <typename acc_t, typename lse_t>
+template <typename acc_t>
 void cross_fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
-                    const MaskView& mask, OutPtr out, lse_t* lse) {
+                    const MaskView& mask, OutPtr out, double* lse) {
   const int64_t BH = q.size(0) * q.size(1), Lq = q.size(2), Lk = k.size(2), D = q.size(3);
   const int64_t Dp = round_up_vec<acc_t>(D), Tp = round_up_vec<acc_t>(kTile);
   const acc_t sc = static_cast<acc_t>(scale);
@@ -334,7 +324,7 @@ void cross_fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   if (plan.nks > 1) combine_partials(part.data(), BH, plan.nks, Lq, D, Dp, out, lse);
 }
 
-template <typename acc_t, typename lse_t>
+template <typename acc_t>
 void cross_bwd_impl(const at::Tensor& d_o, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     const at::Tensor& o, const at::Tensor& lse_in, double scale, const MaskView& mask,
                     OutPtr dq, OutPtr dk, OutPtr dv) {
@@ -343,7 +333,7 @@ void cross_bwd_impl(const at::Tensor& d_o, const at::Tensor& q, const at::Tensor
   const acc_t sc = static_cast<acc_t>(scale);
   const auto qv = view4(q), kv = view4(k), vv = view4(v);
   const auto dov = view4(d_o), ov = view4(o);
-  const auto lv = view3<lse_t>(lse_in);
+  const auto lv = view3<double>(lse_in);
   const CrossPlan plan = plan_cross(BH, Lq, Lk);
   // dq partials per key split [nks, BH, Lq, Dp]; dk/dv partials per query split [nqs, BH, Lk, 2, Dp].
   std::vector<acc_t> dq_part(plan.nks > 1 ? plan.nks * BH * Lq * Dp : 0);
@@ -352,8 +342,8 @@ void cross_bwd_impl(const at::Tensor& d_o, const at::Tensor& q, const at::Tensor
   const int64_t Qp = round_up_vec<acc_t>(kQueryBlock);
   parallel_items(BH * plan.nqs * plan.nks, [&](const auto& next_item) {
     // one query block: q (scaled) as rows and transposed, do as rows and transposed
-    std::vector<acc_t> q_b(kQueryBlock * Dp), qt_b(D * Qp), do_b(kQueryBlock * Dp), dot_b(D * Qp), o_row(Dp),
-        lse_safe(Qp), delta(Qp), dq_b(kQueryBlock * Dp);
+    std::vector<acc_t> q_b(kQueryBlock * Dp), qt_b(D * Qp), do_b(kQueryBlock * Dp), dot_b(D * Qp),
+        o_b(kQueryBlock * Dp), lse_hi(Qp), lse_lo(Qp), delta(Qp), delta_scratch(Qp), dq_b(kQueryBlock * Dp);
     std::vector<acc_t> k_t(kTile * Dp), v_t(kTile * Dp), p(kTile * Qp), ds(kTile * Qp);
     std::unique_ptr<bool[]> keep(new bool[kTile]);
     std::vector<acc_t> dk_loc(plan.k_len * Dp), dv_loc(plan.k_len * Dp);
@@ -370,18 +360,10 @@ void cross_bwd_impl(const at::Tensor& d_o, const at::Tensor& q, const at::Tensor
         pack_transposed(qt_b.data(), Rp, Rp, qv, bh, q0, R, D, sc);
         pack_rows(do_b.data(), Dp, dov, bh, q0, R, D, acc_t(1));
         pack_transposed(dot_b.data(), Rp, Rp, dov, bh, q0, R, D, acc_t(1));
-        for (int64_t r = 0; r < Rp; ++r) {
-          if (r >= R) {
-            lse_safe[r] = std::numeric_limits<acc_t>::infinity();
-            delta[r] = acc_t(0);
-            continue;
-          }
-          pack_rows(o_row.data(), Dp, ov, bh, q0 + r, 1, D, acc_t(1));
-          delta[r] = dot_row(do_b.data() + r * Dp, o_row.data(), Dp);
-          const acc_t lse = static_cast<acc_t>(lv.at(bh, q0 + r));
-          // no kept key: lse = -inf; +inf makes p = exp(s - lse) exactly 0
-          lse_safe[r] = lse == neg_inf<acc_t>() ? std::numeric_limits<acc_t>::infinity() : lse;
-        }
+        pack_rows(o_b.data(), Dp, ov, bh, q0, R, D, acc_t(1));
+        column_delta(R, Rp, D, o_b.data(), Dp, dot_b.data(), delta_scratch.data(), delta.data());
+        for (int64_t r = 0; r < Rp; ++r)  // padding columns: as a row without kept keys
+          split_lse(r < R ? lv.at(bh, q0 + r) : neg_inf<double>(), lse_hi[r], lse_lo[r]);
         std::fill(dq_b.begin(), dq_b.end(), acc_t(0));
         for (int64_t k0 = k_begin; k0 < k_end; k0 += kTile) {
           const int64_t L = std::min(kTile, k_end - k0);
@@ -392,7 +374,7 @@ void cross_bwd_impl(const at::Tensor& d_o, const at::Tensor& q, const at::Tensor
           const bool masked = tile_keep(keep.get(), mask, bh, k0, L);
           attend_tile_cols_bwd<true>(L, R, Rp, D, Dp, k_rows ? k_rows : k_t.data(), k_rows ? kv.stride_l : Dp,
                                      v_rows ? v_rows : v_t.data(), v_rows ? vv.stride_l : Dp, qt_b.data(), q_b.data(),
-                                     dot_b.data(), do_b.data(), lse_safe.data(), delta.data(),
+                                     dot_b.data(), do_b.data(), lse_hi.data(), lse_lo.data(), delta.data(),
                                      masked ? keep.get() : nullptr, p.data(), ds.data(), dq_b.data(),
                                      dk_loc.data() + (k0 - k_begin) * Dp, dv_loc.data() + (k0 - k_begin) * Dp);
         }
@@ -459,7 +441,7 @@ void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected
 }
 
 void check_lse(const at::Tensor& t, const char* name, at::IntArrayRef expected) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, name, " must be a float32 CPU tensor, got ",
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kDouble, name, " must be a float64 CPU tensor, got ",
               t.scalar_type(), " on ", t.device());
   check_shape(t, name, expected);
 }
@@ -507,14 +489,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bilateral_fwd(
   const MaskView mask = check_mask(image_mask, "image_mask", sh.B, sh.N, sh.H);
   auto o_s = at::empty({sh.B, sh.H, sh.M, sh.D}, q_s.options());
   auto o_x = at::empty({sh.B, sh.H, sh.N, sh.D}, q_s.options());
-  auto lse_s = at::empty({sh.B, sh.H, sh.M}, q_s.options().dtype(at::kFloat));
-  auto lse_x = at::empty({sh.B, sh.H, sh.N}, q_s.options().dtype(at::kFloat));
+  auto lse_s = at::empty({sh.B, sh.H, sh.M}, q_s.options().dtype(at::kDouble));
+  auto lse_x = at::empty({sh.B, sh.H, sh.N}, q_s.options().dtype(at::kDouble));
   if (q_s.scalar_type() == at::kDouble)
-    bilateral_fwd_impl<double, float>(sh, q_s, k_s, v_s, q_x, k_x, v_x, scale, mask, out_ptr(o_s), out_ptr(o_x),
-                                      lse_s.data_ptr<float>(), lse_x.data_ptr<float>());
+    bilateral_fwd_impl<double>(sh, q_s, k_s, v_s, q_x, k_x, v_x, scale, mask, out_ptr(o_s), out_ptr(o_x),
+                                       lse_s.data_ptr<double>(), lse_x.data_ptr<double>());
   else
-    bilateral_fwd_impl<float, float>(sh, q_s, k_s, v_s, q_x, k_x, v_x, scale, mask, out_ptr(o_s), out_ptr(o_x),
-                                     lse_s.data_ptr<float>(), lse_x.data_ptr<float>());
+    bilateral_fwd_impl<float>(sh, q_s, k_s, v_s, q_x, k_x, v_x, scale, mask, out_ptr(o_s), out_ptr(o_x),
+                                      lse_s.data_ptr<double>(), lse_x.data_ptr<double>());
   return {o_s, o_x, lse_s, lse_x};
 }
 
@@ -541,20 +523,12 @@ std::vector<at::Tensor> bilateral_bwd(const at::Tensor& do_s, const at::Tensor& 
     grads.push_back(at::empty(t->sizes(), t->options().memory_format(at::MemoryFormat::Contiguous)));
   OutPtr g[6];
   for (int i = 0; i < 6; ++i) g[i] = out_ptr(grads[i]);
-  if (q_s.scalar_type() == at::kDouble) {
-    // float64: the float32 LSEs of the backend contract would cap the gradients' precision,
-    // so recompute them in float64 (one extra forward; float64 is for checking, not speed).
-    const auto opts = q_s.options().memory_format(at::MemoryFormat::Contiguous);
-    auto o_s64 = at::empty({sh.B, sh.H, sh.M, sh.D}, opts), o_x64 = at::empty({sh.B, sh.H, sh.N, sh.D}, opts);
-    auto ls64 = at::empty({sh.B, sh.H, sh.M}, opts), lx64 = at::empty({sh.B, sh.H, sh.N}, opts);
-    bilateral_fwd_impl<double, double>(sh, q_s, k_s, v_s, q_x, k_x, v_x, scale, mask, out_ptr(o_s64),
-                                       out_ptr(o_x64), ls64.data_ptr<double>(), lx64.data_ptr<double>());
-    bilateral_bwd_impl<double, double>(sh, do_s, do_x, q_s, k_s, v_s, q_x, k_x, v_x, o_s, o_x, ls64, lx64, scale,
+  if (q_s.scalar_type() == at::kDouble)
+    bilateral_bwd_impl<double>(sh, do_s, do_x, q_s, k_s, v_s, q_x, k_x, v_x, o_s, lse_s, lse_x, scale,
                                        mask, g[0], g[1], g[2], g[3], g[4], g[5]);
-  } else {
-    bilateral_bwd_impl<float, float>(sh, do_s, do_x, q_s, k_s, v_s, q_x, k_x, v_x, o_s, o_x, lse_s, lse_x, scale,
-                                     mask, g[0], g[1], g[2], g[3], g[4], g[5]);
-  }
+  else
+    bilateral_bwd_impl<float>(sh, do_s, do_x, q_s, k_s, v_s, q_x, k_x, v_x, o_s, lse_s, lse_x, scale,
+                                      mask, g[0], g[1], g[2], g[3], g[4], g[5]);
   return grads;
 }
 
@@ -574,11 +548,11 @@ std::tuple<at::Tensor, at::Tensor> cross_fwd(const at::Tensor& q, const at::Tens
   check_scale(scale);
   const MaskView mask = check_mask(key_mask, "key_mask", k.size(0), k.size(2), k.size(1));
   auto o = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
-  auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kDouble));
   if (q.scalar_type() == at::kDouble)
-    cross_fwd_impl<double, float>(q, k, v, scale, mask, out_ptr(o), lse.data_ptr<float>());
+    cross_fwd_impl<double>(q, k, v, scale, mask, out_ptr(o), lse.data_ptr<double>());
   else
-    cross_fwd_impl<float, float>(q, k, v, scale, mask, out_ptr(o), lse.data_ptr<float>());
+    cross_fwd_impl<float>(q, k, v, scale, mask, out_ptr(o), lse.data_ptr<double>());
   return {o, lse};
 }
 
@@ -597,17 +571,10 @@ std::vector<at::Tensor> cross_bwd(const at::Tensor& d_o, const at::Tensor& q, co
   std::vector<at::Tensor> grads{at::empty(q.sizes(), q.options().memory_format(contiguous)),
                                 at::empty(k.sizes(), k.options().memory_format(contiguous)),
                                 at::empty(v.sizes(), v.options().memory_format(contiguous))};
-  if (q.scalar_type() == at::kDouble) {
-    // float64: recompute the LSE in float64 (see bilateral_bwd).
-    auto o64 = at::empty(q.sizes(), q.options().memory_format(contiguous));
-    auto lse64 = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
-    cross_fwd_impl<double, double>(q, k, v, scale, mask, out_ptr(o64), lse64.data_ptr<double>());
-    cross_bwd_impl<double, double>(d_o, q, k, v, o, lse64, scale, mask, out_ptr(grads[0]), out_ptr(grads[1]),
-                                   out_ptr(grads[2]));
-  } else {
-    cross_bwd_impl<float, float>(d_o, q, k, v, o, lse, scale, mask, out_ptr(grads[0]), out_ptr(grads[1]),
-                                 out_ptr(grads[2]));
-  }
+  if (q.scalar_type() == at::kDouble)
+    cross_bwd_impl<double>(d_o, q, k, v, o, lse, scale, mask, out_ptr(grads[0]), out_ptr(grads[1]), out_ptr(grads[2]));
+  else
+    cross_bwd_impl<float>(d_o, q, k, v, o, lse, scale, mask, out_ptr(grads[0]), out_ptr(grads[1]), out_ptr(grads[2]));
   return grads;
 }
 

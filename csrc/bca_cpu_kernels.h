@@ -318,14 +318,6 @@ inline void axpy_row(T* y, const T* x, int64_t n, T a) {  // y += a * x
     at::vec::fmadd(va, Vec::loadu(x + i), Vec::loadu(y + i)).store(y + i);
 }
 
-template <typename T>
-inline T dot_row(const T* x, const T* y, int64_t n) {
-  using Vec = Vectorized<T>;
-  Vec s(T(0));
-  for (int64_t i = 0; i < n; i += Vec::size()) s = at::vec::fmadd(Vec::loadu(x + i), Vec::loadu(y + i), s);
-  return hsum(s);
-}
-
 // Column helpers for an [rows, ld] block, one vector of columns at j: four independent
 // accumulation chains (combined in a fixed order) so the loop runs at throughput instead of
 // at the latency of one max/add chain.
@@ -379,10 +371,11 @@ inline Vectorized<T> column_exp_sum(T* S, int64_t ld, int64_t rows, int64_t j, V
 // online) softmax, for direction x: s^T = k q^T [M, Cp] has the keys on rows, so the row max
 // and sum of each query reduce with vector max/add over the M rows.
 // K [M, Dp], QT [D, Cp] (pre-scaled), V [M, Dp]; scratch S [M, Cp], O [C, Dp];
-// outputs: inv_l [Cp] (1 / sum, for the caller's store) and lse [Cp].
+// outputs: inv_l [Cp] (1 / sum, for the caller's store), row_max and log_sum [Cp] (the LSE
+// is their sum, which the caller forms in float64, see split_lse).
 template <typename T>
 void attend_full_cols(int64_t C, int64_t Cp, int64_t M, int64_t D, int64_t Dp, const T* K, const T* QT, const T* V,
-                      T* S, T* O, T* inv_l, T* lse) {
+                      T* S, T* O, T* inv_l, T* row_max, T* log_sum) {
   using Vec = Vectorized<T>;
   // -- s^T = k q^T --
   gemm<T, false>(M, Cp, D, K, Dp, 1, QT, Cp, S, Cp);
@@ -391,7 +384,8 @@ void attend_full_cols(int64_t C, int64_t Cp, int64_t M, int64_t D, int64_t Dp, c
     const Vec mx = column_max(S, Cp, M, j, Vec(neg_inf<T>()));
     const Vec sum = column_exp_sum(S, Cp, M, j, mx);
     (Vec(T(1)) / sum).store(inv_l + j);
-    (mx + sum.log()).store(lse + j);
+    mx.store(row_max + j);
+    sum.log().store(log_sum + j);
   }
   // -- o = p v (normalised by the caller's store) --
   gemm<T, false>(C, Dp, M, S, 1, Cp, V, Dp, O, Dp);
@@ -432,34 +426,60 @@ void attend_tile_cols(int64_t C, int64_t M, int64_t Mp, int64_t D, int64_t Dp, c
   gemm<T, true>(M, Dp, C, S, 1, Mp, V, ldv, acc, Dp);
 }
 
-// Gradients of R query rows against one tile of L keys.
-// Q [R, Dp] (pre-scaled), dO [R, Dp], lse [R], delta [R] (= rowsum(dO * O));
-// K [L, ldk], KT [D, ldkt], VT [D, ldvt], bias [Lp]; scratch P, dS [R, Lp].
+// The saved LSE is float64: a float LSE at |lse| ~ 1e4 is off by up to 5e-4 (half an ulp),
+// which P = exp(s - lse) turns into a relative error of P that no later step can remove.
+// The backward splits it into floats hi + lo (hi the nearest float, lo the rest) and forms
+// exp((s - hi) - lo): s - hi is exact near the row max, so P keeps float precision.
+// A row without kept keys (lse = -inf) gets hi = +inf, lo = 0: every exp is exactly 0.
+template <typename T>
+inline void split_lse(double lse, T& hi, T& lo) {
+  if (lse == -std::numeric_limits<double>::infinity()) {
+    hi = std::numeric_limits<T>::infinity();
+    lo = T(0);
+    return;
+  }
+  hi = static_cast<T>(lse);
+  lo = static_cast<T>(lse - static_cast<double>(hi));
+}
+
+// Gradients of R query rows against ALL their L keys (the row's softmax is complete here).
+// Q [R, Dp] (pre-scaled), dO [R, Dp], lse_hi, lse_lo [R] (split_lse); K [L, ldk], KT [D, ldkt], VT [D, ldvt],
+// bias [Lp] (0 for a key, -inf for padding); scratch P, dS [R, Lp].
 // dQ [R, Dp] += dS K (unscaled: the caller multiplies by scale once);
 // dK [L, Dp] += dS^T Q; dV [L, Dp] += P^T dO.
+// delta = rowsum(P * dP) / rowsum(P), formed from P and dP as the reference's softmax backward
+// does (not dO . O): the rounding of dP then cancels in dP - delta, exactly so for a one-hot
+// row (|logits| ~ 1e4). Normalising by rowsum(P) keeps a P that is off by a factor
+// 1 + O(ulp(logit)) (recomputed from the fp32 LSE) a relative error of dS.
 template <typename T>
-void attend_tile_bwd(int64_t R, int64_t D, int64_t Dp, const T* Q, const T* dO, const T* lse, const T* delta,
-                     const T* K, int64_t ldk, const T* KT, int64_t ldkt, const T* VT, int64_t ldvt, const T* bias,
-                     int64_t L, int64_t Lp, T* P, T* dS, T* dQ, T* dK, T* dV) {
+void attend_tile_bwd(int64_t R, int64_t D, int64_t Dp, const T* Q, const T* dO, const T* lse_hi, const T* lse_lo,
+                     const T* K, int64_t ldk, const T* KT, int64_t ldkt, const T* VT, int64_t ldvt, const T* bias, int64_t L,
+                     int64_t Lp, T* P, T* dS, T* dQ, T* dK, T* dV) {
   using Vec = Vectorized<T>;
   // -- s = q k^T, dp = do v^T --
   gemm<T, false>(R, Lp, D, Q, Dp, 1, KT, ldkt, P, Lp);
   gemm<T, false>(R, Lp, D, dO, Dp, 1, VT, ldvt, dS, Lp);
-  // -- p = exp(s - lse), ds = p (dp - delta) --
+  // -- p = exp(s - lse), delta = rowsum(p dp), ds = p (dp - delta) --
   for (int64_t r = 0; r < R; ++r) {
     T* p = P + r * Lp;
     T* ds = dS + r * Lp;
-    if (lse[r] == neg_inf<T>()) {  // row without kept keys: no gradient
+    if (lse_hi[r] == std::numeric_limits<T>::infinity()) {  // row without kept keys: no gradient
       std::fill(p, p + Lp, T(0));
       std::fill(ds, ds + Lp, T(0));
       continue;
     }
-    const Vec vl(lse[r]), vd(delta[r]);
+    const Vec hi(lse_hi[r]), lo(lse_lo[r]);
+    Vec pdp(T(0)), psum(T(0));
     for (int64_t j = 0; j < Lp; j += Vec::size()) {
-      const Vec pj = vexp(Vec::loadu(p + j) + Vec::loadu(bias + j) - vl);
+      const Vec pj = vexp((Vec::loadu(p + j) - hi) - lo + Vec::loadu(bias + j));
       pj.store(p + j);
-      (pj * (Vec::loadu(ds + j) - vd)).store(ds + j);
+      pdp = at::vec::fmadd(pj, Vec::loadu(ds + j), pdp);
+      psum = psum + pj;
     }
+    const T p_total = hsum(psum);
+    const Vec vd(p_total > T(0) ? hsum(pdp) / p_total : T(0));
+    for (int64_t j = 0; j < Lp; j += Vec::size())
+      (Vec::loadu(p + j) * (Vec::loadu(ds + j) - vd)).store(ds + j);
   }
   // -- dq += ds k, dk += ds^T q, dv += p^T do --
   gemm<T, true>(R, Dp, L, dS, Lp, 1, K, ldk, dQ, Dp);
@@ -467,15 +487,32 @@ void attend_tile_bwd(int64_t R, int64_t D, int64_t Dp, const T* Q, const T* dO, 
   gemm<T, true>(L, Dp, R, P, 1, Lp, dO, Dp, dV, Dp);
 }
 
+// delta[j] = dO[j] . O[j] for M query columns, by the same micro-GEMM as the column form's
+// dp^T = v do^T below (per element: the first product, then fused multiply-adds in D order),
+// not a separate dot: when a softmax is one-hot (|logits| ~ 1e4), O[j] equals the winning
+// v row bitwise, so dp - delta is exactly 0 there, as in the reference's softmax backward.
+// O [M, ldo] rows, dOT [D, Mp]; delta [Mp] (0 for padding); scratch [W].
+template <typename T>
+void column_delta(int64_t M, int64_t Mp, int64_t D, const T* O, int64_t ldo, const T* dOT, T* scratch, T* delta) {
+  constexpr int64_t W = Vectorized<T>::size();
+  for (int64_t j = 0; j < M; ++j) {
+    const int64_t j0 = j / W * W;
+    gemm<T, false>(1, W, D, O + j * ldo, ldo, 1, dOT + j0, Mp, scratch, W);
+    delta[j] = scratch[j - j0];
+  }
+  std::fill(delta + M, delta + Mp, T(0));
+}
+
 // Gradients for the column form (see attend_tile_cols): M query columns against C keys.
 // K [C, ldk], V [C, ldv] tile rows; QT [D, Mp] and Q [M, Dp] (pre-scaled); dOT [D, Mp], dO [M, Dp];
-// lse_safe [Mp] (+inf for a column without kept keys, and for padding), delta [Mp];
+// lse_hi, lse_lo [Mp] (split_lse; hi = +inf for padding), delta [Mp] (column_delta);
 // keep [C] (nullptr = all kept); scratch P, dS [C, Mp].
 // dQ [M, Dp] += dS^T K (unscaled); dK [C, Dp] (+)= dS Q; dV [C, Dp] (+)= P dO (+= when ACC_KV).
 template <bool ACC_KV, typename T>
 void attend_tile_cols_bwd(int64_t C, int64_t M, int64_t Mp, int64_t D, int64_t Dp, const T* K, int64_t ldk,
                           const T* V, int64_t ldv, const T* QT, const T* Q, const T* dOT, const T* dO,
-                          const T* lse_safe, const T* delta, const bool* keep, T* P, T* dS, T* dQ, T* dK, T* dV) {
+                          const T* lse_hi, const T* lse_lo, const T* delta, const bool* keep, T* P, T* dS, T* dQ,
+                          T* dK, T* dV) {
   using Vec = Vectorized<T>;
   // -- s^T = k q^T, dp^T = v do^T --
   gemm<T, false>(C, Mp, D, K, ldk, 1, QT, Mp, P, Mp);
@@ -490,7 +527,7 @@ void attend_tile_cols_bwd(int64_t C, int64_t M, int64_t Mp, int64_t D, int64_t D
       continue;
     }
     for (int64_t j = 0; j < Mp; j += Vec::size()) {
-      const Vec pj = vexp(Vec::loadu(p + j) - Vec::loadu(lse_safe + j));
+      const Vec pj = vexp((Vec::loadu(p + j) - Vec::loadu(lse_hi + j)) - Vec::loadu(lse_lo + j));
       pj.store(p + j);
       (pj * (Vec::loadu(ds + j) - Vec::loadu(delta + j))).store(ds + j);
     }
@@ -532,7 +569,7 @@ void combine_rows(const acc_t* part, int64_t nsplit, int64_t rows, int64_t D, in
       axpy_row(acc, p + 2, Dp, w);
     }
     store_rows(out.at(idx * D), acc, Dp, 1, D, acc_t(1) / l);
-    lse[idx] = static_cast<lse_t>(gm + std::log(l));
+    lse[idx] = static_cast<lse_t>(gm) + static_cast<lse_t>(std::log(l));
   }
 }
 
@@ -555,7 +592,7 @@ void finalize_rows(const acc_t* m, const acc_t* l, acc_t* acc, int64_t rows, int
       continue;
     }
     scale_row(acc + r * Dp, Dp, acc_t(1) / l[r]);
-    lse[r] = static_cast<lse_t>(m[r] + std::log(l[r]));
+    lse[r] = static_cast<lse_t>(m[r]) + static_cast<lse_t>(std::log(l[r]));
   }
   store_rows(out, acc, Dp, rows, D, acc_t(1));
 }

@@ -8,7 +8,7 @@ Backends:
 - "auto": the fastest available kernel for the tensors' device and dtype, else "reference".
 
 Each kernel backend module provides the same four functions (all outputs are fresh,
-contiguous tensors; LSEs are float32 natural-log, -inf for a row with no kept key):
+contiguous tensors; LSEs are float64 natural-log (see reference.py), -inf for a row with no kept key):
 
     bilateral_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask) -> (o_s, o_x, lse_s, lse_x)
     bilateral_bwd(do_s, do_x, q_s, k_s, v_s, q_x, k_x, v_x, o_s, o_x, lse_s, lse_x, scale,

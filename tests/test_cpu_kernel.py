@@ -99,7 +99,7 @@ def test_bilateral_lse_matches_reference(dtype):
     mask = make_image_mask(B, N, empty_samples=(1,), seed=5)
     q_s, k_s, v_s, q_x, k_x, v_x = inputs
     _, _, lse_s, lse_x = cpu_backend.bilateral_fwd(*inputs, 0.2, mask)
-    assert lse_s.dtype == lse_x.dtype == torch.float32
+    assert lse_s.dtype == lse_x.dtype == torch.float64  # for every input dtype
     assert torch.equal(lse_s[1], torch.full_like(lse_s[1], float("-inf")))
     for got, (q, k, v, m) in ((lse_s, (q_s, k_x, v_x, mask)), (lse_x, (q_x, k_s, v_s, None))):
         ref, exact = reference_pair(
@@ -143,7 +143,8 @@ def test_cross_outputs_and_gradients_match_reference(case):
     ref_lse, exact_lse = reference_pair(
         lambda *t: cross_attention_reference_with_lse(*t, 0.3, mask, upcast=True)[1], [q, k, v]
     )
-    assert_close(lse, ref_lse, exact_lse, FP32, "lse")  # float32 LSEs for every input dtype
+    assert_close(lse, ref_lse, exact_lse, FP32, "lse")
+    assert lse.dtype == torch.float64  # for every input dtype
 
 
 def _run_everything(inputs, mask, grads, threads):
@@ -232,7 +233,7 @@ def test_kernel_rejects_bad_forward_inputs(overrides, fragments):
 @pytest.mark.parametrize(
     "which,bad,fragments",
     [
-        ("lse_s", lambda t: t.double(), ["lse_s", "float32"]),
+        ("lse_s", lambda t: t.float(), ["lse_s", "float64"]),
         ("lse_x", lambda t: t[..., :-1], ["lse_x", "[2, 2, 7]"]),
         ("do_x", lambda t: t[:, :, :-1], ["do_x", "[2, 2, 7, 8]"]),
         ("o_s", lambda t: t.bfloat16(), ["o_s", "BFloat16"]),

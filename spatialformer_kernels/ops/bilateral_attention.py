@@ -40,8 +40,8 @@ def _(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask, backend):
     return (
         q_s.new_empty(q_s.shape),
         q_x.new_empty(q_x.shape),
-        q_s.new_empty((batch, heads, n_spatial), dtype=torch.float32),
-        q_x.new_empty((batch, heads, n_image), dtype=torch.float32),
+        q_s.new_empty((batch, heads, n_spatial), dtype=torch.float64),
+        q_x.new_empty((batch, heads, n_image), dtype=torch.float64),
     )
 
 

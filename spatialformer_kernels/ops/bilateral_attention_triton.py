@@ -17,7 +17,9 @@ and walks them in BLOCK_N tiles.
   The two directions read disjoint image tensors (s: k_x, v_x; x: q_x); at large D they
   run as two launches of the same kernel to stay in registers (`fuse_directions`).
 Backward, deterministic (no atomics), grid (B*H, SPLITS), one launch per direction (fused,
-the live state spills): delta = rowsum(dO * O) is computed in the kernel; per tile the
+the live state spills): delta = rowsum(P * dP) / rowsum(P) is formed from P and dP where a
+block holds all of a row's keys (direction x, M <= BLOCK_M), else as dO . O by the same dot as dP
+(`_delta_like_dp`), so a one-hot softmax cancels exactly as in the reference; per tile the
 image-side gradients (dk_x, dv_x from direction s; dq_x from direction x) are complete and
 written, and the spatial-side ones (dq_s; dk_s, dv_s) are summed per program into a
 per-split fp32 partial (in registers when M <= BLOCK_M, else in the program's own slice of
@@ -27,9 +29,15 @@ cross_attention uses the same kernels with one direction switched off: few queri
 keys is direction s only (q -> q_s, k, v -> k_x, v_x, key_mask -> image_mask); many queries
 over few keys is direction x only (q -> q_x, k, v -> k_s, v_s, key_mask on the M axis).
 
-Numerics: logits are scaled by scale * log2(e) and exponentiated with exp2; accumulation in
+Numerics: logits stay in the natural-log domain (scale * q.k, the same fp32 value in the
+forward and the backward) and are exponentiated as exp2((s - max) * log2(e)): log2(e) is
+applied after the max is subtracted, so the top logit gives exactly exp2(0) = 1 and the
+backward's exp2((s - lse) * log2(e)) reproduces a one-hot softmax exactly even at
+|logits| ~ 1e4 (folding log2(e) into the scale would round the logits and the LSE in two
+domains, off by ~1e-3 there). Accumulation in
 fp32; fp32 inputs use IEEE dots (PyTorch's default matmul is not TF32). LSEs are natural-log
-fp32, -inf for a query with no kept key (its output and gradients are 0). Offsets are int64.
+float64 (`_lse_value`, `_load_lse`), -inf for a query with no kept key (its output and
+gradients are 0). Offsets are int64.
 
 Limits: D in 8..256 (BLOCK_D is the next power of two >= 16, masked); any M, N >= 1 (one
 spatial block holds M <= 64 at D <= 32 in 16-bit, see `block_m_for`; larger M loops over
@@ -50,6 +58,8 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(LN2)
 
 # ----------------------------------------------------------------------------------------
 # Configs
@@ -214,18 +224,34 @@ def _autotune(kernel, configs, backward):
 # ----------------------------------------------------------------------------------------
 # Shared jit helpers
 # ----------------------------------------------------------------------------------------
-# Triton 3.8's interpreter multiplies bfloat16 dot operands as their raw uint16 bits; there
-# (only) the operands are widened to fp32 first, which is exact for bfloat16 values.
-_WIDEN_BF16_DOTS = tl.constexpr(INTERPRET)
+# In the interpreter (only), dots run in float64 and round once to float32. numpy's matmul,
+# the interpreter's dot, sums in an order that depends on the tile shape, so the same logit
+# could differ by an ulp between the forward and backward tiles; a GPU dot computes every
+# element alike (one FMA chain over K, or the same MMA steps), which the backward relies on
+# to recompute P and delta exactly. Widening also sidesteps Triton 3.8's interpreter
+# multiplying bfloat16 operands as their raw bits (float64 holds every 16-bit value exactly).
+_INTERPRETER_DOTS = tl.constexpr(INTERPRET)
 
 
 @triton.jit
 def _dot(a, b, DOT_PRECISION: tl.constexpr):
-    if _WIDEN_BF16_DOTS:
-        if a.dtype == tl.bfloat16:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
+    if _INTERPRETER_DOTS:
+        return tl.dot(a.to(tl.float64), b.to(tl.float64), out_dtype=tl.float64).to(tl.float32)
     return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _round_to(x, dtype: tl.constexpr):
+    """fp32 -> `dtype`, rounding to nearest even as a GPU conversion does. Triton 3.8's
+    interpreter truncates fp32 -> bfloat16, so there (only) bfloat16 is rounded by hand on the
+    bits; NaN keeps the truncated bits (still NaN)."""
+    if _INTERPRETER_DOTS:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            bits = tl.where(x != x, bits >> 16, rounded)
+            return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return x.to(dtype)
 
 
 @triton.jit
@@ -251,45 +277,84 @@ def _key_keep(MASK, b, keys, keys_ok, stride_mask_b, stride_mask_l, HAS_MASK: tl
 
 
 @triton.jit
-def _scores(q, k, keep, qk_scale, DOT_PRECISION: tl.constexpr):
-    """Logits of queries q [R, D] over keys k [C, D] in the log2 domain; -inf for dropped keys."""
-    s = _dot(q, tl.trans(k), DOT_PRECISION) * qk_scale
+def _scores(q, k, keep, sm_scale, DOT_PRECISION: tl.constexpr):
+    """Logits scale * q k^T of queries q [R, D] over keys k [C, D]; -inf for dropped keys."""
+    s = _dot(q, tl.trans(k), DOT_PRECISION) * sm_scale
     return tl.where(keep[None, :], s, float("-inf"))
 
 
 @triton.jit
 def _online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
-    """Fold one block of log2-domain logits s [R, C] and values v [C, D] into (max, sum, acc)."""
+    """Fold one block of logits s [R, C] and values v [C, D] into (max, sum, acc)."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row with no kept key so far has max -inf; shifting by 0 keeps exp2(-inf) = 0, no NaN.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.math.exp2(m_i - m_safe)
-    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2((m_i - m_safe) * _LOG2E)
+    p = tl.math.exp2((s - m_safe[:, None]) * _LOG2E)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION)
+    acc = acc * alpha[:, None] + _dot(_round_to(p, v.dtype), v, DOT_PRECISION)
     return m_new, l_i, acc
 
 
 @triton.jit
-def _lse_log2(LSE, rows, rows_ok):
-    """Saved natural-log LSE -> log2 domain; +inf for empty rows and padding so exp2 gives 0."""
-    lse = tl.load(LSE + rows.to(tl.int64), mask=rows_ok, other=float("-inf"))
-    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+def _lse_value(m, l):
+    """float64 LSE of a softmax state (fp32 max m, sum l); -inf for a row with no kept key.
+    The LSE is kept in float64 because an fp32 LSE is off by up to half an ulp, 5e-4 at
+    |logits| ~ 1e4, and P = exp(s - lse) would carry that as a relative error."""
+    lse = m.to(tl.float64) + (tl.math.log2(l) * _LN2).to(tl.float64)
+    return tl.where(l > 0.0, lse, float("-inf"))
 
 
 @triton.jit
-def _attn_bwd_block(q, do, lse2, delta, k, v, keep, qk_scale, sm_scale, DOT_PRECISION: tl.constexpr):
+def _load_lse(LSE, rows, rows_ok):
+    """Saved float64 LSE as fp32 (hi, lo), hi the nearest fp32 and lo the rest; (+inf, 0) for
+    empty rows and padding so that `_probs` gives exactly 0 there."""
+    lse = tl.load(LSE + rows.to(tl.int64), mask=rows_ok, other=float("-inf"))
+    empty = lse == float("-inf")
+    hi = lse.to(tl.float32)
+    lo = (lse - hi.to(tl.float64)).to(tl.float32)
+    return tl.where(empty, float("inf"), hi), tl.where(empty, 0.0, lo)
+
+
+@triton.jit
+def _probs(s, lse_hi, lse_lo):
+    """P = exp(s - lse) from the split LSE: s - hi is exact near the row max (a one-hot row
+    gives exactly 1), then lo, then the conversion to base 2."""
+    return tl.math.exp2(((s - lse_hi[:, None]) - lse_lo[:, None]) * _LOG2E)
+
+
+@triton.jit
+def _delta_like_dp(do, o, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """delta = rowsum(dO * O) [R], taken from the diagonal of the same dot that forms
+    dP = dO v^T (same operands' dtype, same reduction order per element), not from a separate
+    sum: where a softmax is one-hot (|logits| ~ 1e4), O equals the winning v row bitwise, so
+    dP - delta is exactly 0 there, as in the reference's softmax backward."""
+    full = _dot(do, tl.trans(o), DOT_PRECISION)
+    rows = tl.arange(0, BLOCK_R)
+    return tl.sum(tl.where(rows[:, None] == rows[None, :], full, 0.0), 1)
+
+
+@triton.jit
+def _attn_bwd_block(q, do, lse_hi, lse_lo, delta, k, v, keep, sm_scale, DOT_PRECISION: tl.constexpr,
+                    DELTA_FROM_P: tl.constexpr = False):
     """Gradient contributions of queries q [R, D] against one block of keys k, v [C, D]:
-    returns (dq [R, D], dk [C, D], dv [C, D]) in fp32, already multiplied by the scale."""
+    returns (dq [R, D], dk [C, D], dv [C, D]) in fp32, already multiplied by the scale.
+    DELTA_FROM_P: the block holds every key of the rows, so delta is formed here from P and
+    dP, as the reference's softmax backward does, and the `delta` argument is ignored. It is
+    rowsum(P * dP) / rowsum(P): the P recomputed from the saved LSE can be off by a factor
+    1 + O(ulp(logit)) at |logits| ~ 1e4, and normalising keeps that a relative error of dS."""
     # -- recompute the probabilities from the saved LSE --
-    s = _scores(q, k, keep, qk_scale, DOT_PRECISION)
-    p = tl.math.exp2(s - lse2[:, None])
+    s = _scores(q, k, keep, sm_scale, DOT_PRECISION)
+    p = _probs(s, lse_hi, lse_lo)
     # -- dS = P * (dP - delta) --
     dp = _dot(do, tl.trans(v), DOT_PRECISION)
+    if DELTA_FROM_P:
+        p_sum = tl.sum(p, 1)
+        delta = tl.sum(p * dp, 1) / tl.where(p_sum > 0.0, p_sum, 1.0)
     ds = p * (dp - delta[:, None]) * sm_scale
-    dq = _dot(ds.to(k.dtype), k, DOT_PRECISION)
-    dk = _dot(tl.trans(ds).to(q.dtype), q, DOT_PRECISION)
-    dv = _dot(tl.trans(p).to(do.dtype), do, DOT_PRECISION)
+    dq = _dot(_round_to(ds, k.dtype), k, DOT_PRECISION)
+    dk = _dot(_round_to(tl.trans(ds), q.dtype), q, DOT_PRECISION)
+    dv = _dot(_round_to(tl.trans(p), do.dtype), do, DOT_PRECISION)
     return dq, dk, dv
 
 
@@ -303,10 +368,10 @@ def _bilateral_fwd_kernel(
     IMAGE_MASK,  # [B, N] bool, keys of direction s (read only with HAS_IMAGE_MASK)
     SPATIAL_MASK,  # [B, M] bool, keys of direction x (read only with HAS_SPATIAL_MASK)
     O_X,  # [B, H, N, D] contiguous, input dtype
-    LSE_X,  # [B, H, N] contiguous fp32
+    LSE_X,  # [B, H, N] contiguous float64
     PART_ACC,  # [B * H, SPLITS, M, D] fp32: unnormalised direction-s output per split
-    PART_MAX,  # [B * H, SPLITS, M] fp32: running max (log2 domain) per split
-    PART_SUM,  # [B * H, SPLITS, M] fp32: running sum of exp2 per split
+    PART_MAX,  # [B * H, SPLITS, M] fp32: running max logit per split
+    PART_SUM,  # [B * H, SPLITS, M] fp32: running sum of exp(s - max) per split
     stride_qs_b, stride_qs_h, stride_qs_m, stride_qs_d,
     stride_ks_b, stride_ks_h, stride_ks_m, stride_ks_d,
     stride_vs_b, stride_vs_h, stride_vs_m, stride_vs_d,
@@ -316,7 +381,7 @@ def _bilateral_fwd_kernel(
     stride_im_b, stride_im_n,
     stride_sm_b, stride_sm_m,
     H, M, N, D, CHUNK, SPLITS,
-    qk_scale,  # scale * log2(e)
+    sm_scale,  # scale
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DIR_S: tl.constexpr, DIR_X: tl.constexpr,
     HAS_IMAGE_MASK: tl.constexpr, HAS_SPATIAL_MASK: tl.constexpr,
@@ -369,22 +434,22 @@ def _bilateral_fwd_kernel(
                     km_keep = _key_keep(SPATIAL_MASK, b, offs_km, km_ok, stride_sm_b, stride_sm_m, HAS_SPATIAL_MASK)
                     k_blk = _load_rows(k_s_ptr, offs_km, offs_d, stride_ks_m, stride_ks_d, km_ok, d_ok)
                     v_blk = _load_rows(v_s_ptr, offs_km, offs_d, stride_vs_m, stride_vs_d, km_ok, d_ok)
-                    s_x = _scores(q_x, k_blk, km_keep, qk_scale, DOT_PRECISION)
+                    s_x = _scores(q_x, k_blk, km_keep, sm_scale, DOT_PRECISION)
                     m_x, l_x, acc_x = _online_softmax_step(s_x, v_blk, m_x, l_x, acc_x, DOT_PRECISION)
                 # -- normalise and write o_x, lse_x (rows with no kept key: 0 and -inf) --
                 has_key = l_x > 0.0
                 o_x = acc_x / tl.where(has_key, l_x, 1.0)[:, None]
-                lse_x = tl.where(has_key, (m_x + tl.math.log2(l_x)) * 0.6931471805599453, float("-inf"))
+                lse_x = _lse_value(m_x, l_x)
                 rows = row_base + offs_n
                 o_ptrs = O_X + rows[:, None] * D + offs_d[None, :]
-                tl.store(o_ptrs, o_x.to(O_X.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
+                tl.store(o_ptrs, _round_to(o_x, O_X.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
                 tl.store(LSE_X + rows, lse_x, mask=n_ok)
         if DIR_S:
             # -- direction s: spatial queries over this tile of image keys, online softmax --
             keep_n = _key_keep(IMAGE_MASK, b, offs_n, n_ok, stride_im_b, stride_im_n, HAS_IMAGE_MASK)
             k_x = _load_rows(k_x_ptr, offs_n, offs_d, stride_kx_n, stride_kx_d, n_ok, d_ok)
             v_x = _load_rows(v_x_ptr, offs_n, offs_d, stride_vx_n, stride_vx_d, n_ok, d_ok)
-            s_s = _scores(q_s, k_x, keep_n, qk_scale, DOT_PRECISION)
+            s_s = _scores(q_s, k_x, keep_n, sm_scale, DOT_PRECISION)
             m_s, l_s, acc_s = _online_softmax_step(s_s, v_x, m_s, l_s, acc_s, DOT_PRECISION)
 
     if DIR_S:
@@ -402,7 +467,7 @@ def _bilateral_combine_kernel(
     PART_MAX,  # [B * H, SPLITS, M] fp32
     PART_SUM,  # [B * H, SPLITS, M] fp32
     O_S,  # [B, H, M, D] contiguous, input dtype
-    LSE_S,  # [B, H, M] contiguous fp32
+    LSE_S,  # [B, H, M] contiguous float64
     M, D, SPLITS,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -422,16 +487,16 @@ def _bilateral_combine_kernel(
         acc_k = tl.load(PART_ACC + rows[:, None] * D + offs_d[None, :], mask=tile_ok, other=0.0)
         m_new = tl.maximum(m_run, m_k)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_run - m_safe)
-        beta = tl.math.exp2(m_k - m_safe)
+        alpha = tl.math.exp2((m_run - m_safe) * _LOG2E)
+        beta = tl.math.exp2((m_k - m_safe) * _LOG2E)
         l_run = l_run * alpha + l_k * beta
         acc = acc * alpha[:, None] + acc_k * beta[:, None]
         m_run = m_new
     has_key = l_run > 0.0
     o = acc / tl.where(has_key, l_run, 1.0)[:, None]
-    lse = tl.where(has_key, (m_run + tl.math.log2(l_run)) * 0.6931471805599453, float("-inf"))
+    lse = _lse_value(m_run, l_run)
     out_rows = pid_bh.to(tl.int64) * M + offs_m
-    tl.store(O_S + out_rows[:, None] * D + offs_d[None, :], o.to(O_S.dtype.element_ty), mask=tile_ok)
+    tl.store(O_S + out_rows[:, None] * D + offs_d[None, :], _round_to(o, O_S.dtype.element_ty), mask=tile_ok)
     tl.store(LSE_S + out_rows, lse, mask=m_ok)
 
 
@@ -442,8 +507,8 @@ def _bilateral_combine_kernel(
 def _bilateral_bwd_kernel(
     Q_S, K_S, V_S, O_S, DO_S,  # [B, H, M, D] each, any strides
     Q_X, K_X, V_X, O_X, DO_X,  # [B, H, N, D] each, any strides
-    LSE_S,  # [B, H, M] contiguous fp32
-    LSE_X,  # [B, H, N] contiguous fp32
+    LSE_S,  # [B, H, M] contiguous float64
+    LSE_X,  # [B, H, N] contiguous float64
     IMAGE_MASK,  # [B, N] bool (read only with HAS_IMAGE_MASK)
     SPATIAL_MASK,  # [B, M] bool (read only with HAS_SPATIAL_MASK)
     DQ_X, DK_X, DV_X,  # [B, H, N, D] contiguous, input dtype
@@ -461,7 +526,6 @@ def _bilateral_bwd_kernel(
     stride_im_b, stride_im_n,
     stride_sm_b, stride_sm_m,
     H, M, N, D, CHUNK, SPLITS,
-    qk_scale,  # scale * log2(e)
     sm_scale,  # scale
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     M_ONE_BLOCK: tl.constexpr,
@@ -500,8 +564,8 @@ def _bilateral_bwd_kernel(
             q_s = _load_rows(q_s_ptr, offs_blk, offs_d, stride_qs_m, stride_qs_d, m_ok, d_ok)
             do_s = _load_rows(do_s_ptr, offs_blk, offs_d, stride_dos_m, stride_dos_d, m_ok, d_ok)
             o_s = _load_rows(o_s_ptr, offs_blk, offs_d, stride_os_m, stride_os_d, m_ok, d_ok)
-            delta_s = tl.sum(o_s.to(tl.float32) * do_s.to(tl.float32), 1)
-            lse2_s = _lse_log2(lse_s_ptr, offs_blk, m_ok)
+            delta_s = _delta_like_dp(do_s, o_s, BLOCK_M, DOT_PRECISION)
+            lse_hi_s, lse_lo_s = _load_lse(lse_s_ptr, offs_blk, m_ok)
             dq_s_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         if DIR_X:
             ks_keep = _key_keep(SPATIAL_MASK, b, offs_blk, m_ok, stride_sm_b, stride_sm_m, HAS_SPATIAL_MASK)
@@ -519,9 +583,12 @@ def _bilateral_bwd_kernel(
         if DIR_X:
             q_x = _load_rows(q_x_ptr, offs_n, offs_d, stride_qx_n, stride_qx_d, n_ok, d_ok)
             do_x = _load_rows(do_x_ptr, offs_n, offs_d, stride_dox_n, stride_dox_d, n_ok, d_ok)
-            o_x = _load_rows(o_x_ptr, offs_n, offs_d, stride_ox_n, stride_ox_d, n_ok, d_ok)
-            delta_x = tl.sum(o_x.to(tl.float32) * do_x.to(tl.float32), 1)
-            lse2_x = _lse_log2(lse_x_ptr, offs_n, n_ok)
+            if M_ONE_BLOCK:
+                delta_x = tl.zeros([BLOCK_N], dtype=tl.float32)  # formed from P and dP per block
+            else:
+                o_x = _load_rows(o_x_ptr, offs_n, offs_d, stride_ox_n, stride_ox_d, n_ok, d_ok)
+                delta_x = _delta_like_dp(do_x, o_x, BLOCK_N, DOT_PRECISION)
+            lse_hi_x, lse_lo_x = _load_lse(lse_x_ptr, offs_n, n_ok)
             dq_x = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         if DIR_S:
             keep_n = _key_keep(IMAGE_MASK, b, offs_n, n_ok, stride_im_b, stride_im_n, HAS_IMAGE_MASK)
@@ -533,14 +600,15 @@ def _bilateral_bwd_kernel(
         if M_ONE_BLOCK:
             if DIR_S:
                 dq_c, dk_c, dv_c = _attn_bwd_block(
-                    q_s, do_s, lse2_s, delta_s, k_x, v_x, keep_n, qk_scale, sm_scale, DOT_PRECISION
+                    q_s, do_s, lse_hi_s, lse_lo_s, delta_s, k_x, v_x, keep_n, sm_scale, DOT_PRECISION
                 )
                 dq_s_acc += dq_c
                 dk_x += dk_c
                 dv_x += dv_c
             if DIR_X:
                 dq_c, dk_c, dv_c = _attn_bwd_block(
-                    q_x, do_x, lse2_x, delta_x, k_s, v_s, ks_keep, qk_scale, sm_scale, DOT_PRECISION
+                    q_x, do_x, lse_hi_x, lse_lo_x, delta_x, k_s, v_s, ks_keep, sm_scale, DOT_PRECISION,
+                    DELTA_FROM_P=True,
                 )
                 dq_x += dq_c
                 dk_s_acc += dk_c
@@ -558,10 +626,10 @@ def _bilateral_bwd_kernel(
                     q_s = _load_rows(q_s_ptr, offs_m, offs_d, stride_qs_m, stride_qs_d, m_ok, d_ok)
                     do_s = _load_rows(do_s_ptr, offs_m, offs_d, stride_dos_m, stride_dos_d, m_ok, d_ok)
                     o_s = _load_rows(o_s_ptr, offs_m, offs_d, stride_os_m, stride_os_d, m_ok, d_ok)
-                    delta_s = tl.sum(o_s.to(tl.float32) * do_s.to(tl.float32), 1)
-                    lse2_s = _lse_log2(lse_s_ptr, offs_m, m_ok)
+                    delta_s = _delta_like_dp(do_s, o_s, BLOCK_M, DOT_PRECISION)
+                    lse_hi_s, lse_lo_s = _load_lse(lse_s_ptr, offs_m, m_ok)
                     dq_c, dk_c, dv_c = _attn_bwd_block(
-                        q_s, do_s, lse2_s, delta_s, k_x, v_x, keep_n, qk_scale, sm_scale, DOT_PRECISION
+                        q_s, do_s, lse_hi_s, lse_lo_s, delta_s, k_x, v_x, keep_n, sm_scale, DOT_PRECISION
                     )
                     dk_x += dk_c
                     dv_x += dv_c
@@ -572,7 +640,7 @@ def _bilateral_bwd_kernel(
                     k_blk = _load_rows(k_s_ptr, offs_m, offs_d, stride_ks_m, stride_ks_d, m_ok, d_ok)
                     v_blk = _load_rows(v_s_ptr, offs_m, offs_d, stride_vs_m, stride_vs_d, m_ok, d_ok)
                     dq_c, dk_c, dv_c = _attn_bwd_block(
-                        q_x, do_x, lse2_x, delta_x, k_blk, v_blk, km_keep, qk_scale, sm_scale, DOT_PRECISION
+                        q_x, do_x, lse_hi_x, lse_lo_x, delta_x, k_blk, v_blk, km_keep, sm_scale, DOT_PRECISION
                     )
                     dq_x += dq_c
                     old = tl.load(PART_DK_S + part_offsets, mask=part_ok & not_first, other=0.0)
@@ -582,10 +650,10 @@ def _bilateral_bwd_kernel(
 
         # -- image-side gradients are complete for this tile --
         if DIR_X:
-            tl.store(DQ_X + out_offsets, dq_x.to(DQ_X.dtype.element_ty), mask=tile_ok)
+            tl.store(DQ_X + out_offsets, _round_to(dq_x, DQ_X.dtype.element_ty), mask=tile_ok)
         if DIR_S:
-            tl.store(DK_X + out_offsets, dk_x.to(DK_X.dtype.element_ty), mask=tile_ok)
-            tl.store(DV_X + out_offsets, dv_x.to(DV_X.dtype.element_ty), mask=tile_ok)
+            tl.store(DK_X + out_offsets, _round_to(dk_x, DK_X.dtype.element_ty), mask=tile_ok)
+            tl.store(DV_X + out_offsets, _round_to(dv_x, DV_X.dtype.element_ty), mask=tile_ok)
 
     if M_ONE_BLOCK:
         part_offsets = part_base + offs_blk.to(tl.int64)[:, None] * D + offs_d[None, :]
@@ -677,7 +745,7 @@ def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_
     splits, chunk = split_plan(sm_count(device), B * H * m_programs, N)
     f32 = torch.float32
     o_x = torch.empty((B, H, N, D), device=device, dtype=dtype) if do_x else None
-    lse_x = torch.empty((B, H, N), device=device, dtype=f32) if do_x else None
+    lse_x = torch.empty((B, H, N), device=device, dtype=torch.float64) if do_x else None
     part_acc = torch.empty((B * H, splits, M, D), device=device, dtype=f32) if do_s else None
     part_max = torch.empty((B * H, splits, M), device=device, dtype=f32) if do_s else None
     part_sum = torch.empty((B * H, splits, M), device=device, dtype=f32) if do_s else None
@@ -691,7 +759,7 @@ def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_
             part_acc if do_s else dummy, part_max if do_s else dummy, part_sum if do_s else dummy,
             *q_s.stride(), *k_s.stride(), *v_s.stride(), *q_x.stride(), *k_x.stride(), *v_x.stride(),
             stride_im_b, stride_im_n, stride_sm_b, stride_sm_m,
-            H, M, N, D, chunk, splits, scale * LOG2E,
+            H, M, N, D, chunk, splits, scale,
             BLOCK_M=block_m, BLOCK_D=block_d, DIR_S=do_s, DIR_X=do_x,
             HAS_IMAGE_MASK=image_mask is not dummy, HAS_SPATIAL_MASK=spatial_mask is not dummy,
             DOT_PRECISION=_dot_precision(dtype),
@@ -700,7 +768,7 @@ def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_
     o_s = lse_s = None
     if do_s:
         o_s = torch.empty((B, H, M, D), device=device, dtype=dtype)
-        lse_s = torch.empty((B, H, M), device=device, dtype=f32)
+        lse_s = torch.empty((B, H, M), device=device, dtype=torch.float64)
         combine_m = 16 if block_d >= 128 else 32
         with _device_guard(device):
             _bilateral_combine_kernel[(B * H, triton.cdiv(M, combine_m))](
@@ -718,7 +786,7 @@ def _math_bwd(do, q, k, v, o, lse, scale, key_mask):
         logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
     # A row without kept keys has lse = -inf; shifting by +inf makes its P exactly 0.
     lse = torch.where(lse == float("-inf"), float("inf"), lse)
-    p = torch.exp(logits - lse[..., None])
+    p = torch.exp(logits - lse[..., None]).float()  # lse is float64
     delta = (dof * o.float()).sum(-1, keepdim=True)
     ds = p * (torch.matmul(dof, vf.transpose(-1, -2)) - delta) * scale
     dq = torch.matmul(ds, kf)
@@ -783,7 +851,7 @@ def attention_bwd(
             *q_s.stride(), *k_s.stride(), *v_s.stride(), *strides(o_s), *strides(do_s),
             *q_x.stride(), *k_x.stride(), *v_x.stride(), *strides(o_x), *strides(do_x),
             stride_im_b, stride_im_n, stride_sm_b, stride_sm_m,
-            H, M, N, D, chunk, splits, scale * LOG2E, scale,
+            H, M, N, D, chunk, splits, scale,
             BLOCK_M=block_m, BLOCK_D=block_d, M_ONE_BLOCK=M <= block_m, DIR_S=do_s_dir, DIR_X=do_x_dir,
             HAS_IMAGE_MASK=image_mask is not dummy, HAS_SPATIAL_MASK=spatial_mask is not dummy,
             DOT_PRECISION=_dot_precision(dtype), **_fixed_meta(block_m, block_d, elem, True, False, do_s_dir),

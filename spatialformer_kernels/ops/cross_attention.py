@@ -26,7 +26,7 @@ def _cross_attention_op(
 
 @_cross_attention_op.register_fake
 def _(q, k, v, scale, key_mask, backend):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float64)
 
 
 @torch.library.custom_op("spatialformer::cross_attention_backward", mutates_args=())
