@@ -4,8 +4,10 @@
 
 For every kernel variant the launchers can launch, at every config the autotuner may keep
 for it (the launcher's own tables: `block_m_for`, `fuse_directions`, `backward_supported`,
-`configs_for`; the interpreter's fixed test config is one of them, marked "(test)"),
-Triton compiles the kernel to a cubin for each target; `cuobjdump --dump-resource-usage`
+`configs_for`; the interpreter's fixed test config is one of them, marked "(test)"; for
+the wide-head backward, `bilateral_attention_triton_wide`, its three kernels at the config
+`wide_config` gives each bucket and direction it serves), Triton compiles the kernel to a
+cubin for each target; `cuobjdump --dump-resource-usage`
 (shipped in the triton wheel) reads registers and stack bytes (spills), and
 `metadata.shared` plus the static shared memory give the shared memory. Prints one row per
 compile and exits non-zero on any spill or on shared memory above the device limit
@@ -13,9 +15,10 @@ compile and exits non-zero on any spill or on shared memory above the device lim
 
 Coverage: by default a representative set of (dtype, head-dim bucket) pairs that covers
 every dtype and every BLOCK_D bucket (fp16 and bf16 compile to the same resource usage in
-every bucket of an `--all` run); `--all` compiles every dtype at every bucket (about three
-times longer). Pointer alignment and unit strides are specialised as they are at run time
-for contiguous last dimensions and torch allocations.
+every bucket of an `--all` run), plus every bucket the wide-head backward serves in fp32 and
+bf16; `--all` compiles every dtype at every bucket (about three times longer). Pointer
+alignment and unit strides are specialised as they are at run time for contiguous last
+dimensions and torch allocations.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from .ops import bilateral_attention_triton as bt  # noqa: E402
+from .ops import bilateral_attention_triton_wide as wide  # noqa: E402
 
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -49,16 +53,20 @@ REPRESENTATIVE = (
     (torch.float16, 128),
     (torch.float32, 256),
 )
-_INT_ARGS = {"H", "M", "N", "D", "CHUNK", "SPLITS"}
+# The wide-head backward's buckets in the default run (fp16 compiles like bf16).
+WIDE_REPRESENTATIVE = ((torch.float32, 128), (torch.float32, 256), (torch.bfloat16, 256))
+_INT_ARGS = {"H", "M", "N", "D", "CHUNK", "SPLITS", "LQ", "LK"}
 _FLOAT_ARGS = {"qk_scale", "sm_scale"}
 # Strides that are 1 in the usual layouts; Triton specialises an int argument equal to 1.
-_UNIT_STRIDE = re.compile(r"stride_\w+_d$|stride_im_n$|stride_sm_m$")
+_UNIT_STRIDE = re.compile(r"stride_\w+_d$|stride_im_n$|stride_sm_m$|stride_mask_l$")
 
 
 def _pointer_type(name: str, dtype: torch.dtype) -> str:
     if name.endswith("MASK"):
         return "*i1"
-    if name.startswith(("LSE", "PART")):
+    if name.startswith("LSE"):
+        return "*fp64"
+    if name.startswith(("PART", "DELTA")):
         return "*fp32"
     return {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
 
@@ -100,15 +108,46 @@ def _resource_usage(cubin: bytes) -> tuple[int, int, int]:
 
 
 def _flag_text(c) -> str:
+    if "BLOCK_DC" in c:  # the wide-head backward's kernels
+        if "QUERIES_SPATIAL" in c:
+            return f"M{c['BLOCK_M']} N{c['BLOCK_N']} C{c['BLOCK_DC']} dir={'s' if c['QUERIES_SPATIAL'] else 'x'}"
+        return f"R{c['BLOCK_R']}" + (f" K{c['BLOCK_C']}" if "BLOCK_C" in c else "") + f" C{c['BLOCK_DC']}"
+    if "DIR_S" not in c:
+        return f"M{c['BLOCK_M']}"
     dirs = {(True, True): "both", (True, False): "s", (False, True): "x"}[(c["DIR_S"], c["DIR_X"])]
     loop = "+loop" if c.get("M_ONE_BLOCK") is False else ""
     return f"M{c['BLOCK_M']}{loop} dir={dirs}"
 
 
-def variants(pairs):
-    """Yield (kernel name, jit fn, dtype, constexprs, config text, num_warps, num_stages):
+def variants(pairs, wide_pairs=()):
+    """Yield (kernel name, jit fn, dtype, BLOCK_D, constexprs, config text, num_warps, num_stages):
     every variant the launchers can launch for these (dtype, BLOCK_D) pairs, at every
-    config the autotuner may keep for it plus the fixed interpreter config."""
+    config the autotuner may keep for it plus the fixed interpreter config, then the
+    wide-head backward's kernels for those of `wide_pairs` it serves."""
+    yield from _fused_variants(pairs)
+    yield from _wide_variants(wide_pairs)
+
+
+def _wide_variants(pairs):
+    for dtype, block_d in pairs:
+        elem = torch.tensor([], dtype=dtype).element_size()
+        if not wide.serves(block_d, elem):
+            continue
+        for spatial in (True, False):  # direction s, direction x
+            cfg = wide.wide_config(block_d, elem, spatial)
+            base = dict(BLOCK_DC=cfg.BLOCK_DC, DOT_PRECISION=bt._dot_precision(dtype))
+            config = f"w{cfg.num_warps} s1"
+            rows, keys = (cfg.BLOCK_M, cfg.BLOCK_N) if spatial else (cfg.BLOCK_N, cfg.BLOCK_M)
+            yield ("_bilateral_wide_lse_kernel", wide._bilateral_wide_lse_kernel, dtype, block_d,
+                   dict(base, BLOCK_R=rows, BLOCK_C=keys, HAS_MASK=True), config, cfg.num_warps, 1)
+            yield ("_bilateral_wide_delta_kernel", wide._bilateral_wide_delta_kernel, dtype, block_d,
+                   dict(base, BLOCK_R=rows), config, cfg.num_warps, 1)
+            yield ("_bilateral_wide_bwd_kernel", wide._bilateral_wide_bwd_kernel, dtype, block_d,
+                   dict(base, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, QUERIES_SPATIAL=spatial, HAS_MASK=True),
+                   config, cfg.num_warps, 1)
+
+
+def _fused_variants(pairs):
     for dtype, block_d in pairs:
         elem = torch.tensor([], dtype=dtype).element_size()
         base = dict(BLOCK_D=block_d, DOT_PRECISION=bt._dot_precision(dtype))
@@ -116,7 +155,7 @@ def variants(pairs):
         fwd_dirs = [(True, False), (False, True)] + ([(True, True)] if bt.fuse_directions(block_d, elem) else [])
         kernels = [("_bilateral_fwd_kernel", bt._bilateral_fwd_kernel, False, d, {}) for d in fwd_dirs]
         # backward: one direction per launch, spatial side in registers or looped (where a
-        # spill-free kernel exists; the launcher sends the other shapes to PyTorch's math)
+        # spill-free kernel exists; the launcher sends the other shapes to the wide-head backward)
         one_block_m = bt.block_m_for(block_d, elem, backward=True)
         kernels += [
             ("_bilateral_bwd_kernel", bt._bilateral_bwd_kernel, True, d, {"M_ONE_BLOCK": one})
@@ -136,17 +175,18 @@ def variants(pairs):
             for c in tuned:  # the interpreter's fixed config is one of them
                 block_n = c.kwargs["BLOCK_N"]
                 config = f"N{block_n} w{c.num_warps} s{c.num_stages}" + (" (test)" if c is fixed or c.kwargs == fixed.kwargs and c.num_warps == fixed.num_warps else "")
-                yield name, fn, dtype, {**constexprs, "BLOCK_N": block_n}, config, c.num_warps, c.num_stages
+                yield name, fn, dtype, block_d, {**constexprs, "BLOCK_N": block_n}, config, c.num_warps, c.num_stages
         combine_m = 16 if block_d >= 128 else 32
-        yield ("_bilateral_combine_kernel", bt._bilateral_combine_kernel, dtype,
+        yield ("_bilateral_combine_kernel", bt._bilateral_combine_kernel, dtype, block_d,
                dict(BLOCK_M=combine_m, BLOCK_D=block_d), "fixed", 4, 1)
 
 
 def _compile_one(task):
     """Compile one kernel variant for one target; returns (regs, spill bytes, shared bytes)."""
     name, dtype, constexprs, warps, stages, arch = task
+    module = wide if name.startswith("_bilateral_wide_") else bt
     compiled = triton.compile(
-        _source(getattr(bt, name), dtype, constexprs),
+        _source(getattr(module, name), dtype, constexprs),
         target=GPUTarget("cuda", arch, 32),
         options={"num_warps": warps, "num_stages": stages},
     )
@@ -154,18 +194,18 @@ def _compile_one(task):
     return regs, spill, compiled.metadata.shared + static_shared
 
 
-def run(pairs, archs, jobs=1, out=sys.stdout) -> int:
+def run(pairs, archs, jobs=1, out=sys.stdout, wide_pairs=()) -> int:
     header = (
-        f"{'kernel':<26} {'dtype':<5} {'D':>4} {'variant':<16} {'config':<18} {'arch':<6} "
+        f"{'kernel':<28} {'dtype':<5} {'D':>4} {'variant':<20} {'config':<18} {'arch':<6} "
         f"{'regs':>4} {'spill B':>7} {'smem KB':>8}  status"
     )
     print(header, file=out)
     print("-" * len(header), file=out)
     rows, tasks = [], []
-    for name, _fn, dtype, constexprs, config, warps, stages in variants(pairs):
-        variant = _flag_text(constexprs) if "DIR_S" in constexprs else f"M{constexprs['BLOCK_M']}"
+    for name, _fn, dtype, block_d, constexprs, config, warps, stages in variants(pairs, wide_pairs):
+        variant = _flag_text(constexprs)
         for arch in archs:
-            rows.append((name, DTYPE_NAMES[dtype], constexprs["BLOCK_D"], variant, config, arch))
+            rows.append((name, DTYPE_NAMES[dtype], block_d, variant, config, arch))
             tasks.append((name, dtype, constexprs, warps, stages, arch))
     start = time.time()
     if jobs > 1:
@@ -185,7 +225,7 @@ def _report(rows, results, out) -> int:
         ok = spill == 0 and shared <= SHARED_LIMIT[arch]
         failures += not ok
         print(
-            f"{name:<26} {dtype:<5} {block_d:>4} {variant:<16} {config:<18} sm_{arch:<3} "
+            f"{name:<28} {dtype:<5} {block_d:>4} {variant:<20} {config:<18} sm_{arch:<3} "
             f"{regs:>4} {spill:>7} {shared / 1024:>8.1f}  {'ok' if ok else 'FAIL'}",
             file=out,
             flush=True,
@@ -199,8 +239,10 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=[80, 90])
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes")
     args = parser.parse_args(argv)
-    pairs = [(d, b) for d in DTYPE_NAMES for b in BLOCK_D_BUCKETS] if args.all else REPRESENTATIVE
-    return 1 if run(pairs, args.arch, args.jobs) else 0
+    every_pair = [(d, b) for d in DTYPE_NAMES for b in BLOCK_D_BUCKETS]
+    pairs = every_pair if args.all else REPRESENTATIVE
+    wide_pairs = every_pair if args.all else WIDE_REPRESENTATIVE
+    return 1 if run(pairs, args.arch, args.jobs, wide_pairs=wide_pairs) else 0
 
 
 if __name__ == "__main__":

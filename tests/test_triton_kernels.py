@@ -196,3 +196,115 @@ def test_torch_compile_fullgraph_traces_the_triton_ops():
     assert torch.equal(loss, expected_loss)
     for a, e in zip(grads, expected):
         assert torch.equal(a, e)
+
+
+# ----------------------------------------------------------------------------------------
+# Wide-head backward (bilateral_attention_triton_wide), called directly
+# ----------------------------------------------------------------------------------------
+# (B, H, M, N, D, dtype, layout, mask: None | "mask" | "empty", direction): the buckets it
+# serves (fp32 BLOCK_D 128 and 256; 16-bit D = 256 with M = 20 and 33, over one spatial
+# block), odd N, every layout; direction s masks the image tokens, direction x the spatial
+# ones ("empty": the last sample has no kept key: zero gradients). N = 300 with B = H = 1
+# gives two splits in the interpreter (it pretends 8 SMs).
+WIDE_CASES = [
+    (2, 1, 20, 150, 96, FP32, "bnhd", "empty", "s"),
+    (2, 1, 20, 150, 96, FP32, "bnhd", "empty", "x"),
+    (1, 2, 7, 97, 72, FP32, "strided", "mask", "s"),
+    (1, 1, 5, 131, 200, FP32, "contiguous", None, "s"),
+    (1, 1, 5, 131, 200, FP32, "strided", None, "x"),
+    (2, 1, 20, 101, 256, BF16, "bnhd", "mask", "s"),
+    (2, 1, 33, 90, 256, FP16, "strided", "empty", "s"),
+    (1, 2, 33, 90, 256, BF16, "contiguous", "mask", "x"),
+    (1, 1, 9, 300, 72, FP32, "contiguous", "mask", "s"),
+    (1, 1, 9, 300, 72, FP32, "bnhd", "mask", "x"),
+]
+
+
+def _wide_case_id(case):
+    *shape, layout, mask_kind, direction = case
+    return f"{case_id(*shape)}-{layout}-{mask_kind or 'nomask'}-dir{direction}"
+
+
+def _wide_direction_inputs(case, seed):
+    """(q, k, v, key mask, grad output) of one direction of a WIDE_CASES case."""
+    B, H, M, N, D, dtype, layout, mask_kind, direction = case
+    q_s, k_s, v_s, q_x, k_x, v_x = make_bilateral_inputs(B, H, M, N, D, dtype, device=DEVICE, layout=layout, seed=seed)
+    if direction == "s":
+        q, k, v, keys = q_s, k_x, v_x, N
+    else:
+        q, k, v, keys = q_x, k_s, v_s, M
+    mask = mask_for_case(B, keys, mask_kind, device=DEVICE, seed=seed + 1)
+    return q, k, v, mask, transposed_grad(tuple(q.shape), dtype, seed + 2, device=DEVICE)
+
+
+def _wide_grads(q, k, v, mask, grad, scale, direction):
+    from spatialformer_kernels.ops.bilateral_attention_triton_wide import wide_head_bwd
+
+    o = sk.cross_attention(q, k, v, scale=scale, key_mask=mask, backend="triton")  # the Triton forward's output
+    return wide_head_bwd(grad, q, k, v, o, scale, mask, direction == "s")
+
+
+@pytest.mark.parametrize("case", WIDE_CASES, ids=_wide_case_id)
+def test_wide_head_backward_matches_reference(case):
+    B, H, M, N, D, dtype, layout, mask_kind, direction = case
+    q, k, v, mask, grad = _wide_direction_inputs(case, seed=31)
+    scale = 0.9 * D**-0.5
+    grads = _wide_grads(q, k, v, mask, grad, scale, direction)
+    (_, same), (_, exact) = reference_pair(
+        lambda *t: outputs_and_grads(lambda *u: cross_attention_reference(*u, scale, mask), t[:3], t[3:]),
+        [q, k, v, grad],
+    )
+    name = _wide_case_id(case)
+    for label, actual, s, e in zip("qkv", grads, same, exact):
+        assert actual.shape == e.shape and actual.dtype == dtype and actual.is_contiguous()
+        assert_close(actual, s, e, dtype, f"{name} d{label}")
+    if mask_kind == "empty":  # no kept key in the last sample: zero gradients, never NaN
+        for g in grads:
+            assert torch.equal(g[B - 1], torch.zeros_like(g[B - 1]))
+
+
+def test_wide_head_backward_splits_and_reruns_bitwise():
+    """Both directions of the multi-split cases: several splits, bitwise-equal reruns."""
+    from spatialformer_kernels.ops import bilateral_attention_triton as bt
+    from spatialformer_kernels.ops import bilateral_attention_triton_wide as wide
+
+    for case in WIDE_CASES[-2:]:
+        B, H, M, N, D, dtype, *_, direction = case
+        cfg = wide.wide_config(bt.block_d_for(D), 4, direction == "s")
+        splits, _ = bt.split_plan(bt.sm_count(torch.device(DEVICE)), B * H * -(-D // cfg.BLOCK_DC), N)
+        assert splits > 1, case
+        q, k, v, mask, grad = _wide_direction_inputs(case, seed=41)
+        first = _wide_grads(q, k, v, mask, grad, D**-0.5, direction)
+        second = _wide_grads(q, k, v, mask, grad, D**-0.5, direction)
+        for a, b in zip(first, second):
+            assert torch.equal(a, b)
+
+
+# (B, H, Lq, Lk, D, dtype): cross_attention's two shapes at wide heads, masked keys.
+WIDE_CROSS_CASES = [
+    (2, 1, 20, 130, 96, FP32),
+    (1, 2, 130, 20, 256, BF16),
+]
+
+
+@pytest.mark.parametrize("case", WIDE_CROSS_CASES, ids=lambda c: case_id(*c))
+def test_cross_attention_both_shapes_at_wide_heads(case):
+    B, H, Lq, Lk, D, dtype = case
+    gen = torch.Generator().manual_seed(51)
+    q = torch.randn(B, Lq, H, D, generator=gen).transpose(1, 2).to(DEVICE, dtype)  # bnhd view
+    k = torch.randn(B, H, Lk, D, generator=gen).to(DEVICE, dtype)
+    v = torch.randn(B, H, Lk + 2, D, generator=gen)[:, :, 1 : Lk + 1].to(DEVICE, dtype)  # strided
+    key_mask = make_image_mask(B, Lk, empty_samples=(B - 1,), device=DEVICE, seed=52)
+    grad = transposed_grad((B, H, Lq, D), dtype, 53, device=DEVICE)
+    scale = D**-0.5
+    (out,), grads = outputs_and_grads(
+        lambda *t: sk.cross_attention(*t, scale=scale, key_mask=key_mask, backend="triton"), (q, k, v), (grad,)
+    )
+    ((ref_out,), ref_grads), ((exact_out,), exact_grads) = reference_pair(
+        lambda *t: outputs_and_grads(lambda *u: cross_attention_reference(*u, scale, key_mask), t[:3], t[3:]),
+        [q, k, v, grad],
+    )
+    name = case_id(*case)
+    assert_close(out, ref_out, exact_out, dtype, f"{name} o")
+    for label, actual, same, exact in zip("qkv", grads, ref_grads, exact_grads):
+        assert_close(actual, same, exact, dtype, f"{name} d{label}")
