@@ -19,7 +19,8 @@ and walks them in BLOCK_N tiles.
 Backward, deterministic (no atomics), grid (B*H, SPLITS), one launch per direction (fused,
 the live state spills): delta = rowsum(P * dP) / rowsum(P) is formed from P and dP where a
 block holds all of a row's keys (direction x, M <= BLOCK_M), else as dO . O by the same dot as dP
-(`_delta_like_dp`), so a one-hot softmax cancels exactly as in the reference; per tile the
+(`_delta_like_dp`; for the spatial rows once, by `_spatial_delta_kernel` before the launch), so
+a one-hot softmax cancels exactly as in the reference; per tile the
 image-side gradients (dk_x, dv_x from direction s; dq_x from direction x) are complete and
 written, and the spatial-side ones (dq_s; dk_s, dv_s) are summed per program into a
 per-split fp32 partial (in registers when M <= BLOCK_M, else in the program's own slice of
@@ -84,6 +85,8 @@ MAX_TUNED_CONFIGS = 2
 CHUNK_ALIGN = 128
 # A split gets at least this many image tokens, so a large batch is not over-split.
 MIN_SPLIT_TOKENS = 256
+# Spatial rows per program of `_spatial_delta_kernel` (a [16, 16] diagonal block per program).
+DELTA_BLOCK_M = 16
 # Fallback when no config passes the budget (none does today: the static check fails if
 # a bucket ends up here and spills).
 FALLBACK_BLOCK_N = 32
@@ -170,6 +173,8 @@ MEASURED_SPILLS = frozenset({
     (False, True, True, 64, 16, 2, 32, 4),
     (True, True, False, 16, 16, 4, 16, 8),
     (True, True, False, 32, 32, 4, 16, 8),
+    (True, True, False, 32, 16, 2, 32, 4),
+    (True, True, False, 32, 32, 2, 64, 8),
 })
 
 
@@ -503,9 +508,36 @@ def _bilateral_combine_kernel(
 # ----------------------------------------------------------------------------------------
 # Backward
 # ----------------------------------------------------------------------------------------
+@triton.jit
+def _spatial_delta_kernel(
+    O_S, DO_S,  # [B, H, M, D] each, any strides
+    DELTA_S,  # [B * H, M] fp32 out
+    stride_os_b, stride_os_h, stride_os_m, stride_os_d,
+    stride_dos_b, stride_dos_h, stride_dos_m, stride_dos_d,
+    H, M, D,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """delta = rowsum(dO * O) of direction s's spatial rows, once per launch (`_delta_like_dp`:
+    the backward kernel's dP dots use the same BLOCK_D and operand dtypes)."""
+    pid_bh = tl.program_id(0)
+    b = pid_bh // H
+    h = pid_bh % H
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_ok = rows < M
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    do = _load_rows(_head_base(DO_S, b, h, stride_dos_b, stride_dos_h), rows, offs_d, stride_dos_m, stride_dos_d,
+                    rows_ok, d_ok)
+    o = _load_rows(_head_base(O_S, b, h, stride_os_b, stride_os_h), rows, offs_d, stride_os_m, stride_os_d,
+                   rows_ok, d_ok)
+    delta = _delta_like_dp(do, o, BLOCK_M, DOT_PRECISION)
+    tl.store(DELTA_S + (pid_bh.to(tl.int64) * M + rows), delta, mask=rows_ok)
+
+
 @triton.jit(do_not_specialize=["M", "N", "CHUNK", "SPLITS"])
 def _bilateral_bwd_kernel(
-    Q_S, K_S, V_S, O_S, DO_S,  # [B, H, M, D] each, any strides
+    Q_S, K_S, V_S, DO_S,  # [B, H, M, D] each, any strides
+    DELTA_S,  # [B * H, M] fp32, from `_spatial_delta_kernel`
     Q_X, K_X, V_X, O_X, DO_X,  # [B, H, N, D] each, any strides
     LSE_S,  # [B, H, M] contiguous float64
     LSE_X,  # [B, H, N] contiguous float64
@@ -516,7 +548,6 @@ def _bilateral_bwd_kernel(
     stride_qs_b, stride_qs_h, stride_qs_m, stride_qs_d,
     stride_ks_b, stride_ks_h, stride_ks_m, stride_ks_d,
     stride_vs_b, stride_vs_h, stride_vs_m, stride_vs_d,
-    stride_os_b, stride_os_h, stride_os_m, stride_os_d,
     stride_dos_b, stride_dos_h, stride_dos_m, stride_dos_d,
     stride_qx_b, stride_qx_h, stride_qx_n, stride_qx_d,
     stride_kx_b, stride_kx_h, stride_kx_n, stride_kx_d,
@@ -541,7 +572,6 @@ def _bilateral_bwd_kernel(
     q_s_ptr = _head_base(Q_S, b, h, stride_qs_b, stride_qs_h)
     k_s_ptr = _head_base(K_S, b, h, stride_ks_b, stride_ks_h)
     v_s_ptr = _head_base(V_S, b, h, stride_vs_b, stride_vs_h)
-    o_s_ptr = _head_base(O_S, b, h, stride_os_b, stride_os_h)
     do_s_ptr = _head_base(DO_S, b, h, stride_dos_b, stride_dos_h)
     q_x_ptr = _head_base(Q_X, b, h, stride_qx_b, stride_qx_h)
     k_x_ptr = _head_base(K_X, b, h, stride_kx_b, stride_kx_h)
@@ -563,8 +593,7 @@ def _bilateral_bwd_kernel(
         if DIR_S:
             q_s = _load_rows(q_s_ptr, offs_blk, offs_d, stride_qs_m, stride_qs_d, m_ok, d_ok)
             do_s = _load_rows(do_s_ptr, offs_blk, offs_d, stride_dos_m, stride_dos_d, m_ok, d_ok)
-            o_s = _load_rows(o_s_ptr, offs_blk, offs_d, stride_os_m, stride_os_d, m_ok, d_ok)
-            delta_s = _delta_like_dp(do_s, o_s, BLOCK_M, DOT_PRECISION)
+            delta_s = tl.load(DELTA_S + (pid_bh.to(tl.int64) * M + offs_blk), mask=m_ok, other=0.0)
             lse_hi_s, lse_lo_s = _load_lse(lse_s_ptr, offs_blk, m_ok)
             dq_s_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         if DIR_X:
@@ -625,8 +654,7 @@ def _bilateral_bwd_kernel(
                 if DIR_S:
                     q_s = _load_rows(q_s_ptr, offs_m, offs_d, stride_qs_m, stride_qs_d, m_ok, d_ok)
                     do_s = _load_rows(do_s_ptr, offs_m, offs_d, stride_dos_m, stride_dos_d, m_ok, d_ok)
-                    o_s = _load_rows(o_s_ptr, offs_m, offs_d, stride_os_m, stride_os_d, m_ok, d_ok)
-                    delta_s = _delta_like_dp(do_s, o_s, BLOCK_M, DOT_PRECISION)
+                    delta_s = tl.load(DELTA_S + (pid_bh.to(tl.int64) * M + offs_m), mask=m_ok, other=0.0)
                     lse_hi_s, lse_lo_s = _load_lse(lse_s_ptr, offs_m, m_ok)
                     dq_c, dk_c, dv_c = _attn_bwd_block(
                         q_s, do_s, lse_hi_s, lse_lo_s, delta_s, k_x, v_x, keep_n, sm_scale, DOT_PRECISION
@@ -843,12 +871,20 @@ def attention_bwd(
     def ptr(t):
         return t if t is not None else dummy
 
+    delta_s = None
+    if do_s_dir:
+        delta_s = torch.empty((B * H, M), device=device, dtype=f32)
+        with _device_guard(device):
+            _spatial_delta_kernel[(B * H, triton.cdiv(M, DELTA_BLOCK_M))](
+                o_s, do_s, delta_s, *o_s.stride(), *do_s.stride(), H, M, D,
+                BLOCK_M=DELTA_BLOCK_M, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(dtype),
+            )
     with _device_guard(device):
         _bilateral_bwd[(B * H, splits)](
-            q_s, k_s, v_s, ptr(o_s), ptr(do_s), q_x, k_x, v_x, ptr(o_x), ptr(do_x),
+            q_s, k_s, v_s, ptr(do_s), ptr(delta_s), q_x, k_x, v_x, ptr(o_x), ptr(do_x),
             ptr(lse_s), ptr(lse_x), image_mask, spatial_mask,
             ptr(dq_x), ptr(dk_x), ptr(dv_x), ptr(part_dq_s), ptr(part_dk_s), ptr(part_dv_s),
-            *q_s.stride(), *k_s.stride(), *v_s.stride(), *strides(o_s), *strides(do_s),
+            *q_s.stride(), *k_s.stride(), *v_s.stride(), *strides(do_s),
             *q_x.stride(), *k_x.stride(), *v_x.stride(), *strides(o_x), *strides(do_x),
             stride_im_b, stride_im_n, stride_sm_b, stride_sm_m,
             H, M, N, D, chunk, splits, scale,
