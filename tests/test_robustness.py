@@ -263,6 +263,29 @@ def test_logits_up_to_1e3_fp32_gradients_are_exact(backend):
     assert_close(got, same, exact, FP32, "outputs and gradients")
 
 
+@pytest.mark.skipif(not _usable("triton"), reason="the Triton backend cannot run here")
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "mask"])
+def test_wide_head_logits_up_to_1e4_fp32_gradients(masked):
+    """fp32 at D = 96, where the Triton backward splits the head dim
+    (`bilateral_attention_triton_wide`): at |logit| = 1e4 every softmax row is one-hot and
+    the reference's gradients are exact, so the bound is the fp32 floor."""
+    from spatialformer_kernels.ops import bilateral_attention_triton as kernels
+
+    shape = (1, 2, 6, 40, 96)
+    assert not kernels.backward_supported(kernels.block_d_for(shape[4]), 4, shape[2])  # the wide-head path
+    inputs = _large_logit_inputs(FP32, shape=shape)
+    mask = None
+    if masked:
+        mask = torch.ones(shape[0], shape[3], dtype=torch.bool, device=DEVICE)
+        mask[:, 1::4] = False
+    generator = torch.Generator().manual_seed(3)
+    grads = [torch.randn(inputs[i].shape, generator=generator).to(inputs[i]) for i in (0, 3)]
+    got = _bilateral_with_grads(inputs, grads, "triton", scale=LOGIT_SCALE, mask=mask)
+    same, exact = _reference_with_grads(inputs, grads, scale=LOGIT_SCALE, mask=mask)
+    for name, g, s, e in zip(("o_s", "o_x", *GRAD_NAMES), got, same, exact):
+        assert_close(g, s, e, FP32, name)
+
+
 # ----------------------------------------------------------------------------------------
 # Empty masks, empty inputs
 # ----------------------------------------------------------------------------------------
@@ -648,13 +671,6 @@ def test_cpu_kernel_memory_is_linear_in_tokens_not_m_times_n():
     assert reference["extra"] > 2 * reference["logits"], reference
 
 
-TRITON_MATH_BACKWARD = (
-    "Triton backward falls back to PyTorch math (_math_bwd: [B, H, M, N] fp32 logits, P and dS) where "
-    "no spill-free kernel exists (backward_supported: fp32 at D > 64, 16-bit at D = 256 with M > 16), "
-    "so its memory is O(M*N) there"
-)
-
-
 @pytest.mark.skipif(not _usable("triton"), reason="the Triton backend cannot run here")
 @pytest.mark.parametrize(
     "dtype,head_dim,n_image",
@@ -662,8 +678,8 @@ TRITON_MATH_BACKWARD = (
         (BF16, 8, 70_000),
         (FP16, 128, 70_000),
         (FP32, 64, 70_000),
-        pytest.param(FP32, 96, 8_192, marks=pytest.mark.xfail(strict=True, reason=TRITON_MATH_BACKWARD)),
-        pytest.param(BF16, 256, 4_096, marks=pytest.mark.xfail(strict=True, reason=TRITON_MATH_BACKWARD)),
+        (FP32, 96, 70_000),  # the wide-head backward (bilateral_attention_triton_wide)
+        (BF16, 256, 70_000),
     ],
     ids=["bf16-D8", "fp16-D128", "fp32-D64", "fp32-D96", "bf16-D256"],
 )
@@ -677,17 +693,20 @@ def test_triton_launchers_allocate_no_m_by_n_workspace(monkeypatch, dtype, head_
     from torch.utils._pytree import tree_leaves
 
     from spatialformer_kernels.ops import bilateral_attention_triton as kernels
+    from spatialformer_kernels.ops import bilateral_attention_triton_wide as wide_kernels
 
     class NoLaunch:
         def __getitem__(self, grid):
             return lambda *args, **kwargs: None
 
-    stubbed = [name for name, obj in vars(kernels).items()
+    stubbed = [(module, name) for module in (kernels, wide_kernels) for name, obj in vars(module).items()
                if type(obj).__module__.startswith("triton") and hasattr(obj, "__getitem__")]
-    assert {"_bilateral_fwd_kernel", "_bilateral_bwd_kernel"} <= set(stubbed), stubbed
-    for name in stubbed:
-        monkeypatch.setattr(kernels, name, NoLaunch())
-    monkeypatch.setattr(kernels, "sm_count", lambda device: 132)
+    names = {name for _, name in stubbed}
+    assert {"_bilateral_fwd_kernel", "_bilateral_bwd_kernel", "_bilateral_wide_bwd_kernel"} <= names, names
+    for module, name in stubbed:
+        monkeypatch.setattr(module, name, NoLaunch())
+    for module in (kernels, wide_kernels):
+        monkeypatch.setattr(module, "sm_count", lambda device: 132)
 
     class CountAllocations(TorchDispatchMode):
         def __init__(self):

@@ -43,8 +43,12 @@ gradients are 0). Offsets are int64.
 Limits: D in 8..256 (BLOCK_D is the next power of two >= 16, masked); any M, N >= 1 (one
 spatial block holds M <= 64 at D <= 32 in 16-bit, see `block_m_for`; larger M loops over
 blocks, and the backward then keeps its spatial partials in global memory); any strides
-(nothing is copied). No host synchronisation: the split count comes from the
-cached SM count and the shapes, so launches are CUDA-graph capturable.
+(nothing is copied). Where the fused backward would spill (fp32 at D > 64; 16-bit at
+D = 256 with M > 16: `backward_supported`), the backward splits the head dim across
+programs instead (`bilateral_attention_triton_wide`, which recomputes S and dP once per
+column chunk); memory stays O(B*H*(M+N)*D) plus the split workspace. No host
+synchronisation: the split count comes from the cached SM count and the shapes, so launches
+are CUDA-graph capturable.
 """
 from __future__ import annotations
 
@@ -121,10 +125,11 @@ def block_m_for(block_d: int, elem_bytes: int, backward: bool, n_spatial: int = 
 
 
 def backward_supported(block_d: int, elem_bytes: int, n_spatial: int = 0) -> bool:
-    """Whether a spill-free backward kernel exists for this bucket (else PyTorch's math,
-    see `_math_bwd`). fp32 dots run on FMA units, whose operand layouts replicate the
-    D-long reduction axis across threads: at D > 64 every fp32 backward tile spills on
-    sm_80/sm_90. In 16-bit, D = 256 with M > 16 (the looped path) spills too."""
+    """Whether the fused backward kernel fits this bucket without spills (else the head dim
+    is split across programs, `bilateral_attention_triton_wide`). fp32 dots run on FMA
+    units, whose operand layouts replicate the D-long reduction axis across threads: at
+    D > 64 every fp32 backward tile spills on sm_80/sm_90. In 16-bit, D = 256 with M > 16
+    (the looped path) spills too."""
     if elem_bytes == 4:
         return block_d <= 64
     return block_d <= 128 or n_spatial <= block_m_for(block_d, elem_bytes, backward=True)
@@ -805,24 +810,6 @@ def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_
     return o_s, o_x, lse_s, lse_x
 
 
-def _math_bwd(do, q, k, v, o, lse, scale, key_mask):
-    """Gradients of one direction (queries q over keys k, v) in PyTorch fp32 math from the
-    saved LSE, for the buckets without a spill-free kernel (`backward_supported`)."""
-    qf, kf, vf, dof = (t.float() for t in (q, k, v, do))
-    logits = torch.matmul(qf, kf.transpose(-1, -2)) * scale
-    if key_mask is not None:
-        logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
-    # A row without kept keys has lse = -inf; shifting by +inf makes its P exactly 0.
-    lse = torch.where(lse == float("-inf"), float("inf"), lse)
-    p = torch.exp(logits - lse[..., None]).float()  # lse is float64
-    delta = (dof * o.float()).sum(-1, keepdim=True)
-    ds = p * (torch.matmul(dof, vf.transpose(-1, -2)) - delta) * scale
-    dq = torch.matmul(ds, kf)
-    dk = torch.matmul(ds.transpose(-1, -2), qf)
-    dv = torch.matmul(p.transpose(-1, -2), dof)
-    return tuple(g.to(q.dtype).contiguous() for g in (dq, dk, dv))
-
-
 def attention_bwd(
     do_s, do_x, q_s, k_s, v_s, q_x, k_x, v_x, o_s, o_x, lse_s, lse_x, scale,
     image_mask=None, spatial_mask=None, do_s_dir=True, do_x_dir=True,
@@ -837,11 +824,14 @@ def attention_bwd(
     block_d = block_d_for(D)
     elem = q_x.element_size()
     if not backward_supported(block_d, elem, M):
+        # Wide heads: the head dim is split across programs (bilateral_attention_triton_wide).
+        from .bilateral_attention_triton_wide import wide_head_bwd
+
         dq_s = dk_s = dv_s = dq_x = dk_x = dv_x = None
         if do_s_dir:
-            dq_s, dk_x, dv_x = _math_bwd(do_s, q_s, k_x, v_x, o_s, lse_s, scale, image_mask)
+            dq_s, dk_x, dv_x = wide_head_bwd(do_s, q_s, k_x, v_x, o_s, scale, image_mask, True)
         if do_x_dir:
-            dq_x, dk_s, dv_s = _math_bwd(do_x, q_x, k_s, v_s, o_x, lse_x, scale, spatial_mask)
+            dq_x, dk_s, dv_s = wide_head_bwd(do_x, q_x, k_s, v_s, o_x, scale, spatial_mask, False)
         return dq_s, dk_s, dv_s, dq_x, dk_x, dv_x
     if do_s_dir and do_x_dir:
         args = (q_s, k_s, v_s, q_x, k_x, v_x, o_s, o_x, lse_s, lse_x, scale, image_mask, spatial_mask)
