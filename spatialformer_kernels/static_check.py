@@ -176,6 +176,9 @@ def _fused_variants(pairs):
                 block_n = c.kwargs["BLOCK_N"]
                 config = f"N{block_n} w{c.num_warps} s{c.num_stages}" + (" (test)" if c is fixed or c.kwargs == fixed.kwargs and c.num_warps == fixed.num_warps else "")
                 yield name, fn, dtype, block_d, {**constexprs, "BLOCK_N": block_n}, config, c.num_warps, c.num_stages
+        if bt.backward_supported(block_d, elem):  # direction s's delta, launched before the fused backward
+            yield ("_spatial_delta_kernel", bt._spatial_delta_kernel, dtype, block_d,
+                   dict(base, BLOCK_M=bt.DELTA_BLOCK_M), "fixed", 4, 3)
         combine_m = 16 if block_d >= 128 else 32
         yield ("_bilateral_combine_kernel", bt._bilateral_combine_kernel, dtype, block_d,
                dict(BLOCK_M=combine_m, BLOCK_D=block_d), "fixed", 4, 1)
