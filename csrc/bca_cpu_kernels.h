@@ -214,14 +214,16 @@ void store_rows(OutPtr out, const acc_t* src, int64_t ld, int64_t rows, int64_t 
 // ---------------------------------------------------------------------------------------
 // Micro-GEMM: C[r, j] (+)= sum_k A[r * a_rs + k * a_ks] * B[k * ldb + j].
 // cols is a multiple of the vector width; A is read by broadcast, so any strides (a
-// transposed A included) cost nothing; B and C rows are dense.
+// transposed A included) cost nothing; B and C rows are dense. When accumulating, c_scale
+// (if given) first multiplies each row of C by c_scale[r] (the online softmax's rescale, done
+// in the registers the sum starts from instead of in a separate pass over C).
 // ---------------------------------------------------------------------------------------
 // K >= 1. The first k step initialises the accumulators, so they live in registers from start
 // to end (a separate zero/load-then-loop shape made GCC keep them on the stack around the
 // loop, which cost about a fifth of the throughput at K = 32).
 template <typename T, int R, int NV, bool ACC>
 __attribute__((always_inline)) inline void gemm_block(int64_t K, const T* A, int64_t a_rs, int64_t a_ks,
-                                                      const T* B, int64_t ldb, T* C, int64_t ldc) {
+                                                      const T* B, int64_t ldb, T* C, int64_t ldc, const T* c_scale) {
   using Vec = Vectorized<T>;
   constexpr int W = Vec::size();
   Vec acc[R][NV];
@@ -230,8 +232,14 @@ __attribute__((always_inline)) inline void gemm_block(int64_t K, const T* A, int
     for (int v = 0; v < NV; ++v) b[v] = Vec::loadu(B + v * W);
     for (int r = 0; r < R; ++r) {
       const Vec a(A[r * a_rs]);
-      for (int v = 0; v < NV; ++v)
-        acc[r][v] = ACC ? at::vec::fmadd(a, b[v], Vec::loadu(C + r * ldc + v * W)) : a * b[v];
+      for (int v = 0; v < NV; ++v) {
+        if (!ACC) {
+          acc[r][v] = a * b[v];
+        } else {
+          const Vec c = Vec::loadu(C + r * ldc + v * W);
+          acc[r][v] = at::vec::fmadd(a, b[v], c_scale ? c * Vec(c_scale[r]) : c);
+        }
+      }
     }
   }
   for (int64_t k = 1; k < K; ++k) {
@@ -248,24 +256,27 @@ __attribute__((always_inline)) inline void gemm_block(int64_t K, const T* A, int
 
 template <typename T, int NV, bool ACC>
 inline void gemm_rows(int64_t rows, int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* B, int64_t ldb,
-                      T* C, int64_t ldc) {
+                      T* C, int64_t ldc, const T* c_scale) {
   switch (rows) {
-    case 6: gemm_block<T, 6, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc); break;
-    case 5: gemm_block<T, 5, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc); break;
-    case 4: gemm_block<T, 4, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc); break;
-    case 3: gemm_block<T, 3, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc); break;
-    case 2: gemm_block<T, 2, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc); break;
-    default: gemm_block<T, 1, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc); break;
+    case 6: gemm_block<T, 6, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc, c_scale); break;
+    case 5: gemm_block<T, 5, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc, c_scale); break;
+    case 4: gemm_block<T, 4, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc, c_scale); break;
+    case 3: gemm_block<T, 3, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc, c_scale); break;
+    case 2: gemm_block<T, 2, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc, c_scale); break;
+    default: gemm_block<T, 1, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc, c_scale); break;
   }
 }
 
 template <typename T, bool ACC>
 void gemm(int64_t rows, int64_t cols, int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* B, int64_t ldb,
-          T* C, int64_t ldc) {
+          T* C, int64_t ldc, const T* c_scale = nullptr) {
   constexpr int64_t W = Vectorized<T>::size();
-  if (K <= 0) {  // an empty sum: C = 0 (or unchanged when accumulating)
-    if (!ACC)
-      for (int64_t r = 0; r < rows; ++r) std::fill(C + r * ldc, C + r * ldc + cols, T(0));
+  if (K <= 0) {  // an empty sum: C = 0 (or unchanged, bar c_scale, when accumulating)
+    for (int64_t r = 0; r < rows; ++r) {
+      if (!ACC) std::fill(C + r * ldc, C + r * ldc + cols, T(0));
+      else if (c_scale)
+        for (int64_t j = 0; j < cols; ++j) C[r * ldc + j] *= c_scale[r];
+    }
     return;
   }
   for (int64_t j = 0; j < cols; j += 2 * W) {
@@ -273,9 +284,11 @@ void gemm(int64_t rows, int64_t cols, int64_t K, const T* A, int64_t a_rs, int64
     for (int64_t r = 0; r < rows; r += kRowBlock) {
       const int64_t rr = std::min<int64_t>(kRowBlock, rows - r);
       if (two)
-        gemm_rows<T, 2, ACC>(rr, K, A + r * a_rs, a_rs, a_ks, B + j, ldb, C + r * ldc + j, ldc);
+        gemm_rows<T, 2, ACC>(rr, K, A + r * a_rs, a_rs, a_ks, B + j, ldb, C + r * ldc + j, ldc,
+                             c_scale ? c_scale + r : nullptr);
       else
-        gemm_rows<T, 1, ACC>(rr, K, A + r * a_rs, a_rs, a_ks, B + j, ldb, C + r * ldc + j, ldc);
+        gemm_rows<T, 1, ACC>(rr, K, A + r * a_rs, a_rs, a_ks, B + j, ldb, C + r * ldc + j, ldc,
+                             c_scale ? c_scale + r : nullptr);
     }
   }
 }
@@ -450,10 +463,8 @@ void attend_tile_cols(int64_t C, int64_t M, int64_t Mp, int64_t D, int64_t Dp, c
     alpha.store(shift + j);  // reuse the scratch for the per-column rescale below
     m_new.store(m + j);
   }
-  for (int64_t j = 0; j < M; ++j)
-    if (shift[j] != T(1)) scale_row(acc + j * Dp, Dp, shift[j]);
-  // -- acc += p^T v --
-  gemm<T, true>(M, Dp, C, S, 1, Mp, V, ldv, acc, Dp);
+  // -- acc = alpha acc + p^T v --
+  gemm<T, true>(M, Dp, C, S, 1, Mp, V, ldv, acc, Dp, shift);
 }
 
 // The saved LSE is float64: a float LSE at |lse| ~ 1e4 is off by up to 5e-4 (half an ulp),
