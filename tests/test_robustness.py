@@ -30,7 +30,7 @@ import spatialformer_kernels as sk
 from spatialformer import BCABlock, BilateralCrossAttention
 from spatialformer.layers import _merge_heads, _split_heads
 from spatialformer_kernels import dispatch
-from spatialformer_kernels.reference import bilateral_attention_reference
+from spatialformer_kernels.reference import bilateral_attention_reference, cross_attention_reference
 from spatialformer_kernels.testing import assert_close, make_bilateral_inputs, reference_pair
 
 FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
@@ -218,40 +218,55 @@ def _large_logit_inputs(dtype, largest=1e4, shape=(1, 2, 6, 40, 16)):
     return [t.to(device=DEVICE, dtype=dtype) for t in inputs]
 
 
+# (B, H, M, N, D): one spatial block; M past a Triton fp32 block (its looped path) and past
+# the CPU kernel's 64-key tile, odd N; with a mask on the image tokens.
+LARGE_LOGIT_SHAPES = {"one-block": (1, 2, 6, 40, 16), "many-spatial": (1, 1, 70, 45, 16)}
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "mask"])
+@pytest.mark.parametrize("shape", list(LARGE_LOGIT_SHAPES.values()), ids=list(LARGE_LOGIT_SHAPES))
 @pytest.mark.parametrize("dtype", [FP32, BF16, FP16], ids=str)
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_logits_up_to_1e4_are_finite_and_exact(backend, dtype):
-    inputs = _large_logit_inputs(dtype)
+def test_logits_up_to_1e4_are_finite_and_exact(backend, dtype, shape, masked):
+    """At |logit| = 1e4 the softmax is one-hot and the reference's backward cancels
+    dP - delta exactly (its drift is ~1e-19, so the rule's bound is the dtype floor); the
+    kernels must too, which they do by forming delta with the same arithmetic as dP."""
+    inputs = _large_logit_inputs(dtype, shape=shape)
     q_s, k_s, _, q_x, k_x, _ = [t.double() for t in inputs]
     peak = LOGIT_SCALE * max((q_s @ k_x.mT).abs().max(), (q_x @ k_s.mT).abs().max())
     assert 0.98e4 <= peak <= 1.02e4  # the inputs really reach |logit| = 1e4 in this dtype
-    grads = [torch.randn_like(inputs[0]), torch.randn_like(inputs[3])]
-    got = _bilateral_with_grads(inputs, grads, backend, scale=LOGIT_SCALE)
+    mask = None
+    if masked:
+        mask = torch.ones(shape[0], shape[3], dtype=torch.bool, device=DEVICE)
+        mask[:, ::3] = False
+    generator = torch.Generator().manual_seed(1)
+    grads = [torch.randn(inputs[i].shape, generator=generator).to(inputs[i]) for i in (0, 3)]
+    got = _bilateral_with_grads(inputs, grads, backend, scale=LOGIT_SCALE, mask=mask)
     assert all(torch.isfinite(t).all() for t in got), "non-finite output or gradient"
-    same, exact = _reference_with_grads(inputs, grads, scale=LOGIT_SCALE)
-    assert_close(got[:2], same[:2], exact[:2], dtype, "o_s, o_x")
-    if dtype != FP32:
-        for name, g, s, e in zip(GRAD_NAMES, got[2:], same[2:], exact[2:]):
-            assert_close(g, s, e, dtype, name)
+    same, exact = _reference_with_grads(inputs, grads, scale=LOGIT_SCALE, mask=mask)
+    for name, g, s, e in zip(("o_s", "o_x", *GRAD_NAMES), got, same, exact):
+        assert_close(g, s, e, dtype, name)
 
 
-LARGE_LOGIT_FP32_GRADIENTS = (
-    "known gap, both kernels: at |logit| = 1e4 the softmax is one-hot, so the reference's fp32 backward "
-    "is exact (p is exactly 1 and 0; drift ~1e-19) and the rule's bound falls to the fp32 floor 2e-5; "
-    "the kernels recompute p from the saved LSE and use delta = rowsum(dO * O), so dP - delta cancels "
-    "only to fp32 rounding, which dq = scale * dS @ k multiplies by |k| ~ 50: dq_s, dk_s, dq_x, dk_x "
-    "are off by 2e-5 to 7e-5 (1-3.5x the bound). Finite, and exact at |logit| = 1e3."
-)
-
-
-@pytest.mark.xfail(strict=True, reason=LARGE_LOGIT_FP32_GRADIENTS)
+@pytest.mark.parametrize("few_queries", [True, False], ids=["few-queries", "many-queries"])
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_logits_up_to_1e4_fp32_gradients(backend):
-    inputs = _large_logit_inputs(FP32)
-    grads = [torch.randn_like(inputs[0]), torch.randn_like(inputs[3])]
-    got = _bilateral_with_grads(inputs, grads, backend, scale=LOGIT_SCALE)
-    same, exact = _reference_with_grads(inputs, grads, scale=LOGIT_SCALE)
-    assert_close(got[2:], same[2:], exact[2:], FP32, "gradients")
+def test_cross_attention_logits_up_to_1e4_fp32_gradients(backend, few_queries):
+    q_s, k_s, v_s, q_x, k_x, v_x = _large_logit_inputs(FP32, shape=(2, 2, 6, 90, 16))
+    q, k, v = (q_s, k_x, v_x) if few_queries else (q_x, k_s, v_s)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(q)
+
+    def run(q, k, v, grad, backend):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        if backend == "reference_fn":
+            o = cross_attention_reference(*leaves, LOGIT_SCALE)
+        else:
+            o = sk.cross_attention(*leaves, scale=LOGIT_SCALE, backend=backend)
+        return [o.detach(), *torch.autograd.grad(o, leaves, grad)]
+
+    got = run(q, k, v, grad, backend)
+    same, exact = reference_pair(lambda *t: run(*t, "reference_fn"), [q, k, v, grad])
+    for name, g, s, e in zip(("o", "dq", "dk", "dv"), got, same, exact):
+        assert_close(g, s, e, FP32, name)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
