@@ -180,6 +180,10 @@ MEASURED_SPILLS = frozenset({
     (True, True, False, 32, 32, 4, 16, 8),
     (True, True, False, 32, 16, 2, 32, 4),
     (True, True, False, 32, 32, 2, 64, 8),
+    (True, True, False, 16, 64, 2, 32, 8),
+    (False, False, True, 32, 16, 4, 16, 8),
+    (True, False, True, 16, 16, 4, 32, 8),
+    (True, True, False, 16, 32, 4, 16, 8),
 })
 
 
