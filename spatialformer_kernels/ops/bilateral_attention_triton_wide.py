@@ -210,7 +210,8 @@ def _bilateral_wide_delta_kernel(
     H, LQ, D,
     BLOCK_R: tl.constexpr, BLOCK_DC: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """delta = diag(dO O^T) per query row, with `_chunked_logits`'s chunk loop and dot for dP."""
+    """delta = diag(dO O^T) per query row: `_chunked_logits` with dO in place of q and O in
+    place of k runs the same chunk loop and dots as its dP = dO v^T."""
     pid_bh = tl.program_id(0)
     b = pid_bh // H
     h = pid_bh % H
@@ -218,13 +219,11 @@ def _bilateral_wide_delta_kernel(
     do_ptr = _head_base(DO, b, h, stride_do_b, stride_do_h)
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     rows_ok = rows < LQ
-    dp = tl.zeros([BLOCK_R, BLOCK_R], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_DC):
-        cols = d0 + tl.arange(0, BLOCK_DC)
-        cols_ok = cols < D
-        do = _load_rows(do_ptr, rows, cols, stride_do_l, stride_do_d, rows_ok, cols_ok)
-        o = _load_rows(o_ptr, rows, cols, stride_o_l, stride_o_d, rows_ok, cols_ok)
-        dp += _dot(do, tl.trans(o), DOT_PRECISION)
+    dp, _ = _chunked_logits(
+        do_ptr, o_ptr, o_ptr, do_ptr, rows, rows_ok, rows, rows_ok,
+        stride_do_l, stride_do_d, stride_o_l, stride_o_d, stride_o_l, stride_o_d, stride_do_l, stride_do_d,
+        D, BLOCK_R, BLOCK_R, BLOCK_DC, DOT_PRECISION, WITH_DP=False,
+    )
     local = tl.arange(0, BLOCK_R)
     delta = tl.sum(tl.where(local[:, None] == local[None, :], dp, 0.0), 1)  # exact: one term per row
     tl.store(DELTA + pid_bh.to(tl.int64) * LQ + rows, delta, mask=rows_ok)
