@@ -120,6 +120,8 @@ void bilateral_fwd_impl(const BilateralShape& sh, const at::Tensor& q_s, const a
         if (!k_rows) pack_rows(k_t.data(), Dp, kx, bh, n0, C, D, acc_t(1));
         if (!v_rows) pack_rows(v_t.data(), Dp, vx, bh, n0, C, D, acc_t(1));
         const bool masked = tile_keep(keep.get(), mask, bh, n0, C);
+        if (n0 + kTile < n_end)  // the next tile's q_x, which the next pack_transposed reads first
+          prefetch_rows(qx, bh, n0 + kTile, std::min(kTile, n_end - n0 - kTile), D);
         // -- direction x: image queries over all M spatial keys, complete per tile --
         attend_full_cols(C, Cp, M, D, Dp, k_sp.data(), qt_t.data(), v_sp.data(), s_x.data(), o_t.data(),
                          inv_l.data(), row_max.data(), log_sum.data());
