@@ -330,9 +330,9 @@ def _bilateral_wide_bwd_kernel(
         # -- the image-side gradients of this tile are complete --
         out_offsets = (pid_bh.to(tl.int64) * N + offs_n)[:, None] * D + offs_c[None, :]
         out_ok = n_ok[:, None] & c_ok[None, :]
-        tl.store(D_IMAGE_A + out_offsets, grad_a.to(D_IMAGE_A.dtype.element_ty), mask=out_ok)
+        tl.store(D_IMAGE_A + out_offsets, _round_to(grad_a, D_IMAGE_A.dtype.element_ty), mask=out_ok)
         if QUERIES_SPATIAL:
-            tl.store(D_IMAGE_B + out_offsets, grad_b.to(D_IMAGE_B.dtype.element_ty), mask=out_ok)
+            tl.store(D_IMAGE_B + out_offsets, _round_to(grad_b, D_IMAGE_B.dtype.element_ty), mask=out_ok)
 
 
 # ----------------------------------------------------------------------------------------
