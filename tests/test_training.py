@@ -40,14 +40,20 @@ def test_resume_continues_exactly(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(count: int) -> list[int]:
+    """Distinct ports free right now (the sockets stay open until all are picked)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
-def _ddp_worker(rank, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank))
+def _ddp_worker(rank, ports, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(ports[0]), WORLD_SIZE="2", RANK=str(rank))
     torch.set_num_threads(1)
     # First the gradients of one DDP step on this rank's half of a global batch.
     torch.distributed.init_process_group("gloo")
@@ -56,14 +62,18 @@ def _ddp_worker(rank, port, out_dir):
     index = digits.batch_indices(0, 16, len(labels), seed=0)[rank::2]
     torch.nn.functional.cross_entropy(model(images[index]), labels[index]).backward()
     grads = {n: p.grad for n, p in model.module.named_parameters()}
+    torch.distributed.barrier()  # both ranks are done with this group's store before it goes
     torch.distributed.destroy_process_group()
-    # Then the training command itself, which initialises its own process group.
+    # Then the training command itself, which initialises its own process group, on a store
+    # of its own (re-binding the first port raced with the old store's teardown and hung).
+    os.environ["MASTER_PORT"] = str(ports[1])
     result = digits.train(steps=3, batch_size=16, backend="auto", progress=False)
     torch.save({"grads": grads, "history": result["history"]}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_ddp_two_processes_match_one_process_on_the_combined_batch(tmp_path):
-    mp.spawn(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    ports = _free_ports(2)
+    mp.spawn(_ddp_worker, args=(ports, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
     model = digits.make_model("auto")
