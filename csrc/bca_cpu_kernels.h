@@ -497,8 +497,8 @@ inline void split_lse(double lse, T& hi, T& lo) {
 // dK [L, Dp] += dS^T Q; dV [L, Dp] += P^T dO.
 // delta = rowsum(P * dP) / rowsum(P), formed from P and dP as the reference's softmax backward
 // does (not dO . O): the rounding of dP then cancels in dP - delta, exactly so for a one-hot
-// row (|logits| ~ 1e4). Normalising by rowsum(P) keeps a P that is off by a factor
-// 1 + O(ulp(logit)) (recomputed from the fp32 LSE) a relative error of dS.
+// row (|logits| ~ 1e4). Normalising by rowsum(P) turns a per-row factor error of the
+// recomputed P (the roundings of the split LSE and of exp) into a relative error of dS.
 template <typename T>
 void attend_tile_bwd(int64_t R, int64_t D, int64_t Dp, const T* Q, const T* dO, const T* lse_hi, const T* lse_lo,
                      const T* K, int64_t ldk, const T* KT, int64_t ldkt, const T* VT, int64_t ldvt, const T* bias, int64_t L,

@@ -201,8 +201,8 @@ def _attn_bwd_block(q, do, lse_hi, lse_lo, delta, k, v, keep, sm_scale, DOT_PREC
     returns (dq [R, D], dk [C, D], dv [C, D]) in fp32, already multiplied by the scale.
     DELTA_FROM_P: the block holds every key of the rows, so delta is formed here from P and
     dP, as the reference's softmax backward does, and the `delta` argument is ignored. It is
-    rowsum(P * dP) / rowsum(P): the P recomputed from the saved LSE can be off by a factor
-    1 + O(ulp(logit)) at |logits| ~ 1e4, and normalising keeps that a relative error of dS."""
+    rowsum(P * dP) / rowsum(P): normalising turns a per-row factor error of the recomputed P
+    (the roundings of the split LSE and of exp2) into a relative error of dS."""
     # -- recompute the probabilities from the saved LSE --
     s = _scores(q, k, keep, sm_scale, DOT_PRECISION)
     p = _probs(s, lse_hi, lse_lo)
