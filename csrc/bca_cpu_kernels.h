@@ -21,7 +21,8 @@ namespace sfk {
 using at::vec::Vectorized;
 
 constexpr int64_t kTile = 64;        // tokens (keys or image queries) per packed tile
-constexpr int64_t kSplitN = 256;     // image tokens per bilateral work item
+constexpr int64_t kSplitN = 256;     // image tokens per bilateral work item (backward; forward at least)
+constexpr int64_t kSplitMaxN = 1024; // most image tokens per bilateral forward work item
 constexpr int64_t kQueryBlock = 64;  // query rows per block in cross attention
 constexpr int64_t kTargetItems = 64; // cross attention: split until this many work items
 constexpr int kRowBlock = 6;         // micro-GEMM rows (6 x 2 vectors: 12 accumulators)
@@ -126,8 +127,10 @@ void pack_rows(acc_t* dst, int64_t ld, const View& src, int64_t bh, int64_t l0, 
 }
 
 // Ask for rows [l0, l0 + rows) of an input ahead of their use (one prefetch per cache line).
-// The forward prefetches only the next tile's q_x: its 8 x 8 transposes stalled on the first
-// touch of each line, while the k_x / v_x rows read inside the GEMMs gained nothing from it.
+// The forward asks for the next tile's q_x at the start of a tile (its 8 x 8 transposes stalled
+// on the first touch of each line) and for the tile's v_x between the two directions: the
+// P v_x GEMM of direction s, its only reader, otherwise stalled on those loads (about a fifth
+// of its time). Asking for v_x (or k_x) a whole tile ahead was no faster.
 inline void prefetch_rows(const View& src, int64_t bh, int64_t l0, int64_t rows, int64_t D) {
   const int64_t elem = static_cast<int64_t>(c10::elementSize(src.dtype));
   const char* first = static_cast<const char*>(src.ptr) + (src.base(bh) + l0 * src.stride_l) * elem;
@@ -227,14 +230,17 @@ void store_rows(OutPtr out, const acc_t* src, int64_t ld, int64_t rows, int64_t 
 // cols is a multiple of the vector width; A is read by broadcast, so any strides (a
 // transposed A included) cost nothing; B and C rows are dense. When accumulating, c_scale
 // (if given) first multiplies each row of C by c_scale[r] (the online softmax's rescale, done
-// in the registers the sum starts from instead of in a separate pass over C).
+// in the registers the sum starts from instead of in a separate pass over C). col_max (if
+// given) is raised to the maximum of each column of C, taken from the registers as the blocks
+// are stored (the softmax's column max, without a second pass over the logits).
 // ---------------------------------------------------------------------------------------
 // K >= 1. The first k step initialises the accumulators, so they live in registers from start
 // to end (a separate zero/load-then-loop shape made GCC keep them on the stack around the
 // loop, which cost about a fifth of the throughput at K = 32).
 template <typename T, int R, int NV, bool ACC>
 __attribute__((always_inline)) inline void gemm_block(int64_t K, const T* A, int64_t a_rs, int64_t a_ks,
-                                                      const T* B, int64_t ldb, T* C, int64_t ldc, const T* c_scale) {
+                                                      const T* B, int64_t ldb, T* C, int64_t ldc, const T* c_scale,
+                                                      T* col_max) {
   using Vec = Vectorized<T>;
   constexpr int W = Vec::size();
   Vec acc[R][NV];
@@ -263,24 +269,30 @@ __attribute__((always_inline)) inline void gemm_block(int64_t K, const T* A, int
   }
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v].store(C + r * ldc + v * W);
+  if (col_max)
+    for (int v = 0; v < NV; ++v) {
+      Vec m = Vec::loadu(col_max + v * W);
+      for (int r = 0; r < R; ++r) m = at::vec::clamp_min(acc[r][v], m);
+      m.store(col_max + v * W);
+    }
 }
 
 template <typename T, int NV, bool ACC>
 inline void gemm_rows(int64_t rows, int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* B, int64_t ldb,
-                      T* C, int64_t ldc, const T* c_scale) {
+                      T* C, int64_t ldc, const T* c_scale, T* col_max) {
   switch (rows) {
-    case 6: gemm_block<T, 6, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc, c_scale); break;
-    case 5: gemm_block<T, 5, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc, c_scale); break;
-    case 4: gemm_block<T, 4, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc, c_scale); break;
-    case 3: gemm_block<T, 3, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc, c_scale); break;
-    case 2: gemm_block<T, 2, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc, c_scale); break;
-    default: gemm_block<T, 1, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc, c_scale); break;
+    case 6: gemm_block<T, 6, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc, c_scale, col_max); break;
+    case 5: gemm_block<T, 5, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc, c_scale, col_max); break;
+    case 4: gemm_block<T, 4, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc, c_scale, col_max); break;
+    case 3: gemm_block<T, 3, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc, c_scale, col_max); break;
+    case 2: gemm_block<T, 2, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc, c_scale, col_max); break;
+    default: gemm_block<T, 1, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc, c_scale, col_max); break;
   }
 }
 
 template <typename T, bool ACC>
 void gemm(int64_t rows, int64_t cols, int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* B, int64_t ldb,
-          T* C, int64_t ldc, const T* c_scale = nullptr) {
+          T* C, int64_t ldc, const T* c_scale = nullptr, T* col_max = nullptr) {
   constexpr int64_t W = Vectorized<T>::size();
   if (K <= 0) {  // an empty sum: C = 0 (or unchanged, bar c_scale, when accumulating)
     for (int64_t r = 0; r < rows; ++r) {
@@ -288,18 +300,23 @@ void gemm(int64_t rows, int64_t cols, int64_t K, const T* A, int64_t a_rs, int64
       else if (c_scale)
         for (int64_t j = 0; j < cols; ++j) C[r * ldc + j] *= c_scale[r];
     }
+    if (col_max)
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t j = 0; j < cols; ++j) col_max[j] = std::max(col_max[j], C[r * ldc + j]);
     return;
   }
-  for (int64_t j = 0; j < cols; j += 2 * W) {
-    const bool two = cols - j >= 2 * W;
-    for (int64_t r = 0; r < rows; r += kRowBlock) {
-      const int64_t rr = std::min<int64_t>(kRowBlock, rows - r);
+  // Row blocks outer: a block's A values (a strided gather when A is read transposed) are used
+  // for every column strip while they are in L1; B is at most a few KB per tile and stays there.
+  for (int64_t r = 0; r < rows; r += kRowBlock) {
+    const int64_t rr = std::min<int64_t>(kRowBlock, rows - r);
+    for (int64_t j = 0; j < cols; j += 2 * W) {
+      const bool two = cols - j >= 2 * W;
       if (two)
         gemm_rows<T, 2, ACC>(rr, K, A + r * a_rs, a_rs, a_ks, B + j, ldb, C + r * ldc + j, ldc,
-                             c_scale ? c_scale + r : nullptr);
+                             c_scale ? c_scale + r : nullptr, col_max ? col_max + j : nullptr);
       else
         gemm_rows<T, 1, ACC>(rr, K, A + r * a_rs, a_rs, a_ks, B + j, ldb, C + r * ldc + j, ldc,
-                             c_scale ? c_scale + r : nullptr);
+                             c_scale ? c_scale + r : nullptr, col_max ? col_max + j : nullptr);
     }
   }
 }
@@ -427,14 +444,14 @@ template <typename T>
 void attend_full_cols(int64_t C, int64_t Cp, int64_t M, int64_t D, int64_t Dp, const T* K, const T* QT, const T* V,
                       T* S, T* O, T* inv_l, T* row_max, T* log_sum) {
   using Vec = Vectorized<T>;
-  // -- s^T = k q^T --
-  gemm<T, false>(M, Cp, D, K, Dp, 1, QT, Cp, S, Cp);
+  // -- s^T = k q^T and its column max --
+  std::fill(row_max, row_max + Cp, neg_inf<T>());
+  gemm<T, false>(M, Cp, D, K, Dp, 1, QT, Cp, S, Cp, nullptr, row_max);
   for (int64_t j = 0; j < Cp; j += Vec::size()) {
-    // -- column max, p = exp(s - max), column sum --
-    const Vec mx = column_max(S, Cp, M, j, Vec(neg_inf<T>()));
+    // -- p = exp(s - max), column sum --
+    const Vec mx = Vec::loadu(row_max + j);
     const Vec sum = column_exp_sum(S, Cp, M, j, mx);
     (Vec(T(1)) / sum).store(inv_l + j);
-    mx.store(row_max + j);
     sum.log().store(log_sum + j);
   }
   // -- o = p v (normalised by the caller's store) --
@@ -453,15 +470,16 @@ void attend_tile_cols(int64_t C, int64_t M, int64_t Mp, int64_t D, int64_t Dp, c
                       const bool* keep, T* S, T* shift, T* m, T* l, T* acc) {
   using Vec = Vectorized<T>;
   const Vec vneg(neg_inf<T>()), vzero(T(0));
-  // -- s^T = k q^T --
-  gemm<T, false>(C, Mp, D, K, ldk, 1, QT, Mp, S, Mp);
+  // -- s^T = k q^T; the new column max (taken as the blocks are stored when no key is masked) --
+  std::copy(m, m + Mp, shift);
+  gemm<T, false>(C, Mp, D, K, ldk, 1, QT, Mp, S, Mp, nullptr, keep ? nullptr : shift);
   if (keep)
     for (int64_t r = 0; r < C; ++r)
       if (!keep[r]) std::fill(S + r * Mp, S + (r + 1) * Mp, neg_inf<T>());
   for (int64_t j = 0; j < Mp; j += Vec::size()) {
-    // -- column max, new shift (0 while a column has no kept key: keeps exp(-inf - shift) = 0) --
+    // -- new shift (0 while a column has no kept key: keeps exp(-inf - shift) = 0) --
     const Vec m_old = Vec::loadu(m + j);
-    const Vec m_new = column_max(S, Mp, C, j, m_old);
+    const Vec m_new = keep ? column_max(S, Mp, C, j, m_old) : Vec::loadu(shift + j);
     const Vec sh = Vec::blendv(m_new, vzero, m_new == vneg);
     // -- p = exp(s - shift), column sums --
     const Vec sum = column_exp_sum(S, Mp, C, j, sh);

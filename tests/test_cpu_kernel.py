@@ -48,7 +48,7 @@ needs_kernel = pytest.mark.skipif(
 
 
 # (B, H, M, N, D, dtype, layout, mask: None | "mask" | "empty" (the last sample has no token)).
-# Together: every dtype; M = 1, 49, 130; N = 1, 97, 1025 (several splits); D = 8, 40, 96.
+# Together: every dtype; M = 1, 5, 49, 130; N = 1, 97, 1025, 1100 (several splits); D = 8, 40, 96.
 BILATERAL_CASES = [
     (1, 1, 1, 1, 8, FP32, "contiguous", None),
     (2, 2, 49, 97, 40, FP32, "bnhd", "empty"),
@@ -58,6 +58,7 @@ BILATERAL_CASES = [
     (1, 1, 1, 1025, 40, BF16, "contiguous", None),
     (2, 1, 49, 97, 8, FP64, "strided", "empty"),
     (3, 1, 130, 1, 96, FP32, "contiguous", "empty"),
+    (8, 4, 5, 1100, 8, FP32, "bnhd", "empty"),  # B*H = 32: 1024-token forward items, two per row
 ]
 
 
@@ -160,8 +161,14 @@ def _run_everything(inputs, mask, grads, threads):
 
 
 @needs_kernel
-def test_bitwise_deterministic_across_thread_counts_and_runs():
-    B, H, M, N, D = 1, 2, 64, 1500, 32  # 6 splits of N; cross attention splits both ways
+@pytest.mark.parametrize(
+    "B, H, M, N, D",
+    [
+        (1, 2, 64, 1500, 32),  # 6 splits of N; cross attention splits both ways
+        (8, 4, 5, 1100, 8),  # forward items of 1024 tokens (B*H = 32), backward items of 256
+    ],
+)
+def test_bitwise_deterministic_across_thread_counts_and_runs(B, H, M, N, D):
     inputs = make_bilateral_inputs(B, H, M, N, D, seed=9)
     mask = make_image_mask(B, N, seed=9)
     grads = (transposed_grad((B, H, M, D), FP32, 10), transposed_grad((B, H, N, D), FP32, 11))
