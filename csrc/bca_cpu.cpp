@@ -75,11 +75,13 @@ inline bool tile_keep(bool* keep, const MaskView& mask, int64_t bh, int64_t n0, 
 // Image tokens per bilateral forward work item, from the shapes only (never the thread count):
 // kSplitN, doubled up to kSplitMaxN while that still leaves kTargetItems items. Every item ends
 // by writing an (m, l, acc) partial of all M spatial queries for the merge, and at 256 tokens
-// per item that fixed cost was about 3% of the forward at B = 8.
+// per item that fixed cost was about 3% of the forward at B = 8. The splits of a row are then
+// evened out (whole tiles), so no item is much longer than the others at the end of the run.
 inline int64_t bilateral_fwd_split_len(int64_t BH, int64_t N) {
   int64_t len = kSplitN;
   while (len < kSplitMaxN && BH * ceil_div(N, 2 * len) >= kTargetItems) len *= 2;
-  return len;
+  if (N <= len) return len;
+  return ceil_div(ceil_div(N, ceil_div(N, len)), kTile) * kTile;  // as many splits, as even as tiles allow
 }
 
 template <typename acc_t>

@@ -150,25 +150,51 @@ const acc_t* direct_rows(const View& src, int64_t bh, int64_t l0, int64_t D, int
   return static_cast<const acc_t*>(src.ptr) + src.base(bh) + l0 * src.stride_l;
 }
 
+// dst[i * ld + r] = mul * src[r * ld_src + i] for one 8 x 8 block: the loaded rows are scaled
+// (the same products as scaling after the transpose), then transposed by the usual unpack,
+// shuffle and 128-bit lane permute, so the scale needs no second pass over dst.
+inline void transpose_8x8_scaled(const float* src, int64_t ld_src, float* dst, int64_t ld, float mul) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  const __m256 m = _mm256_set1_ps(mul);
+  __m256 r[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_mul_ps(_mm256_loadu_ps(src + i * ld_src), m);
+  __m256 t[8], u[8];
+  for (int i = 0; i < 4; ++i) {  // t[2i], t[2i+1]: rows 2i, 2i+1 interleaved per 128-bit lane
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int h = 0; h < 2; ++h) {  // u[4h + c]: columns c (low lane) and c + 4 (high lane) of rows 4h..4h+3
+    u[4 * h + 0] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[4 * h + 1] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[4 * h + 2] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[4 * h + 3] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int c = 0; c < 4; ++c) {
+    _mm256_storeu_ps(dst + c * ld, _mm256_permute2f128_ps(u[c], u[4 + c], 0x20));
+    _mm256_storeu_ps(dst + (c + 4) * ld, _mm256_permute2f128_ps(u[c], u[4 + c], 0x31));
+  }
+#else
+  for (int r = 0; r < 8; ++r)
+    for (int i = 0; i < 8; ++i) dst[i * ld + r] = src[r * ld_src + i] * mul;
+#endif
+}
+
 // dst[d, r] = src[l0 + r, d] for r < rows; columns r in [rows, cols) = 0. dst is [D, ld].
 template <typename acc_t>
 void pack_transposed(acc_t* dst, int64_t ld, int64_t cols, const View& src, int64_t bh, int64_t l0, int64_t rows,
                      int64_t D, acc_t mul) {
   if constexpr (std::is_same_v<acc_t, float>) {
     if (src.dtype == at::kFloat && src.stride_d == 1) {
-      // fp32 rows: 8 x 8 register transposes (ATen's transpose_mxn), then the scale per row
+      // fp32 rows: scaled 8 x 8 register transposes, the ragged edges element by element
       const float* first = static_cast<const float*>(src.ptr) + src.base(bh) + l0 * src.stride_l;
       const int64_t r8 = rows / 8 * 8, d8 = D / 8 * 8;
       for (int64_t r = 0; r < r8; r += 8)
         for (int64_t i = 0; i < d8; i += 8)
-          at::vec::transpose_mxn<float, 8, 8>(first + r * src.stride_l + i, src.stride_l, dst + i * ld + r, ld);
+          transpose_8x8_scaled(first + r * src.stride_l + i, src.stride_l, dst + i * ld + r, ld, mul);
       for (int64_t r = 0; r < rows; ++r)
-        for (int64_t i = (r < r8 ? d8 : 0); i < D; ++i) dst[i * ld + r] = first[r * src.stride_l + i];
-      for (int64_t i = 0; i < D; ++i) {
-        if (mul != 1.0f)
-          for (int64_t r = 0; r < rows; ++r) dst[i * ld + r] *= mul;
+        for (int64_t i = (r < r8 ? d8 : 0); i < D; ++i) dst[i * ld + r] = first[r * src.stride_l + i] * mul;
+      for (int64_t i = 0; i < D; ++i)
         for (int64_t r = rows; r < cols; ++r) dst[i * ld + r] = 0.0f;
-      }
       return;
     }
   }

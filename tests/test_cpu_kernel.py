@@ -58,7 +58,7 @@ BILATERAL_CASES = [
     (1, 1, 1, 1025, 40, BF16, "contiguous", None),
     (2, 1, 49, 97, 8, FP64, "strided", "empty"),
     (3, 1, 130, 1, 96, FP32, "contiguous", "empty"),
-    (8, 4, 5, 1100, 8, FP32, "bnhd", "empty"),  # B*H = 32: 1024-token forward items, two per row
+    (8, 4, 5, 1100, 8, FP32, "bnhd", "empty"),  # B*H = 32: two forward items per row (576, 524 tokens)
 ]
 
 
@@ -165,7 +165,7 @@ def _run_everything(inputs, mask, grads, threads):
     "B, H, M, N, D",
     [
         (1, 2, 64, 1500, 32),  # 6 splits of N; cross attention splits both ways
-        (8, 4, 5, 1100, 8),  # forward items of 1024 tokens (B*H = 32), backward items of 256
+        (8, 4, 5, 1100, 8),  # forward items of 576 and 524 tokens (B*H = 32), backward items of 256
     ],
 )
 def test_bitwise_deterministic_across_thread_counts_and_runs(B, H, M, N, D):
