@@ -22,9 +22,10 @@ Environment:
 Kernel layout (see the comment at the top of csrc/bca_cpu.cpp): tiles of 64 tokens read
 through their strides into fp32 buffers (fp64 for float64 inputs; fp32 rows with unit stride
 along D are used in place, nothing is made contiguous), register-blocked micro-GEMMs with
-ATen's at::vec (AVX2/AVX-512 as the build machine allows), softmax over transposed logits,
-work items of fixed size under at::parallel_for, partials reduced in a fixed order (bitwise
-identical results for any thread count).
+ATen's at::vec (AVX2/AVX-512 as the build machine allows; the AVX2 float block is written with
+AVX2 intrinsics, which GCC keeps in registers), softmax over transposed logits, work items
+whose size depends on the shapes only, under at::parallel_for, partials reduced in a fixed
+order (bitwise identical results for any thread count).
 """
 from __future__ import annotations
 
