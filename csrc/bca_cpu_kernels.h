@@ -21,6 +21,7 @@ namespace sfk {
 using at::vec::Vectorized;
 
 constexpr int64_t kTile = 64;        // tokens (keys or image queries) per packed tile
+constexpr int64_t kTileFwd = 32;     // image tokens per tile in the bilateral forward (see there)
 constexpr int64_t kSplitN = 256;     // image tokens per bilateral work item (backward; forward at least)
 constexpr int64_t kSplitMaxN = 1024; // most image tokens per bilateral forward work item
 constexpr int64_t kQueryBlock = 64;  // query rows per block in cross attention
