@@ -413,18 +413,8 @@ void gemm(int64_t rows, int64_t cols, int64_t K, const T* A, int64_t a_rs, int64
 // Vector row helpers (n is a multiple of the vector width). Horizontal reductions run
 // lane by lane in a fixed order.
 // ---------------------------------------------------------------------------------------
-// exp on a vector: ATen's exp_u20 for float (a short polynomial, exp(-inf) = 0, what ATen's own
-// CPU flash attention uses), Sleef's exp for double.
-template <typename T>
-inline Vectorized<T> vexp(const Vectorized<T>& x) {
-  if constexpr (std::is_same_v<T, float>)
-    return x.exp_u20();
-  else
-    return x.exp();
-}
-
-// exp(x) for the forward's softmax steps, where x = s - max <= 0 (x = -inf gives 0; NaN gives
-// NaN). x = n ln(2) + r with n = round(x log2(e)) and |r| <= ln(2)/2 (r by one fused
+// exp(x) for every softmax step, forward and backward, where x = s - max <= 0 or x = s - lse
+// (<= 0 up to rounding) (x = -inf gives 0; NaN gives NaN). x = n ln(2) + r with n = round(x log2(e)) and |r| <= ln(2)/2 (r by one fused
 // multiply-add, so it is accurate to float rounding), exp(x) = 2^n exp(r), and exp(r) is a
 // degree-5 polynomial: a minimax fit with exp(0) = 1 exactly (so the max gives exactly 1 and
 // an unchanged online-softmax max a rescale factor of exactly 1), relative error < 2e-7.
@@ -625,7 +615,7 @@ void attend_tile_bwd(int64_t R, int64_t D, int64_t Dp, const T* Q, const T* dO, 
     const Vec hi(lse_hi[r]), lo(lse_lo[r]);
     Vec pdp(T(0)), psum(T(0));
     for (int64_t j = 0; j < Lp; j += Vec::size()) {
-      const Vec pj = vexp((Vec::loadu(p + j) - hi) - lo + Vec::loadu(bias + j));
+      const Vec pj = exp_nonpositive((Vec::loadu(p + j) - hi) - lo + Vec::loadu(bias + j));
       pj.store(p + j);
       pdp = at::vec::fmadd(pj, Vec::loadu(ds + j), pdp);
       psum = psum + pj;
@@ -681,7 +671,7 @@ void attend_tile_cols_bwd(int64_t C, int64_t M, int64_t Mp, int64_t D, int64_t D
       continue;
     }
     for (int64_t j = 0; j < Mp; j += Vec::size()) {
-      const Vec pj = vexp((Vec::loadu(p + j) - Vec::loadu(lse_hi + j)) - Vec::loadu(lse_lo + j));
+      const Vec pj = exp_nonpositive((Vec::loadu(p + j) - Vec::loadu(lse_hi + j)) - Vec::loadu(lse_lo + j));
       pj.store(p + j);
       (pj * (Vec::loadu(ds + j) - Vec::loadu(delta + j))).store(ds + j);
     }
