@@ -382,6 +382,7 @@ template <typename T, bool ACC>
 void gemm(int64_t rows, int64_t cols, int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* B, int64_t ldb,
           T* C, int64_t ldc, const T* c_scale = nullptr, T* col_max = nullptr) {
   constexpr int64_t W = Vectorized<T>::size();
+  if (rows <= 0) return;
   if (K <= 0) {  // an empty sum: C = 0 (or unchanged, bar c_scale, when accumulating)
     for (int64_t r = 0; r < rows; ++r) {
       if (!ACC) std::fill(C + r * ldc, C + r * ldc + cols, T(0));
@@ -395,8 +396,13 @@ void gemm(int64_t rows, int64_t cols, int64_t K, const T* A, int64_t a_rs, int64
   }
   // Row blocks outer: a block's A values (a strided gather when A is read transposed) are used
   // for every column strip while they are in L1; B is at most a few KB per tile and stays there.
-  for (int64_t r = 0; r < rows; r += kRowBlock) {
-    const int64_t rr = std::min<int64_t>(kRowBlock, rows - r);
+  // As few blocks as kRowBlock allows, with the rows spread evenly over them (64 rows: nine of
+  // 6 and two of 5; 32 rows: 6, 6, 5, 5, 5, 5): a last block of 2 or 4 rows has too few
+  // accumulators to cover the FMA latency (forward 3% and backward 2% faster at B = 8).
+  const int64_t blocks = ceil_div(rows, int64_t(kRowBlock));
+  const int64_t base_rows = rows / blocks, longer_blocks = rows % blocks;
+  for (int64_t r = 0, b = 0, rr; r < rows; r += rr, ++b) {
+    rr = base_rows + (b < longer_blocks ? 1 : 0);
     for (int64_t j = 0; j < cols; j += 2 * W) {
       const bool two = cols - j >= 2 * W;
       if (two)
