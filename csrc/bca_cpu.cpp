@@ -9,8 +9,8 @@
 //   - bilateral forward: one pass over image tokens. Direction x (image queries over the M
 //     spatial keys) is a complete softmax per tile, written straight away with its LSE.
 //     Direction s (spatial queries over image keys) keeps an online-softmax state
-//     (max, sum, acc) per work item of kSplitN to kSplitMaxN tokens; the worker that finishes the last
-//     item of a (batch, head) merges the partials in split order.
+//     (max, sum, acc) per work item of kSplitN to kSplitMaxN tokens; the worker that finishes
+//     the last item of a (batch, head) merges the partials in split order.
 //   - bilateral backward: the same pass; dq_x, dk_x, dv_x are row-local, dq_s, dk_s, dv_s
 //     are per-item partials summed in split order.
 //   - backward delta (the rowsum(P * dP) of dS = P (dP - delta)): where a row's keys are all in

@@ -25,7 +25,7 @@ constexpr int64_t kTileFwd = 32;     // image tokens per tile in the bilateral f
 constexpr int64_t kSplitN = 256;     // image tokens per bilateral work item (backward; forward at least)
 constexpr int64_t kSplitMaxN = 1024; // most image tokens per bilateral forward work item
 constexpr int64_t kQueryBlock = 64;  // query rows per block in cross attention
-constexpr int64_t kTargetItems = 64; // cross attention: split until this many work items
+constexpr int64_t kTargetItems = 64; // split cross attention (and size forward items) for this many
 constexpr int kRowBlock = 6;         // micro-GEMM rows (6 x 2 vectors: 12 accumulators)
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -340,7 +340,7 @@ __attribute__((always_inline)) inline void gemm_block_f32x16(int64_t K, const fl
     _mm256_storeu_ps(C + r * ldc, c0[r]);
     _mm256_storeu_ps(C + r * ldc + 8, c1[r]);
   }
-  if (col_max) {  // the same max as at::vec::clamp_min (a NaN in C is not dropped)
+  if (col_max) {  // the same max as at::vec::clamp_min; a NaN logit reaches the output through exp
     __m256 m0 = _mm256_loadu_ps(col_max), m1 = _mm256_loadu_ps(col_max + 8);
     _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) {
       m0 = _mm256_max_ps(m0, c0[r]);
@@ -420,10 +420,11 @@ void gemm(int64_t rows, int64_t cols, int64_t K, const T* A, int64_t a_rs, int64
 // lane by lane in a fixed order.
 // ---------------------------------------------------------------------------------------
 // exp(x) for every softmax step, forward and backward, where x = s - max <= 0 or x = s - lse
-// (<= 0 up to rounding) (x = -inf gives 0; NaN gives NaN). x = n ln(2) + r with n = round(x log2(e)) and |r| <= ln(2)/2 (r by one fused
-// multiply-add, so it is accurate to float rounding), exp(x) = 2^n exp(r), and exp(r) is a
-// degree-5 polynomial: a minimax fit with exp(0) = 1 exactly (so the max gives exactly 1 and
-// an unchanged online-softmax max a rescale factor of exactly 1), relative error < 2e-7.
+// (<= 0 up to rounding); x = -inf gives 0, NaN gives NaN. x = n ln(2) + r with
+// n = round(x log2(e)) and |r| <= ln(2)/2 (r by one fused multiply-add, so it is accurate to
+// float rounding), exp(x) = 2^n exp(r), and exp(r) is a degree-5 polynomial: a minimax fit
+// with exp(0) = 1 exactly (so the max gives exactly 1 and an unchanged online-softmax max a
+// rescale factor of exactly 1), relative error < 2e-7.
 // Adding 1.5 * 2^23 + 127 rounds x log2(e) to an integer and leaves 127 + n in the low
 // mantissa bits, which shifted into the exponent field give 2^n; x is clamped at -127 ln(2),
 // where 2^n is exactly 0. Fewer operations and constants than exp_u20 at its accuracy on
