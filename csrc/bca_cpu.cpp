@@ -1,7 +1,7 @@
 // Fused CPU kernels for bilateral and cross attention (DESIGN.md section 1).
 //
-// Algorithm. Every kernel streams the long token axis in tiles of kTile = 64 tokens. Each tile
-// is read once through its strides into small fp32 (fp64 for float64 inputs) buffers (this
+// Algorithm. Every kernel streams the long token axis in tiles of kTile = 64 tokens (kTileFwd
+// = 32 in the bilateral forward). Each tile is read once through its strides into small fp32 (fp64 for float64 inputs) buffers (this
 // is where strides and bf16/fp16 are handled, so callers never copy; fp32 rows with unit
 // stride along D are used in place), and register-blocked micro-GEMMs written with ATen's
 // at::vec::Vectorized run on them. Logits are formed transposed (keys on rows, queries on

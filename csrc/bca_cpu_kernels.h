@@ -365,16 +365,17 @@ inline void gemm_rows(int64_t rows, int64_t K, const T* A, int64_t a_rs, int64_t
       case 2: gemm_block_f32x16<2, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc, c_scale, col_max); break;
       default: gemm_block_f32x16<1, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc, c_scale, col_max); break;
     }
-    return;
-  }
+  } else
 #endif
-  switch (rows) {
-    case 6: gemm_block<T, 6, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc, c_scale, col_max); break;
-    case 5: gemm_block<T, 5, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc, c_scale, col_max); break;
-    case 4: gemm_block<T, 4, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc, c_scale, col_max); break;
-    case 3: gemm_block<T, 3, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc, c_scale, col_max); break;
-    case 2: gemm_block<T, 2, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc, c_scale, col_max); break;
-    default: gemm_block<T, 1, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc, c_scale, col_max); break;
+  {
+    switch (rows) {
+      case 6: gemm_block<T, 6, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc, c_scale, col_max); break;
+      case 5: gemm_block<T, 5, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc, c_scale, col_max); break;
+      case 4: gemm_block<T, 4, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc, c_scale, col_max); break;
+      case 3: gemm_block<T, 3, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc, c_scale, col_max); break;
+      case 2: gemm_block<T, 2, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc, c_scale, col_max); break;
+      default: gemm_block<T, 1, NV, ACC>(K, A, a_rs, a_ks, B, ldb, C, ldc, c_scale, col_max); break;
+    }
   }
 }
 
@@ -556,7 +557,7 @@ void attend_tile_cols(int64_t C, int64_t M, int64_t Mp, int64_t D, int64_t Dp, c
   using Vec = Vectorized<T>;
   const Vec vneg(neg_inf<T>()), vzero(T(0));
   // -- s^T = k q^T; the new column max (taken as the blocks are stored when no key is masked) --
-  std::copy(m, m + Mp, shift);
+  if (!keep) std::copy(m, m + Mp, shift);
   gemm<T, false>(C, Mp, D, K, ldk, 1, QT, Mp, S, Mp, nullptr, keep ? nullptr : shift);
   if (keep)
     for (int64_t r = 0; r < C; ++r)
