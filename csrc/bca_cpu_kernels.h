@@ -21,7 +21,7 @@ namespace sfk {
 using at::vec::Vectorized;
 
 constexpr int64_t kTile = 64;        // tokens (keys or image queries) per packed tile
-constexpr int64_t kTileFwd = 32;     // image tokens per tile in the bilateral forward (see there)
+constexpr int64_t kTileFwdX = 16;    // image queries per tile in the bilateral forward's direction x
 constexpr int64_t kSplitN = 256;     // image tokens per bilateral work item (backward; forward at least)
 constexpr int64_t kSplitMaxN = 1024; // most image tokens per bilateral forward work item
 constexpr int64_t kQueryBlock = 64;  // query rows per block in cross attention
@@ -128,10 +128,10 @@ void pack_rows(acc_t* dst, int64_t ld, const View& src, int64_t bh, int64_t l0, 
 }
 
 // Ask for rows [l0, l0 + rows) of an input ahead of their use (one prefetch per cache line).
-// The forward asks for the next tile's q_x at the start of a tile (its 8 x 8 transposes stalled
-// on the first touch of each line) and for the tile's v_x between the two directions: the
-// P v_x GEMM of direction s, its only reader, otherwise stalled on those loads (about a fifth
-// of its time). Asking for v_x (or k_x) a whole tile ahead was no faster.
+// The forward asks for the next tile's q_x at the start of a direction-x tile (its 8 x 8
+// transposes stalled on the first touch of each line) and for a direction-s tile's v_x before
+// its logits: the P v_x GEMM, v_x's only reader, otherwise stalled on those loads. Asking for
+// v_x or k_x a whole tile ahead was no faster (each prefetch loop costs issue slots too).
 inline void prefetch_rows(const View& src, int64_t bh, int64_t l0, int64_t rows, int64_t D) {
   const int64_t elem = static_cast<int64_t>(c10::elementSize(src.dtype));
   const char* first = static_cast<const char*>(src.ptr) + (src.base(bh) + l0 * src.stride_l) * elem;

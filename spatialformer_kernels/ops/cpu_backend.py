@@ -19,13 +19,14 @@ Environment:
 - SPATIALFORMER_KERNELS_NO_CPU=1: never build; the "cpu" backend is unavailable.
 - CXX: the compiler, as for any torch extension.
 
-Kernel layout (see the comment at the top of csrc/bca_cpu.cpp): tiles of 64 tokens (32 in the
-bilateral forward) read through their strides into fp32 buffers (fp64 for float64 inputs; fp32 rows with unit stride
-along D are used in place, nothing is made contiguous), register-blocked micro-GEMMs with
-ATen's at::vec (AVX2/AVX-512 as the build machine allows; the AVX2 float block is written with
-AVX2 intrinsics, which GCC keeps in registers), softmax over transposed logits, work items
-whose size depends on the shapes only, under at::parallel_for, partials reduced in a fixed
-order (bitwise identical results for any thread count).
+Kernel layout (see the comment at the top of csrc/bca_cpu.cpp): tiles of 64 tokens (16 image
+queries in the bilateral forward's direction x) read through their strides into fp32 buffers
+(fp64 for float64 inputs; fp32 rows with unit stride along D are used in place, nothing is made
+contiguous), register-blocked micro-GEMMs with ATen's at::vec (AVX2/AVX-512 as the build
+machine allows; the AVX2 float block is written with AVX2 intrinsics, which GCC keeps in
+registers), softmax over transposed logits, work items whose size depends on the shapes only,
+under at::parallel_for, partials reduced in a fixed order (bitwise identical results for any
+thread count).
 """
 from __future__ import annotations
 
