@@ -115,3 +115,79 @@ def test_masked_reference_path_through_public_api():
     mask = make_image_mask(B, N, empty_samples=[0])
     o_s, _ = sk.bilateral_attention(*tensors, image_mask=mask, backend="reference")
     assert torch.equal(o_s[0], torch.zeros_like(o_s[0]))
+
+
+def _needs_cpu_kernel():
+    if "cpu" not in sk.available_backends():
+        pytest.skip("the C++ CPU kernel is not available")
+
+
+def _spy_on_ops(monkeypatch):
+    """Count calls of the torch.library ops that the public functions go through."""
+    from spatialformer_kernels.ops import bilateral_attention as bilateral_module
+    from spatialformer_kernels.ops import cross_attention as cross_module
+
+    calls = []
+    for module, name in ((bilateral_module, "_bilateral_attention_op"), (cross_module, "_cross_attention_op")):
+        op = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *args, _op=op, _name=name: calls.append(_name) or _op(*args))
+    return calls
+
+
+def test_eager_inference_calls_the_kernel_directly_with_the_ops_results(monkeypatch):
+    _needs_cpu_kernel()
+    tensors = _inputs()
+    mask = make_image_mask(B, N, empty_samples=[1])
+    op_s, op_x, _, _ = torch.ops.spatialformer.bilateral_attention(*tensors, D**-0.5, mask, "cpu")
+    op_cross, _ = torch.ops.spatialformer.cross_attention(tensors[0], tensors[4], tensors[5], D**-0.5, mask, "cpu")
+    calls = _spy_on_ops(monkeypatch)
+    with torch.no_grad():
+        o_s, o_x = sk.bilateral_attention(*tensors, image_mask=mask, backend="cpu")
+        o_cross = sk.cross_attention(tensors[0], tensors[4], tensors[5], key_mask=mask, backend="cpu")
+    assert calls == []
+    assert torch.equal(o_s, op_s) and torch.equal(o_x, op_x) and torch.equal(o_cross, op_cross)
+    sk.bilateral_attention(*tensors, backend="cpu")  # grad enabled, but nothing requires grad
+    assert calls == []
+
+
+def test_autograd_and_dispatch_modes_go_through_the_ops(monkeypatch):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _needs_cpu_kernel()
+    calls = _spy_on_ops(monkeypatch)
+    leaves = [t.requires_grad_() for t in _inputs()]
+    o_s, o_x = sk.bilateral_attention(*leaves, backend="cpu")
+    (o_s.sum() + o_x.sum()).backward()
+    assert calls == ["_bilateral_attention_op"] and all(t.grad is not None for t in leaves)
+    calls.clear()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        sk.bilateral_attention(*_inputs(), backend="cpu")
+        sk.cross_attention(*_inputs()[3:], backend="cpu")
+    assert calls == ["_bilateral_attention_op", "_cross_attention_op"]
+    assert counter.get_total_flops() > 0
+
+
+def test_direct_call_ok_only_for_plain_eager_tensors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.overrides import TorchFunctionMode
+
+    x = torch.randn(3)
+    assert dispatch.direct_call_ok(x, None)
+    assert not dispatch.direct_call_ok(x, x.clone().requires_grad_())
+    with torch.no_grad():
+        assert dispatch.direct_call_ok(x.clone().requires_grad_())
+    seen = []
+    torch.func.grad(lambda t: seen.append(dispatch.direct_call_ok(t)) or t.sum())(x)
+    torch.func.vmap(lambda t: seen.append(dispatch.direct_call_ok(t)) or t)(x)
+    assert seen == [False, False]
+    with FakeTensorMode() as mode:
+        assert not dispatch.direct_call_ok(mode.from_tensor(x))
+    class PassThrough(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with PassThrough():
+        assert not dispatch.direct_call_ok(x)
+    compiled = torch.compile(lambda t: t + 1 if dispatch.direct_call_ok(t) else t - 1, backend="eager", fullgraph=True)
+    assert torch.equal(compiled(x), x - 1)

@@ -3,7 +3,9 @@
 The fused kernels live with their backends (ops/triton_backend.py for CUDA, the C++ kernel
 in csrc/ via ops/cpu_backend.py); this file registers them once as
 `torch.ops.spatialformer.bilateral_attention` (+ `_backward`) with fake implementations
-and autograd, so torch.compile(fullgraph=True) traces the op as a single node.
+and autograd, so torch.compile(fullgraph=True) traces the op as a single node. Eager calls
+that need none of that (no autograd, no tracing, no dispatch mode) call the backend's kernel
+directly: see dispatch.direct_call_ok.
 """
 from __future__ import annotations
 
@@ -142,5 +144,8 @@ def bilateral_attention(
     if name == "reference" or q_s.numel() == 0 or q_x.numel() == 0:
         # Empty inputs never launch a kernel; the reference returns correctly shaped zeros.
         return bilateral_attention_reference(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask)
-    o_s, o_x, _, _ = _bilateral_attention_op(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask, name)
+    if dispatch.direct_call_ok(q_s, k_s, v_s, q_x, k_x, v_x, image_mask):  # eager inference
+        o_s, o_x, _, _ = dispatch.kernels(name).bilateral_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask)
+    else:
+        o_s, o_x, _, _ = _bilateral_attention_op(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask, name)
     return o_s, o_x

@@ -103,4 +103,6 @@ def cross_attention(
     name = dispatch.resolve_backend(backend, q.device, q.dtype)
     if name == "reference" or q.numel() == 0 or k.numel() == 0:
         return cross_attention_reference(q, k, v, scale, key_mask)
+    if dispatch.direct_call_ok(q, k, v, key_mask):  # eager inference
+        return dispatch.kernels(name).cross_fwd(q, k, v, scale, key_mask)[0]
     return _cross_attention_op(q, k, v, scale, key_mask, name)[0]
