@@ -1,11 +1,12 @@
 // Fused CPU kernels for bilateral and cross attention (DESIGN.md section 1).
 //
 // Algorithm. Every kernel streams the long token axis in tiles of kTile = 64 tokens (kTileFwdX
-// = 16 in the bilateral forward's direction x). Each tile is read once through its strides into small fp32 (fp64 for float64 inputs) buffers (this
-// is where strides and bf16/fp16 are handled, so callers never copy; fp32 rows with unit
-// stride along D are used in place), and register-blocked micro-GEMMs written with ATen's
-// at::vec::Vectorized run on them. Logits are formed transposed (keys on rows, queries on
-// columns) so the softmax max/sum per query are vertical vector ops:
+// = 16 in the bilateral forward's direction x). Each tile is read once through its strides into
+// small fp32 (fp64 for float64 inputs) buffers (this is where strides and bf16/fp16 are
+// handled, so callers never copy; fp32 rows with unit stride along D are used in place), and
+// register-blocked micro-GEMMs written with ATen's at::vec::Vectorized run on them. Logits are
+// formed transposed (keys on rows, queries on columns) so the softmax max/sum per query are
+// vertical vector ops:
 //   - bilateral forward: one pass over image tokens, in work items of kSplitN to kSplitMaxN
 //     tokens; one worker runs both directions on an item, direction x over its tiles and then
 //     direction s, so each image-token tensor is read once. Direction x (image queries over the
