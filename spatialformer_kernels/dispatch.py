@@ -111,7 +111,7 @@ def direct_call_ok(*tensors: torch.Tensor | None) -> bool:
     So: only in eager mode, with plain tensors, nothing for autograd to record, and no
     dispatch mode, function mode or functorch transform active. Anything else takes the op.
     """
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     present = [t for t in tensors if t is not None]
     if any(type(t) is not torch.Tensor for t in present):  # FakeTensor, FunctionalTensor, DTensor, ...

@@ -183,6 +183,7 @@ def test_direct_call_ok_only_for_plain_eager_tensors():
     assert seen == [False, False]
     with FakeTensorMode() as mode:
         assert not dispatch.direct_call_ok(mode.from_tensor(x))
+
     class PassThrough(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
             return func(*args, **(kwargs or {}))
