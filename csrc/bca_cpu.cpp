@@ -1,4 +1,4 @@
-// Fused CPU kernels for bilateral and cross attention (DESIGN.md section 1).
+// Fused CPU kernels for bilateral and cross attention (docs/design.md section 1).
 //
 // Algorithm. Every kernel streams the long token axis in tiles of kTile = 64 tokens (kTileFwdX
 // = 16 in the bilateral forward's direction x). Each tile is read once through its strides into
@@ -7,8 +7,8 @@
 // register-blocked micro-GEMMs written with ATen's at::vec::Vectorized run on them. Logits are
 // formed transposed (keys on rows, queries on columns) so the softmax max/sum per query are
 // vertical vector ops:
-//   - bilateral forward: one pass over image tokens, in work items of kSplitN to kSplitMaxN
-//     tokens; one worker runs both directions on an item, direction x over its tiles and then
+//   - bilateral forward: one pass over image tokens, in work items of 256 (at least 4 * M, see
+//     bilateral_min_split_len) to kSplitMaxN tokens; one worker runs both directions on an item, direction x over its tiles and then
 //     direction s, so each image-token tensor is read once. Direction x (image queries over the
 //     M spatial keys) is a complete softmax per tile, written straight away with its LSE.
 //     Direction s (spatial queries over image keys) keeps an online-softmax state
@@ -76,12 +76,13 @@ inline bool tile_keep(bool* keep, const MaskView& mask, int64_t bh, int64_t n0, 
 }
 
 // Image tokens per bilateral forward work item, from the shapes only (never the thread count):
-// kSplitN, doubled up to kSplitMaxN while that still leaves kTargetItems items. Every item ends
-// by writing an (m, l, acc) partial of all M spatial queries for the merge, and at 256 tokens
-// per item that fixed cost was about 3% of the forward at B = 8. The splits of a row are then
-// evened out (whole tiles), so no item is much longer than the others at the end of the run.
-inline int64_t bilateral_fwd_split_len(int64_t BH, int64_t N) {
-  int64_t len = kSplitN;
+// bilateral_min_split_len(M), doubled up to kSplitMaxN while that still leaves kTargetItems
+// items. Every item ends by writing an (m, l, acc) partial of all M spatial queries for the
+// merge, and at 256 tokens per item that fixed cost was about 3% of the forward at B = 8. The
+// splits of a row are then evened out (whole tiles, as many splits), so no item is much longer
+// than the others at the end of the run.
+inline int64_t bilateral_fwd_split_len(int64_t BH, int64_t M, int64_t N) {
+  int64_t len = bilateral_min_split_len(M);
   while (len < kSplitMaxN && BH * ceil_div(N, 2 * len) >= kTargetItems) len *= 2;
   if (N <= len) return len;
   return ceil_div(ceil_div(N, ceil_div(N, len)), kTile) * kTile;  // as many splits, as even as tiles allow
@@ -101,7 +102,7 @@ void bilateral_fwd_impl(const BilateralShape& sh, const at::Tensor& q_s, const a
                         double* lse_s, double* lse_x) {
   const int64_t BH = sh.B * sh.H, M = sh.M, N = sh.N, D = sh.D;
   const int64_t Dp = round_up_vec<acc_t>(D), Mp = round_up_vec<acc_t>(M), Tp = round_up_vec<acc_t>(kTileFwdX);
-  const int64_t split_len = bilateral_fwd_split_len(BH, N), nsplit = ceil_div(N, split_len);
+  const int64_t split_len = bilateral_fwd_split_len(BH, M, N), nsplit = ceil_div(N, split_len);
   const acc_t sc = static_cast<acc_t>(scale);
   const auto qs = view4(q_s), ks = view4(k_s), vs = view4(v_s);
   const auto qx = view4(q_x), kx = view4(k_x), vx = view4(v_x);
@@ -183,7 +184,7 @@ void bilateral_bwd_impl(const BilateralShape& sh, const at::Tensor& do_s, const 
                         OutPtr dq_s, OutPtr dk_s, OutPtr dv_s, OutPtr dq_x, OutPtr dk_x, OutPtr dv_x) {
   const int64_t BH = sh.B * sh.H, M = sh.M, N = sh.N, D = sh.D;
   const int64_t Dp = round_up_vec<acc_t>(D), Mp = round_up_vec<acc_t>(M), Tp = round_up_vec<acc_t>(kTile);
-  const int64_t nsplit = ceil_div(N, kSplitN);
+  const int64_t split_len = bilateral_min_split_len(M), nsplit = ceil_div(N, split_len);
   const acc_t sc = static_cast<acc_t>(scale);
   const auto qs = view4(q_s), ks = view4(k_s), vs = view4(v_s);
   const auto qx = view4(q_x), kx = view4(k_x), vx = view4(v_x);
@@ -237,13 +238,13 @@ void bilateral_bwd_impl(const BilateralShape& sh, const at::Tensor& do_s, const 
       acc_t* dk_sp = dq_sp + M * Dp;
       acc_t* dv_sp = dk_sp + M * Dp;
       std::fill(dq_sp, dq_sp + 3 * M * Dp, acc_t(0));
-      const int64_t n_end = std::min(N, (sp + 1) * kSplitN);
+      const int64_t n_begin = sp * split_len, n_end = std::min(N, n_begin + split_len);
       // As in the forward, direction x runs over the item's tiles first, then direction s over
       // the same tiles: each reads its own image tensors (q_x, do_x, lse_x; then k_x, v_x), and
       // apart their buffers stay in cache better (the backward 2.5-4% faster at B = 8).
       // -- direction x (row form, all M spatial keys at once): dq_x row-local, dk_s / dv_s
       // into this item's partials --
-      for (int64_t n0 = sp * kSplitN; n0 < n_end; n0 += kTile) {
+      for (int64_t n0 = n_begin; n0 < n_end; n0 += kTile) {
         const int64_t C = std::min(kTile, n_end - n0);
         pack_rows(q_t.data(), Dp, qx, bh, n0, C, D, sc);
         pack_rows(do_t.data(), Dp, dox, bh, n0, C, D, acc_t(1));
@@ -255,7 +256,7 @@ void bilateral_bwd_impl(const BilateralShape& sh, const at::Tensor& do_s, const 
         store_rows_stream(dq_x.at((bh * N + n0) * D), dq_t.data(), Dp, C, D, no_rows, sc);
       }
       // -- direction s (column form): dk_x / dv_x row-local, dq_s into this item's partial --
-      for (int64_t n0 = sp * kSplitN; n0 < n_end; n0 += kTile) {
+      for (int64_t n0 = n_begin; n0 < n_end; n0 += kTile) {
         const int64_t C = std::min(kTile, n_end - n0);
         const acc_t* k_rows = direct_rows<acc_t>(kx, bh, n0, D, Dp);
         const acc_t* v_rows = direct_rows<acc_t>(vx, bh, n0, D, Dp);
@@ -632,8 +633,14 @@ std::string vector_isa() {
 }  // namespace sfk
 
 // Registered in a namespace of their own; the public ops (torch.ops.spatialformer.*) call
-// these from spatialformer_kernels/ops/cpu_backend.py.
-TORCH_LIBRARY(spatialformer_cpu, m) {
+// these from spatialformer_kernels/ops/cpu_backend.py. A build for another vector ISA (the
+// tests load one per ISA the CPU runs) names its own namespace with -DSFK_OPS_NAMESPACE=...;
+// the extra macro level expands that name before TORCH_LIBRARY pastes it.
+#ifndef SFK_OPS_NAMESPACE
+#define SFK_OPS_NAMESPACE spatialformer_cpu
+#endif
+#define SFK_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+SFK_TORCH_LIBRARY(SFK_OPS_NAMESPACE, m) {
   m.def(
       "bilateral_fwd(Tensor q_s, Tensor k_s, Tensor v_s, Tensor q_x, Tensor k_x, Tensor v_x, float scale, "
       "Tensor? image_mask) -> (Tensor, Tensor, Tensor, Tensor)",

@@ -23,12 +23,23 @@ using at::vec::Vectorized;
 constexpr int64_t kTile = 64;        // tokens (keys or image queries) per packed tile
 constexpr int64_t kTileFwdX = 16;    // image queries per tile in the bilateral forward's direction x
 constexpr int64_t kSplitN = 256;     // image tokens per bilateral work item (backward; forward at least)
-constexpr int64_t kSplitMaxN = 1024; // most image tokens per bilateral forward work item
+constexpr int64_t kSplitMaxN = 1024; // most image tokens per bilateral forward work item (unless M needs more)
+constexpr int64_t kSplitPerSpatial = 4;  // bilateral work items span at least this many image tokens per spatial token
 constexpr int64_t kQueryBlock = 64;  // query rows per block in cross attention
 constexpr int64_t kTargetItems = 64; // split cross attention (and size forward items) for this many
 constexpr int kRowBlock = 6;         // micro-GEMM rows (6 x 2 vectors: 12 accumulators)
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Fewest image tokens in a bilateral work item, for M spatial tokens. Every item writes
+// spatial-side partials of M rows (forward: m, l and acc; backward: dq_s, dk_s and dv_s), so
+// items of a fixed length would make the split workspace grow as M * N (at M = 512, N = 70,000
+// it was 4x the inputs, 8x with AVX-512's 16-float padding of D = 8). Items of at least
+// kSplitPerSpatial * M tokens keep it a fraction of the image tensors the items read: O(N * D)
+// for any M and any vector width.
+inline int64_t bilateral_min_split_len(int64_t M) {
+  return std::max(kSplitN, ceil_div(kSplitPerSpatial * M, kTile) * kTile);
+}
 
 template <typename T>
 inline int64_t round_up_vec(int64_t n) {

@@ -676,12 +676,16 @@ def test_cpu_kernel_memory_is_linear_in_tokens_not_m_times_n():
         [("cpu", 1, 2, 64, 70_000, 8), ("cpu", 1, 2, 512, 70_000, 8), ("reference", 1, 2, 256, 20_000, 8)]
     )
     for run in (small_m, large_m):
-        # outputs + six gradients alone are ~1.4x the inputs; the rest is split workspace
-        assert run["extra"] < 4 * run["inputs"], run
+        # Outputs + six gradients alone are ~1.4x the inputs. The rest is the split workspace:
+        # work items span at least 4 * M image tokens, so their spatial-side partials stay a
+        # fraction of the image tensors for any M and any vector width (measured on an AVX-512
+        # machine, where D = 8 pads to 16 floats: 2.1x at M = 64 and at M = 512; with items of
+        # a fixed 256 tokens it was 5.5x at M = 512).
+        assert run["extra"] < 3 * run["inputs"], run
     assert large_m["extra"] < 0.25 * large_m["logits"], large_m
     # 8x the spatial tokens: the logits grow by 250 MB; the kernel's memory barely moves
     growth = large_m["extra"] - small_m["extra"]
-    assert growth < 0.1 * (large_m["logits"] - small_m["logits"]), (small_m, large_m)
+    assert growth < 0.02 * (large_m["logits"] - small_m["logits"]), (small_m, large_m)
     # Contrast, same measurement: the reference materialises the M*N logits several times.
     assert reference["extra"] > 2 * reference["logits"], reference
 

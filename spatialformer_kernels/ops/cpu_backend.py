@@ -6,12 +6,20 @@ time needs torch inside the build environment (so `pip install` would need
 to be installed then (its C++ ABI breaks on the next torch upgrade), and makes the whole
 install fail on a machine without a compiler. Instead the package is pure Python; the first
 call that needs the CPU kernel (`backend="cpu"`, `backend="auto"` on CPU tensors, or
-`available_backends()`) compiles it once with `torch.utils.cpp_extension.load` into a cache
-directory keyed by the torch version, Python version, compiler flags, source hash and (for
-`-march=native` builds) a CPU fingerprint, so a torch upgrade rebuilds automatically and a
-home directory shared by different CPUs never loads a binary built for another one. Without
-a working compiler the build fails once, one warning says so, and the "cpu" backend is
-simply unavailable (CPU tensors then use the reference). Importing the package never builds.
+`available_backends()`) compiles it once with `torch.utils.cpp_extension.load` (about 30 s,
+announced on stderr when it starts and when it ends) into a cache folder named by the
+content of the sources, the torch and Python versions, the compiler and its flags and (for
+`-march=native` builds) a CPU fingerprint. The sources are copied into that folder and
+compiled from there, so the same sources installed editable and non-editable share one
+build, a torch upgrade rebuilds, and a home directory shared by different CPUs never loads a
+binary built for another one. Without a working compiler the build fails once, one warning
+says so, and the "cpu" backend is simply unavailable (CPU tensors then use the reference).
+Importing the package never builds.
+
+Vector ISA: the build targets the widest ISA of the CPU it runs on (-march=native: AVX-512
+or AVX2 through ATen's at::vec, the generic at::vec code elsewhere), with a portable build as
+the fallback. `load_isa_build` builds the same sources for one named ISA in an ops namespace
+of its own, so the tests check every ISA the CPU can run, not only the widest.
 
 Environment:
 - SPATIALFORMER_KERNELS_CACHE: cache root (default $XDG_CACHE_HOME or ~/.cache, then
@@ -19,23 +27,19 @@ Environment:
 - SPATIALFORMER_KERNELS_NO_CPU=1: never build; the "cpu" backend is unavailable.
 - CXX: the compiler, as for any torch extension.
 
-Kernel layout (see the comment at the top of csrc/bca_cpu.cpp): tiles of 64 tokens (16 image
-queries in the bilateral forward's direction x) read through their strides into fp32 buffers
-(fp64 for float64 inputs; fp32 rows with unit stride along D are used in place, nothing is made
-contiguous), register-blocked micro-GEMMs with ATen's at::vec (AVX2/AVX-512 as the build
-machine allows; the AVX2 float block is written with AVX2 intrinsics, which GCC keeps in
-registers), softmax over transposed logits, work items whose size depends on the shapes only,
-under at::parallel_for, partials reduced in a fixed order (bitwise identical results for any
-thread count).
+The kernel's layout (tiles, work items, partials) is described at the top of csrc/bca_cpu.cpp.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib.resources
+import logging
 import os
 import platform
+import shutil
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -45,28 +49,57 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 _SOURCES = ("bca_cpu.cpp", "bca_cpu_kernels.h")
 _BASE_FLAGS = ["-O3", "-fopenmp"]
-# Tried in order: the native ISA first (AVX2/AVX-512 via at::vec), then a portable build.
-_ISA_FLAGS = (["-march=native"], [])
+_NAMESPACE = "spatialformer_cpu"
+# The package's build, tried in order: the native ISA first, then a portable build.
+_DEFAULT_ISA_FLAGS = (["-march=native"], [])
+# One build per vector ISA, for the tests: the names are what the build's vector_isa() reports.
+ISA_FLAGS = {
+    "avx512": ["-march=native"],
+    "avx2": ["-march=native", "-mno-avx512f"],  # drops every AVX-512 extension with it
+    "default": [],  # x86-64 baseline: ATen's generic at::vec code
+}
 
 _lock = threading.Lock()
 _extension = None  # torch.ops.spatialformer_cpu once loaded
 _failure: str | None = None
+_isa_builds: dict = {}
+
+
+def _cpu_info() -> str:
+    """The first processor block of /proc/cpuinfo (empty where there is none)."""
+    lines = []
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.strip() == "":
+                    break
+                lines.append(line)
+    except OSError:
+        pass
+    return "".join(lines)
 
 
 def _cpu_fingerprint() -> str:
     """Model name and ISA flags of this CPU, so -march=native binaries are never shared."""
     text = platform.machine() + platform.processor()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key = line.split(":", 1)[0].strip()
-                if key in ("model name", "flags", "Features", "CPU part", "CPU implementer"):
-                    text += line
-                if line.strip() == "":  # the first processor block is enough
-                    break
-    except OSError:
-        text += platform.platform()
+    info = [line for line in _cpu_info().splitlines()
+            if line.split(":", 1)[0].strip() in ("model name", "flags", "Features", "CPU part", "CPU implementer")]
+    text += "\n".join(info) if info else platform.platform()
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def cpu_isas() -> list[str]:
+    """The vector ISAs of `ISA_FLAGS` this CPU runs, widest first (always ends with "default")."""
+    flags = set()
+    for line in _cpu_info().splitlines():
+        if line.split(":", 1)[0].strip() == "flags":
+            flags = set(line.split(":", 1)[1].split())
+    isas = []
+    if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
+        isas.append("avx512")
+    if {"avx2", "fma"} <= flags:
+        isas.append("avx2")
+    return isas + ["default"]
 
 
 def _cache_root() -> Path:
@@ -83,8 +116,11 @@ def _source_paths() -> list[Path]:
 
 
 def _build_directory(sources: list[Path], flags: list[str]) -> Path:
+    """The cache folder of one build: named by what goes into the binary, never by where the
+    package is installed."""
     digest = hashlib.sha256()
     for path in sources:
+        digest.update(path.name.encode())
         digest.update(path.read_bytes())
     digest.update(" ".join(flags).encode())
     digest.update(os.environ.get("CXX", "").encode())
@@ -96,34 +132,81 @@ def _build_directory(sources: list[Path], flags: list[str]) -> Path:
     return _cache_root() / name
 
 
-def _build():
-    """Compile (or reuse the cached build of) csrc/ and load it; return torch.ops.spatialformer_cpu."""
-    from torch.utils.cpp_extension import load
+def _say(message: str) -> None:
+    print(f"spatialformer_kernels: {message}", file=sys.stderr, flush=True)
+
+
+def _load(flags: list[str], namespace: str, label: str):
+    """Compile (or reuse the cached build of) csrc/ with `flags` and return torch.ops.<namespace>."""
+    # A CPU build needs no CUDA: keep torch's "No CUDA runtime is found, using CUDA_HOME=..."
+    # (logged when cpp_extension is first imported) off the user's console.
+    cpp_extension_log = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_extension_log.level
+    cpp_extension_log.setLevel(logging.ERROR)
+    try:
+        from torch.utils.cpp_extension import load
+    finally:
+        cpp_extension_log.setLevel(level)
 
     sources = _source_paths()
+    directory = _build_directory(sources, flags)
+    source_dir = directory / "src"
+    source_dir.mkdir(parents=True, exist_ok=True)
+    for path in sources:  # compiled from the cache folder: the install path never reaches ninja
+        copy = source_dir / path.name
+        if not copy.exists() or copy.read_bytes() != path.read_bytes():
+            shutil.copyfile(path, copy)
+    library = directory / f"{namespace}.so"
+    built_before = library.stat().st_mtime_ns if library.exists() else None
+    if built_before is None:
+        _say(f"building the C++ CPU kernel ({label}) in {directory} (first use only, about 30 s) ...")
+    start = time.perf_counter()
+    # torch's own compiler checks warn; the one warning the user sees is ours.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # is_python_module=False: the ops register with TORCH_LIBRARY (no pybind11).
+        load(
+            name=namespace,
+            sources=[str(source_dir / name) for name in _SOURCES if name.endswith(".cpp")],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(directory),
+            is_python_module=False,
+            verbose=False,
+        )
+    ops = getattr(torch.ops, namespace)
+    if not library.exists() or library.stat().st_mtime_ns != built_before:
+        _say(f"built the C++ CPU kernel ({ops.vector_isa()}) in {time.perf_counter() - start:.1f} s, "
+             f"cached in {directory}")
+    return ops
+
+
+def _build():
+    """The package's build: the native ISA, else portable; return torch.ops.spatialformer_cpu."""
     errors = []
-    for isa in _ISA_FLAGS:
+    for isa in _DEFAULT_ISA_FLAGS:
         flags = _BASE_FLAGS + isa
-        directory = _build_directory(sources, flags)
-        directory.mkdir(parents=True, exist_ok=True)
         try:
-            # torch's own compiler checks warn; the one warning the user sees is ours.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                # is_python_module=False: the ops register with TORCH_LIBRARY (no pybind11).
-                load(
-                    name="spatialformer_bca_cpu",
-                    sources=[str(p) for p in sources if p.suffix == ".cpp"],
-                    extra_cflags=flags,
-                    extra_ldflags=["-fopenmp"],
-                    build_directory=str(directory),
-                    is_python_module=False,
-                    verbose=False,
-                )
-            return torch.ops.spatialformer_cpu
+            return _load(flags, _NAMESPACE, "for this CPU: -march=native" if isa else "portable")
         except Exception as error:  # compiler missing, flag unsupported, ...
             errors.append(f"[{' '.join(flags)}] {type(error).__name__}: {str(error).strip()[-600:]}")
     raise RuntimeError("\n".join(errors))
+
+
+def load_isa_build(isa: str):
+    """Build the kernel for one vector ISA of `cpu_isas()` in an ops namespace of its own and
+    return that namespace (the same ops as the package's build: bilateral_fwd, bilateral_bwd,
+    cross_fwd, cross_bwd, vector_isa). For tests; raises RuntimeError if the build fails."""
+    if isa not in cpu_isas():
+        raise ValueError(f"this CPU cannot run the {isa!r} build; it runs {cpu_isas()}")
+    if is_available() and vector_isa() == isa:  # the package's own build already is that ISA
+        return _extension
+    with _lock:
+        if isa not in _isa_builds:
+            namespace = f"{_NAMESPACE}_{isa}"
+            flags = _BASE_FLAGS + ISA_FLAGS[isa] + [f"-DSFK_OPS_NAMESPACE={namespace}"]
+            _isa_builds[isa] = _load(flags, namespace, isa)
+        return _isa_builds[isa]
 
 
 def _ext():
