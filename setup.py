@@ -9,6 +9,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
+TRAIN_REQUIRES = ["scikit-learn"]
 
 setup(
     name="spatialformer-kernels",
@@ -30,11 +31,14 @@ setup(
         "einops>=0.8",
         "tqdm",
         "numpy",
+        "safetensors",  # checkpoints (spatialformer.train)
         # torch.utils.cpp_extension builds the C++ CPU kernel on first use with ninja.
         "ninja",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "safetensors", "scikit-learn", "matplotlib"],
+        # python -m spatialformer.train: its data set (digits) ships inside scikit-learn
+        "train": TRAIN_REQUIRES,
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib"] + TRAIN_REQUIRES,
         "bench": ["matplotlib", "pytest-benchmark>=4"],
     },
     entry_points={

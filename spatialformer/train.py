@@ -1,6 +1,8 @@
-"""Train a reduced SpatialFormer end to end on scikit-learn's digits (shipped with the package).
+"""Train a reduced SpatialFormer end to end on scikit-learn's digits.
 
-The 8x8 digit images are upsampled to 32x32 RGB; nothing is downloaded. Checkpoints
+Needs the `train` extra (`pip install "spatialformer-kernels[train]"`, or `pip install
+".[train]"` in a checkout), which brings scikit-learn: the 1,797 8x8 digit images ship inside
+it, so nothing is downloaded at run time. They are upsampled to 32x32 RGB. Checkpoints
 (model, optimizer, RNG state, step) are safetensors files, and a resumed run continues
 exactly where it stopped. Under torchrun (WORLD_SIZE > 1) it trains with
 DistributedDataParallel (gloo on CPU, nccl on CUDA); each rank takes an interleaved share
@@ -30,7 +32,14 @@ NUM_CLASSES = 10
 
 def load_digits_split(device: str | torch.device = "cpu", test_fraction: float = 0.2, seed: int = 0):
     """(train_images, train_labels, test_images, test_labels): images [n, 3, 32, 32] normalised."""
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as error:
+        raise ModuleNotFoundError(
+            "spatialformer.train trains on scikit-learn's digits, and scikit-learn is not installed: "
+            'pip install "spatialformer-kernels[train]" (or pip install ".[train]" in a checkout)',
+            name="sklearn",
+        ) from error
 
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0

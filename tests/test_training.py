@@ -88,3 +88,36 @@ def test_ddp_two_processes_match_one_process_on_the_combined_batch(tmp_path):
     assert ranks[0]["history"] == ranks[1]["history"]
     for (_, loss_ddp, acc_ddp), (_, loss_one, acc_one) in zip(ranks[0]["history"], single, strict=True):
         assert loss_ddp == pytest.approx(loss_one, rel=1e-4) and acc_ddp == acc_one
+
+
+def test_train_dependencies_come_with_the_train_extra():
+    """Every third-party module the trainer imports is a plain requirement of the package or
+    one of its `train` extra, so the README's `pip install ".[train]"` is enough to train."""
+    import ast
+    import importlib.metadata
+    import re
+    import sys
+
+    requirements = importlib.metadata.requires("spatialformer-kernels")
+    declared = {
+        re.match(r"[A-Za-z0-9_.-]+", r).group(0).lower().replace("_", "-")
+        for r in requirements
+        if "extra" not in r or re.search(r"""extra\s*==\s*["']train["']""", r)
+    }
+    tree = ast.parse(open(digits.__file__).read())
+    modules = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    modules |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 0}
+    third_party = modules - set(sys.stdlib_module_names) - {"spatialformer"}
+    assert {"sklearn", "safetensors", "torch", "tqdm"} <= third_party, third_party
+    owners = importlib.metadata.packages_distributions()
+    for module in third_party:
+        assert {d.lower().replace("_", "-") for d in owners[module]} & declared, (module, owners[module], declared)
+
+
+def test_missing_scikit_learn_names_the_train_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    with pytest.raises(ModuleNotFoundError, match=r"spatialformer-kernels\[train\]"):
+        digits.load_digits_split()
