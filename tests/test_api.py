@@ -56,6 +56,24 @@ def test_mixed_devices_are_rejected_before_any_kernel():
         sk.bilateral_attention(*_inputs(k_x=meta))
 
 
+def test_swapped_head_and_token_axes_are_named_with_the_fix():
+    """A [B, L, H, D] tensor where [B, H, L, D] is expected: the message blames that tensor
+    (not the first correct one it differs from) and suggests .transpose(1, 2)."""
+    q_s, k_s, v_s, q_x, k_x, v_x = make_bilateral_inputs(B, H, M, N, D)
+    with pytest.raises(ValueError) as raised:  # the first input alone is transposed
+        sk.bilateral_attention(q_s.transpose(1, 2), k_s, v_s, q_x, k_x, v_x)
+    message = str(raised.value)
+    assert message.startswith("q_s (2, 5, 2, 16): expected [B, H, L, D] with (B, H, D) = (2, 2, 16)"), message
+    assert "H and L axes look swapped" in message and "q_s.transpose(1, 2)" in message
+    assert "k_s" not in message
+    # every input a [B, L, H, D] projection passed without its view
+    transposed = [t.transpose(1, 2) for t in (q_s, k_s, v_s, q_x, k_x, v_x)]
+    with pytest.raises(ValueError, match=r"q_s \(2, 5, 2, 16\), k_s .*, v_x \(2, 7, 2, 16\): expected .* swapped"):
+        sk.bilateral_attention(*transposed)
+    with pytest.raises(ValueError, match=r"^k \(2, 7, 2, 16\): .* pass k.transpose\(1, 2\)"):
+        sk.cross_attention(q_s, k_x.transpose(1, 2), v_x)
+
+
 def test_bad_cross_inputs():
     q, k, v = make_bilateral_inputs(B, H, M, N, D)[3:]
     with pytest.raises(ValueError, match=r"key count of v .* does not match k"):
