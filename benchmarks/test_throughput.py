@@ -1,4 +1,4 @@
-"""Throughput suite (run with --benchmark): the op on DESIGN.md section 4's shapes, and whole models.
+"""Throughput suite (run with --benchmark): the op on docs/design.md section 4's shapes, and whole models.
 
 Kernel rows: every provider x shape x dtype x pass; each row first asserts parity with the
 reference (outputs, and gradients for the passes with a backward), then is timed. A provider

@@ -5,7 +5,7 @@ Token layouts: spatial tokens s are [B, M, C] (M = 64, an 8x8 grid), image token
 the fused qkv projection (no copy), which every kernel backend reads in place.
 
 The block internals are not published with the paper; these are our documented choices
-(DESIGN.md section 3): pre-norm, per-stream q/k/v projections, MLP ratio 4, qkv bias.
+(docs/design.md section 3): pre-norm, per-stream q/k/v projections, MLP ratio 4, qkv bias.
 """
 from __future__ import annotations
 

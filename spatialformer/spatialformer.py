@@ -5,7 +5,7 @@ tokens with bilateral cross-attention (BCA) blocks, whose cost is linear in the 
 image tokens; stages 3-4 run joint self-attention over [spatial; image] tokens.
 
 Stage configuration (channels, heads, blocks) follows the supplementary material of the
-SpatialFormer paper; the block internals are our documented reading (DESIGN.md section 3):
+SpatialFormer paper; the block internals are our documented reading (docs/design.md section 3):
 4x4 stride-4 patch embedding, 2x2 stride-2 patch merging between stages (Swin's
 PatchMerging), a Linear C_i -> C_{i+1} on the spatial tokens between stages, final
 LayerNorm, mean over image and spatial tokens, Linear head.

@@ -2,7 +2,7 @@
 
 Tests, benchmarks and the `backend="reference"` path all use these functions. They are
 plain differentiable PyTorch, materialise the [B, H, Lq, Lk] logits and follow the exact
-semantics of DESIGN.md section 1:
+semantics of docs/design.md section 1:
 
     o = softmax(scale * q @ k^T, masked keys removed) @ v
 

@@ -7,7 +7,7 @@ import spatialformer  # noqa: F401  (registers the models)
 from spatialformer import SpatialFormer
 from spatialformer_kernels import available_backends
 
-TABLE = {  # DESIGN.md section 3: channels, heads, blocks per stage
+TABLE = {  # docs/design.md section 3: channels, heads, blocks per stage
     "spatialformer_tiny": ((64, 128, 256, 320), (2, 4, 8, 10), (2, 2, 6, 2)),
     "spatialformer_small": ((64, 128, 320, 448), (2, 4, 10, 14), (3, 4, 6, 3)),
     "spatialformer_base": ((64, 128, 320, 512), (2, 4, 10, 16), (3, 6, 18, 3)),
