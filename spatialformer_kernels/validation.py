@@ -36,27 +36,39 @@ def _check_tensors(named: Sequence[tuple[str, object]]) -> None:
         raise TypeError(f"{first_name} has dtype {first.dtype}; supported dtypes are {names}")
 
 
-def _check_batch_heads_dim(named: Sequence[tuple[str, torch.Tensor]]) -> None:
-    """All inputs share B, H and D. The offender is the tensor outside the (B, H, D) that
-    explains most inputs; one that matches it with dims 1 and 2 swapped is a [B, L, H, D]
-    tensor, and the message says so instead of blaming a correct input."""
+def _check_batch_heads_dim(named: Sequence[tuple[str, torch.Tensor]], same_length: Sequence[Sequence[str]]) -> None:
+    """All inputs share B, H and D. When they do not, and reading some of them as [B, L, H, D]
+    makes every input agree (same B, H, D, and the same token count within each group of
+    `same_length`), the message names those tensors and suggests `.transpose(1, 2)`; otherwise
+    it blames the tensor outside the (B, H, D) that most inputs share."""
     def bhd(t, swapped=False):
         return (t.shape[0], t.shape[2 if swapped else 1], t.shape[3])
 
     if all(bhd(t) == bhd(named[0][1]) for _, t in named):
         return
-    candidates = {bhd(t, swapped) for _, t in named for swapped in (False, True)}
-    expected = max(
-        candidates,
-        key=lambda c: (sum(c in (bhd(t), bhd(t, True)) for _, t in named), sum(bhd(t) == c for _, t in named)),
-    )
-    swapped = [name for name, t in named if bhd(t) != expected and bhd(t, True) == expected]
-    if swapped:
-        shapes = ", ".join(f"{name} {tuple(t.shape)}" for name, t in named if name in swapped)
+    tensors = dict(named)
+    fewest_swaps = None
+    for expected in dict.fromkeys(bhd(t, swapped) for _, t in named for swapped in (False, True)):
+        if not all(expected in (bhd(t), bhd(t, True)) for _, t in named):
+            continue
+        swapped = {name: bhd(t) != expected for name, t in named}
+        lengths_agree = all(
+            len({tensors[name].shape[1 if swapped[name] else 2] for name in group}) == 1 for group in same_length
+        )
+        if lengths_agree and (fewest_swaps is None or sum(swapped.values()) < sum(fewest_swaps[1].values())):
+            fewest_swaps = (expected, swapped)
+    if fewest_swaps is not None:
+        expected, swapped = fewest_swaps
+        names = [name for name, _ in named if swapped[name]]
+        shapes = ", ".join(f"{name} {tuple(tensors[name].shape)}" for name in names)
         raise ValueError(
             f"{shapes}: expected [B, H, L, D] with (B, H, D) = {expected}, but the H and L axes look swapped "
-            f"(a [B, L, H, D] tensor); pass {swapped[0]}.transpose(1, 2), a view without a copy"
+            f"(a [B, L, H, D] tensor); pass {names[0]}.transpose(1, 2), a view without a copy"
         )
+    counts = {}
+    for _, t in named:
+        counts[bhd(t)] = counts.get(bhd(t), 0) + 1
+    expected = max(counts, key=counts.get)  # ties: the first input's
     name, value = next((name, t) for name, t in named if bhd(t) != expected)
     agreeing = next(f"{other} {tuple(t.shape)}" for other, t in named if bhd(t) == expected)
     raise ValueError(f"[B, H, *, D] of {name} {tuple(value.shape)} does not match {agreeing}")
@@ -113,7 +125,7 @@ def validate_bilateral(q_s, k_s, v_s, q_x, k_x, v_x, image_mask) -> None:
     spatial = [("q_s", q_s), ("k_s", k_s), ("v_s", v_s)]
     image = [("q_x", q_x), ("k_x", k_x), ("v_x", v_x)]
     _check_tensors(spatial + image)
-    _check_batch_heads_dim(spatial + image)
+    _check_batch_heads_dim(spatial + image, [[n for n, _ in spatial], [n for n, _ in image]])
     _check_same_dims(spatial, (2,), "spatial token count M")
     _check_same_dims(image, (2,), "image token count N")
     _check_head_dim("q_s", q_s)
@@ -124,7 +136,7 @@ def validate_cross(q, k, v, key_mask) -> None:
     """Check the inputs of `cross_attention` (see its docstring for shapes)."""
     named = [("q", q), ("k", k), ("v", v)]
     _check_tensors(named)
-    _check_batch_heads_dim(named)
+    _check_batch_heads_dim(named, [["k", "v"]])
     _check_same_dims(named[1:], (2,), "key count")
     _check_head_dim("q", q)
     _check_mask("key_mask", key_mask, "k", k)
