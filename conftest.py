@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 
 def pytest_report_header(config):
     """Which vector ISA the C++ CPU kernel was built for (and which ones this CPU runs)."""
-    from spatialformer_kernels.ops import cpu_backend
+    from spatialformer_kernels.backends import cpu as cpu_backend
 
     if not cpu_backend.is_available():
         return f"C++ CPU kernel: not built ({cpu_backend._failure.splitlines()[0]})"

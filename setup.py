@@ -1,8 +1,8 @@
 """Install spatialformer-kernels.
 
-The C++ CPU kernel in csrc/ is compiled on first use (torch.utils.cpp_extension.load) and
-cached, so `pip install` needs no preinstalled torch, no build-isolation flags and no
-compiler; see the README for why.
+The C++ CPU kernel in spatialformer_kernels/backends/cpu/csrc/ is compiled on first use
+(torch.utils.cpp_extension.load) and cached, so `pip install` needs no preinstalled torch,
+no build-isolation flags and no compiler; see the README for why.
 """
 from pathlib import Path
 
@@ -19,11 +19,9 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["spatialformer_kernels*", "spatialformer*"]) + ["spatialformer_kernels.csrc"],
-    # The top-level csrc/ ships as spatialformer_kernels.csrc so the first-use build finds its
-    # sources in editable and regular installs alike.
-    package_dir={"spatialformer_kernels.csrc": "csrc"},
-    package_data={"spatialformer_kernels.csrc": ["*.cpp", "*.h"]},
+    packages=find_packages(include=["spatialformer_kernels*", "spatialformer*"]),
+    # The C++ sources, compiled on first use from the installed package.
+    package_data={"spatialformer_kernels.backends.cpu": ["csrc/*.cpp", "csrc/*.h"]},
     install_requires=[
         "torch>=2.5",
         "triton>=3.1; platform_system == 'Linux'",

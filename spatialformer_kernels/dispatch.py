@@ -2,9 +2,9 @@
 
 Backends:
 - "reference": the pure-PyTorch reference (spatialformer_kernels.reference), any device.
-- "triton": the fused Triton kernels (spatialformer_kernels.ops.triton_backend), CUDA
+- "triton": the fused Triton kernels (spatialformer_kernels.backends.triton), CUDA
   tensors; CPU tensors too when TRITON_INTERPRET=1 (Triton's interpreter, used by tests).
-- "cpu": the C++ kernel in csrc/ (spatialformer_kernels.ops.cpu_backend), CPU tensors.
+- "cpu": the C++ kernel (spatialformer_kernels.backends.cpu), CPU tensors.
 - "auto": the fastest available kernel for the tensors' device and dtype, else "reference".
 
 Each kernel backend module provides the same four functions (all outputs are fresh,
@@ -30,8 +30,8 @@ import torch
 
 BACKENDS = ("auto", "reference", "triton", "cpu")
 _KERNEL_MODULES = {
-    "triton": "spatialformer_kernels.ops.triton_backend",
-    "cpu": "spatialformer_kernels.ops.cpu_backend",
+    "triton": "spatialformer_kernels.backends.triton",
+    "cpu": "spatialformer_kernels.backends.cpu",
 }
 
 
@@ -64,6 +64,17 @@ def _device_ok(backend: str, device: torch.device) -> bool:
 def available_backends() -> list[str]:
     """The backends this machine can run, e.g. ["reference", "triton", "cpu"]."""
     return ["reference"] + [name for name in _KERNEL_MODULES if _load(name) is not None]
+
+
+def runnable_backends(device: torch.device | str) -> list[str]:
+    """The backends that can run tensors on `device` here, "reference" first.
+
+    `available_backends()` lists what is installed and loadable; this narrows it to a device:
+    on a machine without a GPU, runnable_backends("cpu") is ["reference", "cpu"], plus
+    "triton" only when Triton's interpreter is enabled (TRITON_INTERPRET=1, as the tests do).
+    """
+    device = torch.device(device)
+    return [name for name in available_backends() if _device_ok(name, device)]
 
 
 # Constant under torch.compile: it depends only on Python values and on what this machine can run.

@@ -1,7 +1,7 @@
 """Bilateral cross-attention: op registration, autograd and the public function.
 
-The fused kernels live with their backends (ops/triton_backend.py for CUDA, the C++ kernel
-in csrc/ via ops/cpu_backend.py); this file registers them once as
+The fused kernels live with their backends (spatialformer_kernels/backends/: Triton for CUDA,
+the C++ kernel for CPU), chosen in dispatch.py; this file registers them once as
 `torch.ops.spatialformer.bilateral_attention` (+ `_backward`) with fake implementations
 and autograd, so torch.compile(fullgraph=True) traces the op as a single node. Eager calls
 that need none of that (no autograd, no tracing, no dispatch mode) call the backend's kernel

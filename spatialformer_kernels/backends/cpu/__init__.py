@@ -32,7 +32,6 @@ The kernel's layout (tiles, work items, partials) is described at the top of csr
 from __future__ import annotations
 
 import hashlib
-import importlib.resources
 import logging
 import os
 import platform
@@ -47,6 +46,7 @@ import torch
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
+_CSRC = Path(__file__).resolve().parent / "csrc"  # shipped as package data, editable or not
 _SOURCES = ("bca_cpu.cpp", "bca_cpu_kernels.h")
 _BASE_FLAGS = ["-O3", "-fopenmp"]
 _NAMESPACE = "spatialformer_cpu"
@@ -111,8 +111,7 @@ def _cache_root() -> Path:
 
 
 def _source_paths() -> list[Path]:
-    package = importlib.resources.files("spatialformer_kernels.csrc")
-    return [Path(str(package.joinpath(name))) for name in _SOURCES]
+    return [_CSRC / name for name in _SOURCES]
 
 
 def _build_directory(sources: list[Path], flags: list[str]) -> Path:

@@ -1,6 +1,6 @@
 """Triton kernel backend: the four functions of the contract in dispatch.py.
 
-The kernels and launchers live in bilateral_attention_triton.py; this facade maps the
+The kernels and launchers live in fused.py (and wide.py); this facade maps the
 bilateral op onto both directions and cross_attention onto one of them, picked by shape:
 few queries over many keys (Lq <= Lk) is direction s (split over the keys, merged by the
 combine step), many queries over few keys is direction x (a complete softmax per query tile).
@@ -21,9 +21,9 @@ def is_available() -> bool:
 
 
 def _kernels():
-    from . import bilateral_attention_triton
+    from . import fused
 
-    return bilateral_attention_triton
+    return fused
 
 
 def bilateral_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask):

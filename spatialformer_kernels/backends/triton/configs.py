@@ -1,9 +1,9 @@
-"""Launch configurations of the fused Triton kernels (bilateral_attention_triton.py).
+"""Launch configurations of the fused Triton kernels (fused.py).
 
 Which tile sizes, warps and stages the autotuner may pick per shape bucket, which buckets
 have a fused backward at all (`backward_supported`), and when the forward fuses both
 directions. Budgets and exclusions were set from the static check
-(python -m spatialformer_kernels.static_check): every kept config compiles for sm_80 and
+(python -m spatialformer_kernels.backends.triton.static_check): every kept config compiles for sm_80 and
 sm_90 without spills.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # BLOCK_M (spatial rows per block) is fixed per head-dim bucket and dtype size; the tuner
 # picks the image tile BLOCK_N and the warps. Stages follow D (2 up to D = 64; beyond, a
 # second stage only adds shared memory). Budgets and exclusions below were set from the
-# static check (python -m spatialformer_kernels.static_check): every kept config compiles
+# static check (python -m spatialformer_kernels.backends.triton.static_check): every kept config compiles
 # for sm_80 and sm_90 without spills.
 FWD_CONFIGS = [
     triton.Config({"BLOCK_N": bn}, num_warps=w)
@@ -71,7 +71,7 @@ def block_m_for(block_d: int, elem_bytes: int, backward: bool, n_spatial: int = 
 
 def backward_supported(block_d: int, elem_bytes: int, n_spatial: int = 0) -> bool:
     """Whether the fused backward kernel fits this bucket without spills (else the head dim
-    is split across programs, `bilateral_attention_triton_wide`). fp32 dots run on FMA
+    is split across programs, wide.py). fp32 dots run on FMA
     units, whose operand layouts replicate the D-long reduction axis across threads: at
     D > 64 every fp32 backward tile spills on sm_80/sm_90. In 16-bit, D = 256 with M > 16
     (the looped path) spills too."""
@@ -160,6 +160,11 @@ def configs_for(block_m, block_d, elem_bytes, backward, both, dir_s=True):
     return kept[:MAX_TUNED_CONFIGS]
 
 
+def fixed_config(block_m, block_d, elem_bytes, backward, both, dir_s=True) -> triton.Config:
+    """The one config the interpreter runs for a bucket: the smallest tile the tuner may pick."""
+    return configs_for(block_m, block_d, elem_bytes, backward, both, dir_s)[-1]
+
+
 def _prune(backward):
     def prune(configs, named_args, **kwargs):
         elem_bytes = named_args["Q_X"].element_size()
@@ -172,7 +177,7 @@ def _prune(backward):
 _TUNE_KEY = ["BLOCK_M", "BLOCK_D", "M_ONE_BLOCK", "DIR_S", "DIR_X", "HAS_IMAGE_MASK", "HAS_SPATIAL_MASK"]
 
 
-def _autotune(kernel, configs, backward):
+def autotune(kernel, configs, backward):
     if INTERPRET:
         return kernel
     return triton.autotune(configs=configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune(backward)})(

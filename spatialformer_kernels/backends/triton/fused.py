@@ -37,7 +37,7 @@ backward's exp2((s - lse) * log2(e)) reproduces a one-hot softmax exactly even a
 |logits| ~ 1e4 (folding log2(e) into the scale would round the logits and the LSE in two
 domains, off by ~1e-3 there). Accumulation in
 fp32; fp32 inputs use IEEE dots (PyTorch's default matmul is not TF32). LSEs are natural-log
-float64 (`_lse_value`, `_load_lse`), -inf for a query with no kept key (its output and
+float64 (`lse_value`, `load_lse` in common.py), -inf for a query with no kept key (its output and
 gradients are 0). Offsets are int64.
 
 Limits: D in 8..256 (BLOCK_D is the next power of two >= 16, masked); any M, N >= 1 (one
@@ -45,142 +45,69 @@ spatial block holds M <= 64 at D <= 32 in 16-bit, see `block_m_for`; larger M lo
 blocks, and the backward then keeps its spatial partials in global memory); any strides
 (nothing is copied). Where the fused backward would spill (fp32 at D > 64; 16-bit at
 D = 256 with M > 16: `backward_supported`), the backward splits the head dim across
-programs instead (`bilateral_attention_triton_wide`, which recomputes S and dP once per
+programs instead (wide.py, which recomputes S and dP once per
 column chunk); memory stays O(B*H*(M+N)*D) plus the split workspace. No host
 synchronisation: the split count comes from the cached SM count and the shapes, so launches
 are CUDA-graph capturable. Tile sizes, warps and which buckets run fused are in
-bilateral_attention_triton_configs.py.
+configs.py; the helpers shared with wide.py are in common.py.
 """
 from __future__ import annotations
-
-import contextlib
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from .bilateral_attention_triton_configs import (  # noqa: F401  (names the static check and tests read here)
-    CHUNK_ALIGN,
+from .common import (
+    device_guard,
+    diagonal,
+    dot,
+    dot_precision,
+    exp_shifted,
+    head_base,
+    key_keep,
+    load_lse,
+    load_rows,
+    lse_value,
+    mask_args,
+    online_max,
+    probs,
+    reduce_splits,
+    round_to,
+    sm_count,
+    split_plan,
+)
+from .configs import (
+    fixed_config,
+    BWD_CONFIGS,
     DELTA_BLOCK_M,
     FWD_CONFIGS,
-    BWD_CONFIGS,
     INTERPRET,
-    INTERPRETER_SM_COUNT,
-    MIN_SPLIT_TOKENS,
-    _autotune,
+    autotune,
     backward_supported,
     block_d_for,
     block_m_for,
-    configs_for,
     fuse_directions,
 )
-
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-_LOG2E = tl.constexpr(LOG2E)
-_LN2 = tl.constexpr(LN2)
+from .wide import wide_head_bwd
 
 # ----------------------------------------------------------------------------------------
-# Shared jit helpers
+# jit helpers of the fused kernels (the ones wide.py shares are in common.py)
 # ----------------------------------------------------------------------------------------
-# In the interpreter (only), dots run in float64 and round once to float32. numpy's matmul,
-# the interpreter's dot, sums in an order that depends on the tile shape, so the same logit
-# could differ by an ulp between the forward and backward tiles; a GPU dot computes every
-# element alike (one FMA chain over K, or the same MMA steps), which the backward relies on
-# to recompute P and delta exactly. Widening also sidesteps Triton 3.8's interpreter
-# multiplying bfloat16 operands as their raw bits (float64 holds every 16-bit value exactly).
-_INTERPRETER_DOTS = tl.constexpr(INTERPRET)
-
-
-@triton.jit
-def _dot(a, b, DOT_PRECISION: tl.constexpr):
-    if _INTERPRETER_DOTS:
-        return tl.dot(a.to(tl.float64), b.to(tl.float64), out_dtype=tl.float64).to(tl.float32)
-    return tl.dot(a, b, input_precision=DOT_PRECISION)
-
-
-@triton.jit
-def _round_to(x, dtype: tl.constexpr):
-    """fp32 -> `dtype`, rounding to nearest even as a GPU conversion does. Triton 3.8's
-    interpreter truncates fp32 -> bfloat16, so there (only) bfloat16 is rounded by hand on the
-    bits; NaN keeps the truncated bits (still NaN)."""
-    if _INTERPRETER_DOTS:
-        if dtype == tl.bfloat16:
-            bits = x.to(tl.uint32, bitcast=True)
-            rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-            bits = tl.where(x != x, bits >> 16, rounded)
-            return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    return x.to(dtype)
-
-
-@triton.jit
-def _head_base(ptr, b, h, stride_b, stride_h):
-    return ptr + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
-
-
-@triton.jit
-def _load_rows(ptr, rows, cols, stride_row, stride_col, row_ok, col_ok):
-    """Load a [len(rows), len(cols)] tile, zeros outside the masks; int64 offsets."""
-    offsets = rows.to(tl.int64)[:, None] * stride_row + cols.to(tl.int64)[None, :] * stride_col
-    return tl.load(ptr + offsets, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-
-
-@triton.jit
-def _key_keep(MASK, b, keys, keys_ok, stride_mask_b, stride_mask_l, HAS_MASK: tl.constexpr):
-    """Which keys take part: in range and, with a mask, marked True."""
-    keep = keys_ok
-    if HAS_MASK:
-        flags = tl.load(MASK + b.to(tl.int64) * stride_mask_b + keys.to(tl.int64) * stride_mask_l, mask=keys_ok, other=0)
-        keep = keep & (flags != 0)
-    return keep
-
-
 @triton.jit
 def _scores(q, k, keep, sm_scale, DOT_PRECISION: tl.constexpr):
     """Logits scale * q k^T of queries q [R, D] over keys k [C, D]; -inf for dropped keys."""
-    s = _dot(q, tl.trans(k), DOT_PRECISION) * sm_scale
+    s = dot(q, tl.trans(k), DOT_PRECISION) * sm_scale
     return tl.where(keep[None, :], s, float("-inf"))
 
 
 @triton.jit
 def _online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
     """Fold one block of logits s [R, C] and values v [C, D] into (max, sum, acc)."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    # A row with no kept key so far has max -inf; shifting by 0 keeps exp2(-inf) = 0, no NaN.
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.math.exp2((m_i - m_safe) * _LOG2E)
-    p = tl.math.exp2((s - m_safe[:, None]) * _LOG2E)
+    m_new, shift, alpha = online_max(m_i, tl.max(s, 1))
+    p = exp_shifted(s, shift[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + _dot(_round_to(p, v.dtype), v, DOT_PRECISION)
+    acc = acc * alpha[:, None] + dot(round_to(p, v.dtype), v, DOT_PRECISION)
     return m_new, l_i, acc
-
-
-@triton.jit
-def _lse_value(m, l):
-    """float64 LSE of a softmax state (fp32 max m, sum l); -inf for a row with no kept key.
-    The LSE is kept in float64 because an fp32 LSE is off by up to half an ulp, 5e-4 at
-    |logits| ~ 1e4, and P = exp(s - lse) would carry that as a relative error."""
-    lse = m.to(tl.float64) + (tl.math.log2(l) * _LN2).to(tl.float64)
-    return tl.where(l > 0.0, lse, float("-inf"))
-
-
-@triton.jit
-def _load_lse(LSE, rows, rows_ok):
-    """Saved float64 LSE as fp32 (hi, lo), hi the nearest fp32 and lo the rest; (+inf, 0) for
-    empty rows and padding so that `_probs` gives exactly 0 there."""
-    lse = tl.load(LSE + rows.to(tl.int64), mask=rows_ok, other=float("-inf"))
-    empty = lse == float("-inf")
-    hi = lse.to(tl.float32)
-    lo = (lse - hi.to(tl.float64)).to(tl.float32)
-    return tl.where(empty, float("inf"), hi), tl.where(empty, 0.0, lo)
-
-
-@triton.jit
-def _probs(s, lse_hi, lse_lo):
-    """P = exp(s - lse) from the split LSE: s - hi is exact near the row max (a one-hot row
-    gives exactly 1), then lo, then the conversion to base 2."""
-    return tl.math.exp2(((s - lse_hi[:, None]) - lse_lo[:, None]) * _LOG2E)
 
 
 @triton.jit
@@ -189,9 +116,7 @@ def _delta_like_dp(do, o, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr):
     dP = dO v^T (same operands' dtype, same reduction order per element), not from a separate
     sum: where a softmax is one-hot (|logits| ~ 1e4), O equals the winning v row bitwise, so
     dP - delta is exactly 0 there, as in the reference's softmax backward."""
-    full = _dot(do, tl.trans(o), DOT_PRECISION)
-    rows = tl.arange(0, BLOCK_R)
-    return tl.sum(tl.where(rows[:, None] == rows[None, :], full, 0.0), 1)
+    return diagonal(dot(do, tl.trans(o), DOT_PRECISION), BLOCK_R)
 
 
 @triton.jit
@@ -205,16 +130,16 @@ def _attn_bwd_block(q, do, lse_hi, lse_lo, delta, k, v, keep, sm_scale, DOT_PREC
     (the roundings of the split LSE and of exp2) into a relative error of dS."""
     # -- recompute the probabilities from the saved LSE --
     s = _scores(q, k, keep, sm_scale, DOT_PRECISION)
-    p = _probs(s, lse_hi, lse_lo)
+    p = probs(s, lse_hi, lse_lo)
     # -- dS = P * (dP - delta) --
-    dp = _dot(do, tl.trans(v), DOT_PRECISION)
+    dp = dot(do, tl.trans(v), DOT_PRECISION)
     if DELTA_FROM_P:
         p_sum = tl.sum(p, 1)
         delta = tl.sum(p * dp, 1) / tl.where(p_sum > 0.0, p_sum, 1.0)
     ds = p * (dp - delta[:, None]) * sm_scale
-    dq = _dot(_round_to(ds, k.dtype), k, DOT_PRECISION)
-    dk = _dot(_round_to(tl.trans(ds), q.dtype), q, DOT_PRECISION)
-    dv = _dot(_round_to(tl.trans(p), do.dtype), do, DOT_PRECISION)
+    dq = dot(round_to(ds, k.dtype), k, DOT_PRECISION)
+    dk = dot(round_to(tl.trans(ds), q.dtype), q, DOT_PRECISION)
+    dv = dot(round_to(tl.trans(p), do.dtype), do, DOT_PRECISION)
     return dq, dk, dv
 
 
@@ -254,12 +179,12 @@ def _bilateral_fwd_kernel(
     m_programs = tl.num_programs(2)
     b = pid_bh // H
     h = pid_bh % H
-    q_s_ptr = _head_base(Q_S, b, h, stride_qs_b, stride_qs_h)
-    k_s_ptr = _head_base(K_S, b, h, stride_ks_b, stride_ks_h)
-    v_s_ptr = _head_base(V_S, b, h, stride_vs_b, stride_vs_h)
-    q_x_ptr = _head_base(Q_X, b, h, stride_qx_b, stride_qx_h)
-    k_x_ptr = _head_base(K_X, b, h, stride_kx_b, stride_kx_h)
-    v_x_ptr = _head_base(V_X, b, h, stride_vx_b, stride_vx_h)
+    q_s_ptr = head_base(Q_S, b, h, stride_qs_b, stride_qs_h)
+    k_s_ptr = head_base(K_S, b, h, stride_ks_b, stride_ks_h)
+    v_s_ptr = head_base(V_S, b, h, stride_vs_b, stride_vs_h)
+    q_x_ptr = head_base(Q_X, b, h, stride_qx_b, stride_qx_h)
+    k_x_ptr = head_base(K_X, b, h, stride_kx_b, stride_kx_h)
+    v_x_ptr = head_base(V_X, b, h, stride_vx_b, stride_vx_h)
     row_base = pid_bh.to(tl.int64) * N  # row offset of this head in O_X / LSE_X
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
@@ -270,7 +195,7 @@ def _bilateral_fwd_kernel(
     if DIR_S:
         offs_qm = pid_m * BLOCK_M + offs_blk
         qm_ok = offs_qm < M
-        q_s = _load_rows(q_s_ptr, offs_qm, offs_d, stride_qs_m, stride_qs_d, qm_ok, d_ok)
+        q_s = load_rows(q_s_ptr, offs_qm, offs_d, stride_qs_m, stride_qs_d, qm_ok, d_ok)
         m_s = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_s = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc_s = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -281,7 +206,7 @@ def _bilateral_fwd_kernel(
         if DIR_X:
             if (n0 // BLOCK_N) % m_programs == pid_m:
                 # -- direction x: this tile of image queries over all spatial keys --
-                q_x = _load_rows(q_x_ptr, offs_n, offs_d, stride_qx_n, stride_qx_d, n_ok, d_ok)
+                q_x = load_rows(q_x_ptr, offs_n, offs_d, stride_qx_n, stride_qx_d, n_ok, d_ok)
                 m_x = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
                 l_x = tl.zeros([BLOCK_N], dtype=tl.float32)
                 acc_x = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -291,24 +216,24 @@ def _bilateral_fwd_kernel(
                 for m0 in range(0, M, BLOCK_M):
                     offs_km = m0 + offs_blk
                     km_ok = offs_km < M
-                    km_keep = _key_keep(SPATIAL_MASK, b, offs_km, km_ok, stride_sm_b, stride_sm_m, HAS_SPATIAL_MASK)
-                    k_blk = _load_rows(k_s_ptr, offs_km, offs_d, stride_ks_m, stride_ks_d, km_ok, d_ok)
-                    v_blk = _load_rows(v_s_ptr, offs_km, offs_d, stride_vs_m, stride_vs_d, km_ok, d_ok)
+                    km_keep = key_keep(SPATIAL_MASK, b, offs_km, km_ok, stride_sm_b, stride_sm_m, HAS_SPATIAL_MASK)
+                    k_blk = load_rows(k_s_ptr, offs_km, offs_d, stride_ks_m, stride_ks_d, km_ok, d_ok)
+                    v_blk = load_rows(v_s_ptr, offs_km, offs_d, stride_vs_m, stride_vs_d, km_ok, d_ok)
                     s_x = _scores(q_x, k_blk, km_keep, sm_scale, DOT_PRECISION)
                     m_x, l_x, acc_x = _online_softmax_step(s_x, v_blk, m_x, l_x, acc_x, DOT_PRECISION)
                 # -- normalise and write o_x, lse_x (rows with no kept key: 0 and -inf) --
                 has_key = l_x > 0.0
                 o_x = acc_x / tl.where(has_key, l_x, 1.0)[:, None]
-                lse_x = _lse_value(m_x, l_x)
+                lse_x = lse_value(m_x, l_x)
                 rows = row_base + offs_n
                 o_ptrs = O_X + rows[:, None] * D + offs_d[None, :]
-                tl.store(o_ptrs, _round_to(o_x, O_X.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
+                tl.store(o_ptrs, round_to(o_x, O_X.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
                 tl.store(LSE_X + rows, lse_x, mask=n_ok)
         if DIR_S:
             # -- direction s: spatial queries over this tile of image keys, online softmax --
-            keep_n = _key_keep(IMAGE_MASK, b, offs_n, n_ok, stride_im_b, stride_im_n, HAS_IMAGE_MASK)
-            k_x = _load_rows(k_x_ptr, offs_n, offs_d, stride_kx_n, stride_kx_d, n_ok, d_ok)
-            v_x = _load_rows(v_x_ptr, offs_n, offs_d, stride_vx_n, stride_vx_d, n_ok, d_ok)
+            keep_n = key_keep(IMAGE_MASK, b, offs_n, n_ok, stride_im_b, stride_im_n, HAS_IMAGE_MASK)
+            k_x = load_rows(k_x_ptr, offs_n, offs_d, stride_kx_n, stride_kx_d, n_ok, d_ok)
+            v_x = load_rows(v_x_ptr, offs_n, offs_d, stride_vx_n, stride_vx_d, n_ok, d_ok)
             s_s = _scores(q_s, k_x, keep_n, sm_scale, DOT_PRECISION)
             m_s, l_s, acc_s = _online_softmax_step(s_s, v_x, m_s, l_s, acc_s, DOT_PRECISION)
 
@@ -345,18 +270,15 @@ def _bilateral_combine_kernel(
         m_k = tl.load(PART_MAX + rows, mask=m_ok, other=float("-inf"))
         l_k = tl.load(PART_SUM + rows, mask=m_ok, other=0.0)
         acc_k = tl.load(PART_ACC + rows[:, None] * D + offs_d[None, :], mask=tile_ok, other=0.0)
-        m_new = tl.maximum(m_run, m_k)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2((m_run - m_safe) * _LOG2E)
-        beta = tl.math.exp2((m_k - m_safe) * _LOG2E)
+        m_run, shift, alpha = online_max(m_run, m_k)
+        beta = exp_shifted(m_k, shift)
         l_run = l_run * alpha + l_k * beta
         acc = acc * alpha[:, None] + acc_k * beta[:, None]
-        m_run = m_new
     has_key = l_run > 0.0
     o = acc / tl.where(has_key, l_run, 1.0)[:, None]
-    lse = _lse_value(m_run, l_run)
+    lse = lse_value(m_run, l_run)
     out_rows = pid_bh.to(tl.int64) * M + offs_m
-    tl.store(O_S + out_rows[:, None] * D + offs_d[None, :], _round_to(o, O_S.dtype.element_ty), mask=tile_ok)
+    tl.store(O_S + out_rows[:, None] * D + offs_d[None, :], round_to(o, O_S.dtype.element_ty), mask=tile_ok)
     tl.store(LSE_S + out_rows, lse, mask=m_ok)
 
 
@@ -381,9 +303,9 @@ def _spatial_delta_kernel(
     rows_ok = rows < M
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    do = _load_rows(_head_base(DO_S, b, h, stride_dos_b, stride_dos_h), rows, offs_d, stride_dos_m, stride_dos_d,
+    do = load_rows(head_base(DO_S, b, h, stride_dos_b, stride_dos_h), rows, offs_d, stride_dos_m, stride_dos_d,
                     rows_ok, d_ok)
-    o = _load_rows(_head_base(O_S, b, h, stride_os_b, stride_os_h), rows, offs_d, stride_os_m, stride_os_d,
+    o = load_rows(head_base(O_S, b, h, stride_os_b, stride_os_h), rows, offs_d, stride_os_m, stride_os_d,
                    rows_ok, d_ok)
     delta = _delta_like_dp(do, o, BLOCK_M, DOT_PRECISION)
     tl.store(DELTA_S + (pid_bh.to(tl.int64) * M + rows), delta, mask=rows_ok)
@@ -424,15 +346,15 @@ def _bilateral_bwd_kernel(
     split = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    q_s_ptr = _head_base(Q_S, b, h, stride_qs_b, stride_qs_h)
-    k_s_ptr = _head_base(K_S, b, h, stride_ks_b, stride_ks_h)
-    v_s_ptr = _head_base(V_S, b, h, stride_vs_b, stride_vs_h)
-    do_s_ptr = _head_base(DO_S, b, h, stride_dos_b, stride_dos_h)
-    q_x_ptr = _head_base(Q_X, b, h, stride_qx_b, stride_qx_h)
-    k_x_ptr = _head_base(K_X, b, h, stride_kx_b, stride_kx_h)
-    v_x_ptr = _head_base(V_X, b, h, stride_vx_b, stride_vx_h)
-    o_x_ptr = _head_base(O_X, b, h, stride_ox_b, stride_ox_h)
-    do_x_ptr = _head_base(DO_X, b, h, stride_dox_b, stride_dox_h)
+    q_s_ptr = head_base(Q_S, b, h, stride_qs_b, stride_qs_h)
+    k_s_ptr = head_base(K_S, b, h, stride_ks_b, stride_ks_h)
+    v_s_ptr = head_base(V_S, b, h, stride_vs_b, stride_vs_h)
+    do_s_ptr = head_base(DO_S, b, h, stride_dos_b, stride_dos_h)
+    q_x_ptr = head_base(Q_X, b, h, stride_qx_b, stride_qx_h)
+    k_x_ptr = head_base(K_X, b, h, stride_kx_b, stride_kx_h)
+    v_x_ptr = head_base(V_X, b, h, stride_vx_b, stride_vx_h)
+    o_x_ptr = head_base(O_X, b, h, stride_ox_b, stride_ox_h)
+    do_x_ptr = head_base(DO_X, b, h, stride_dox_b, stride_dox_h)
     lse_s_ptr = LSE_S + pid_bh.to(tl.int64) * M
     lse_x_ptr = LSE_X + pid_bh.to(tl.int64) * N
     part_base = (pid_bh.to(tl.int64) * SPLITS + split) * M * D
@@ -446,15 +368,15 @@ def _bilateral_bwd_kernel(
         # -- the whole spatial side stays in registers for the chunk --
         m_ok = offs_blk < M
         if DIR_S:
-            q_s = _load_rows(q_s_ptr, offs_blk, offs_d, stride_qs_m, stride_qs_d, m_ok, d_ok)
-            do_s = _load_rows(do_s_ptr, offs_blk, offs_d, stride_dos_m, stride_dos_d, m_ok, d_ok)
+            q_s = load_rows(q_s_ptr, offs_blk, offs_d, stride_qs_m, stride_qs_d, m_ok, d_ok)
+            do_s = load_rows(do_s_ptr, offs_blk, offs_d, stride_dos_m, stride_dos_d, m_ok, d_ok)
             delta_s = tl.load(DELTA_S + (pid_bh.to(tl.int64) * M + offs_blk), mask=m_ok, other=0.0)
-            lse_hi_s, lse_lo_s = _load_lse(lse_s_ptr, offs_blk, m_ok)
+            lse_hi_s, lse_lo_s = load_lse(lse_s_ptr, offs_blk, m_ok)
             dq_s_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         if DIR_X:
-            ks_keep = _key_keep(SPATIAL_MASK, b, offs_blk, m_ok, stride_sm_b, stride_sm_m, HAS_SPATIAL_MASK)
-            k_s = _load_rows(k_s_ptr, offs_blk, offs_d, stride_ks_m, stride_ks_d, m_ok, d_ok)
-            v_s = _load_rows(v_s_ptr, offs_blk, offs_d, stride_vs_m, stride_vs_d, m_ok, d_ok)
+            ks_keep = key_keep(SPATIAL_MASK, b, offs_blk, m_ok, stride_sm_b, stride_sm_m, HAS_SPATIAL_MASK)
+            k_s = load_rows(k_s_ptr, offs_blk, offs_d, stride_ks_m, stride_ks_d, m_ok, d_ok)
+            v_s = load_rows(v_s_ptr, offs_blk, offs_d, stride_vs_m, stride_vs_d, m_ok, d_ok)
             dk_s_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
             dv_s_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
@@ -465,19 +387,19 @@ def _bilateral_bwd_kernel(
         out_offsets = (pid_bh.to(tl.int64) * N + offs_n)[:, None] * D + offs_d[None, :]
         # -- image-side tile --
         if DIR_X:
-            q_x = _load_rows(q_x_ptr, offs_n, offs_d, stride_qx_n, stride_qx_d, n_ok, d_ok)
-            do_x = _load_rows(do_x_ptr, offs_n, offs_d, stride_dox_n, stride_dox_d, n_ok, d_ok)
+            q_x = load_rows(q_x_ptr, offs_n, offs_d, stride_qx_n, stride_qx_d, n_ok, d_ok)
+            do_x = load_rows(do_x_ptr, offs_n, offs_d, stride_dox_n, stride_dox_d, n_ok, d_ok)
             if M_ONE_BLOCK:
                 delta_x = tl.zeros([BLOCK_N], dtype=tl.float32)  # formed from P and dP per block
             else:
-                o_x = _load_rows(o_x_ptr, offs_n, offs_d, stride_ox_n, stride_ox_d, n_ok, d_ok)
+                o_x = load_rows(o_x_ptr, offs_n, offs_d, stride_ox_n, stride_ox_d, n_ok, d_ok)
                 delta_x = _delta_like_dp(do_x, o_x, BLOCK_N, DOT_PRECISION)
-            lse_hi_x, lse_lo_x = _load_lse(lse_x_ptr, offs_n, n_ok)
+            lse_hi_x, lse_lo_x = load_lse(lse_x_ptr, offs_n, n_ok)
             dq_x = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         if DIR_S:
-            keep_n = _key_keep(IMAGE_MASK, b, offs_n, n_ok, stride_im_b, stride_im_n, HAS_IMAGE_MASK)
-            k_x = _load_rows(k_x_ptr, offs_n, offs_d, stride_kx_n, stride_kx_d, n_ok, d_ok)
-            v_x = _load_rows(v_x_ptr, offs_n, offs_d, stride_vx_n, stride_vx_d, n_ok, d_ok)
+            keep_n = key_keep(IMAGE_MASK, b, offs_n, n_ok, stride_im_b, stride_im_n, HAS_IMAGE_MASK)
+            k_x = load_rows(k_x_ptr, offs_n, offs_d, stride_kx_n, stride_kx_d, n_ok, d_ok)
+            v_x = load_rows(v_x_ptr, offs_n, offs_d, stride_vx_n, stride_vx_d, n_ok, d_ok)
             dk_x = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
             dv_x = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -507,10 +429,10 @@ def _bilateral_bwd_kernel(
                 part_offsets = part_base + offs_m.to(tl.int64)[:, None] * D + offs_d[None, :]
                 part_ok = m_ok[:, None] & d_ok[None, :]
                 if DIR_S:
-                    q_s = _load_rows(q_s_ptr, offs_m, offs_d, stride_qs_m, stride_qs_d, m_ok, d_ok)
-                    do_s = _load_rows(do_s_ptr, offs_m, offs_d, stride_dos_m, stride_dos_d, m_ok, d_ok)
+                    q_s = load_rows(q_s_ptr, offs_m, offs_d, stride_qs_m, stride_qs_d, m_ok, d_ok)
+                    do_s = load_rows(do_s_ptr, offs_m, offs_d, stride_dos_m, stride_dos_d, m_ok, d_ok)
                     delta_s = tl.load(DELTA_S + (pid_bh.to(tl.int64) * M + offs_m), mask=m_ok, other=0.0)
-                    lse_hi_s, lse_lo_s = _load_lse(lse_s_ptr, offs_m, m_ok)
+                    lse_hi_s, lse_lo_s = load_lse(lse_s_ptr, offs_m, m_ok)
                     dq_c, dk_c, dv_c = _attn_bwd_block(
                         q_s, do_s, lse_hi_s, lse_lo_s, delta_s, k_x, v_x, keep_n, sm_scale, DOT_PRECISION
                     )
@@ -519,9 +441,9 @@ def _bilateral_bwd_kernel(
                     old = tl.load(PART_DQ_S + part_offsets, mask=part_ok & not_first, other=0.0)
                     tl.store(PART_DQ_S + part_offsets, old + dq_c, mask=part_ok)
                 if DIR_X:
-                    km_keep = _key_keep(SPATIAL_MASK, b, offs_m, m_ok, stride_sm_b, stride_sm_m, HAS_SPATIAL_MASK)
-                    k_blk = _load_rows(k_s_ptr, offs_m, offs_d, stride_ks_m, stride_ks_d, m_ok, d_ok)
-                    v_blk = _load_rows(v_s_ptr, offs_m, offs_d, stride_vs_m, stride_vs_d, m_ok, d_ok)
+                    km_keep = key_keep(SPATIAL_MASK, b, offs_m, m_ok, stride_sm_b, stride_sm_m, HAS_SPATIAL_MASK)
+                    k_blk = load_rows(k_s_ptr, offs_m, offs_d, stride_ks_m, stride_ks_d, m_ok, d_ok)
+                    v_blk = load_rows(v_s_ptr, offs_m, offs_d, stride_vs_m, stride_vs_d, m_ok, d_ok)
                     dq_c, dk_c, dv_c = _attn_bwd_block(
                         q_x, do_x, lse_hi_x, lse_lo_x, delta_x, k_blk, v_blk, km_keep, sm_scale, DOT_PRECISION
                     )
@@ -533,10 +455,10 @@ def _bilateral_bwd_kernel(
 
         # -- image-side gradients are complete for this tile --
         if DIR_X:
-            tl.store(DQ_X + out_offsets, _round_to(dq_x, DQ_X.dtype.element_ty), mask=tile_ok)
+            tl.store(DQ_X + out_offsets, round_to(dq_x, DQ_X.dtype.element_ty), mask=tile_ok)
         if DIR_S:
-            tl.store(DK_X + out_offsets, _round_to(dk_x, DK_X.dtype.element_ty), mask=tile_ok)
-            tl.store(DV_X + out_offsets, _round_to(dv_x, DV_X.dtype.element_ty), mask=tile_ok)
+            tl.store(DK_X + out_offsets, round_to(dk_x, DK_X.dtype.element_ty), mask=tile_ok)
+            tl.store(DV_X + out_offsets, round_to(dv_x, DV_X.dtype.element_ty), mask=tile_ok)
 
     if M_ONE_BLOCK:
         part_offsets = part_base + offs_blk.to(tl.int64)[:, None] * D + offs_d[None, :]
@@ -548,65 +470,19 @@ def _bilateral_bwd_kernel(
             tl.store(PART_DV_S + part_offsets, dv_s_acc, mask=part_ok)
 
 
-_bilateral_fwd = _autotune(_bilateral_fwd_kernel, FWD_CONFIGS, backward=False)
-_bilateral_bwd = _autotune(_bilateral_bwd_kernel, BWD_CONFIGS, backward=True)
+_bilateral_fwd = autotune(_bilateral_fwd_kernel, FWD_CONFIGS, backward=False)
+_bilateral_bwd = autotune(_bilateral_bwd_kernel, BWD_CONFIGS, backward=True)
 
 
 # ----------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (cached, no synchronisation)."""
-    if device.type != "cuda":
-        return INTERPRETER_SM_COUNT
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _sm_count(index)
-
-
-def split_plan(n_sm: int, programs_per_split: int, n_tokens: int) -> tuple[int, int]:
-    """(splits, chunk): split the image tokens so that about two programs per SM run.
-
-    programs_per_split is B * H (times the spatial blocks in the forward). A split holds at
-    least MIN_SPLIT_TOKENS tokens and a multiple of CHUNK_ALIGN, so large batches get one or
-    a few splits and B = 2, N = 67,200 gets tens.
-    """
-    wanted = triton.cdiv(2 * n_sm, max(1, programs_per_split))
-    splits = max(1, min(wanted, triton.cdiv(n_tokens, MIN_SPLIT_TOKENS)))
-    chunk = triton.cdiv(triton.cdiv(n_tokens, splits), CHUNK_ALIGN) * CHUNK_ALIGN
-    return triton.cdiv(n_tokens, chunk), chunk
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def fixed_config(block_m, block_d, elem_bytes, backward, both, dir_s=True) -> triton.Config:
-    """The one config the interpreter runs for a bucket: the smallest tile the tuner may pick."""
-    return configs_for(block_m, block_d, elem_bytes, backward, both, dir_s)[-1]
-
-
 def _fixed_meta(block_m, block_d, elem_bytes, backward, both, dir_s) -> dict:
     """Launch options in the interpreter (no autotuning there); nothing on a GPU."""
     if not INTERPRET:
         return {}
     config = fixed_config(block_m, block_d, elem_bytes, backward, both, dir_s)
     return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
-
-
-def _device_guard(device: torch.device):
-    """Launch on the inputs' GPU even when another one is current."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def _mask_args(mask, like):
-    if mask is None:
-        return like, 0, 0
-    return mask, mask.stride(0), mask.stride(1)
 
 
 def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_mask=None, do_s=True, do_x=True):
@@ -633,9 +509,9 @@ def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_
     part_max = torch.empty((B * H, splits, M), device=device, dtype=f32) if do_s else None
     part_sum = torch.empty((B * H, splits, M), device=device, dtype=f32) if do_s else None
     dummy = q_x  # stands in for pointers a disabled branch never touches
-    image_mask, stride_im_b, stride_im_n = _mask_args(image_mask, dummy)
-    spatial_mask, stride_sm_b, stride_sm_m = _mask_args(spatial_mask, dummy)
-    with _device_guard(device):
+    image_mask, stride_im_b, stride_im_n = mask_args(image_mask, dummy)
+    spatial_mask, stride_sm_b, stride_sm_m = mask_args(spatial_mask, dummy)
+    with device_guard(device):
         _bilateral_fwd[(B * H, splits, m_programs)](
             q_s, k_s, v_s, q_x, k_x, v_x, image_mask, spatial_mask,
             o_x if do_x else dummy, lse_x if do_x else dummy,
@@ -645,7 +521,7 @@ def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_
             H, M, N, D, chunk, splits, scale,
             BLOCK_M=block_m, BLOCK_D=block_d, DIR_S=do_s, DIR_X=do_x,
             HAS_IMAGE_MASK=image_mask is not dummy, HAS_SPATIAL_MASK=spatial_mask is not dummy,
-            DOT_PRECISION=_dot_precision(dtype),
+            DOT_PRECISION=dot_precision(dtype),
             **_fixed_meta(block_m, block_d, q_x.element_size(), False, do_s and do_x, do_s),
         )
     o_s = lse_s = None
@@ -653,7 +529,7 @@ def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_
         o_s = torch.empty((B, H, M, D), device=device, dtype=dtype)
         lse_s = torch.empty((B, H, M), device=device, dtype=torch.float64)
         combine_m = 16 if block_d >= 128 else 32
-        with _device_guard(device):
+        with device_guard(device):
             _bilateral_combine_kernel[(B * H, triton.cdiv(M, combine_m))](
                 part_acc, part_max, part_sum, o_s, lse_s, M, D, splits, BLOCK_M=combine_m, BLOCK_D=block_d
             )
@@ -674,9 +550,7 @@ def attention_bwd(
     block_d = block_d_for(D)
     elem = q_x.element_size()
     if not backward_supported(block_d, elem, M):
-        # Wide heads: the head dim is split across programs (bilateral_attention_triton_wide).
-        from .bilateral_attention_triton_wide import wide_head_bwd
-
+        # Wide heads: the head dim is split across programs (wide.py).
         dq_s = dk_s = dv_s = dq_x = dk_x = dv_x = None
         if do_s_dir:
             dq_s, dk_x, dv_x = wide_head_bwd(do_s, q_s, k_x, v_x, o_s, scale, image_mask, True)
@@ -701,8 +575,8 @@ def attention_bwd(
     dq_x, dk_x, dv_x = image_grad(do_x_dir), image_grad(do_s_dir), image_grad(do_s_dir)
     part_dq_s, part_dk_s, part_dv_s = partial(do_s_dir), partial(do_x_dir), partial(do_x_dir)
     dummy = q_x
-    image_mask, stride_im_b, stride_im_n = _mask_args(image_mask, dummy)
-    spatial_mask, stride_sm_b, stride_sm_m = _mask_args(spatial_mask, dummy)
+    image_mask, stride_im_b, stride_im_n = mask_args(image_mask, dummy)
+    spatial_mask, stride_sm_b, stride_sm_m = mask_args(spatial_mask, dummy)
     zero4 = (0, 0, 0, 0)
 
     def strides(t):
@@ -714,12 +588,12 @@ def attention_bwd(
     delta_s = None
     if do_s_dir:
         delta_s = torch.empty((B * H, M), device=device, dtype=f32)
-        with _device_guard(device):
+        with device_guard(device):
             _spatial_delta_kernel[(B * H, triton.cdiv(M, DELTA_BLOCK_M))](
                 o_s, do_s, delta_s, *o_s.stride(), *do_s.stride(), H, M, D,
-                BLOCK_M=DELTA_BLOCK_M, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(dtype),
+                BLOCK_M=DELTA_BLOCK_M, BLOCK_D=block_d, DOT_PRECISION=dot_precision(dtype),
             )
-    with _device_guard(device):
+    with device_guard(device):
         _bilateral_bwd[(B * H, splits)](
             q_s, k_s, v_s, ptr(do_s), ptr(delta_s), q_x, k_x, v_x, ptr(o_x), ptr(do_x),
             ptr(lse_s), ptr(lse_x), image_mask, spatial_mask,
@@ -730,11 +604,10 @@ def attention_bwd(
             H, M, N, D, chunk, splits, scale,
             BLOCK_M=block_m, BLOCK_D=block_d, M_ONE_BLOCK=M <= block_m, DIR_S=do_s_dir, DIR_X=do_x_dir,
             HAS_IMAGE_MASK=image_mask is not dummy, HAS_SPATIAL_MASK=spatial_mask is not dummy,
-            DOT_PRECISION=_dot_precision(dtype), **_fixed_meta(block_m, block_d, elem, True, False, do_s_dir),
+            DOT_PRECISION=dot_precision(dtype), **_fixed_meta(block_m, block_d, elem, True, False, do_s_dir),
         )
 
     def reduce(part):
-        # Fixed-order reduction over the split axis: bitwise reproducible.
-        return part.sum(dim=1).view(B, H, M, D).to(dtype) if part is not None else None
+        return reduce_splits(part, (B, H, M, D), dtype) if part is not None else None
 
     return reduce(part_dq_s), reduce(part_dk_s), reduce(part_dv_s), dq_x, dk_x, dv_x

@@ -1,11 +1,11 @@
 """Static GPU check: compile the Triton kernels for sm_80 and sm_90 without a GPU.
 
-    python -m spatialformer_kernels.static_check [--all] [--arch 80 90] [--jobs N]
+    python -m spatialformer_kernels.backends.triton.static_check [--all] [--arch 80 90] [--jobs N]
 
 For every kernel variant the launchers can launch, at every config the autotuner may keep
 for it (the launcher's own tables: `block_m_for`, `fuse_directions`, `backward_supported`,
 `configs_for`; the interpreter's fixed test config is one of them, marked "(test)"; for
-the wide-head backward, `bilateral_attention_triton_wide`, its three kernels at the config
+the wide-head backward, wide.py, its three kernels at the config
 `wide_config` gives each bucket and direction it serves), Triton compiles the kernel to a
 cubin for each target; `cuobjdump --dump-resource-usage`
 (shipped in the triton wheel) reads registers and stack bytes (spills), and
@@ -39,8 +39,10 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from .ops import bilateral_attention_triton as bt  # noqa: E402
-from .ops import bilateral_attention_triton_wide as wide  # noqa: E402
+from . import configs  # noqa: E402
+from . import fused  # noqa: E402
+from . import wide  # noqa: E402
+from .common import dot_precision  # noqa: E402
 
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -135,7 +137,7 @@ def _wide_variants(pairs):
             continue
         for spatial in (True, False):  # direction s, direction x
             cfg = wide.wide_config(block_d, elem, spatial)
-            base = dict(BLOCK_DC=cfg.BLOCK_DC, DOT_PRECISION=bt._dot_precision(dtype))
+            base = dict(BLOCK_DC=cfg.BLOCK_DC, DOT_PRECISION=dot_precision(dtype))
             config = f"w{cfg.num_warps} s1"
             rows, keys = (cfg.BLOCK_M, cfg.BLOCK_N) if spatial else (cfg.BLOCK_N, cfg.BLOCK_M)
             yield ("_bilateral_wide_lse_kernel", wide._bilateral_wide_lse_kernel, dtype, block_d,
@@ -150,44 +152,44 @@ def _wide_variants(pairs):
 def _fused_variants(pairs):
     for dtype, block_d in pairs:
         elem = torch.tensor([], dtype=dtype).element_size()
-        base = dict(BLOCK_D=block_d, DOT_PRECISION=bt._dot_precision(dtype))
+        base = dict(BLOCK_D=block_d, DOT_PRECISION=dot_precision(dtype))
         # forward: bilateral (fused, or one direction per launch) and cross_attention's two
-        fwd_dirs = [(True, False), (False, True)] + ([(True, True)] if bt.fuse_directions(block_d, elem) else [])
-        kernels = [("_bilateral_fwd_kernel", bt._bilateral_fwd_kernel, False, d, {}) for d in fwd_dirs]
+        fwd_dirs = [(True, False), (False, True)] + ([(True, True)] if configs.fuse_directions(block_d, elem) else [])
+        kernels = [("_bilateral_fwd_kernel", fused._bilateral_fwd_kernel, False, d, {}) for d in fwd_dirs]
         # backward: one direction per launch, spatial side in registers or looped (where a
         # spill-free kernel exists; the launcher sends the other shapes to the wide-head backward)
-        one_block_m = bt.block_m_for(block_d, elem, backward=True)
+        one_block_m = configs.block_m_for(block_d, elem, backward=True)
         kernels += [
-            ("_bilateral_bwd_kernel", bt._bilateral_bwd_kernel, True, d, {"M_ONE_BLOCK": one})
+            ("_bilateral_bwd_kernel", fused._bilateral_bwd_kernel, True, d, {"M_ONE_BLOCK": one})
             for d in ((True, False), (False, True))
             for one in (True, False)
-            if bt.backward_supported(block_d, elem, one_block_m if one else one_block_m + 1)
+            if configs.backward_supported(block_d, elem, one_block_m if one else one_block_m + 1)
         ]
         for name, fn, backward, (dir_s, dir_x), extra in kernels:
             # the looped backward uses the smaller block it gets for a large M
-            block_m = bt.block_m_for(block_d, elem, backward, 0 if extra.get("M_ONE_BLOCK", True) else 1 << 20)
+            block_m = configs.block_m_for(block_d, elem, backward, 0 if extra.get("M_ONE_BLOCK", True) else 1 << 20)
             constexprs = dict(
                 base, BLOCK_M=block_m, DIR_S=dir_s, DIR_X=dir_x,
                 HAS_IMAGE_MASK=dir_s, HAS_SPATIAL_MASK=dir_x and not dir_s, **extra,
             )
-            tuned = bt.configs_for(block_m, block_d, elem, backward, dir_s and dir_x, dir_s)
-            fixed = bt.fixed_config(block_m, block_d, elem, backward, dir_s and dir_x, dir_s)
+            tuned = configs.configs_for(block_m, block_d, elem, backward, dir_s and dir_x, dir_s)
+            fixed = configs.fixed_config(block_m, block_d, elem, backward, dir_s and dir_x, dir_s)
             for c in tuned:  # the interpreter's fixed config is one of them
                 block_n = c.kwargs["BLOCK_N"]
                 config = f"N{block_n} w{c.num_warps} s{c.num_stages}" + (" (test)" if c is fixed or c.kwargs == fixed.kwargs and c.num_warps == fixed.num_warps else "")
                 yield name, fn, dtype, block_d, {**constexprs, "BLOCK_N": block_n}, config, c.num_warps, c.num_stages
-        if bt.backward_supported(block_d, elem):  # direction s's delta, launched before the fused backward
-            yield ("_spatial_delta_kernel", bt._spatial_delta_kernel, dtype, block_d,
-                   dict(base, BLOCK_M=bt.DELTA_BLOCK_M), "fixed", 4, 3)
+        if configs.backward_supported(block_d, elem):  # direction s's delta, launched before the fused backward
+            yield ("_spatial_delta_kernel", fused._spatial_delta_kernel, dtype, block_d,
+                   dict(base, BLOCK_M=configs.DELTA_BLOCK_M), "fixed", 4, 3)
         combine_m = 16 if block_d >= 128 else 32
-        yield ("_bilateral_combine_kernel", bt._bilateral_combine_kernel, dtype, block_d,
+        yield ("_bilateral_combine_kernel", fused._bilateral_combine_kernel, dtype, block_d,
                dict(BLOCK_M=combine_m, BLOCK_D=block_d), "fixed", 4, 1)
 
 
 def _compile_one(task):
     """Compile one kernel variant for one target; returns (regs, spill bytes, shared bytes)."""
     name, dtype, constexprs, warps, stages, arch = task
-    module = wide if name.startswith("_bilateral_wide_") else bt
+    module = wide if name.startswith("_bilateral_wide_") else fused
     compiled = triton.compile(
         _source(getattr(module, name), dtype, constexprs),
         target=GPUTarget("cuda", arch, 32),

@@ -1,11 +1,11 @@
 """Triton backward for wide heads: one direction of bilateral attention with the head dim split.
 
-Serves the buckets where `bilateral_attention_triton.backward_supported` is False (fp32 at
+Serves the buckets where `configs.backward_supported` is False (fp32 at
 BLOCK_D 128 and 256; 16-bit at BLOCK_D 256 with M above one spatial block): there every
 tile of the fused backward holds [*, BLOCK_D] operands and accumulators that spill. Here
 no [*, BLOCK_D]-wide tile is ever live.
 
-Shapes as in `bilateral_attention_triton`: spatial tokens [B, H, M, D], image tokens
+Shapes as in fused.py: spatial tokens [B, H, M, D], image tokens
 [B, H, N, D]. One launch per direction:
   - direction s: spatial queries q_s over image keys k_x, v_x (optional image mask [B, N]);
   - direction x: image queries q_x over spatial keys k_s, v_s (optional spatial mask [B, M];
@@ -16,7 +16,7 @@ BLOCK_DC-wide column chunks of the head dim (`_chunked_logits`; only [*, BLOCK_D
 tiles and the [rows, keys] logit tile are live):
   1. `_bilateral_wide_lse_kernel`: the softmax statistics (max, sum) of every query row
      from this S, per split of the keys, merged over the splits in a fixed order into a
-     float64 LSE (as the forward's; `_load_lse` splits it into fp32 hi + lo). The forward's
+     float64 LSE (as the forward's; `load_lse` splits it into fp32 hi + lo). The forward's
      LSE is not used: the forward forms S with one full-width dot, whose rounding differs
      from the chunked sum by ~ulp(|S|); at |logits| ~ 1e4 that makes P of a one-hot row
      1 +- 5e-4 instead of exactly 1 (dv off by as much; measured at D = 96). With its own
@@ -55,23 +55,25 @@ import torch
 import triton
 import triton.language as tl
 
-from .bilateral_attention_triton import (
-    LOG2E,
-    _device_guard,
-    _dot,
-    _dot_precision,
-    _head_base,
-    _key_keep,
-    _load_lse,
-    _load_rows,
-    _mask_args,
-    _probs,
-    _round_to,
-    backward_supported,
-    block_d_for,
+from .common import (
+    device_guard,
+    diagonal,
+    dot,
+    dot_precision,
+    exp_shifted,
+    head_base,
+    key_keep,
+    load_lse,
+    load_rows,
+    mask_args,
+    online_max,
+    probs,
+    reduce_splits,
+    round_to,
     sm_count,
     split_plan,
 )
+from .configs import backward_supported, block_d_for
 
 
 # ----------------------------------------------------------------------------------------
@@ -85,7 +87,7 @@ class WideConfig(NamedTuple):
 
 
 # One config per (element bytes, BLOCK_D, direction s?), compiled spill-free for sm_80 and
-# sm_90 by the static check (python -m spatialformer_kernels.static_check). Not autotuned:
+# sm_90 by the static check (python -m spatialformer_kernels.backends.triton.static_check). Not autotuned:
 # a direction's three passes must share the tile shapes and the chunk width, and the grid
 # depends on them. Measured alternatives that spill on sm_80 or sm_90: fp32 with BLOCK_DC 64
 # or BLOCK_M 32 and BLOCK_N 32; fp32 direction s on 8 warps (ptxas caps it at 128 registers)
@@ -116,9 +118,6 @@ def wide_config(block_d: int, elem_bytes: int, queries_are_spatial: bool) -> Wid
 # ----------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------
-_LOG2E = tl.constexpr(LOG2E)
-
-
 @triton.jit
 def _chunked_logits(
     q_ptr, k_ptr, v_ptr, do_ptr, rows_q, q_ok, rows_k, k_ok,
@@ -135,13 +134,13 @@ def _chunked_logits(
     for d0 in range(0, D, BLOCK_DC):
         cols = d0 + tl.arange(0, BLOCK_DC)
         cols_ok = cols < D
-        q = _load_rows(q_ptr, rows_q, cols, stride_q_l, stride_q_d, q_ok, cols_ok)
-        k = _load_rows(k_ptr, rows_k, cols, stride_k_l, stride_k_d, k_ok, cols_ok)
-        s += _dot(q, tl.trans(k), DOT_PRECISION)
+        q = load_rows(q_ptr, rows_q, cols, stride_q_l, stride_q_d, q_ok, cols_ok)
+        k = load_rows(k_ptr, rows_k, cols, stride_k_l, stride_k_d, k_ok, cols_ok)
+        s += dot(q, tl.trans(k), DOT_PRECISION)
         if WITH_DP:
-            do = _load_rows(do_ptr, rows_q, cols, stride_do_l, stride_do_d, q_ok, cols_ok)
-            v = _load_rows(v_ptr, rows_k, cols, stride_v_l, stride_v_d, k_ok, cols_ok)
-            dp += _dot(do, tl.trans(v), DOT_PRECISION)
+            do = load_rows(do_ptr, rows_q, cols, stride_do_l, stride_do_d, q_ok, cols_ok)
+            v = load_rows(v_ptr, rows_k, cols, stride_v_l, stride_v_d, k_ok, cols_ok)
+            dp += dot(do, tl.trans(v), DOT_PRECISION)
     return s, dp
 
 
@@ -149,7 +148,7 @@ def _chunked_logits(
 def _probs_and_dscores(s, dp, keep, lse_hi, lse_lo, delta, sm_scale):
     """P = exp(scale * S - lse) and dS = P * (dP - delta) * scale, [R, C] fp32."""
     s = tl.where(keep[None, :], s * sm_scale, float("-inf"))
-    p = _probs(s, lse_hi, lse_lo)
+    p = probs(s, lse_hi, lse_lo)
     ds = p * (dp - delta[:, None]) * sm_scale
     return p, ds
 
@@ -175,8 +174,8 @@ def _bilateral_wide_lse_kernel(
     split = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    q_ptr = _head_base(Q, b, h, stride_q_b, stride_q_h)
-    k_ptr = _head_base(K, b, h, stride_k_b, stride_k_h)
+    q_ptr = head_base(Q, b, h, stride_q_b, stride_q_h)
+    k_ptr = head_base(K, b, h, stride_k_b, stride_k_h)
     rows = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
     rows_ok = rows < LQ
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
@@ -185,17 +184,15 @@ def _bilateral_wide_lse_kernel(
     k_end = tl.minimum(k_start + CHUNK, LK)
     for k0 in range(k_start, k_end, BLOCK_C):
         keys = k0 + tl.arange(0, BLOCK_C)
-        keep = _key_keep(KEY_MASK, b, keys, keys < k_end, stride_mask_b, stride_mask_l, HAS_MASK)
+        keep = key_keep(KEY_MASK, b, keys, keys < k_end, stride_mask_b, stride_mask_l, HAS_MASK)
         s, _ = _chunked_logits(
             q_ptr, k_ptr, k_ptr, q_ptr, rows, rows_ok, keys, keep,
             stride_q_l, stride_q_d, stride_k_l, stride_k_d, stride_k_l, stride_k_d, stride_q_l, stride_q_d,
             D, BLOCK_R, BLOCK_C, BLOCK_DC, DOT_PRECISION, WITH_DP=False,
         )
         s = tl.where(keep[None, :], s * sm_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no kept key yet: exp2(-inf) = 0
-        l_i = l_i * tl.math.exp2((m_i - m_safe) * _LOG2E) + tl.sum(tl.math.exp2((s - m_safe[:, None]) * _LOG2E), 1)
-        m_i = m_new
+        m_i, shift, alpha = online_max(m_i, tl.max(s, 1))
+        l_i = l_i * alpha + tl.sum(exp_shifted(s, shift[:, None]), 1)
     out = (pid_bh.to(tl.int64) * SPLITS + split) * LQ + rows
     tl.store(PART_MAX + out, m_i, mask=rows_ok)
     tl.store(PART_SUM + out, l_i, mask=rows_ok)
@@ -215,8 +212,8 @@ def _bilateral_wide_delta_kernel(
     pid_bh = tl.program_id(0)
     b = pid_bh // H
     h = pid_bh % H
-    o_ptr = _head_base(O, b, h, stride_o_b, stride_o_h)
-    do_ptr = _head_base(DO, b, h, stride_do_b, stride_do_h)
+    o_ptr = head_base(O, b, h, stride_o_b, stride_o_h)
+    do_ptr = head_base(DO, b, h, stride_do_b, stride_do_h)
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     rows_ok = rows < LQ
     dp, _ = _chunked_logits(
@@ -224,9 +221,8 @@ def _bilateral_wide_delta_kernel(
         stride_do_l, stride_do_d, stride_o_l, stride_o_d, stride_o_l, stride_o_d, stride_do_l, stride_do_d,
         D, BLOCK_R, BLOCK_R, BLOCK_DC, DOT_PRECISION, WITH_DP=False,
     )
-    local = tl.arange(0, BLOCK_R)
-    delta = tl.sum(tl.where(local[:, None] == local[None, :], dp, 0.0), 1)  # exact: one term per row
-    tl.store(DELTA + pid_bh.to(tl.int64) * LQ + rows, delta, mask=rows_ok)
+    delta = diagonal(dp, BLOCK_R)
+    tl.store(DELTA + (pid_bh.to(tl.int64) * LQ + rows.to(tl.int64)), delta, mask=rows_ok)
 
 
 @triton.jit(do_not_specialize=["M", "N", "CHUNK", "SPLITS"])
@@ -255,10 +251,10 @@ def _bilateral_wide_bwd_kernel(
     split = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    q_ptr = _head_base(Q, b, h, stride_q_b, stride_q_h)
-    do_ptr = _head_base(DO, b, h, stride_do_b, stride_do_h)
-    k_ptr = _head_base(K, b, h, stride_k_b, stride_k_h)
-    v_ptr = _head_base(V, b, h, stride_v_b, stride_v_h)
+    q_ptr = head_base(Q, b, h, stride_q_b, stride_q_h)
+    do_ptr = head_base(DO, b, h, stride_do_b, stride_do_h)
+    k_ptr = head_base(K, b, h, stride_k_b, stride_k_h)
+    v_ptr = head_base(V, b, h, stride_v_b, stride_v_h)
     if QUERIES_SPATIAL:
         n_queries = M
     else:
@@ -278,13 +274,13 @@ def _bilateral_wide_bwd_kernel(
         n_ok = offs_n < n_end
         not_first = n0 > n_start  # the first tile stores the partials, later tiles add
         if QUERIES_SPATIAL:
-            keep_n = _key_keep(KEY_MASK, b, offs_n, n_ok, stride_mask_b, stride_mask_l, HAS_MASK)
-            k_img = _load_rows(k_ptr, offs_n, offs_c, stride_k_l, stride_k_d, n_ok, c_ok)
+            keep_n = key_keep(KEY_MASK, b, offs_n, n_ok, stride_mask_b, stride_mask_l, HAS_MASK)
+            k_img = load_rows(k_ptr, offs_n, offs_c, stride_k_l, stride_k_d, n_ok, c_ok)
         else:
-            lse_hi_n, lse_lo_n = _load_lse(lse_ptr, offs_n, n_ok)
-            delta_n = tl.load(delta_ptr + offs_n, mask=n_ok, other=0.0)
-            q_img = _load_rows(q_ptr, offs_n, offs_c, stride_q_l, stride_q_d, n_ok, c_ok)
-            do_img = _load_rows(do_ptr, offs_n, offs_c, stride_do_l, stride_do_d, n_ok, c_ok)
+            lse_hi_n, lse_lo_n = load_lse(lse_ptr, offs_n, n_ok)
+            delta_n = tl.load(delta_ptr + offs_n.to(tl.int64), mask=n_ok, other=0.0)
+            q_img = load_rows(q_ptr, offs_n, offs_c, stride_q_l, stride_q_d, n_ok, c_ok)
+            do_img = load_rows(do_ptr, offs_n, offs_c, stride_do_l, stride_do_d, n_ok, c_ok)
         grad_a = tl.zeros([BLOCK_N, BLOCK_DC], dtype=tl.float32)
         grad_b = tl.zeros([BLOCK_N, BLOCK_DC], dtype=tl.float32)
         for m0 in range(0, M, BLOCK_M):
@@ -299,29 +295,29 @@ def _bilateral_wide_bwd_kernel(
                     stride_q_l, stride_q_d, stride_k_l, stride_k_d, stride_v_l, stride_v_d, stride_do_l, stride_do_d,
                     D, BLOCK_M, BLOCK_N, BLOCK_DC, DOT_PRECISION,
                 )
-                lse_hi_m, lse_lo_m = _load_lse(lse_ptr, offs_m, m_ok)
-                delta_m = tl.load(delta_ptr + offs_m, mask=m_ok, other=0.0)
+                lse_hi_m, lse_lo_m = load_lse(lse_ptr, offs_m, m_ok)
+                delta_m = tl.load(delta_ptr + offs_m.to(tl.int64), mask=m_ok, other=0.0)
                 p, ds = _probs_and_dscores(s, dp, keep_n, lse_hi_m, lse_lo_m, delta_m, sm_scale)
-                q_sp = _load_rows(q_ptr, offs_m, offs_c, stride_q_l, stride_q_d, m_ok, c_ok)
-                do_sp = _load_rows(do_ptr, offs_m, offs_c, stride_do_l, stride_do_d, m_ok, c_ok)
-                grad_a += _dot(_round_to(tl.trans(ds), dt), q_sp, DOT_PRECISION)  # dk_x
-                grad_b += _dot(_round_to(tl.trans(p), dt), do_sp, DOT_PRECISION)  # dv_x
-                dq_sp = _dot(_round_to(ds, dt), k_img, DOT_PRECISION)
+                q_sp = load_rows(q_ptr, offs_m, offs_c, stride_q_l, stride_q_d, m_ok, c_ok)
+                do_sp = load_rows(do_ptr, offs_m, offs_c, stride_do_l, stride_do_d, m_ok, c_ok)
+                grad_a += dot(round_to(tl.trans(ds), dt), q_sp, DOT_PRECISION)  # dk_x
+                grad_b += dot(round_to(tl.trans(p), dt), do_sp, DOT_PRECISION)  # dv_x
+                dq_sp = dot(round_to(ds, dt), k_img, DOT_PRECISION)
                 old = tl.load(PART_A + part_offsets, mask=part_ok & not_first, other=0.0)
                 tl.store(PART_A + part_offsets, old + dq_sp, mask=part_ok)
             else:
                 # -- direction x: this tile of image queries over spatial keys [BLOCK_M] --
-                keep_m = _key_keep(KEY_MASK, b, offs_m, m_ok, stride_mask_b, stride_mask_l, HAS_MASK)
+                keep_m = key_keep(KEY_MASK, b, offs_m, m_ok, stride_mask_b, stride_mask_l, HAS_MASK)
                 s, dp = _chunked_logits(
                     q_ptr, k_ptr, v_ptr, do_ptr, offs_n, n_ok, offs_m, keep_m,
                     stride_q_l, stride_q_d, stride_k_l, stride_k_d, stride_v_l, stride_v_d, stride_do_l, stride_do_d,
                     D, BLOCK_N, BLOCK_M, BLOCK_DC, DOT_PRECISION,
                 )
                 p, ds = _probs_and_dscores(s, dp, keep_m, lse_hi_n, lse_lo_n, delta_n, sm_scale)
-                k_sp = _load_rows(k_ptr, offs_m, offs_c, stride_k_l, stride_k_d, m_ok, c_ok)
-                grad_a += _dot(_round_to(ds, dt), k_sp, DOT_PRECISION)  # dq_x
-                dk_sp = _dot(_round_to(tl.trans(ds), dt), q_img, DOT_PRECISION)
-                dv_sp = _dot(_round_to(tl.trans(p), dt), do_img, DOT_PRECISION)
+                k_sp = load_rows(k_ptr, offs_m, offs_c, stride_k_l, stride_k_d, m_ok, c_ok)
+                grad_a += dot(round_to(ds, dt), k_sp, DOT_PRECISION)  # dq_x
+                dk_sp = dot(round_to(tl.trans(ds), dt), q_img, DOT_PRECISION)
+                dv_sp = dot(round_to(tl.trans(p), dt), do_img, DOT_PRECISION)
                 old = tl.load(PART_A + part_offsets, mask=part_ok & not_first, other=0.0)
                 tl.store(PART_A + part_offsets, old + dk_sp, mask=part_ok)
                 old = tl.load(PART_B + part_offsets, mask=part_ok & not_first, other=0.0)
@@ -330,9 +326,9 @@ def _bilateral_wide_bwd_kernel(
         # -- the image-side gradients of this tile are complete --
         out_offsets = (pid_bh.to(tl.int64) * N + offs_n)[:, None] * D + offs_c[None, :]
         out_ok = n_ok[:, None] & c_ok[None, :]
-        tl.store(D_IMAGE_A + out_offsets, _round_to(grad_a, D_IMAGE_A.dtype.element_ty), mask=out_ok)
+        tl.store(D_IMAGE_A + out_offsets, round_to(grad_a, D_IMAGE_A.dtype.element_ty), mask=out_ok)
         if QUERIES_SPATIAL:
-            tl.store(D_IMAGE_B + out_offsets, _round_to(grad_b, D_IMAGE_B.dtype.element_ty), mask=out_ok)
+            tl.store(D_IMAGE_B + out_offsets, round_to(grad_b, D_IMAGE_B.dtype.element_ty), mask=out_ok)
 
 
 # ----------------------------------------------------------------------------------------
@@ -356,12 +352,12 @@ def wide_head_bwd(do, q, k, v, o, scale, key_mask, queries_are_spatial):
     device, dtype = q.device, q.dtype
     cfg = wide_config(block_d_for(D), q.element_size(), queries_are_spatial)
     n_sm = sm_count(device)
-    precision = _dot_precision(dtype)
+    precision = dot_precision(dtype)
     f32 = torch.float32
     # the query and key blocks of the gradient kernel, which the other passes repeat
     block_q, block_k = (cfg.BLOCK_M, cfg.BLOCK_N) if queries_are_spatial else (cfg.BLOCK_N, cfg.BLOCK_M)
     q_blocks = triton.cdiv(Lq, block_q)
-    key_mask, stride_mask_b, stride_mask_l = _mask_args(key_mask, q)
+    key_mask, stride_mask_b, stride_mask_l = mask_args(key_mask, q)
     has_mask = key_mask is not q
 
     # -- softmax statistics from the chunked logits: per-split partials, merged in order --
@@ -372,7 +368,7 @@ def wide_head_bwd(do, q, k, v, o, scale, key_mask, queries_are_spatial):
     part_max = torch.empty((B * H, lse_splits, Lq), device=device, dtype=f32)
     part_sum = torch.empty((B * H, lse_splits, Lq), device=device, dtype=f32)
     delta = torch.empty((B * H, Lq), device=device, dtype=f32)
-    with _device_guard(device):
+    with device_guard(device):
         _bilateral_wide_lse_kernel[(B * H, lse_splits, q_blocks)](
             q, k, key_mask, part_max, part_sum, *q.stride(), *k.stride(), stride_mask_b, stride_mask_l,
             H, Lq, Lk, D, lse_chunk, lse_splits, scale,
@@ -397,7 +393,7 @@ def wide_head_bwd(do, q, k, v, o, scale, key_mask, queries_are_spatial):
         image_b, part_b = torch.empty((B, H, N, D), device=device, dtype=dtype), part_a
     else:
         image_b, part_b = image_a, torch.empty((B * H, splits, M, D), device=device, dtype=f32)
-    with _device_guard(device):
+    with device_guard(device):
         _bilateral_wide_bwd_kernel[(B * H, splits, d_chunks)](
             q, do, k, v, lse, delta, key_mask, image_a, image_b, part_a, part_b,
             *q.stride(), *do.stride(), *k.stride(), *v.stride(), stride_mask_b, stride_mask_l,
@@ -408,8 +404,7 @@ def wide_head_bwd(do, q, k, v, o, scale, key_mask, queries_are_spatial):
         )
 
     def reduce(part):
-        # Fixed-order reduction over the split axis: bitwise reproducible.
-        return part.sum(dim=1).view(B, H, M, D).to(dtype)
+        return reduce_splits(part, (B, H, M, D), dtype)
 
     if queries_are_spatial:
         return reduce(part_a), image_a, image_b

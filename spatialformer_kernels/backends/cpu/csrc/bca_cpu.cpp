@@ -633,7 +633,7 @@ std::string vector_isa() {
 }  // namespace sfk
 
 // Registered in a namespace of their own; the public ops (torch.ops.spatialformer.*) call
-// these from spatialformer_kernels/ops/cpu_backend.py. A build for another vector ISA (the
+// these from spatialformer_kernels/backends/cpu/__init__.py. A build for another vector ISA (the
 // tests load one per ISA the CPU runs) names its own namespace with -DSFK_OPS_NAMESPACE=...;
 // the extra macro level expands that name before TORCH_LIBRARY pastes it.
 #ifndef SFK_OPS_NAMESPACE

@@ -1,4 +1,4 @@
-// Building blocks of the fused CPU attention kernels (csrc/bca_cpu.cpp): strided views,
+// Building blocks of the fused CPU attention kernels (bca_cpu.cpp): strided views,
 // packing, the at::vec micro-GEMM, vector row/column helpers and the per-tile softmax steps.
 // Included by bca_cpu.cpp only, after it has chosen the vector ISA.
 #pragma once

@@ -1,0 +1,182 @@
+"""What the fused kernels (fused.py) and the wide-head backward (wide.py) share: the jit
+helpers every kernel calls (dots, rounding, strided loads, key masks, the online-softmax
+rescale, the float64 LSE, the diagonal of a dot) and the launch utilities (SM count, split
+plan, device guard, mask arguments, the fixed-order split reduction).
+
+Shapes as everywhere in this package: spatial tokens [B, H, M, D], image tokens [B, H, N, D].
+Offsets are int64. LSEs are natural-log float64, -inf for a row with no kept key.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import CHUNK_ALIGN, INTERPRET, INTERPRETER_SM_COUNT, MIN_SPLIT_TOKENS
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(LN2)
+
+# In the interpreter (only), dots run in float64 and round once to float32. numpy's matmul,
+# the interpreter's dot, sums in an order that depends on the tile shape, so the same logit
+# could differ by an ulp between the forward and backward tiles; a GPU dot computes every
+# element alike (one FMA chain over K, or the same MMA steps), which the backward relies on
+# to recompute P and delta exactly. Widening also sidesteps Triton 3.8's interpreter
+# multiplying bfloat16 operands as their raw bits (float64 holds every 16-bit value exactly).
+_INTERPRETER_DOTS = tl.constexpr(INTERPRET)
+
+
+# ----------------------------------------------------------------------------------------
+# jit helpers
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def dot(a, b, DOT_PRECISION: tl.constexpr):
+    if _INTERPRETER_DOTS:
+        return tl.dot(a.to(tl.float64), b.to(tl.float64), out_dtype=tl.float64).to(tl.float32)
+    return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr):
+    """fp32 -> `dtype`, rounding to nearest even as a GPU conversion does. Triton 3.8's
+    interpreter truncates fp32 -> bfloat16, so there (only) bfloat16 is rounded by hand on the
+    bits; NaN keeps the truncated bits (still NaN)."""
+    if _INTERPRETER_DOTS:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            bits = tl.where(x != x, bits >> 16, rounded)
+            return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def head_base(ptr, b, h, stride_b, stride_h):
+    return ptr + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+
+
+@triton.jit
+def load_rows(ptr, rows, cols, stride_row, stride_col, row_ok, col_ok):
+    """Load a [len(rows), len(cols)] tile, zeros outside the masks; int64 offsets."""
+    offsets = rows.to(tl.int64)[:, None] * stride_row + cols.to(tl.int64)[None, :] * stride_col
+    return tl.load(ptr + offsets, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+
+
+@triton.jit
+def key_keep(MASK, b, keys, keys_ok, stride_mask_b, stride_mask_l, HAS_MASK: tl.constexpr):
+    """Which keys take part: in range and, with a mask, marked True."""
+    keep = keys_ok
+    if HAS_MASK:
+        flags = tl.load(MASK + b.to(tl.int64) * stride_mask_b + keys.to(tl.int64) * stride_mask_l, mask=keys_ok, other=0)
+        keep = keep & (flags != 0)
+    return keep
+
+
+@triton.jit
+def online_max(m_run, m_new_part):
+    """The rescale step of an online softmax: (m_new, shift, alpha) for a running max m_run
+    meeting a new block's (or split's) max. alpha = exp(m_run - m_new) rescales what was summed
+    so far; `shift` is m_new with -inf (no kept key yet) replaced by 0, so exp2((x - shift) *
+    log2(e)) stays 0 for x = -inf instead of NaN."""
+    m_new = tl.maximum(m_run, m_new_part)
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2((m_run - shift) * _LOG2E)
+    return m_new, shift, alpha
+
+
+@triton.jit
+def exp_shifted(x, shift):
+    """exp(x - shift) with log2(e) applied after the subtraction: the row max gives exactly 1."""
+    return tl.math.exp2((x - shift) * _LOG2E)
+
+
+@triton.jit
+def lse_value(m, l):
+    """float64 LSE of a softmax state (fp32 max m, sum l); -inf for a row with no kept key.
+    The LSE is kept in float64 because an fp32 LSE is off by up to half an ulp, 5e-4 at
+    |logits| ~ 1e4, and P = exp(s - lse) would carry that as a relative error."""
+    lse = m.to(tl.float64) + (tl.math.log2(l) * _LN2).to(tl.float64)
+    return tl.where(l > 0.0, lse, float("-inf"))
+
+
+@triton.jit
+def load_lse(LSE, rows, rows_ok):
+    """Saved float64 LSE as fp32 (hi, lo), hi the nearest fp32 and lo the rest; (+inf, 0) for
+    empty rows and padding so that `probs` gives exactly 0 there."""
+    lse = tl.load(LSE + rows.to(tl.int64), mask=rows_ok, other=float("-inf"))
+    empty = lse == float("-inf")
+    hi = lse.to(tl.float32)
+    lo = (lse - hi.to(tl.float64)).to(tl.float32)
+    return tl.where(empty, float("inf"), hi), tl.where(empty, 0.0, lo)
+
+
+@triton.jit
+def probs(s, lse_hi, lse_lo):
+    """P = exp(s - lse) from the split LSE: s - hi is exact near the row max (a one-hot row
+    gives exactly 1), then lo, then the conversion to base 2."""
+    return tl.math.exp2(((s - lse_hi[:, None]) - lse_lo[:, None]) * _LOG2E)
+
+
+@triton.jit
+def diagonal(full, BLOCK_R: tl.constexpr):
+    """The diagonal of a square [BLOCK_R, BLOCK_R] tile, exactly (one term per row)."""
+    rows = tl.arange(0, BLOCK_R)
+    return tl.sum(tl.where(rows[:, None] == rows[None, :], full, 0.0), 1)
+
+
+# ----------------------------------------------------------------------------------------
+# Launch utilities
+# ----------------------------------------------------------------------------------------
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached, no synchronisation)."""
+    if device.type != "cuda":
+        return INTERPRETER_SM_COUNT
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _sm_count(index)
+
+
+def split_plan(n_sm: int, programs_per_split: int, n_tokens: int) -> tuple[int, int]:
+    """(splits, chunk): split the image tokens so that about two programs per SM run.
+
+    programs_per_split is B * H (times the spatial blocks in the forward). A split holds at
+    least MIN_SPLIT_TOKENS tokens and a multiple of CHUNK_ALIGN, so large batches get one or
+    a few splits and B = 2, N = 67,200 gets tens.
+    """
+    wanted = triton.cdiv(2 * n_sm, max(1, programs_per_split))
+    splits = max(1, min(wanted, triton.cdiv(n_tokens, MIN_SPLIT_TOKENS)))
+    chunk = triton.cdiv(triton.cdiv(n_tokens, splits), CHUNK_ALIGN) * CHUNK_ALIGN
+    return triton.cdiv(n_tokens, chunk), chunk
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 dots stay IEEE (PyTorch's default matmul is not TF32); 16-bit dots use tensor cores."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def device_guard(device: torch.device):
+    """Launch on the inputs' GPU even when another one is current."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def mask_args(mask, like):
+    """(pointer, stride_b, stride_l) of an optional bool [B, L] mask; `like` stands in for a
+    missing one (never read: the kernel's HAS_*MASK flag is False)."""
+    if mask is None:
+        return like, 0, 0
+    return mask, mask.stride(0), mask.stride(1)
+
+
+def reduce_splits(part: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
+    """Sum fp32 per-split partials [B * H, SPLITS, M, D] over the splits in a fixed order
+    (bitwise reproducible, no atomics) into a tensor of `shape` [B, H, M, D] and `dtype`."""
+    return part.sum(dim=1).view(shape).to(dtype)
