@@ -146,10 +146,79 @@ def outputs_and_grads(fn: Callable, inputs: Sequence[torch.Tensor], grad_outputs
     """(outputs, gradients of every input) of fn(*inputs) for the given grad outputs (cast to the inputs' dtype).
 
     The inputs are detached copies, so the caller's tensors are untouched; fn may return a
-    tensor or a tuple of tensors.
+    tensor or a tuple of tensors. An input the outputs do not reach gets a zero gradient.
     """
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
     outputs = fn(*leaves)
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     dtype = leaves[0].dtype
-    return outputs, torch.autograd.grad(outputs, leaves, [g.to(dtype) for g in grad_outputs])
+    grads = torch.autograd.grad(
+        outputs, leaves, [g.to(dtype) for g in grad_outputs], allow_unused=True, materialize_grads=True
+    )
+    return tuple(o.detach() for o in outputs), grads
+
+
+# Names of the results that `bilateral_results` and `cross_results` return, in order.
+INPUT_NAMES = ("q_s", "k_s", "v_s", "q_x", "k_x", "v_x")
+BILATERAL_RESULT_NAMES = ("o_s", "o_x") + tuple("d" + name for name in INPUT_NAMES)
+CROSS_RESULT_NAMES = ("o", "dq", "dk", "dv")
+
+
+def bilateral_results(inputs, grad_outputs, backend: str | None, scale=None, image_mask=None) -> list:
+    """[o_s, o_x, dq_s, dk_s, dv_s, dq_x, dk_x, dv_x] of `bilateral_attention` on `backend`
+    for grad outputs (do_s, do_x); backend=None runs the reference function itself (no op)."""
+    from .ops.bilateral_attention import bilateral_attention
+    from .reference import bilateral_attention_reference
+
+    def run(*t):
+        if backend is None:
+            return bilateral_attention_reference(*t, scale if scale is not None else t[0].shape[-1] ** -0.5, image_mask)
+        return bilateral_attention(*t, scale=scale, image_mask=image_mask, backend=backend)
+
+    outputs, grads = outputs_and_grads(run, inputs, grad_outputs)
+    return [*outputs, *grads]
+
+
+def cross_results(q, k, v, grad_output, backend: str | None, scale=None, key_mask=None) -> list:
+    """[o, dq, dk, dv] of `cross_attention` on `backend`; backend=None runs the reference."""
+    from .ops.cross_attention import cross_attention
+    from .reference import cross_attention_reference
+
+    def run(*t):
+        if backend is None:
+            return cross_attention_reference(*t, scale if scale is not None else t[0].shape[-1] ** -0.5, key_mask)
+        return cross_attention(*t, scale=scale, key_mask=key_mask, backend=backend)
+
+    outputs, grads = outputs_and_grads(run, (q, k, v), (grad_output,))
+    return [*outputs, *grads]
+
+
+def reference_bilateral_results(inputs, grad_outputs, scale=None, image_mask=None):
+    """(same_dtype, exact) reference results, each as `bilateral_results` returns them."""
+    return reference_pair(lambda *t: bilateral_results(t[:6], t[6:], None, scale, image_mask), [*inputs, *grad_outputs])
+
+
+def reference_cross_results(q, k, v, grad_output, scale=None, key_mask=None):
+    """(same_dtype, exact) reference results, each as `cross_results` returns them."""
+    return reference_pair(lambda *t: cross_results(*t, None, scale, key_mask), [q, k, v, grad_output])
+
+
+def assert_results_close(got, same_dtype, exact, dtype: torch.dtype, names: Sequence[str], label: str = "") -> None:
+    """The tolerance rule on every result, each failure message naming the result."""
+    for name, g, s, e in zip(names, got, same_dtype, exact, strict=True):
+        assert_close(g, s, e, dtype, f"{label} {name}".strip())
+
+
+def large_logit_inputs(dtype: torch.dtype, scale: float, largest: float = 1e4, shape=(1, 2, 6, 40, 16),
+                       device="cpu", seed: int = 0):
+    """Bilateral inputs whose largest |scale * q.k| over both directions is `largest`, in `dtype`:
+    softmax rows that are (nearly) one-hot, where a kernel's LSE and delta must be exact."""
+    generator = torch.Generator().manual_seed(seed)
+    b, h, m, n, d = shape
+    q_s, k_s, v_s, q_x, k_x, v_x = [
+        torch.randn(b, h, length, d, generator=generator, dtype=torch.float64) for length in (m, m, m, n, n, n)
+    ]
+    peak = scale * max((q_s @ k_x.mT).abs().max(), (q_x @ k_s.mT).abs().max())
+    gain = (largest / peak) ** 0.5
+    inputs = [q_s * gain, k_s * gain, v_s, q_x * gain, k_x * gain, v_x]
+    return [t.to(device=device, dtype=dtype) for t in inputs]

@@ -5,7 +5,7 @@ same rule. The ISA of the package's build is printed in pytest's header (tests/c
 import pytest
 import torch
 
-from spatialformer_kernels.ops import cpu_backend
+from spatialformer_kernels.backends import cpu as cpu_backend
 from spatialformer_kernels.reference import bilateral_attention_reference, cross_attention_reference
 from spatialformer_kernels.testing import (
     assert_close,

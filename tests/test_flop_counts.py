@@ -1,5 +1,4 @@
 """FLOP formulas of the custom ops agree with what FlopCounterMode counts for the reference."""
-import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 

@@ -1,11 +1,21 @@
-"""SpatialFormer layers: shapes, gradients, modes and backend selection."""
+"""SpatialFormer layers: shapes, gradients, modes and backend selection; the BCA block on each
+kernel backend; the layers under torch.autocast (equal to explicit casts; fp32 master weights
+train)."""
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 import spatialformer
+import spatialformer_kernels as sk
 from spatialformer import BCABlock, BilateralCrossAttention, SABlock, SpatialTokens
+from spatialformer.layers import _merge_heads, _split_heads
 from spatialformer_kernels.reference import cross_attention_reference
-from spatialformer_kernels.testing import make_image_mask
+from spatialformer_kernels.testing import assert_close, make_image_mask
+
+FP32, BF16 = torch.float32, torch.bfloat16
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def test_spatial_tokens_are_sincos_plus_learnable():
@@ -107,3 +117,122 @@ def test_process_default_backend_context_and_env(monkeypatch):
     monkeypatch.setenv(spatialformer.BACKEND_ENV_VAR, "bogus")
     with pytest.raises(ValueError, match="'bogus'"):
         spatialformer.default_backend()
+
+
+@pytest.mark.parametrize("mode", ["parallel", "sequential"])
+def test_bca_block_on_a_kernel_backend_matches_the_reference_block(kernel_backend, mode):
+    """The layer path: a BCA block on each kernel backend (one fused op, or two cross_attention
+    calls) against the same block on the reference, outputs and every gradient."""
+    torch.manual_seed(21)
+    block = BCABlock(32, num_heads=2, mode=mode, backend=kernel_backend).to(DEVICE)
+    exact_block = copy.deepcopy(block).double()
+    same_block = copy.deepcopy(block)
+    exact_block.attn.backend = same_block.attn.backend = "reference"
+    assert block.attn._backend() == kernel_backend
+    s, x = torch.randn(2, 6, 32, device=DEVICE), torch.randn(2, 37, 32, device=DEVICE)
+    mask = make_image_mask(2, 37, empty_samples=(1,), device=DEVICE, seed=22)
+
+    def run(module, s, x):
+        s, x = s.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+        out_s, out_x = module(s, x, mask)
+        loss = out_s.square().sum() + out_x.sin().sum()
+        grads = torch.autograd.grad(loss, [s, x, *module.parameters()])
+        return [out_s, out_x, *grads]
+
+    actual = run(block, s, x)
+    same = run(same_block, s, x)
+    exact = run(exact_block, s.double(), x.double())
+    names = ["s", "x", "ds", "dx", *(f"d{n}" for n, _ in block.named_parameters())]
+    for name, a, r, e in zip(names, actual, same, exact):
+        assert_close(a, r, e, torch.float32, f"{mode} {name}")
+
+
+# ----------------------------------------------------------------------------------------
+# Mixed precision
+# ----------------------------------------------------------------------------------------
+AUTOCAST_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DIM, HEADS, N_SPATIAL, N_IMAGE = 32, 2, 9, 20
+
+
+def _linear_bf16(linear, t):
+    """What autocast does to an nn.Linear: input, weight and bias cast to bfloat16."""
+    bias = linear.bias.to(BF16) if linear.bias is not None else None
+    return F.linear(t.to(BF16), linear.weight.to(BF16), bias)
+
+
+def _explicit_bf16_attention(attn, s, x, backend):
+    q_s, k_s, v_s = _split_heads(_linear_bf16(attn.qkv_s, s), attn.num_heads)
+    q_x, k_x, v_x = _split_heads(_linear_bf16(attn.qkv_x, x), attn.num_heads)
+    o_s, o_x = sk.bilateral_attention(q_s, k_s, v_s, q_x, k_x, v_x, backend=backend)
+    return _linear_bf16(attn.proj_s, _merge_heads(o_s)), _linear_bf16(attn.proj_x, _merge_heads(o_x))
+
+
+def _tokens(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    s = torch.randn(2, N_SPATIAL, DIM, generator=generator).to(DEVICE)
+    x = torch.randn(2, N_IMAGE, DIM, generator=generator).to(DEVICE)
+    return s, x
+
+
+def test_attention_layer_under_autocast_equals_explicit_casts(any_backend):
+    """Forward and parameter gradients, bitwise: autocast hands the op bf16 q/k/v and the op
+    runs in bf16 (no hidden upcast, no autocast registration needed)."""
+    torch.manual_seed(0)
+    attn = BilateralCrossAttention(DIM, HEADS, backend=any_backend).to(DEVICE)
+    twin = copy.deepcopy(attn)
+    s, x = _tokens()
+    with torch.autocast(AUTOCAST_DEVICE, dtype=BF16):
+        ds, dx = attn(s, x)
+    assert ds.dtype == dx.dtype == BF16
+    ds_explicit, dx_explicit = _explicit_bf16_attention(twin, s, x, any_backend)
+    assert torch.equal(ds, ds_explicit) and torch.equal(dx, dx_explicit)
+    (ds.float().square().sum() + dx.float().sum()).backward()
+    (ds_explicit.float().square().sum() + dx_explicit.float().sum()).backward()
+    for (name, p), q in zip(attn.named_parameters(), twin.parameters()):
+        assert p.grad.dtype == FP32 and torch.equal(p.grad, q.grad), name
+
+
+@pytest.mark.parametrize("mode", ["parallel", "sequential"])
+def test_bca_block_under_autocast_matches_reference(kernel_backend, mode):
+    """The block under autocast on a kernel backend vs the same under autocast on the
+    reference backend, judged by the one tolerance rule against the block in float64."""
+    torch.manual_seed(0)
+    block = BCABlock(DIM, HEADS, mode=mode, backend=kernel_backend).to(DEVICE)
+    reference = copy.deepcopy(block)
+    reference.attn.backend = "reference"
+    exact = copy.deepcopy(reference).double()
+    s, x = _tokens(1)
+    with torch.autocast(AUTOCAST_DEVICE, dtype=BF16):
+        got = block(s, x)
+        same = reference(s, x)
+    want = exact(s.double(), x.double())
+    assert [t.dtype for t in got] == [FP32, FP32]  # residual streams stay fp32
+    assert_close(list(got), list(same), list(want), BF16, f"BCABlock {mode} (s, x)")
+
+
+def test_fp32_master_weights_train_under_autocast(any_backend):
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({
+        "block": BCABlock(DIM, HEADS, backend=any_backend),
+        "head": torch.nn.Linear(DIM, 1),
+    }).to(DEVICE)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    s, x = _tokens(2)
+    target = torch.linspace(-1, 1, N_IMAGE, device=DEVICE).expand(2, N_IMAGE)
+    losses = []
+    for _ in range(6):
+        optimizer.zero_grad()
+        with torch.autocast(AUTOCAST_DEVICE, dtype=BF16):
+            s_out, x_out = model["block"](s, x)
+            prediction = model["head"](x_out).squeeze(-1) + s_out.mean()
+        loss = F.mse_loss(prediction.float(), target)
+        loss.backward()
+        assert all(p.grad.dtype == FP32 and torch.isfinite(p.grad).all() for p in model.parameters())
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))), losses
+    assert losses[-1] < 0.9 * losses[0], losses
+    for name, p in model.named_parameters():
+        assert p.dtype == FP32 and torch.isfinite(p).all(), name
+        assert not torch.equal(p, before[name]), f"{name} was not updated"

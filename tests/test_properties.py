@@ -14,26 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 
-import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 import spatialformer_kernels as sk
-from spatialformer_kernels import dispatch
 from spatialformer_kernels.reference import bilateral_attention_reference, cross_attention_reference
-from spatialformer_kernels.testing import assert_close, case_id, reference_pair
+from spatialformer_kernels.testing import BILATERAL_RESULT_NAMES, CROSS_RESULT_NAMES, assert_close, case_id, reference_pair
 
 FP16, BF16, FP32, FP64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 
 
-def _backend_param(name):
-    usable = name in sk.available_backends() and (name != "triton" or dispatch.triton_interpreter_enabled()
-                                                  or torch.cuda.is_available())
-    return pytest.param(name, marks=pytest.mark.skipif(not usable, reason=f"backend {name!r} cannot run here"))
-
-
-KERNEL_BACKENDS = [_backend_param("cpu"), _backend_param("triton")]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # Per backend: (max B, max H, max M, max N, head dims, dtypes). Triton runs in its
@@ -44,7 +35,7 @@ LIMITS = {
 }
 
 # Input layouts, each a view of a base tensor: see `_view`. No input is broadcast along its
-# tokens here (tests/test_robustness.py checks that layout's forward): with one key, one value
+# tokens here (tests/test_edge_cases.py checks that layout's forward): with one key, one value
 # or one query shared by every token, softmax invariances make some exact gradients identically
 # 0 (shared keys: dk; shared values: dq and dk; a single key: dq), so the comparison becomes
 # pure fp32 rounding, summed over the broadcast copies, against the rule's absolute floor; the
@@ -198,25 +189,22 @@ def _cross(*t, mask, backend, scale):
     return sk.cross_attention(*t, scale=scale, key_mask=mask, backend=backend)
 
 
-BILATERAL_NAMES = ("o_s", "o_x", "dq_s", "dk_s", "dv_s", "dq_x", "dk_x", "dv_x")
-
-
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @given(data=st.data())
-def test_bilateral_matches_reference(backend, data):
+def test_bilateral_matches_reference(kernel_backend, data):
+    backend = kernel_backend
     case = data.draw(cases(backend, 6, 2), label="case")
     spatial, image = (case.B, case.H, case.M, case.D), (case.B, case.H, case.N, case.D)
     _check(case, backend, _bilateral, bilateral_attention_reference, [spatial] * 3 + [image] * 3,
-           [spatial, image], BILATERAL_NAMES)
+           [spatial, image], BILATERAL_RESULT_NAMES)
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @given(data=st.data())
-def test_cross_attention_matches_reference(backend, data):
+def test_cross_attention_matches_reference(kernel_backend, data):
     """Both regimes: M plays the query count and N the key count, or the other way round."""
+    backend = kernel_backend
     case = data.draw(cases(backend, 3, 1), label="case")
     queries_short = data.draw(st.booleans(), label="few queries over many keys")
     lq, lk = (case.M, case.N) if queries_short else (case.N, case.M)
     q_shape, kv_shape = (case.B, case.H, lq, case.D), (case.B, case.H, lk, case.D)
     _check(case, backend, _cross, cross_attention_reference, [q_shape, kv_shape, kv_shape], [q_shape],
-           ("o", "dq", "dk", "dv"))
+           CROSS_RESULT_NAMES)

@@ -15,7 +15,7 @@ def test_kernels_compile_for_sm80_and_sm90_without_spills():
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     jobs = os.environ.get("STATIC_CHECK_JOBS")  # default: the check's own (2 processes at most)
     result = subprocess.run(
-        [sys.executable, "-m", "spatialformer_kernels.static_check", *(["--jobs", jobs] if jobs else [])],
+        [sys.executable, "-m", "spatialformer_kernels.backends.triton.static_check", *(["--jobs", jobs] if jobs else [])],
         capture_output=True,
         text=True,
         env=env,

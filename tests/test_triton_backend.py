@@ -1,0 +1,140 @@
+"""The Triton backend itself (its parity with the reference is tests/test_kernel_parity.py):
+the split plan, the head-dim-split backward for wide heads called directly, and the int64
+address arithmetic of every kernel, read from the Triton IR compiled for sm_90."""
+import pytest
+import torch
+
+import spatialformer_kernels as sk
+from spatialformer_kernels.reference import bilateral_attention_reference
+from spatialformer_kernels.testing import (
+    CROSS_RESULT_NAMES,
+    assert_close,
+    case_id,
+    make_bilateral_inputs,
+    mask_for_case,
+    reference_cross_results,
+    reference_pair,
+    transposed_grad,
+)
+
+RUNS_HERE = "triton" in sk.runnable_backends("cuda" if torch.cuda.is_available() else "cpu")
+needs_triton = pytest.mark.skipif(not RUNS_HERE, reason="the Triton backend needs CUDA or TRITON_INTERPRET=1")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
+
+
+def test_split_plan_fills_the_gpu_without_over_splitting():
+    from spatialformer_kernels.backends.triton.common import split_plan
+
+    h100_sms = 132
+    splits, chunk = split_plan(h100_sms, 2 * 2, 67_200)  # det800x1344-stage1: B=2, H=2
+    assert splits * 4 >= h100_sms and splits * chunk >= 67_200 > (splits - 1) * chunk
+    splits, _ = split_plan(h100_sms, 64 * 2, 3_136)  # cls224-stage1 training batch
+    assert splits <= 3
+    assert split_plan(h100_sms, 1, 100) == (1, 128)  # never more splits than tokens allow
+
+
+@needs_triton
+def test_small_batch_large_n_uses_several_splits_and_matches():
+    from spatialformer_kernels.backends.triton import common as bt
+
+    B, H, M, N, D = 1, 1, 49, 600, 40
+    splits, _ = bt.split_plan(bt.sm_count(torch.device(DEVICE)), B * H, N)
+    assert splits > 1
+    inputs = make_bilateral_inputs(B, H, M, N, D, FP32, device=DEVICE, seed=14)
+    out = sk.bilateral_attention(*inputs, backend="triton")
+    same, exact = reference_pair(lambda *t: bilateral_attention_reference(*t, D**-0.5), inputs)
+    assert_close(out, same, exact, FP32, case_id(B, H, M, N, D, FP32))
+
+
+# ----------------------------------------------------------------------------------------
+# Wide-head backward (backends/triton/wide.py), called directly
+# ----------------------------------------------------------------------------------------
+# (B, H, M, N, D, dtype, layout, mask: None | "mask" | "empty", direction): the buckets it
+# serves (fp32 BLOCK_D 128 and 256; 16-bit D = 256 with M = 20 and 33, over one spatial
+# block), odd N, every layout; direction s masks the image tokens, direction x the spatial
+# ones ("empty": the last sample has no kept key: zero gradients). N = 300 with B = H = 1
+# gives two splits in the interpreter (it pretends 8 SMs).
+WIDE_CASES = [
+    (2, 1, 20, 150, 96, FP32, "bnhd", "empty", "s"),
+    (2, 1, 20, 150, 96, FP32, "bnhd", "empty", "x"),
+    (1, 2, 7, 97, 72, FP32, "strided", "mask", "s"),
+    (1, 1, 5, 131, 200, FP32, "contiguous", None, "s"),
+    (1, 1, 5, 131, 200, FP32, "strided", None, "x"),
+    (2, 1, 20, 101, 256, BF16, "bnhd", "mask", "s"),
+    (2, 1, 33, 90, 256, FP16, "strided", "empty", "s"),
+    (1, 2, 33, 90, 256, BF16, "contiguous", "mask", "x"),
+    (1, 1, 9, 300, 72, FP32, "contiguous", "mask", "s"),
+    (1, 1, 9, 300, 72, FP32, "bnhd", "mask", "x"),
+]
+
+
+def _wide_case_id(case):
+    *shape, layout, mask_kind, direction = case
+    return f"{case_id(*shape)}-{layout}-{mask_kind or 'nomask'}-dir{direction}"
+
+
+def _wide_direction_inputs(case, seed):
+    """(q, k, v, key mask, grad output) of one direction of a WIDE_CASES case."""
+    B, H, M, N, D, dtype, layout, mask_kind, direction = case
+    q_s, k_s, v_s, q_x, k_x, v_x = make_bilateral_inputs(B, H, M, N, D, dtype, device=DEVICE, layout=layout, seed=seed)
+    if direction == "s":
+        q, k, v, keys = q_s, k_x, v_x, N
+    else:
+        q, k, v, keys = q_x, k_s, v_s, M
+    mask = mask_for_case(B, keys, mask_kind, device=DEVICE, seed=seed + 1)
+    return q, k, v, mask, transposed_grad(tuple(q.shape), dtype, seed + 2, device=DEVICE)
+
+
+def _wide_grads(q, k, v, mask, grad, scale, direction):
+    from spatialformer_kernels.backends.triton.wide import wide_head_bwd
+
+    o = sk.cross_attention(q, k, v, scale=scale, key_mask=mask, backend="triton")  # the Triton forward's output
+    return wide_head_bwd(grad, q, k, v, o, scale, mask, direction == "s")
+
+
+@needs_triton
+@pytest.mark.parametrize("case", WIDE_CASES, ids=_wide_case_id)
+def test_wide_head_backward_matches_reference(case):
+    B, H, M, N, D, dtype, layout, mask_kind, direction = case
+    q, k, v, mask, grad = _wide_direction_inputs(case, seed=31)
+    scale = 0.9 * D**-0.5
+    grads = _wide_grads(q, k, v, mask, grad, scale, direction)
+    same, exact = reference_cross_results(q, k, v, grad, scale, mask)
+    name = _wide_case_id(case)
+    for label, actual, s, e in zip(CROSS_RESULT_NAMES[1:], grads, same[1:], exact[1:]):
+        assert actual.shape == e.shape and actual.dtype == dtype and actual.is_contiguous()
+        assert_close(actual, s, e, dtype, f"{name} {label}")
+    if mask_kind == "empty":  # no kept key in the last sample: zero gradients, never NaN
+        for g in grads:
+            assert torch.equal(g[B - 1], torch.zeros_like(g[B - 1]))
+
+
+@needs_triton
+def test_wide_head_backward_splits_and_reruns_bitwise():
+    """Both directions of the multi-split cases: several splits, bitwise-equal reruns."""
+    from spatialformer_kernels.backends.triton import common, configs, wide
+
+    for case in WIDE_CASES[-2:]:
+        B, H, M, N, D, dtype, *_, direction = case
+        cfg = wide.wide_config(configs.block_d_for(D), 4, direction == "s")
+        splits, _ = common.split_plan(common.sm_count(torch.device(DEVICE)), B * H * -(-D // cfg.BLOCK_DC), N)
+        assert splits > 1, case
+        q, k, v, mask, grad = _wide_direction_inputs(case, seed=41)
+        first = _wide_grads(q, k, v, mask, grad, D**-0.5, direction)
+        second = _wide_grads(q, k, v, mask, grad, D**-0.5, direction)
+        for a, b in zip(first, second):
+            assert torch.equal(a, b)
+
+
+def test_address_arithmetic_is_int64(run_script):
+    """tests/scripts/triton_offsets.py lowers every kernel of fused.py and wide.py to Triton IR
+    for sm_90 with all int arguments as i32: no pointer offset may be an unbounded i32."""
+    pytest.importorskip("triton")
+    report = run_script("triton_offsets.py", env={"TRITON_INTERPRET": "0"})
+    assert len(report["control"]) == 1, report["control"]  # the i32 pid * stride is caught
+    expected = {"_bilateral_fwd_kernel", "_bilateral_bwd_kernel", "_bilateral_combine_kernel", "_spatial_delta_kernel",
+                "_bilateral_wide_lse_kernel", "_bilateral_wide_delta_kernel", "_bilateral_wide_bwd_kernel"}
+    assert expected <= set(report["kernels"]), report["kernels"]
+    assert report["addptr"] > 100
+    assert report["unsafe"] == [], "\n".join(report["unsafe"])
