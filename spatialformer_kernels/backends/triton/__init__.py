@@ -48,10 +48,10 @@ def cross_fwd(q, k, v, scale, key_mask):
     kernels = _kernels()
     if queries_on_spatial_side(q, k):
         # q_s = q, k_x = k, v_x = v; q_x only gives N (= Lk) and k_s, v_s only M: never read.
-        o, _, lse, _ = kernels.attention_fwd(q, q, q, k, k, v, scale, image_mask=key_mask, do_x=False)
+        o, _, lse, _ = kernels.attention_fwd(q, q, q, k, k, v, scale, image_mask=key_mask, run_x=False)
     else:
         # q_x = q, k_s = k, v_s = v; q_s only gives M (= Lk) and k_x, v_x only N: never read.
-        _, o, _, lse = kernels.attention_fwd(k, k, v, q, q, q, scale, spatial_mask=key_mask, do_s=False)
+        _, o, _, lse = kernels.attention_fwd(k, k, v, q, q, q, scale, spatial_mask=key_mask, run_s=False)
     return o, lse
 
 
@@ -60,10 +60,10 @@ def cross_bwd(do, q, k, v, o, lse, scale, key_mask):
     kernels = _kernels()
     if queries_on_spatial_side(q, k):
         dq, _, _, _, dk, dv = kernels.attention_bwd(
-            do, None, q, q, q, k, k, v, o, None, lse, None, scale, image_mask=key_mask, do_x_dir=False
+            do, None, q, q, q, k, k, v, o, None, lse, None, scale, image_mask=key_mask, run_x=False
         )
     else:
         _, dk, dv, dq, _, _ = kernels.attention_bwd(
-            None, do, k, k, v, q, q, q, None, o, None, lse, scale, spatial_mask=key_mask, do_s_dir=False
+            None, do, k, k, v, q, q, q, None, o, None, lse, scale, spatial_mask=key_mask, run_s=False
         )
     return dq, dk, dv

@@ -485,47 +485,48 @@ def _fixed_meta(block_m, block_d, elem_bytes, backward, both, dir_s) -> dict:
     return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
-def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_mask=None, do_s=True, do_x=True):
+def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_mask=None, run_s=True, run_x=True):
     """Launch the forward; returns (o_s, o_x, lse_s, lse_x), None for a direction not run.
 
     q_s, k_s, v_s: [B, H, M, D]; q_x, k_x, v_x: [B, H, N, D]; image_mask: bool [B, N] on
-    the keys of direction s; spatial_mask: bool [B, M] on the keys of direction x.
+    the keys of direction s; spatial_mask: bool [B, M] on the keys of direction x. run_s /
+    run_x switch direction s (o_s) / direction x (o_x) on or off.
     """
     B, H, M, D = q_s.shape
     N = q_x.shape[2]
     device, dtype = q_x.device, q_x.dtype
     block_d = block_d_for(D)
     block_m = block_m_for(block_d, q_x.element_size(), backward=False)
-    if do_s and do_x and not fuse_directions(block_d, q_x.element_size()):
+    if run_s and run_x and not fuse_directions(block_d, q_x.element_size()):
         o_s, _, lse_s, _ = attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask, spatial_mask, True, False)
         _, o_x, _, lse_x = attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask, spatial_mask, False, True)
         return o_s, o_x, lse_s, lse_x
-    m_programs = triton.cdiv(M, block_m) if do_s else 1
+    m_programs = triton.cdiv(M, block_m) if run_s else 1
     splits, chunk = split_plan(sm_count(device), B * H * m_programs, N)
     f32 = torch.float32
-    o_x = torch.empty((B, H, N, D), device=device, dtype=dtype) if do_x else None
-    lse_x = torch.empty((B, H, N), device=device, dtype=torch.float64) if do_x else None
-    part_acc = torch.empty((B * H, splits, M, D), device=device, dtype=f32) if do_s else None
-    part_max = torch.empty((B * H, splits, M), device=device, dtype=f32) if do_s else None
-    part_sum = torch.empty((B * H, splits, M), device=device, dtype=f32) if do_s else None
+    o_x = torch.empty((B, H, N, D), device=device, dtype=dtype) if run_x else None
+    lse_x = torch.empty((B, H, N), device=device, dtype=torch.float64) if run_x else None
+    part_acc = torch.empty((B * H, splits, M, D), device=device, dtype=f32) if run_s else None
+    part_max = torch.empty((B * H, splits, M), device=device, dtype=f32) if run_s else None
+    part_sum = torch.empty((B * H, splits, M), device=device, dtype=f32) if run_s else None
     dummy = q_x  # stands in for pointers a disabled branch never touches
     image_mask, stride_im_b, stride_im_n = mask_args(image_mask, dummy)
     spatial_mask, stride_sm_b, stride_sm_m = mask_args(spatial_mask, dummy)
     with device_guard(device):
         _bilateral_fwd[(B * H, splits, m_programs)](
             q_s, k_s, v_s, q_x, k_x, v_x, image_mask, spatial_mask,
-            o_x if do_x else dummy, lse_x if do_x else dummy,
-            part_acc if do_s else dummy, part_max if do_s else dummy, part_sum if do_s else dummy,
+            o_x if run_x else dummy, lse_x if run_x else dummy,
+            part_acc if run_s else dummy, part_max if run_s else dummy, part_sum if run_s else dummy,
             *q_s.stride(), *k_s.stride(), *v_s.stride(), *q_x.stride(), *k_x.stride(), *v_x.stride(),
             stride_im_b, stride_im_n, stride_sm_b, stride_sm_m,
             H, M, N, D, chunk, splits, scale,
-            BLOCK_M=block_m, BLOCK_D=block_d, DIR_S=do_s, DIR_X=do_x,
+            BLOCK_M=block_m, BLOCK_D=block_d, DIR_S=run_s, DIR_X=run_x,
             HAS_IMAGE_MASK=image_mask is not dummy, HAS_SPATIAL_MASK=spatial_mask is not dummy,
             DOT_PRECISION=dot_precision(dtype),
-            **_fixed_meta(block_m, block_d, q_x.element_size(), False, do_s and do_x, do_s),
+            **_fixed_meta(block_m, block_d, q_x.element_size(), False, run_s and run_x, run_s),
         )
     o_s = lse_s = None
-    if do_s:
+    if run_s:
         o_s = torch.empty((B, H, M, D), device=device, dtype=dtype)
         lse_s = torch.empty((B, H, M), device=device, dtype=torch.float64)
         combine_m = 16 if block_d >= 128 else 32
@@ -538,12 +539,12 @@ def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_
 
 def attention_bwd(
     do_s, do_x, q_s, k_s, v_s, q_x, k_x, v_x, o_s, o_x, lse_s, lse_x, scale,
-    image_mask=None, spatial_mask=None, do_s_dir=True, do_x_dir=True,
+    image_mask=None, spatial_mask=None, run_s=True, run_x=True,
 ):
     """Launch the backward; returns (dq_s, dk_s, dv_s, dq_x, dk_x, dv_x), None for the
     gradients of a direction not run (dq_s, dk_x, dv_x come from direction s; dq_x, dk_s,
-    dv_s from direction x). Inputs as in `attention_fwd`; do_*/o_*/lse_* of a direction
-    not run may be None."""
+    dv_s from direction x). do_s, do_x: the output gradients. Inputs and run_s / run_x as in
+    `attention_fwd`; do_*/o_*/lse_* of a direction not run may be None."""
     B, H, M, D = q_s.shape
     N = q_x.shape[2]
     device, dtype = q_x.device, q_x.dtype
@@ -552,12 +553,12 @@ def attention_bwd(
     if not backward_supported(block_d, elem, M):
         # Wide heads: the head dim is split across programs (wide.py).
         dq_s = dk_s = dv_s = dq_x = dk_x = dv_x = None
-        if do_s_dir:
+        if run_s:
             dq_s, dk_x, dv_x = wide_head_bwd(do_s, q_s, k_x, v_x, o_s, scale, image_mask, True)
-        if do_x_dir:
+        if run_x:
             dq_x, dk_s, dv_s = wide_head_bwd(do_x, q_x, k_s, v_s, o_x, scale, spatial_mask, False)
         return dq_s, dk_s, dv_s, dq_x, dk_x, dv_x
-    if do_s_dir and do_x_dir:
+    if run_s and run_x:
         args = (q_s, k_s, v_s, q_x, k_x, v_x, o_s, o_x, lse_s, lse_x, scale, image_mask, spatial_mask)
         dq_s, _, _, _, dk_x, dv_x = attention_bwd(do_s, None, *args, True, False)
         _, dk_s, dv_s, dq_x, _, _ = attention_bwd(None, do_x, *args, False, True)
@@ -572,8 +573,8 @@ def attention_bwd(
     def partial(enabled):
         return torch.empty((B * H, splits, M, D), device=device, dtype=f32) if enabled else None
 
-    dq_x, dk_x, dv_x = image_grad(do_x_dir), image_grad(do_s_dir), image_grad(do_s_dir)
-    part_dq_s, part_dk_s, part_dv_s = partial(do_s_dir), partial(do_x_dir), partial(do_x_dir)
+    dq_x, dk_x, dv_x = image_grad(run_x), image_grad(run_s), image_grad(run_s)
+    part_dq_s, part_dk_s, part_dv_s = partial(run_s), partial(run_x), partial(run_x)
     dummy = q_x
     image_mask, stride_im_b, stride_im_n = mask_args(image_mask, dummy)
     spatial_mask, stride_sm_b, stride_sm_m = mask_args(spatial_mask, dummy)
@@ -586,7 +587,7 @@ def attention_bwd(
         return t if t is not None else dummy
 
     delta_s = None
-    if do_s_dir:
+    if run_s:
         delta_s = torch.empty((B * H, M), device=device, dtype=f32)
         with device_guard(device):
             _spatial_delta_kernel[(B * H, triton.cdiv(M, DELTA_BLOCK_M))](
@@ -602,9 +603,9 @@ def attention_bwd(
             *q_x.stride(), *k_x.stride(), *v_x.stride(), *strides(o_x), *strides(do_x),
             stride_im_b, stride_im_n, stride_sm_b, stride_sm_m,
             H, M, N, D, chunk, splits, scale,
-            BLOCK_M=block_m, BLOCK_D=block_d, M_ONE_BLOCK=M <= block_m, DIR_S=do_s_dir, DIR_X=do_x_dir,
+            BLOCK_M=block_m, BLOCK_D=block_d, M_ONE_BLOCK=M <= block_m, DIR_S=run_s, DIR_X=run_x,
             HAS_IMAGE_MASK=image_mask is not dummy, HAS_SPATIAL_MASK=spatial_mask is not dummy,
-            DOT_PRECISION=dot_precision(dtype), **_fixed_meta(block_m, block_d, elem, True, False, do_s_dir),
+            DOT_PRECISION=dot_precision(dtype), **_fixed_meta(block_m, block_d, elem, True, False, run_s),
         )
 
     def reduce(part):
