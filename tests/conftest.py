@@ -55,6 +55,13 @@ def any_backend(request) -> str:
     return request.param
 
 
+@pytest.fixture(autouse=True)
+def _seed_torch():
+    """Every test starts from the same global RNG state: tests that draw with randn_like get
+    the same values whatever the order in which tests run."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture
 def device() -> str:
     """Where the backends' tests run: CUDA when there is a GPU, else the CPU."""

@@ -35,11 +35,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 B, H, M, N, D = 2, 2, 5, 7, 16
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)  # randn_like below: the same grads whatever the test order
-
-
 def _inputs(dtype=FP32, seed=1, shape=(B, H, M, N, D), layout="contiguous"):
     return list(make_bilateral_inputs(*shape, dtype=dtype, device=DEVICE, layout=layout, seed=seed))
 

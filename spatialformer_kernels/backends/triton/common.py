@@ -56,6 +56,13 @@ def round_to(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def program_head(H):
+    """(pid_bh, b, h) of a program whose grid axis 0 runs over B * H."""
+    pid_bh = tl.program_id(0)
+    return pid_bh, pid_bh // H, pid_bh % H
+
+
+@triton.jit
 def head_base(ptr, b, h, stride_b, stride_h):
     return ptr + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
 

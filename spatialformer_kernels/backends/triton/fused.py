@@ -71,13 +71,13 @@ from .common import (
     mask_args,
     online_max,
     probs,
+    program_head,
     reduce_splits,
     round_to,
     sm_count,
     split_plan,
 )
 from .configs import (
-    fixed_config,
     BWD_CONFIGS,
     DELTA_BLOCK_M,
     FWD_CONFIGS,
@@ -86,9 +86,11 @@ from .configs import (
     backward_supported,
     block_d_for,
     block_m_for,
+    fixed_config,
     fuse_directions,
 )
 from .wide import wide_head_bwd
+
 
 # ----------------------------------------------------------------------------------------
 # jit helpers of the fused kernels (the ones wide.py shares are in common.py)
@@ -173,12 +175,10 @@ def _bilateral_fwd_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
-    pid_bh = tl.program_id(0)
+    pid_bh, b, h = program_head(H)
     split = tl.program_id(1)
     pid_m = tl.program_id(2)
     m_programs = tl.num_programs(2)
-    b = pid_bh // H
-    h = pid_bh % H
     q_s_ptr = head_base(Q_S, b, h, stride_qs_b, stride_qs_h)
     k_s_ptr = head_base(K_S, b, h, stride_ks_b, stride_ks_h)
     v_s_ptr = head_base(V_S, b, h, stride_vs_b, stride_vs_h)
@@ -296,9 +296,7 @@ def _spatial_delta_kernel(
 ):
     """delta = rowsum(dO * O) of direction s's spatial rows, once per launch (`_delta_like_dp`:
     the backward kernel's dP dots use the same BLOCK_D and operand dtypes)."""
-    pid_bh = tl.program_id(0)
-    b = pid_bh // H
-    h = pid_bh % H
+    pid_bh, b, h = program_head(H)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_ok = rows < M
     offs_d = tl.arange(0, BLOCK_D)
@@ -342,10 +340,8 @@ def _bilateral_bwd_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
-    pid_bh = tl.program_id(0)
+    pid_bh, b, h = program_head(H)
     split = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
     q_s_ptr = head_base(Q_S, b, h, stride_qs_b, stride_qs_h)
     k_s_ptr = head_base(K_S, b, h, stride_ks_b, stride_ks_h)
     v_s_ptr = head_base(V_S, b, h, stride_vs_b, stride_vs_h)

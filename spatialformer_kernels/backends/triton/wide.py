@@ -68,6 +68,7 @@ from .common import (
     mask_args,
     online_max,
     probs,
+    program_head,
     reduce_splits,
     round_to,
     sm_count,
@@ -170,10 +171,8 @@ def _bilateral_wide_lse_kernel(
 ):
     """Softmax statistics of BLOCK_R query rows over one split of the keys, from the S of
     `_chunked_logits` (grid (B*H, SPLITS, row blocks))."""
-    pid_bh = tl.program_id(0)
+    pid_bh, b, h = program_head(H)
     split = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
     q_ptr = head_base(Q, b, h, stride_q_b, stride_q_h)
     k_ptr = head_base(K, b, h, stride_k_b, stride_k_h)
     rows = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -209,9 +208,7 @@ def _bilateral_wide_delta_kernel(
 ):
     """delta = diag(dO O^T) per query row: `_chunked_logits` with dO in place of q and O in
     place of k runs the same chunk loop and dots as its dP = dO v^T."""
-    pid_bh = tl.program_id(0)
-    b = pid_bh // H
-    h = pid_bh % H
+    pid_bh, b, h = program_head(H)
     o_ptr = head_base(O, b, h, stride_o_b, stride_o_h)
     do_ptr = head_base(DO, b, h, stride_do_b, stride_do_h)
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -247,10 +244,8 @@ def _bilateral_wide_bwd_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_DC >= 16)
-    pid_bh = tl.program_id(0)
+    pid_bh, b, h = program_head(H)
     split = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
     q_ptr = head_base(Q, b, h, stride_q_b, stride_q_h)
     do_ptr = head_base(DO, b, h, stride_do_b, stride_do_h)
     k_ptr = head_base(K, b, h, stride_k_b, stride_k_h)
