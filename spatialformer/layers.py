@@ -6,15 +6,28 @@ the fused qkv projection (no copy), which every kernel backend reads in place.
 
 The block internals are not published with the paper; these are our documented choices
 (docs/design.md section 3): pre-norm, per-stream q/k/v projections, MLP ratio 4, qkv bias.
-"""
-from __future__ import annotations
 
-from typing import Optional
+timm conventions: the layers script with torch.jit.script and trace with torch.fx. The
+attention calls go through the small functions `_bilateral_heads`, `_cross_heads` and
+`_joint_heads`, which are FX leaves (torch.fx.wrap, and timm's no-trace registry) so a traced
+graph still picks the kernels at call time; BilateralCrossAttention is a leaf module for
+timm's FX feature extraction. Scripted, they cannot call the Python dispatch: a layer
+whose backend is an explicit kernel backend ("cpu", "triton") calls the registered op
+`torch.ops.spatialformer.bilateral_attention` / `cross_attention`; every other layer runs
+PyTorch's scaled_dot_product_attention (the reference's math, same masking).
+"""
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
-from timm.layers import DropPath, Mlp, build_sincos2d_pos_embed, trunc_normal_
+from timm.layers import (
+    DropPath,
+    Mlp,
+    build_sincos2d_pos_embed,
+    register_notrace_function,
+    register_notrace_module,
+    trunc_normal_,
+)
 from torch import Tensor, nn
 
 from spatialformer_kernels import bilateral_attention, cross_attention
@@ -48,15 +61,80 @@ class SpatialTokens(nn.Module):
         return tokens.unsqueeze(0).expand(batch_size, -1, -1)
 
 
-def _split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+def _split_heads(qkv: Tensor, num_heads: int) -> Tuple[Tensor, Tensor, Tensor]:
     """[B, L, 3*C] -> three [B, H, L, D] strided views (no copy)."""
-    return rearrange(qkv, "b l (three h d) -> three b h l d", three=3, h=num_heads).unbind(0)
+    q, k, v = qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v
 
 
 def _merge_heads(out: Tensor) -> Tensor:
-    return rearrange(out, "b h l d -> b l (h d)")
+    """[B, H, L, D] -> [B, L, H*D]."""
+    return out.transpose(1, 2).flatten(2)
 
 
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor]) -> Tensor:
+    """SDPA with an optional bool key mask [B, Lk]; a row with no kept key gets zeros, as in the reference."""
+    if key_mask is None:
+        return F.scaled_dot_product_attention(q, k, v)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
+    return torch.where(key_mask.any(dim=-1)[:, None, None, None], out, torch.zeros_like(out))
+
+
+@register_notrace_function
+def _bilateral_heads(
+    q_s: Tensor,
+    k_s: Tensor,
+    v_s: Tensor,
+    q_x: Tensor,
+    k_x: Tensor,
+    v_x: Tensor,
+    image_mask: Optional[Tensor],
+    backend: Optional[str],
+) -> Tuple[Tensor, Tensor]:
+    """Both BCA directions on [B, H, L, D] heads with the layer's backend (None: the process-wide default)."""
+    if torch.jit.is_scripting():
+        # No Python dispatch in TorchScript: an explicit kernel backend calls its registered
+        # op (its Python kernel runs through the dispatcher); any other backend runs SDPA.
+        if backend is not None and (backend == "cpu" or backend == "triton"):
+            scale = float(q_s.shape[-1]) ** -0.5
+            o_s, o_x, _, _ = torch.ops.spatialformer.bilateral_attention(
+                q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask, backend
+            )
+            return o_s, o_x
+        return _sdpa(q_s, k_x, v_x, image_mask), _sdpa(q_x, k_s, v_s, None)
+    return bilateral_attention(
+        q_s, k_s, v_s, q_x, k_x, v_x, image_mask=image_mask, backend=resolve_layer_backend(backend)
+    )
+
+
+@register_notrace_function
+def _cross_heads(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], backend: Optional[str]) -> Tensor:
+    """One attention direction on [B, H, L, D] heads with the layer's backend."""
+    if torch.jit.is_scripting():  # as in _bilateral_heads
+        if backend is not None and (backend == "cpu" or backend == "triton"):
+            scale = float(q.shape[-1]) ** -0.5
+            return torch.ops.spatialformer.cross_attention(q, k, v, scale, key_mask, backend)[0]
+        return _sdpa(q, k, v, key_mask)
+    return cross_attention(q, k, v, key_mask=key_mask, backend=resolve_layer_backend(backend))
+
+
+@register_notrace_function
+def _joint_heads(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], backend: Optional[str]) -> Tensor:
+    """Joint self-attention on [B, H, L, D] heads: SDPA, or the reference for backend "reference"."""
+    if not torch.jit.is_scripting():
+        if resolve_layer_backend(backend) == "reference":
+            return cross_attention_reference(q, k, v, q.shape[-1] ** -0.5, key_mask)
+    attn_mask = None if key_mask is None else key_mask[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+
+# Leaves for every torch.fx tracer (register_notrace_function covers timm's own tracer).
+torch.fx.wrap("_bilateral_heads")
+torch.fx.wrap("_cross_heads")
+torch.fx.wrap("_joint_heads")
+
+
+@register_notrace_module
 class BilateralCrossAttention(nn.Module):
     """Bilateral cross-attention between spatial tokens [B, M, C] and image tokens [B, N, C].
 
@@ -81,29 +159,31 @@ class BilateralCrossAttention(nn.Module):
         self.proj_x = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
+    @torch.jit.ignore
     def _backend(self) -> str:
+        """The backend this layer runs now (eager): its own, else the process-wide default."""
         return resolve_layer_backend(self.backend)
 
-    def forward(self, s: Tensor, x: Tensor, image_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    def forward(self, s: Tensor, x: Tensor, image_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         q_s, k_s, v_s = _split_heads(self.qkv_s(s), self.num_heads)
         q_x, k_x, v_x = _split_heads(self.qkv_x(x), self.num_heads)
-        o_s, o_x = bilateral_attention(q_s, k_s, v_s, q_x, k_x, v_x, image_mask=image_mask, backend=self._backend())
+        o_s, o_x = _bilateral_heads(q_s, k_s, v_s, q_x, k_x, v_x, image_mask, self.backend)
         return self.proj_drop(self.proj_s(_merge_heads(o_s))), self.proj_drop(self.proj_x(_merge_heads(o_x)))
 
-    def image_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def image_qkv(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """Image-stream q_x, k_x, v_x, each [B, H, N, D]."""
         return _split_heads(self.qkv_x(x), self.num_heads)
 
     def attend_spatial(self, s: Tensor, k_x: Tensor, v_x: Tensor, image_mask: Optional[Tensor] = None) -> Tensor:
         """Sequential mode, step 1: spatial queries over the image tokens -> ds [B, M, C]."""
         q_s, _, _ = _split_heads(self.qkv_s(s), self.num_heads)
-        o_s = cross_attention(q_s, k_x, v_x, key_mask=image_mask, backend=self._backend())
+        o_s = _cross_heads(q_s, k_x, v_x, image_mask, self.backend)
         return self.proj_drop(self.proj_s(_merge_heads(o_s)))
 
     def attend_image(self, q_x: Tensor, s: Tensor) -> Tensor:
         """Sequential mode, step 2: image queries over the (updated) spatial tokens -> dx [B, N, C]."""
         _, k_s, v_s = _split_heads(self.qkv_s(s), self.num_heads)
-        o_x = cross_attention(q_x, k_s, v_s, backend=self._backend())
+        o_x = _cross_heads(q_x, k_s, v_s, None, self.backend)
         return self.proj_drop(self.proj_x(_merge_heads(o_x)))
 
 
@@ -139,7 +219,7 @@ class BCABlock(nn.Module):
         self.mlp_s = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
         self.mlp_x = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
 
-    def forward(self, s: Tensor, x: Tensor, image_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    def forward(self, s: Tensor, x: Tensor, image_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         s_n, x_n = self.norm_s(s), self.norm_x(x)
         if self.mode == "parallel":
             ds, dx = self.attn(s_n, x_n, image_mask)
@@ -172,11 +252,7 @@ class JointSelfAttention(nn.Module):
 
     def forward(self, tokens: Tensor, key_mask: Optional[Tensor] = None) -> Tensor:
         q, k, v = _split_heads(self.qkv(tokens), self.num_heads)
-        if resolve_layer_backend(self.backend) == "reference":
-            out = cross_attention_reference(q, k, v, q.shape[-1] ** -0.5, key_mask)
-        else:
-            attn_mask = None if key_mask is None else key_mask[:, None, None, :]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        out = _joint_heads(q, k, v, key_mask, self.backend)
         return self.proj_drop(self.proj(_merge_heads(out)))
 
 
@@ -200,10 +276,10 @@ class SABlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
 
-    def forward(self, s: Tensor, x: Tensor, image_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    def forward(self, s: Tensor, x: Tensor, image_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         n_spatial = s.shape[1]
         tokens = torch.cat([s, x], dim=1)
-        key_mask = None
+        key_mask: Optional[Tensor] = None
         if image_mask is not None:
             key_mask = torch.cat([image_mask.new_ones(s.shape[0], n_spatial), image_mask], dim=1)
         tokens = tokens + self.drop_path(self.attn(self.norm1(tokens), key_mask))

@@ -15,15 +15,21 @@ Models register with timm on `import spatialformer`:
     >>> import spatialformer, timm
     >>> model = timm.create_model("spatialformer_tiny", backend="auto")
     >>> logits = model(torch.randn(1, 3, 224, 224))  # [1, 1000]
-"""
-from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+They follow timm's model conventions: complete pretrained configs, torch.jit.script, FX
+tracing (the BCA attention is a leaf, see layers.py), `set_grad_checkpointing`,
+`group_matcher` (layer-wise LR decay), `features_only` / `forward_intermediates`, and
+pretrained weights from a local file (`pretrained=True,
+pretrained_cfg_overlay=dict(file=PATH)`, mapped by `checkpoint_filter_fn`).
+"""
+# No `from __future__ import annotations` here or in layers.py: FX copies a traced forward's
+# annotations into its generated code, and TorchScript cannot resolve them as strings.
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import calculate_drop_path_rates, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import calculate_drop_path_rates, register_notrace_function, trunc_normal_
+from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models.swin_transformer import PatchMerging
 from torch import Tensor, nn
@@ -34,6 +40,21 @@ __all__ = ["SpatialFormer"]
 
 PATCH_SIZE = 4
 TOTAL_STRIDE = 32
+
+
+@register_notrace_function
+def _check_images(images: Tensor, stride: int = TOTAL_STRIDE) -> Tensor:
+    """`images` if they are [B, C, H, W] with H and W multiples of 32, else a ValueError.
+
+    A leaf for FX tracing (its checks read shapes) and scriptable.
+    """
+    if images.dim() != 4 or images.shape[-2] % stride != 0 or images.shape[-1] % stride != 0:
+        shape = ", ".join([str(size) for size in images.shape])
+        raise ValueError(f"images must be [B, C, H, W] with H and W multiples of {stride}, got ({shape})")
+    return images
+
+
+torch.fx.wrap("_check_images")
 
 
 class PatchEmbed(nn.Module):
@@ -51,7 +72,9 @@ class PatchEmbed(nn.Module):
 class SpatialFormerStage(nn.Module):
     """One stage: optional downsampling of both streams, then BCA or SA blocks.
 
-    Image tokens travel as NHWC maps [B, h, w, C]; spatial tokens as [B, M, C].
+    Image tokens travel as NHWC maps [B, h, w, C]; spatial tokens as [B, M, C]. With
+    `grad_checkpointing`, each block recomputes its activations in the backward pass
+    (only its inputs are kept).
     """
 
     def __init__(
@@ -81,6 +104,7 @@ class SpatialFormerStage(nn.Module):
             raise ValueError(f"block_type must be 'bca' or 'sa', got {block_type!r}")
         assert len(blocks) == depth
         self.blocks = nn.ModuleList(blocks)
+        self.grad_checkpointing = False
 
     def forward(self, x: Tensor, s: Tensor) -> Tuple[Tensor, Tensor]:
         x = self.downsample(x)
@@ -88,7 +112,10 @@ class SpatialFormerStage(nn.Module):
         batch, height, width, channels = x.shape
         tokens = x.reshape(batch, height * width, channels)
         for block in self.blocks:
-            s, tokens = block(s, tokens)
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                s, tokens = checkpoint(block, s, tokens)
+            else:
+                s, tokens = block(s, tokens)
         return tokens.reshape(batch, height, width, channels), s
 
 
@@ -160,6 +187,32 @@ class SpatialFormer(nn.Module):
         return {"spatial_tokens.embedding"}
 
     @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Parameter groups in timm's format (e.g. for timm.optim.param_groups_layer_decay).
+
+        Depth order: the stem (patch embedding and initial spatial tokens), then per stage its
+        downsampling (patch merging and spatial-token projection) and its blocks; the final
+        norm joins the last block; the head, matched by nothing, comes last. coarse=True:
+        one group per stage.
+        """
+        return dict(
+            stem=r"^patch_embed\.|^spatial_tokens\.",
+            blocks=r"^stages\.(\d+)\."
+            if coarse
+            else [
+                (r"^stages\.(\d+)\.(?:downsample|spatial_proj)\.", (-1,)),  # before the stage's block 0
+                (r"^stages\.(\d+)\.blocks\.(\d+)\.", None),
+                (r"^norm\.", (99999,)),  # timm's "same group as the previous one"
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them."""
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 
@@ -168,12 +221,6 @@ class SpatialFormer(nn.Module):
         if global_pool is not None:
             self.global_pool = global_pool
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def _check_input(self, images: Tensor) -> None:
-        if images.dim() != 4 or images.shape[-2] % TOTAL_STRIDE or images.shape[-1] % TOTAL_STRIDE:
-            raise ValueError(
-                f"images must be [B, C, H, W] with H and W multiples of {TOTAL_STRIDE}, got {tuple(images.shape)}"
-            )
 
     def forward_intermediates(
         self,
@@ -191,7 +238,7 @@ class SpatialFormer(nn.Module):
         """
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        self._check_input(x)
+        x = _check_images(x)
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         stages = self.stages[: max_index + 1] if stop_early else self.stages
         x = self.patch_embed(x)
@@ -226,8 +273,7 @@ class SpatialFormer(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Images [B, C, H, W] -> final normalised tokens [B, M + N4, C4], spatial tokens first."""
-        self._check_input(x)
-        x = self.patch_embed(x)
+        x = self.patch_embed(_check_images(x))
         s = self.spatial_tokens(x.shape[0])
         for stage in self.stages:
             x, s = stage(x, s)
@@ -247,16 +293,45 @@ class SpatialFormer(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def checkpoint_filter_fn(state_dict: dict, model: SpatialFormer) -> dict:
-    """Accept plain or wrapped ({"model": ...} / {"state_dict": ...}) state dicts."""
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: SpatialFormer) -> Dict[str, Tensor]:
+    """Map a saved checkpoint onto `model`'s state_dict keys (timm's pretrained_filter_fn).
+
+    Accepts a plain state_dict; one wrapped as {"model": ...} or {"state_dict": ...}; the
+    safetensors file of `python -m spatialformer.train` (keys "model.*" next to the optimizer's
+    "optim.*" and "rng.*"); and DDP / torch.compile key prefixes ("module.", "_orig_mod.").
+    The classifier loads when its shape fits the model; otherwise (another num_classes, or
+    none) the model keeps its own freshly initialised head. Nothing depends on the image
+    size (the patch embedding is a convolution, the spatial tokens a fixed grid, and image
+    tokens carry no position embedding), so weights trained at any resolution load as they are.
+    """
     for key in ("model", "state_dict"):
-        if key in state_dict and isinstance(state_dict[key], dict):
+        if isinstance(state_dict.get(key), dict):
             state_dict = state_dict[key]
-    return state_dict
+    if any(key.startswith("model.") for key in state_dict):
+        state_dict = {key[len("model.") :]: value for key, value in state_dict.items() if key.startswith("model.")}
+    cleaned = {}
+    for key, value in state_dict.items():
+        while key.startswith(("module.", "_orig_mod.")):
+            key = key.split(".", 1)[1]
+        cleaned[key] = value
+    own = model.state_dict()
+    for key in ("head.weight", "head.bias"):
+        if key not in own:
+            cleaned.pop(key, None)
+        elif key in cleaned and cleaned[key].shape != own[key].shape:
+            cleaned[key] = own[key]
+    return cleaned
 
 
 def _create_spatialformer(variant: str, pretrained: bool = False, **kwargs) -> SpatialFormer:
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    if pretrained:
+        # Weights are matched to the model by their shapes (checkpoint_filter_fn keeps a
+        # classifier that fits), so timm must not drop the classifier because the config's
+        # class count differs from the model's: a local file may have any class count.
+        overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
+        overlay.setdefault("num_classes", kwargs.get("num_classes", 1000))
+        kwargs["pretrained_cfg_overlay"] = overlay
     return build_model_with_cfg(
         SpatialFormer,
         variant,
@@ -267,13 +342,16 @@ def _create_spatialformer(variant: str, pretrained: bool = False, **kwargs) -> S
     )
 
 
-def _cfg(**kwargs) -> dict:
+def _cfg(input_size: Tuple[int, int, int] = (3, 224, 224), **kwargs) -> Dict[str, Any]:
     return {
         "url": "",
         "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
+        "input_size": input_size,
+        "min_input_size": (input_size[0], TOTAL_STRIDE, TOTAL_STRIDE),
+        # forward_features' image tokens (and forward_intermediates' last map) at output stride 32
+        "pool_size": (input_size[1] // TOTAL_STRIDE, input_size[2] // TOTAL_STRIDE),
         "crop_pct": 0.9,
+        "crop_mode": "center",
         "interpolation": "bicubic",
         "mean": IMAGENET_DEFAULT_MEAN,
         "std": IMAGENET_DEFAULT_STD,
