@@ -11,10 +11,10 @@ timm conventions: the layers script with torch.jit.script and trace with torch.f
 attention calls go through the small functions `_bilateral_heads`, `_cross_heads` and
 `_joint_heads`, which are FX leaves (torch.fx.wrap, and timm's no-trace registry) so a traced
 graph still picks the kernels at call time; BilateralCrossAttention is a leaf module for
-timm's FX feature extraction. Scripted, they cannot call the Python dispatch: a layer
-whose backend is an explicit kernel backend ("cpu", "triton") calls the registered op
-`torch.ops.spatialformer.bilateral_attention` / `cross_attention`; every other layer runs
-PyTorch's scaled_dot_product_attention (the reference's math, same masking).
+timm's FX feature extraction. Scripted, they cannot call the Python dispatch: they call the
+registered ops `torch.ops.spatialformer.bilateral_attention` / `cross_attention` with the
+layer's backend ("auto" for a layer on the process-wide default), which pick the kernel (or
+the reference) when they run.
 """
 from typing import Optional, Tuple
 
@@ -72,14 +72,6 @@ def _merge_heads(out: Tensor) -> Tensor:
     return out.transpose(1, 2).flatten(2)
 
 
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor]) -> Tensor:
-    """SDPA with an optional bool key mask [B, Lk]; a row with no kept key gets zeros, as in the reference."""
-    if key_mask is None:
-        return F.scaled_dot_product_attention(q, k, v)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
-    return torch.where(key_mask.any(dim=-1)[:, None, None, None], out, torch.zeros_like(out))
-
-
 @register_notrace_function
 def _bilateral_heads(
     q_s: Tensor,
@@ -93,15 +85,13 @@ def _bilateral_heads(
 ) -> Tuple[Tensor, Tensor]:
     """Both BCA directions on [B, H, L, D] heads with the layer's backend (None: the process-wide default)."""
     if torch.jit.is_scripting():
-        # No Python dispatch in TorchScript: an explicit kernel backend calls its registered
-        # op (its Python kernel runs through the dispatcher); any other backend runs SDPA.
-        if backend is not None and (backend == "cpu" or backend == "triton"):
-            scale = float(q_s.shape[-1]) ** -0.5
-            o_s, o_x, _, _ = torch.ops.spatialformer.bilateral_attention(
-                q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask, backend
-            )
-            return o_s, o_x
-        return _sdpa(q_s, k_x, v_x, image_mask), _sdpa(q_x, k_s, v_s, None)
+        # No Python dispatch in TorchScript: the registered op resolves the layer's backend
+        # ("auto" for a layer that follows the process-wide default) when it runs.
+        scale = float(q_s.shape[-1]) ** -0.5
+        o_s, o_x, _, _ = torch.ops.spatialformer.bilateral_attention(
+            q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask, backend if backend is not None else "auto"
+        )
+        return o_s, o_x
     return bilateral_attention(
         q_s, k_s, v_s, q_x, k_x, v_x, image_mask=image_mask, backend=resolve_layer_backend(backend)
     )
@@ -111,10 +101,8 @@ def _bilateral_heads(
 def _cross_heads(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], backend: Optional[str]) -> Tensor:
     """One attention direction on [B, H, L, D] heads with the layer's backend."""
     if torch.jit.is_scripting():  # as in _bilateral_heads
-        if backend is not None and (backend == "cpu" or backend == "triton"):
-            scale = float(q.shape[-1]) ** -0.5
-            return torch.ops.spatialformer.cross_attention(q, k, v, scale, key_mask, backend)[0]
-        return _sdpa(q, k, v, key_mask)
+        scale = float(q.shape[-1]) ** -0.5
+        return torch.ops.spatialformer.cross_attention(q, k, v, scale, key_mask, backend if backend is not None else "auto")[0]
     return cross_attention(q, k, v, key_mask=key_mask, backend=resolve_layer_backend(backend))
 
 

@@ -105,11 +105,28 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
 
 
 def kernels(backend: str) -> ModuleType:
-    """The kernel module of a concrete, available kernel backend."""
+    """The module implementing the contract for a concrete backend: an available kernel
+    backend's, or `reference`'s."""
+    if backend == "reference":
+        from . import reference
+
+        return reference
     module = _load(backend)
     if module is None:
         raise RuntimeError(f"backend {backend!r} is not available on this machine")
     return module
+
+
+def op_kernels(backend: str, *tensors: torch.Tensor) -> ModuleType:
+    """What a registered op runs for a backend name, "auto" included: resolved for the first
+    tensor's device and dtype, with the reference for inputs that are empty (no kernel launches
+    on them). The public functions resolve the name before they call the op; a caller of
+    torch.ops.spatialformer.* that cannot (TorchScript) passes "auto" or any other name."""
+    first = tensors[0]
+    name = resolve_backend(backend, first.device, first.dtype)
+    if any(t.numel() == 0 for t in tensors):
+        name = "reference"
+    return kernels(name)
 
 
 def direct_call_ok(*tensors: torch.Tensor | None) -> bool:

@@ -1,6 +1,9 @@
 """The one pure-PyTorch reference for bilateral and cross attention.
 
-Tests, benchmarks and the `backend="reference"` path all use these functions. They are
+Tests, benchmarks and the `backend="reference"` path all use these functions. The last four
+(`bilateral_fwd`, `bilateral_bwd`, `cross_fwd`, `cross_bwd`) put the reference behind the
+backend contract of dispatch.py, for the registered ops when they are called with backend
+"reference" (or "auto" where no kernel runs), e.g. from a TorchScript model. They are
 plain differentiable PyTorch, materialise the [B, H, Lq, Lk] logits and follow the exact
 semantics of docs/design.md section 1:
 
@@ -80,3 +83,47 @@ def bilateral_attention_reference(
     o_s = cross_attention_reference(q_s, k_x, v_x, scale, image_mask, upcast)
     o_x = cross_attention_reference(q_x, k_s, v_s, scale, None, upcast)
     return o_s, o_x
+
+
+# ----------------------------------------------------------------------------------------
+# The reference behind the backend contract (dispatch.py)
+# ----------------------------------------------------------------------------------------
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def cross_fwd(q, k, v, scale, key_mask):
+    """-> (o [B, H, Lq, D], lse [B, H, Lq] float64)."""
+    return cross_attention_reference_with_lse(q, k, v, scale, key_mask)
+
+
+def cross_bwd(do, q, k, v, o, lse, scale, key_mask):
+    """-> (dq, dk, dv): the softmax backward written out (a registered op runs below autograd,
+    so it cannot differentiate the reference), P recomputed from the saved LSE, delta as
+    rowsum(P * dP) as PyTorch's softmax backward forms it; 16-bit inputs computed in float32."""
+    work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    q_, k_, v_, do_ = (t.to(work) for t in (q, k, v, do))
+    logits = torch.matmul(q_, k_.transpose(-1, -2)) * scale
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    has_key = torch.isfinite(lse)[..., None]  # a row with no kept key: P = 0, zero gradients
+    p = torch.where(has_key, torch.exp(logits - torch.where(has_key, lse[..., None], 0).to(work)), 0)
+    dp = torch.matmul(do_, v_.transpose(-1, -2))
+    ds = p * (dp - (p * dp).sum(dim=-1, keepdim=True)) * scale
+    dq = torch.matmul(ds, k_)
+    dk = torch.matmul(ds.transpose(-1, -2), q_)
+    dv = torch.matmul(p.transpose(-1, -2), do_)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def bilateral_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask):
+    """-> (o_s, o_x, lse_s, lse_x)."""
+    o_s, lse_s = cross_fwd(q_s, k_x, v_x, scale, image_mask)
+    o_x, lse_x = cross_fwd(q_x, k_s, v_s, scale, None)
+    return o_s, o_x, lse_s, lse_x
+
+
+def bilateral_bwd(do_s, do_x, q_s, k_s, v_s, q_x, k_x, v_x, o_s, o_x, lse_s, lse_x, scale, image_mask):
+    """-> (dq_s, dk_s, dv_s, dq_x, dk_x, dv_x)."""
+    dq_s, dk_x, dv_x = cross_bwd(do_s, q_s, k_x, v_x, o_s, lse_s, scale, image_mask)
+    dq_x, dk_s, dv_s = cross_bwd(do_x, q_x, k_s, v_s, o_x, lse_x, scale, None)
+    return dq_s, dk_s, dv_s, dq_x, dk_x, dv_x

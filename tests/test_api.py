@@ -154,6 +154,31 @@ def test_default_scale_is_inverse_sqrt_head_dim():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_registered_ops_take_any_backend_name_with_gradients(backend):
+    """torch.ops.spatialformer.* called directly (as TorchScript does) with "auto" or
+    "reference": the op resolves the name, and its outputs and gradients are the public
+    function's; empty inputs launch no kernel."""
+    from spatialformer_kernels.reference import bilateral_attention_reference, cross_attention_reference
+
+    inputs = [t.requires_grad_() for t in make_bilateral_inputs(B, H, M, N, D, seed=3)]
+    mask = make_image_mask(B, N, empty_samples=(1,), seed=4)
+    o_s, o_x, lse_s, lse_x = torch.ops.spatialformer.bilateral_attention(*inputs, 0.3, mask, backend)
+    assert lse_s.dtype == lse_x.dtype == torch.float64
+    grads = torch.autograd.grad(o_s.sum() + o_x.square().sum(), inputs)
+    ref_s, ref_x = bilateral_attention_reference(*inputs, 0.3, mask)
+    ref_grads = torch.autograd.grad(ref_s.sum() + ref_x.square().sum(), inputs)
+    torch.testing.assert_close([o_s, o_x, *grads], [ref_s, ref_x, *ref_grads], rtol=1e-4, atol=1e-5)
+    q, k, v = inputs[0], inputs[4], inputs[5]
+    o, lse = torch.ops.spatialformer.cross_attention(q, k, v, 0.3, mask, backend)
+    dq, dk, dv = torch.autograd.grad(o.sum(), (q, k, v))
+    ref = cross_attention_reference(q, k, v, 0.3, mask)
+    torch.testing.assert_close([o, dq, dk, dv], [ref, *torch.autograd.grad(ref.sum(), (q, k, v))], rtol=1e-4, atol=1e-5)
+    empty = make_bilateral_inputs(B, H, M, 0, D)
+    o_s, o_x, _, _ = torch.ops.spatialformer.bilateral_attention(*empty, 0.3, None, backend)
+    assert o_s.shape == (B, H, M, D) and o_x.shape == (B, H, 0, D) and torch.count_nonzero(o_s) == 0
+
+
 def test_ops_are_registered_with_torch_library():
     for name in ("bilateral_attention", "bilateral_attention_backward", "cross_attention", "cross_attention_backward"):
         assert hasattr(torch.ops.spatialformer, name)

@@ -32,7 +32,7 @@ def _bilateral_attention_op(
     image_mask: Optional[Tensor],
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return dispatch.kernels(backend).bilateral_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask)
+    return dispatch.op_kernels(backend, q_s, q_x).bilateral_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask)
 
 
 @_bilateral_attention_op.register_fake
@@ -65,7 +65,7 @@ def _bilateral_attention_backward_op(
     image_mask: Optional[Tensor],
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return dispatch.kernels(backend).bilateral_bwd(
+    return dispatch.op_kernels(backend, q_s, q_x).bilateral_bwd(
         do_s, do_x, q_s, k_s, v_s, q_x, k_x, v_x, o_s, o_x, lse_s, lse_x, scale, image_mask
     )
 

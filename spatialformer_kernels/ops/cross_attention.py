@@ -21,7 +21,7 @@ from ..validation import resolve_scale, validate_cross
 def _cross_attention_op(
     q: Tensor, k: Tensor, v: Tensor, scale: float, key_mask: Optional[Tensor], backend: str
 ) -> tuple[Tensor, Tensor]:
-    return dispatch.kernels(backend).cross_fwd(q, k, v, scale, key_mask)
+    return dispatch.op_kernels(backend, q, k).cross_fwd(q, k, v, scale, key_mask)
 
 
 @_cross_attention_op.register_fake
@@ -41,7 +41,7 @@ def _cross_attention_backward_op(
     key_mask: Optional[Tensor],
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return dispatch.kernels(backend).cross_bwd(do, q, k, v, o, lse, scale, key_mask)
+    return dispatch.op_kernels(backend, q, k).cross_bwd(do, q, k, v, o, lse, scale, key_mask)
 
 
 @_cross_attention_backward_op.register_fake
