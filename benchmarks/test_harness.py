@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from spatialformer_kernels import bench
+from spatialformer_kernels import bench, bench_measure, dispatch
 
 _spec = importlib.util.spec_from_file_location("render_tables", Path(__file__).with_name("render_tables.py"))
 render_tables = importlib.util.module_from_spec(_spec)
@@ -64,7 +67,7 @@ def test_bytes_and_flops_of_cls224_stage1():
     assert bench.bytes_moved(shape, torch.bfloat16, "fwd_bwd") == sum(bench.bytes_moved(shape, torch.bfloat16, p) for p in ("fwd", "bwd"))
     assert bench.flops(shape, "fwd") == 8 * 64 * 2 * 64 * 3136 * 32
     assert bench.flops(shape, "fwd_bwd") == 28 * 64 * 2 * 64 * 3136 * 32
-    # DESIGN.md section 2: "about 64 FLOP/byte at D = 32" in 16-bit.
+    # docs/design.md section 2: "about 64 FLOP/byte at D = 32" in 16-bit.
     assert 60 < bench.flops(shape, "fwd") / bench.bytes_moved(shape, torch.bfloat16, "fwd") < 64
 
 
@@ -80,7 +83,7 @@ def test_cpu_scaling_keeps_h_m_d_and_divides_b_n():
     assert shapes["det800x1344-stage1"].B == 1 and shapes["det800x1344-stage1"].N == 8400
     assert shapes["cls224-stage1"].label == "cls224-stage1/8"
     assert "divided by 8" in bench.scaling_note(list(shapes.values()))
-    assert bench.scaling_note(bench.shapes_for(CPU, scale=1)) == "full DESIGN.md section 4 shapes"
+    assert bench.scaling_note(bench.shapes_for(CPU, scale=1)) == "full docs/design.md section 4 shapes"
     with pytest.raises(ValueError, match="unknown shape"):
         bench.shapes_for(CPU, ["nope"])
 
@@ -227,23 +230,177 @@ def test_committed_results_render(pytestconfig):
         assert render_tables.main(["--check"]) == 0, "README tables are stale: run python benchmarks/render_tables.py"
 
 
+# ---------------------------------------------------------------------------- parity
+
+
+TINY = bench.Shape("tiny", B=2, H=2, M=16, N=300, D=16)
+
+
+def _wrong_scale():
+    return lambda q_s, k_s, v_s, q_x, k_x, v_x, scale: bench.bilateral_attention_reference(q_s, k_s, v_s, q_x, k_x, v_x, 1.1 * scale)
+
+
+def test_parity_checks_carry_max_error_bound_and_verdict():
+    good = next(p for p in bench.providers_for(CPU) if p.name == "sdpa")
+    wrong = bench.Provider("wrong-scale", "baseline", "reference", _wrong_scale)
+    session = bench.BenchSession(CPU, [good, wrong], measure_memory=False)
+    for name in ("sdpa", "wrong-scale"):
+        session.row(TINY, torch.float32, "fwd", name)
+    (shape, ok), (_, bad) = session.parity_checks()
+    assert shape == TINY and ok.dims == "B2 H2 M16 N300 D16" and ok.passed and 0 <= ok.max_err <= ok.bound
+    assert not bad.passed and bad.max_err > bad.bound > 0 and "max abs err" in bad.failures
+    assert ok.tensor in bench.GRAD_NAMES[:2] and not ok.with_grads
+    text = bench.format_parity(session.parity_checks())
+    assert "tolerance rule" in text
+    assert re.search(rf"tiny +B2 H2 M16 N300 D16 +fp32 +sdpa +{ok.max_err:.1e} <= {ok.bound:.1e} \(o_[sx]\) +- +pass$", text, re.M)
+    assert re.search(rf"wrong-scale +{bad.max_err:.1e} > {bad.bound:.1e} \(o_[sx]\) +- +FAIL$", text, re.M)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or "triton" not in dispatch.runnable_backends(CPU),
+                    reason="needs Triton's interpreter on a machine without CUDA")  # fmt: skip
+def test_triton_in_its_interpreter_is_checked_on_a_reduced_shape_and_not_timed():
+    triton = next(p for p in bench.providers_for(CPU) if p.name == "ours-triton")
+    session = bench.BenchSession(CPU, [triton], measure_memory=False)
+    row = session.row(TINY, torch.float32, "fwd", "ours-triton")
+    assert row.status == "untimed" and row.median_ms is None and "interpreter" in row.note
+    [(shape, check)] = session.parity_checks()
+    assert shape == TINY and check.passed and check.dims == f"B1 H2 M16 N{bench.INTERPRETER_MAX_N} D16"
+    assert "not timed ours-triton (fwd): Triton without CUDA runs only in its interpreter" in bench.format_table([row])
+
+
+def test_triton_without_cuda_or_interpreter_says_it_was_not_checked(monkeypatch):
+    if "triton" not in dispatch.available_backends() or torch.cuda.is_available():
+        pytest.skip("needs Triton on a machine without CUDA")
+    monkeypatch.setattr(dispatch, "triton_interpreter_enabled", lambda: False)
+    triton = next(p for p in bench.providers_for(CPU) if p.name == "ours-triton")
+    assert "not checked, not timed" in triton.skip and "TRITON_INTERPRET=1" in triton.skip and not triton.parity_only
+
+
+# ---------------------------------------------------------------------------- environment
+
+
+def test_commit_of_an_installed_package_is_not_a_git_checkout(monkeypatch, tmp_path):
+    outside = tmp_path / "site-packages" / "spatialformer_kernels" / "bench_measure.py"
+    monkeypatch.setattr(bench_measure, "__file__", str(outside))
+    assert bench.git_commit() == bench.NOT_A_CHECKOUT == "not a git checkout"
+    # pip install . into a virtual environment inside a checkout: site-packages is not that checkout
+    repo = tmp_path / "repo"
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "c"], check=True)
+    monkeypatch.setattr(bench_measure, "__file__", str(repo / ".venv/lib/site-packages/spatialformer_kernels/bench_measure.py"))
+    (repo / ".venv/lib/site-packages/spatialformer_kernels").mkdir(parents=True)
+    assert bench.git_commit() == bench.NOT_A_CHECKOUT
+
+
+def test_commit_of_this_checkout():
+    if not (Path(bench_measure.__file__).resolve().parent.parent / ".git").exists():
+        pytest.skip("not running from a git checkout")
+    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", bench.git_commit())
+
+
+def _fake_load(monkeypatch, values):
+    """busy_cores() returns `values` in turn, then the last one again and again."""
+    values = list(values)
+
+    def busy():
+        return values.pop(0) if len(values) > 1 else values[0]
+
+    monkeypatch.setattr(bench_measure, "busy_cores", busy)
+    monkeypatch.setattr(bench, "busy_cores", busy)
+
+
+def test_wait_for_idle_waits_for_a_chained_command_then_stops(monkeypatch):
+    _fake_load(monkeypatch, [1.7, 1.2, 0.1])  # a `pip install` finishing
+    busy, waited = bench.wait_for_idle(timeout_s=5.0)
+    assert busy == 0.1 and 0.4 < waited < 2.0
+    _fake_load(monkeypatch, [0.0])
+    assert bench.wait_for_idle(timeout_s=5.0) == (0.0, 0.0)  # idle: no wait
+    _fake_load(monkeypatch, [1.7])
+    busy, waited = bench.wait_for_idle(timeout_s=0.3)  # still busy: bounded
+    assert busy == 1.7 and 0.3 <= waited < 1.5
+    env = bench.environment(CPU, load=(busy, waited))
+    assert not env["idle"] and env["busy_cores"] == 1.7
+    assert bench.load_note(env).startswith(f"BUSY: other processes keep 1.7 of {os.cpu_count()} cores busy, still after waiting")
+    assert bench.choose_threads("auto", busy=float(os.cpu_count())) == 1
+    env = bench.environment(CPU, load=(0.0, 2.04))
+    assert bench.load_note(env) == "idle (after waiting 2.0 s for other processes to finish)"
+    env["busy_cores_at_end"] = 1.2
+    assert bench.load_note(env).endswith(f"; BUSY at the end: other processes kept 1.2 of {os.cpu_count()} cores busy, so the last rows may be slowed")
+
+
+def test_header_of_a_gpu_run_names_its_roofline_and_no_cpu_load():
+    env = {
+        "device_type": "cuda", "device_name": "NVIDIA H200", "capability": "9.0", "sm_count": 132, "cuda": "12.8",
+        "torch": "2.x", "triton": "3.x", "python": "3.11", "git_commit": "not a git checkout", "backends": ["reference", "triton"],
+        "roofline": {"peak_gbps": 4800.0, "source": "data sheet, H200"},
+    }  # fmt: skip
+    providers = [bench.Provider("ours-triton", "ours", "ours", None), bench.Provider("sdpa-flash", "baseline", "sdpa", None),
+                 bench.Provider("xformers", "baseline", "xformers", None, skip="xformers is not installed")]  # fmt: skip
+    lines = bench.header_lines(env, providers, bench.shapes_for(torch.device("cuda")), 0.25, "auto")
+    assert lines[0].startswith("device: NVIDIA H200 (cuda, capability 9.0, 132 SMs)") and "commit: not a git checkout" in lines
+    assert "% roof: of 4800 GB/s (data sheet, H200)" in lines and "full docs/design.md section 4 shapes" in lines
+    assert any(line.startswith("speedup: the fastest baseline's median time (of sdpa-flash) on") for line in lines)
+    assert not any(line.startswith(("threads:", "load:")) for line in lines)
+
+
 # ---------------------------------------------------------------------------- CLI
 
 
-def test_spatialformer_bench_quick_writes_table_json_and_plot(tmp_path, capsys):
+def _run(argv, monkeypatch, busy=0.0) -> int:
+    _fake_load(monkeypatch, [busy])
+    return bench.main(["--device", "cpu", "--no-progress", *argv])
+
+
+def test_spatialformer_bench_quick_writes_table_json_and_plot(tmp_path, capsys, monkeypatch):
     out = tmp_path / "bench-out"
-    assert bench.main(["--quick", "--out", str(out), "--no-progress", "--providers", "reference", "sdpa",
-                       *[p.name for p in bench.providers_for(CPU) if p.kind == "ours" and not p.skip]]) == 0  # fmt: skip
+    ours = [p.name for p in bench.providers_for(CPU) if p.kind == "ours" and not p.skip and not p.parity_only]
+    assert _run(["--quick", "--budget", "0.01", "--out", str(out), "--providers", "reference", "sdpa", *ours], monkeypatch) == 0
     printed = capsys.readouterr().out
-    assert "scaled down" in printed and "no HBM roofline" in printed
     table = (out / "table.txt").read_text(encoding="utf-8")
     assert "median ms" in table and "GB/s" in table and "reference" in table
     result = json.loads((out / "results.json").read_text(encoding="utf-8"))
-    assert result["environment"]["device_type"] == "cpu" and "torch" in result["environment"]
+    env = result["environment"]
+    assert env["device_type"] == "cpu" and "torch" in env and env["idle"] and env["git_commit"]
     ok = [r for r in result["rows"] if r["status"] == "ok"]
     assert {r["pass"] for r in ok} == set(bench.PASSES)
     assert ok and all(r["gbps"] > 0 and r["tflops"] > 0 and r["median_ms"] > 0 for r in ok)
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # every provider's parity, both check kinds, on each shape: in results.json, table.txt and the console
+    parity = result["parity"]
+    assert {(c["provider"], c["shape"], c["with_grads"]) for c in parity} == {
+        (p, s.label, g) for p in ("reference", "sdpa", *ours) for s in bench.shapes_for(CPU, ["cls224-stage1", "det800x1344-stage1"], 32) for g in (False, True)
+    }  # fmt: skip
+    assert all(c["passed"] and 0 <= c["max_err"] <= c["bound"] and c["tensor"] in bench.GRAD_NAMES for c in parity)
+    for c in parity:
+        line = rf"{re.escape(c['shape'])} +{c['dims']} +fp32 +{c['provider']} .*{c['max_err']:.1e} <= {c['bound']:.1e} \({c['tensor']}\).* pass$"
+        assert re.search(line, table, re.M) and re.search(line, printed, re.M), line
+    # table.txt reads alone: device, threads, load, commit, speedup's baseline, why % roof is empty
+    header = table.split("\n\n")[0]
+    for expected in (f"device: {env['device_name']}, {os.cpu_count()} cores (cpu)",
+                     f"threads: {env['cpu_threads']} (--threads auto) on {os.cpu_count()} cores", "load: idle",
+                     f"commit: {env['git_commit']}", "speedup: the fastest baseline's median time (of reference, sdpa)",
+                     "% roof: empty: no HBM roofline", "shapes scaled down"):  # fmt: skip
+        assert expected in header and expected in printed, expected
+    assert "cores busy" not in printed and "None" not in header and "load: idle; idle at the end" in header
+
+
+def test_a_busy_machine_is_said_so(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "wait_for_idle", lambda: (1.6, 5.0))  # still busy after the wait
+    assert _run(["--quick", "--passes", "fwd", "--shapes", "cls224-stage2", "--providers", "reference",
+                 "--budget", "0.01", "--out", str(tmp_path)], monkeypatch, busy=1.6) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert f"load: BUSY: other processes keep 1.6 of {os.cpu_count()} cores busy, still after waiting 5 s" in printed
+    assert "load: BUSY" in (tmp_path / "table.txt").read_text(encoding="utf-8") and "BUSY at the end" in printed
+
+
+def test_nothing_timed_writes_no_plot(tmp_path, capsys, monkeypatch):
+    (tmp_path / "plot.png").write_bytes(b"an earlier run's plot")
+    assert _run(["--quick", "--passes", "fwd", "--providers", "xformers", "--out", str(tmp_path)], monkeypatch) == 0
+    printed = capsys.readouterr().out
+    assert not (tmp_path / "plot.png").exists() and "(no plot: no row was timed)" in printed
+    table = (tmp_path / "table.txt").read_text(encoding="utf-8")
+    assert "no row was timed" in table and "skipped xformers (fwd)" in table and "no provider was checked" in table
+    assert bench.plot([], tmp_path / "plot.png", "title") is None and not (tmp_path / "plot.png").exists()
 
 
 def test_thread_choice():

@@ -2,25 +2,28 @@
 
 One measurement core serves both front ends: `spatialformer-bench` (a table with a
 progress bar, JSON and a PNG plot) and `pytest benchmarks/ --benchmark` (pytest-benchmark
-rows). Every row first checks parity with the reference (`testing.assert_close`), then
+rows). Every row first checks parity with the reference (`testing.tolerance_check`, the
+rule of `testing.assert_close`; the command prints each check's max error and bound), then
 times one provider on one shape, dtype and pass.
 
-Shapes are DESIGN.md section 4. On CPU they are scaled down so that every row runs in well
+Shapes are docs/design.md section 4. On CPU they are scaled down so that every row runs in well
 under a second on 2 cores: B and N are divided by `CPU_SCALE` (B at least 1); H, M and D
 stay as they are, so per-head tiles keep their shape and every shape shrinks alike (N/M is
 CPU_SCALE times smaller). A scaled shape is named "<shape>/<factor>".
 
 Providers: ours (one per kernel backend in `available_backends()` that can run on the
-device), the reference, PyTorch SDPA (each backend the device has, both directions as two
-calls), torch.compile of the reference, FlexAttention (compiled; on CPU forward only, and
-left out of a default CPU `spatialformer-bench` run for its compile time), xformers and
-flash-attn when installed. Passes: "fwd" (inference, no autograd graph), "bwd" (autograd.grad of a
-retained graph) and "fwd_bwd" (both).
+device; Triton without CUDA only when its interpreter is on, TRITON_INTERPRET=1, and then
+parity-checked on reduced shapes, never timed), the reference, PyTorch SDPA (each backend
+the device has, both directions as two calls), torch.compile of the reference, FlexAttention
+(compiled; on CPU forward only, and left out of a default CPU `spatialformer-bench` run for
+its compile time), xformers and flash-attn when installed. Passes: "fwd" (inference, no
+autograd graph), "bwd" (autograd.grad of a retained graph) and "fwd_bwd" (both).
 
 Timing: on CUDA `triton.testing.do_bench` (CUDA events, L2 flushed before every call,
 autotuning and compilation finished by explicit warm-up calls first); on CPU a warm-up
 call, then `time.perf_counter` around each call until a time budget, median reported, with
-as many threads as there are idle cores (`choose_threads`).
+as many threads as there are idle cores (`choose_threads`), after waiting a few seconds for
+the load of a command just before (`pip install`) to settle (`wait_for_idle`).
 
 Work model (the same for every provider, so GB/s is an effective bandwidth):
     bytes fwd  = 4 * B*H*(M+N)*D * itemsize              (read q, k, v; write o; both sides)
@@ -37,6 +40,7 @@ The core lives in three modules; import its names from here:
 This module holds the output (table, plot) and the command line.
 
     spatialformer-bench                         # default shapes, table + JSON + PNG in ./bench-out/
+    TRITON_INTERPRET=1 spatialformer-bench      # without CUDA: also check the Triton kernels' parity
     spatialformer-bench --quick                 # a few seconds
     spatialformer-bench --shapes cls224-stage1 --passes fwd --dtypes bf16
 """
@@ -46,6 +50,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import textwrap
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -53,7 +58,10 @@ import torch
 
 from .bench_measure import (  # noqa: F401  (re-exported: the core is imported from here)
     CPU_ROOFLINE_NOTE,
+    IDLE_BELOW,
     KNOWN_DEVICES,
+    NOT_A_CHECKOUT,
+    SPEEDUP_NOTE,
     BenchSession,
     Row,
     add_speedup,
@@ -67,6 +75,7 @@ from .bench_measure import (  # noqa: F401  (re-exported: the core is imported f
     measure,
     measure_copy_bandwidth,
     peak_memory,
+    wait_for_idle,
 )
 from .bench_models import (  # noqa: F401
     MODEL_VARIANTS,
@@ -82,12 +91,14 @@ from .bench_workload import (  # noqa: F401
     DTYPE_NAMES,
     DTYPES,
     GRAD_NAMES,
+    INTERPRETER_MAX_N,
     PASS_LABELS,
     PASSES,
     SHAPE_NAMES,
     SHAPES,
     AttentionFn,
     Case,
+    ParityCheck,
     Provider,
     Shape,
     bytes_moved,
@@ -106,7 +117,7 @@ from .bench_workload import (  # noqa: F401
 from .reference import bilateral_attention_reference  # noqa: F401
 
 # ----------------------------------------------------------------------------------------
-# Output: table, JSON, plot
+# Output: header, parity and timing tables, JSON, plot
 # ----------------------------------------------------------------------------------------
 
 
@@ -114,12 +125,95 @@ def _fmt(value, spec: str, empty: str = "-") -> str:
     return empty if value is None else format(value, spec)
 
 
+def _columns(lines: Sequence[tuple]) -> list[str]:
+    """Left-aligned columns, a rule under the first line; the last column is not padded."""
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(lines[0]) - 1)]
+    out = []
+    for i, line in enumerate(lines):
+        out.append(("  ".join(str(c).ljust(w) for c, w in zip(line, widths)) + "  " + str(line[-1])).rstrip())
+        if i == 0:
+            out.append("  ".join("-" * w for w in widths) + "  " + "-" * len(str(line[-1])))
+    return out
+
+
+def load_note(env: dict) -> str:
+    """What other processes did to a CPU run: idle or busy (and by how much) at the start, and at the end once known."""
+    waited = env.get("load_wait_s") or 0.0
+    if env["idle"]:
+        note = "idle" + (f" (after waiting {waited:.1f} s for other processes to finish)" if waited else "")
+    else:
+        note = (
+            f"BUSY: other processes keep {env['busy_cores']:.1f} of {env['cpu_count']} cores busy, still after waiting "
+            f"{waited:.0f} s: every row is slower and noisier than on an idle machine"
+        )
+    end = env.get("busy_cores_at_end")
+    if end is None:
+        return note
+    if end < IDLE_BELOW:
+        return f"{note}; idle at the end"
+    return f"{note}; BUSY at the end: other processes kept {end:.1f} of {env['cpu_count']} cores busy, so the last rows may be slowed"
+
+
+def header_lines(env: dict, providers: Sequence[Provider], shapes: Sequence[Shape], budget_s: float, threads_arg: str) -> list[str]:
+    """What the tables need to be read alone: device, threads, load, commit, method and column meanings."""
+    cpu = env["device_type"] == "cpu"
+    if cpu:
+        device = f"{env['device_name']}, {env['cpu_count']} cores (cpu)"
+    else:
+        device = f"{env['device_name']} (cuda, capability {env['capability']}, {env['sm_count']} SMs), CUDA {env['cuda']}"
+    lines = [
+        f"device: {device}; torch {env['torch']}, triton {env['triton']}, Python {env['python']}",
+        f"commit: {env['git_commit']}",
+    ]
+    if cpu:
+        lines.append(f"threads: {env['cpu_threads']} (--threads {threads_arg}) on {env['cpu_count']} cores")
+        lines.append(f"load: {load_note(env)}")
+    baselines = [p.name for p in providers if p.kind == "baseline" and not p.skip]
+    roofline = env["roofline"]
+    lines += [
+        f"backends available: {', '.join(env['backends'])}; providers: {', '.join(p.name for p in providers)}",
+        scaling_note(shapes),
+        "timing: " + (
+            f"triton.testing.do_bench (CUDA events, L2 flushed before each call), {budget_s:g} s per row, median"
+            if not cpu else f"time.perf_counter per call after a warm-up call, {budget_s:g} s per row (5 to 200 calls), median"
+        ),
+        "GB/s, TFLOP/s: the op's minimum bytes and matmul FLOPs (the same for every provider) / median time; "
+        "peak MiB: " + ("torch.cuda.max_memory_allocated above the start of one call" if not cpu else "growth of peak RSS during one call (approximate)"),
+        SPEEDUP_NOTE.format(baselines=", ".join(baselines) or "none selected"),
+        f"% roof: of {roofline['peak_gbps']:g} GB/s ({roofline['source']})" if roofline["peak_gbps"]
+        else f"% roof: empty: {roofline['source']}",
+    ]  # fmt: skip
+    return lines
+
+
+def format_parity(checks: Sequence[tuple[Shape, ParityCheck]]) -> str:
+    """One line per (shape, dtype, provider): max error vs bound of outputs (fwd) and of outputs
+    and gradients (bwd, fwd_bwd), and pass or FAIL."""
+    groups: dict = {}
+    for shape, check in checks:
+        groups.setdefault((shape.label, check.dtype, check.provider), {"dims": set()})[check.with_grads] = check
+        groups[(shape.label, check.dtype, check.provider)]["dims"].add(check.dims)
+    lines = [("shape", "checked on", "dtype", "provider", "outputs (fwd)", "outputs and gradients (bwd, fwd_bwd)", "result")]
+    for (label, dtype, provider), done in groups.items():
+        found = [done[g] for g in (False, True) if g in done]
+        lines.append((
+            label, ", ".join(sorted(done["dims"])), dtype, provider,
+            done[False].summary() if False in done else "-", done[True].summary() if True in done else "-",
+            "pass" if all(c.passed for c in found) else "FAIL",
+        ))  # fmt: skip
+    rule = (
+        "parity, checked before timing: max |actual - float64 reference| <= or > the bound of "
+        "spatialformer_kernels.testing's tolerance rule (2 x the reference's own error in the dtype + a floor), "
+        "for the tensor nearest its bound"
+    )
+    return "\n".join([rule, *(_columns(lines) if len(lines) > 1 else ["no provider was checked"])])
+
+
 def format_table(rows: Sequence[Row]) -> str:
-    """Measured and failed rows as a table; skipped providers once each, with the reason, below it."""
-    header = ("shape", "dims", "dtype", "pass", "provider", "median ms", "GB/s", "% roof", "TFLOP/s", "speedup", "vs SDPA", "peak MiB", "note")
-    lines = [header]
+    """Measured and failed rows as a table; untimed and skipped providers once each, with the reason, below it."""
+    lines = [("shape", "dims", "dtype", "pass", "provider", "median ms", "GB/s", "% roof", "TFLOP/s", "speedup", "vs SDPA", "peak MiB", "note")]
     for r in rows:
-        if r.status == "skipped":
+        if r.status in ("skipped", "untimed"):
             continue
         mem = None if r.peak_mem_bytes is None else r.peak_mem_bytes / 2**20
         lines.append((
@@ -128,50 +222,53 @@ def format_table(rows: Sequence[Row]) -> str:
             _fmt(r.speedup, ".2f") + ("x" if r.speedup else ""), _fmt(r.speedup_vs_sdpa, ".2f") + ("x" if r.speedup_vs_sdpa else ""),
             _fmt(mem, ".1f"), r.note if r.status != "ok" else "",
         ))  # fmt: skip
-    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header) - 1)]
-    out = []
-    for i, line in enumerate(lines):
-        out.append(("  ".join(str(c).ljust(w) for c, w in zip(line, widths)) + "  " + line[-1]).rstrip())
-        if i == 0:
-            out.append("  ".join("-" * w for w in widths) + "  ----")
-    skipped: dict = {}
+    out = _columns(lines) if len(lines) > 1 else ["no row was timed"]
+    below: dict = {}
     for r in rows:
-        if r.status == "skipped":
-            skipped.setdefault((r.provider, r.note), set()).add(r.pass_)
-    for (provider, note), passes in skipped.items():
-        out.append(f"skipped {provider} ({', '.join(p for p in PASSES if p in passes)}): {note}")
+        if r.status in ("skipped", "untimed"):
+            below.setdefault((r.status, r.provider, r.note), set()).add(r.pass_)
+    for (status, provider, note), passes in below.items():
+        label = "not timed" if status == "untimed" else "skipped"
+        out.append(f"{label} {provider} ({', '.join(p for p in PASSES if p in passes)}): {note}")
     return "\n".join(out)
 
 
-def plot(rows: Sequence[Row], path: Path, title: str) -> Path:
-    """Time vs N per provider, one panel per (pass, dtype); matplotlib is imported here only."""
+def plot(rows: Sequence[Row], path: Path, title: str, peak_gbps: Optional[float] = None) -> Optional[Path]:
+    """Effective GB/s per shape, a bar per provider (higher is better), one panel per (pass,
+    dtype); no file and None when no row was timed. matplotlib is imported here only."""
+    ok = [r for r in rows if r.status == "ok"]
+    if not ok:
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
 
-    ok = [r for r in rows if r.status == "ok"]
     panels = sorted({(r.pass_, r.dtype) for r in ok}, key=lambda p: (PASSES.index(p[0]), p[1]))
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5.5 * max(1, len(panels)), 4.5), squeeze=False)
+    colors = {name: f"C{i}" for i, name in enumerate(dict.fromkeys(r.provider for r in ok))}
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.8), squeeze=False, layout="constrained")
     for ax, (pass_, dtype) in zip(axes[0], panels):
         subset = [r for r in ok if r.pass_ == pass_ and r.dtype == dtype]
-        for provider in dict.fromkeys(r.provider for r in subset):
-            points = sorted((r.N, r.median_ms) for r in subset if r.provider == provider)
-            style = "-o" if any(r.kind == "ours" for r in subset if r.provider == provider) else "--."
-            ax.plot([p[0] for p in points], [p[1] for p in points], style, label=provider)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ticks = sorted({(r.N, r.shape.split("/")[0]) for r in subset})
-        ax.set_xticks([n for n, _ in ticks], [f"{n}\n{name}" for n, name in ticks], fontsize=6)
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        ax.set_xlabel("N (image tokens); B and H differ per shape")
-        ax.set_ylabel("median time (ms)")
+        shapes = list(dict.fromkeys((r.shape, r.B, r.H, r.N) for r in subset))
+        providers = list(dict.fromkeys(r.provider for r in subset))
+        width = 0.8 / len(providers)
+        for i, provider in enumerate(providers):
+            by_shape = {(r.shape, r.B, r.H, r.N): r.gbps for r in subset if r.provider == provider}
+            xs = [j for j, s in enumerate(shapes) if s in by_shape]
+            ours = any(r.kind == "ours" for r in subset if r.provider == provider)
+            ax.bar([x + (i - (len(providers) - 1) / 2) * width for x in xs], [by_shape[shapes[x]] for x in xs], width,
+                   label=provider, color=colors[provider], edgecolor="black" if ours else "none")  # fmt: skip
+        if peak_gbps:
+            ax.axhline(peak_gbps, color="black", linestyle=":", label=f"roofline {peak_gbps:g} GB/s")
+        ax.set_xticks(range(len(shapes)), [f"{name}\nB{b} H{h} N{n}" for name, b, h, n in shapes], fontsize=7)
+        md = sorted({(r.M, r.D) for r in subset})
+        ax.set_xlabel("shape" + (f" (M {md[0][0]}, D {md[0][1]} in each)" if len(md) == 1 else ""))
+        ax.set_ylabel("effective GB/s (higher is better)")
         ax.set_title(f"{PASS_LABELS[pass_]}, {dtype}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+        ax.grid(True, axis="y", alpha=0.3)
+    legend = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(legend.values(), legend.keys(), loc="outside lower center", ncols=min(len(legend), 8), fontsize=8)
+    fig.suptitle("\n".join(textwrap.fill(line, 60 * len(panels)) for line in title.splitlines()), fontsize=9)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -186,11 +283,12 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="spatialformer-bench",
         description="Benchmark bilateral cross-attention against the reference and every baseline "
-        "(parity first, then time). Writes table.txt, results.json and plot.png.",
+        "(parity first, then time). Writes table.txt, results.json and plot.png. Without CUDA, "
+        "set TRITON_INTERPRET=1 to check the Triton kernels' parity in Triton's interpreter (not timed).",
     )
     parser.add_argument("--out", type=Path, default=Path("bench-out"), help="output directory (default ./bench-out/)")
     parser.add_argument("--quick", action="store_true", help="two small shapes, short timing, no torch.compile: seconds")
-    parser.add_argument("--shapes", nargs="+", choices=SHAPE_NAMES, help="DESIGN.md shapes (default: all)")
+    parser.add_argument("--shapes", nargs="+", choices=SHAPE_NAMES, help="docs/design.md section 4 shapes (default: all)")
     parser.add_argument("--passes", nargs="+", choices=PASSES, help="default: all three")
     parser.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--providers", nargs="+", help="provider names (default: all that run here)")
@@ -230,20 +328,15 @@ def _main(args: argparse.Namespace) -> int:
     if unknown:
         raise SystemExit(f"unknown provider(s) {unknown}; known here: {', '.join(sorted(known))}")
     providers = [p for p in all_providers if p.name in wanted]
+    load = None
     if device.type == "cpu":
-        torch.set_num_threads(choose_threads(args.threads))
-    env = environment(device, args.peak_gbps, args.measure_bandwidth)
+        load = wait_for_idle()
+        torch.set_num_threads(choose_threads(args.threads, load[0]))
+    env = environment(device, args.peak_gbps, args.measure_bandwidth, load)
     session = BenchSession(device, providers, budget_s=budget, peak_gbps=env["roofline"]["peak_gbps"])
-    note = scaling_note(shapes)
-
-    print(f"spatialformer-bench on {env['device_name']} ({device.type}), torch {env['torch']}, triton {env['triton']}, "
-          f"CUDA {env['cuda']}, commit {env['git_commit']}")  # fmt: skip
-    print(f"backends available: {', '.join(env['backends'])}; providers: {', '.join(p.name for p in providers)}")
-    print(f"shapes: {note}")
-    if device.type == "cpu":
-        print(f"roofline: {env['roofline']['source']}")
-        print(f"threads: {env['cpu_threads']} (--threads {args.threads}); other processes keep {env['busy_cores']} of "
-              f"{env['cpu_count']} cores busy (load average {env.get('load_average_1min')}): they slow every row")  # fmt: skip
+    header = header_lines(env, providers, shapes, budget, args.threads)
+    print("spatialformer-bench: every provider is checked against the reference, then timed")
+    print("\n".join(header))
 
     jobs = [(s, DTYPES[d], p, prov.name) for s in shapes for d in dtype_names for p in passes for prov in providers]
     try:
@@ -258,28 +351,45 @@ def _main(args: argparse.Namespace) -> int:
             progress.set_postfix_str(f"{shape.label} {DTYPE_NAMES[dtype]} {pass_} {name}")
         rows.append(session.row(shape, dtype, pass_, name))
 
-    table = format_table(rows)
-    print(table)
+    if device.type == "cpu":
+        env["busy_cores_at_end"] = round(busy_cores(), 2)
+        header = header_lines(env, providers, shapes, budget, args.threads)
+    checks = session.parity_checks()
+    tables = f"{format_parity(checks)}\n\ntimings (each row passed its parity check first)\n{format_table(rows)}"
+    print(f"\n{tables}")
+    if device.type == "cpu":
+        print(f"load: {load_note(env)}")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "table.txt").write_text(f"# {note}\n{table}\n", encoding="utf-8")
+    (args.out / "table.txt").write_text("\n".join(["# spatialformer-bench", *header, "", tables, ""]), encoding="utf-8")
     result = {
         "environment": env,
         "config": {
             "shapes": [dataclasses.asdict(s) for s in shapes],
-            "scaling": note,
+            "scaling": scaling_note(shapes),
             "dtypes": dtype_names,
             "passes": passes,
             "providers": [p.name for p in providers],
             "budget_s": budget,
+            "threads": args.threads,
             "timing": "triton.testing.do_bench, L2 flushed" if device.type == "cuda" else "perf_counter per call, median",
             "work_model": "bytes and FLOPs as in spatialformer_kernels.bench's docstring",
+            "speedup": SPEEDUP_NOTE.format(baselines=", ".join(p.name for p in providers if p.kind == "baseline" and not p.skip)),
         },
+        "parity": [{"shape": shape.label, **check.metrics()} for shape, check in checks],
         "rows": [r.metrics() for r in rows],
     }
     (args.out / "results.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
-    title = f"{env['device_name']} - {note}"
-    plot(rows, args.out / "plot.png", title)
-    print(f"wrote {args.out / 'table.txt'}, {args.out / 'results.json'}, {args.out / 'plot.png'}")
+    (args.out / "plot.png").unlink(missing_ok=True)  # never leave an earlier run's plot beside these results
+    commit = env["git_commit"]
+    commit = commit if commit == NOT_A_CHECKOUT else f"commit {commit[:12]}{'-dirty' if commit.endswith('-dirty') else ''}"
+    where = "cuda"
+    if device.type == "cpu":
+        idle = env["idle"] and env["busy_cores_at_end"] < IDLE_BELOW
+        where = f"cpu, {env['cpu_threads']} thread(s), {'idle' if idle else 'busy: see table.txt'}"
+    title = f"spatialformer-bench on {env['device_name']} ({where}), {commit}\n{scaling_note(shapes)}"
+    plotted = plot(rows, args.out / "plot.png", title, env["roofline"]["peak_gbps"])
+    written = [args.out / "table.txt", args.out / "results.json", *([plotted] if plotted else [])]
+    print(f"wrote {', '.join(map(str, written))}" + ("" if plotted else " (no plot: no row was timed)"))
     failed = [r for r in rows if r.status == "failed"]
     for r in failed:
         print(f"FAILED {r.shape} {r.dtype} {r.pass_} {r.provider}: {r.note}", file=sys.stderr)

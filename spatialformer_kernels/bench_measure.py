@@ -23,6 +23,7 @@ from . import dispatch
 from .bench_workload import (
     DTYPE_NAMES,
     Case,
+    ParityCheck,
     Provider,
     Shape,
     bytes_moved,
@@ -112,10 +113,19 @@ def device_name(device: torch.device) -> str:
     return name or platform.processor() or platform.machine()
 
 
-def git_commit() -> Optional[str]:
-    """The commit of the source tree this package runs from (with -dirty), or None."""
+NOT_A_CHECKOUT = "not a git checkout"
+
+
+def git_commit() -> str:
+    """The commit of the git checkout this package runs from (with -dirty), else NOT_A_CHECKOUT
+    (an installed package: site-packages, even inside a checkout's virtual environment)."""
     root = Path(__file__).resolve().parent.parent
     try:
+        top = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        if Path(top).resolve() != root:
+            return NOT_A_CHECKOUT
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
         ).stdout.strip()
@@ -123,15 +133,19 @@ def git_commit() -> Optional[str]:
             ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return None
+        return NOT_A_CHECKOUT
     return sha + ("-dirty" if dirty else "")
 
 
-def environment(device: torch.device, peak_gbps: Optional[float] = None, measure_bandwidth: bool = False) -> dict:
-    """Device, versions, roofline and commit: what a result needs to be reproduced.
+def environment(
+    device: torch.device, peak_gbps: Optional[float] = None, measure_bandwidth: bool = False,
+    load: Optional[tuple[float, float]] = None,
+) -> dict:  # fmt: skip
+    """Device, versions, roofline, commit and (CPU) threads and load: what a result needs to be reproduced.
 
     The roofline is, in order: `peak_gbps` as given, a measured copy bandwidth when
     `measure_bandwidth`, the data-sheet table for a known GPU, else none (with the reason).
+    `load` is (busy cores, seconds waited) from `wait_for_idle`; measured now when not given.
     """
     try:
         import triton
@@ -171,8 +185,24 @@ def environment(device: torch.device, peak_gbps: Optional[float] = None, measure
         env["cpu_count"] = os.cpu_count()
         if hasattr(os, "getloadavg"):  # other processes on a shared CPU skew every timing
             env["load_average_1min"] = round(os.getloadavg()[0], 2)
-        env["busy_cores"] = round(busy_cores(), 2)
+        busy, waited = load if load is not None else (busy_cores(), 0.0)
+        env["busy_cores"] = round(busy, 2)
+        env["idle"] = busy < IDLE_BELOW
+        env["load_wait_s"] = round(waited, 1)
     return env
+
+
+def _own_running() -> int:
+    """Threads of this process running now, this one included (an intra-op thread spins a
+    while after a parallel region: it is not another process's load)."""
+    count = 0
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/stat", encoding="utf-8") as f:
+                count += f.read().rsplit(")", 1)[1].split()[0] == "R"
+        except OSError:  # the thread has exited
+            pass
+    return count
 
 
 def busy_cores(samples: int = 10, interval_s: float = 0.02) -> float:
@@ -183,25 +213,42 @@ def busy_cores(samples: int = 10, interval_s: float = 0.02) -> float:
         for _ in range(samples):
             with open("/proc/loadavg", encoding="utf-8") as f:
                 running = int(f.read().split()[3].split("/")[0])
-            counts.append(running - 1)  # this thread is running while it reads
+            counts.append(max(0, running - _own_running()))
             time.sleep(interval_s)
         return statistics.mean(counts)
     except (OSError, ValueError, IndexError):
         return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
 
 
-def choose_threads(requested: Optional[str] = "auto") -> int:
+IDLE_BELOW = 0.5  # busy cores under which the machine counts as idle
+LOAD_WAIT_S = 5.0
+
+
+def wait_for_idle(timeout_s: float = LOAD_WAIT_S) -> tuple[float, float]:
+    """(busy cores, seconds waited): waits up to `timeout_s` for other processes to leave the
+    cores idle, so that a command just before the benchmark (`pip install ... && spatialformer-bench`,
+    a kernel build) neither decides the thread count nor slows the first rows."""
+    start = time.perf_counter()
+    busy, waited = busy_cores(), 0.0
+    while busy >= IDLE_BELOW and waited < timeout_s:
+        time.sleep(0.25)
+        busy, waited = busy_cores(), time.perf_counter() - start
+    return busy, waited
+
+
+def choose_threads(requested: Optional[str] = "auto", busy: Optional[float] = None) -> int:
     """CPU threads for timing: a number, or "auto".
 
-    "auto" keeps torch's default unless other processes keep cores busy, then uses only the
-    idle cores, at least one: with more threads than idle cores every parallel region waits
-    at its barrier for a descheduled thread, and the timings measure the scheduler (on a
-    shared 2-core machine, 2 threads turned a 9 ms row into 290 ms).
+    "auto" keeps torch's default unless other processes keep cores busy (`busy`, measured
+    now when not given), then uses only the idle cores, at least one: with more threads than
+    idle cores every parallel region waits at its barrier for a descheduled thread, and the
+    timings measure the scheduler (on a shared 2-core machine, 2 threads turned a 9 ms row
+    into 290 ms).
     """
     if requested not in (None, "auto"):
         return max(1, int(requested))
-    default = torch.get_num_threads()
-    return max(1, min(default, int((os.cpu_count() or 1) - busy_cores() + 0.5)))
+    busy = busy_cores() if busy is None else busy
+    return max(1, min(torch.get_num_threads(), int((os.cpu_count() or 1) - busy + 0.5)))
 
 
 def hardware_slug(env: dict) -> str:
@@ -335,7 +382,7 @@ class Row:
     provider: str
     kind: str
     family: str
-    status: str = "ok"  # "ok", "skipped", "failed"
+    status: str = "ok"  # "ok", "untimed" (parity passed, not timed: provider.parity_only), "skipped", "failed"
     note: str = ""
     median_ms: Optional[float] = None
     min_ms: Optional[float] = None
@@ -365,7 +412,7 @@ class BenchSession:
     """Measures rows on demand and remembers them, so baselines are measured once.
 
     A row's speedup needs the baselines of its group (shape, dtype, pass): `row()` measures
-    them first when they are not measured yet.
+    them first when they are not measured yet. Parity checks are kept too (`parity_checks`).
     """
 
     def __init__(
@@ -383,7 +430,8 @@ class BenchSession:
         self.peak_gbps = peak_gbps
         self.measure_memory = measure_memory
         self._cases: dict = {}
-        self._parity: dict = {}
+        self._parity: dict = {}  # (provider, shape checked, dtype, with_grads) -> ParityCheck
+        self._row_checks: dict = {}  # (provider, row shape, dtype, with_grads) -> ParityCheck
         self._rows: dict = {}
 
     def case(self, shape: Shape, dtype: torch.dtype) -> Case:
@@ -393,16 +441,25 @@ class BenchSession:
             self._cases[key] = Case.make(shape, dtype, self.device)
         return self._cases[key]
 
+    def parity_check(self, provider: Provider, shape: Shape, dtype: torch.dtype, with_grads: bool) -> ParityCheck:
+        """The provider against the reference for rows of `shape`, checked on
+        `provider.parity_shape(shape)` where it has one; each shape checked once."""
+        checked = provider.parity_shape(shape) if provider.parity_shape else shape
+        key = (provider.name, checked, dtype, with_grads)
+        if key not in self._parity:
+            case = self.case(shape, dtype) if checked == shape else Case.make(checked, dtype, self.device)
+            self._parity[key] = check_parity(provider, case, with_grads)
+        self._row_checks[(provider.name, shape, dtype, with_grads)] = self._parity[key]
+        return self._parity[key]
+
     def parity(self, provider: Provider, shape: Shape, dtype: torch.dtype, with_grads: bool) -> Optional[str]:
         """None when the provider matches the reference, else the failure message."""
-        key = (provider.name, shape, dtype, with_grads)
-        if key not in self._parity:
-            try:
-                check_parity(provider, self.case(shape, dtype), with_grads)
-                self._parity[key] = None
-            except AssertionError as error:
-                self._parity[key] = f"parity: {error}"
-        return self._parity[key]
+        check = self.parity_check(provider, shape, dtype, with_grads)
+        return None if check.passed else f"parity: {check.failures}"
+
+    def parity_checks(self) -> list[tuple[Shape, ParityCheck]]:
+        """(row shape, check) of every parity check so far, in the order the rows asked for them."""
+        return [(shape, check) for (_, shape, _, _), check in self._row_checks.items()]
 
     def _measure(self, shape: Shape, dtype: torch.dtype, pass_: str, provider: Provider) -> Row:
         row = Row(
@@ -418,6 +475,9 @@ class BenchSession:
             failure = self.parity(provider, shape, dtype, with_grads=pass_ != "fwd")
             if failure:
                 row.status, row.note = "failed", failure
+                return row
+            if provider.parity_only:
+                row.status, row.note = "untimed", provider.parity_only
                 return row
             with provider.context():
                 fn = make_callable(provider, self.case(shape, dtype), pass_)
@@ -457,8 +517,14 @@ class BenchSession:
         return list(self._rows.values())
 
 
+SPEEDUP_NOTE = (
+    "speedup: the fastest baseline's median time (of {baselines}) on the same shape, dtype and pass / this row's; "
+    "vs SDPA: the same against the fastest SDPA"
+)
+
+
 def add_speedup(row: Row, baselines: Iterable[Row]) -> None:
-    """Speedup of a row against the best baseline and the best SDPA backend of its group."""
+    """Speedup of a row against the best baseline and the best SDPA backend of its group (SPEEDUP_NOTE)."""
     measured = [b for b in baselines if b.status == "ok" and b.median_ms]
     if measured:
         best = min(measured, key=lambda b: b.median_ms)

@@ -21,17 +21,18 @@ FLOOR = {
 }
 
 
-def tolerance_report(actual: torch.Tensor, same_dtype: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype):
-    """Return (ok, message) for one tensor under the tolerance rule."""
+def tolerance_check(actual: torch.Tensor, same_dtype: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype):
+    """Return (ok, max abs err, bound, message) for one tensor under the tolerance rule; err and
+    bound are None when shapes or non-finite patterns differ or nothing finite is compared."""
     if actual.shape != exact.shape:
-        return False, f"shape {tuple(actual.shape)} != expected {tuple(exact.shape)}"
+        return False, None, None, f"shape {tuple(actual.shape)} != expected {tuple(exact.shape)}"
     exact = exact.double()
     finite = torch.isfinite(exact)
     if not torch.equal(torch.isfinite(actual.double()), finite):
         bad = (torch.isfinite(actual.double()) != finite).nonzero()[0].tolist()
-        return False, f"non-finite pattern differs from the reference, first at index {bad}"
+        return False, None, None, f"non-finite pattern differs from the reference, first at index {bad}"
     if actual.numel() == 0 or not finite.any():
-        return True, "empty or all non-finite, pattern matches"
+        return True, None, None, "empty or all non-finite, pattern matches"
     diff = torch.where(finite, (actual.double() - exact).abs(), torch.zeros_like(exact))
     drift = torch.where(finite, (same_dtype.double() - exact).abs(), torch.zeros_like(exact))
     scale = max(1.0, exact[finite].abs().max().item())
@@ -42,7 +43,13 @@ def tolerance_report(actual: torch.Tensor, same_dtype: torch.Tensor, exact: torc
         f"max abs err {err:.3e} (at index {[int(i) for i in worst]}), reference drift in {dtype} "
         f"{ref_drift:.3e}, bound {bound:.3e}"
     )
-    return err <= bound, message
+    return err <= bound, err, bound, message
+
+
+def tolerance_report(actual: torch.Tensor, same_dtype: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype):
+    """Return (ok, message) for one tensor under the tolerance rule."""
+    ok, _, _, message = tolerance_check(actual, same_dtype, exact, dtype)
+    return ok, message
 
 
 def assert_close(actual, same_dtype, exact, dtype: torch.dtype, name: str = "output") -> None:
