@@ -41,7 +41,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "spatialformer-bench=spatialformer_kernels.bench:main",
+            "spatialformer-bench=spatialformer_kernels.bench.cli:main",
         ],
     },
 )

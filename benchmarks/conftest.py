@@ -8,14 +8,14 @@ and the measured samples are replayed into pytest-benchmark, so `--benchmark-jso
 the device timings, with GB/s, % of roofline, TFLOP/s, speedup and peak memory in each
 row's extra_info and the device, versions and commit in machine_info.
 
-    pytest benchmarks/ --benchmark --benchmark-json=benchmarks/results/<hardware>.json  (hardware: bench.hardware_slug, e.g. cpu-amd-epyc-2c, h100-80gb-hbm3)
+    pytest benchmarks/ --benchmark --benchmark-json=benchmarks/results/<hardware>.json  (hardware: measurement.hardware_slug, e.g. cpu-amd-epyc-2c, h100-80gb-hbm3)
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from spatialformer_kernels import bench
+from spatialformer_kernels.bench import measurement, workload
 
 
 def pytest_addoption(parser):
@@ -27,7 +27,7 @@ def pytest_addoption(parser):
     group.addoption("--bench-dtypes", default=None, help="comma list of fp32,fp16,bf16 (default: bf16 on CUDA, fp32 on CPU)")
     group.addoption("--bench-models", default=None, help="comma list of tiny,small,base (default: all on CUDA, tiny on CPU)")
     group.addoption("--bench-budget", type=float, default=0.25, help="timed seconds per kernel row (default 0.25)")
-    group.addoption("--bench-threads", default="auto", help="CPU threads for timed rows: a number, or auto (see bench.choose_threads)")
+    group.addoption("--bench-threads", default="auto", help="CPU threads for timed rows: a number, or auto (see measurement.choose_threads)")
     group.addoption("--bench-peak-gbps", type=float, default=None, help="peak bandwidth for %% of roofline (overrides the table)")
     group.addoption("--bench-measure-bandwidth", action="store_true", help="use a measured copy bandwidth as the roofline")
 
@@ -53,8 +53,8 @@ def _environment(config) -> dict:
     if not hasattr(config, "_spatialformer_env"):
         if config.getoption("--benchmark") and bench_device().type == "cpu":
             # Only a throughput run changes the thread count (the CI run shares this process with tests/).
-            torch.set_num_threads(bench.choose_threads(config.getoption("--bench-threads")))
-        config._spatialformer_env = bench.environment(
+            torch.set_num_threads(measurement.choose_threads(config.getoption("--bench-threads")))
+        config._spatialformer_env = measurement.environment(
             bench_device(), config.getoption("--bench-peak-gbps"), config.getoption("--bench-measure-bandwidth")
         )
     return config._spatialformer_env
@@ -73,8 +73,8 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "kernel_backends": env["backends"],
         "roofline_gbps": env["roofline"]["peak_gbps"],
         "roofline_source": env["roofline"]["source"],
-        "hardware_slug": bench.hardware_slug(env),
-        "shape_scaling": bench.scaling_note(bench.shapes_for(bench_device())),
+        "hardware_slug": measurement.hardware_slug(env),
+        "shape_scaling": workload.scaling_note(workload.shapes_for(bench_device())),
     })  # fmt: skip
     for key in ("sm_count", "capability", "cpu_threads", "cpu_count", "load_average_1min", "busy_cores"):
         if key in env:
@@ -93,7 +93,7 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
             if bench_device().type == "cuda"
             else "warm-up, then time.perf_counter per call; samples replayed into pytest-benchmark"
         ),
-        "shape_scaling": bench.scaling_note(bench.shapes_for(bench_device())),
+        "shape_scaling": workload.scaling_note(workload.shapes_for(bench_device())),
     }
 
 
@@ -135,10 +135,10 @@ def bench_env(pytestconfig) -> dict:
 
 
 @pytest.fixture(scope="session")
-def bench_session(pytestconfig, device, bench_env) -> bench.BenchSession:  # bench_env first: it sets the threads
-    return bench.BenchSession(
+def bench_session(pytestconfig, device, bench_env) -> measurement.BenchSession:  # bench_env first: it sets the threads
+    return measurement.BenchSession(
         device,
-        bench.providers_for(device),
+        workload.providers_for(device),
         budget_s=pytestconfig.getoption("--bench-budget"),
         peak_gbps=bench_env["roofline"]["peak_gbps"],
     )

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import spatialformer_kernels as sk
+from spatialformer_kernels.bench.measurement import device_name, git_commit
 from spatialformer_kernels.reference import bilateral_attention_reference
 
 B, H, M, N, D = 8, 2, 64, 3136, 32
@@ -52,17 +52,6 @@ def _forward_backward(fn, inputs):
             t.grad = None
 
     return run
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -99,7 +88,8 @@ def main() -> None:
         for pass_ in ("forward", "forward+backward")
     }
     load = os.getloadavg()[0]
-    print(f"{_cpu_model()}, {args.threads} threads, torch {torch.__version__}, load average {load:.2f}")
+    print(f"{device_name(torch.device('cpu'))}, {args.threads} threads, torch {torch.__version__}, "
+          f"commit {git_commit()}, load average {load:.2f}")
     print(f"B={B} H={H} M={M} N={N} D={D} float32, {args.rounds} interleaved rounds, median ms:")
     for key, value in median_ms.items():
         print(f"  {key:40s} {value:9.2f}")
@@ -107,7 +97,8 @@ def main() -> None:
         print(f"  {key:50s} {value:5.2f}x")
     if args.json:
         record = {
-            "machine": {"cpu": _cpu_model(), "threads": args.threads, "cores": os.cpu_count(), "load_average": load},
+            "machine": {"cpu": device_name(torch.device("cpu")), "threads": args.threads, "cores": os.cpu_count(), "load_average": load},
+            "commit": git_commit(),
             "torch": torch.__version__,
             "shape": dict(B=B, H=H, M=M, N=N, D=D, dtype="float32"),
             "rounds": args.rounds,

@@ -81,6 +81,7 @@ def cpu_speed_section(records: list[dict]) -> str:
             f"(`benchmarks/results/cpu-speed/{record['file']}`)",
             "",
             f"`python benchmarks/cpu_speed.py`: {dims} {shape['dtype']}, torch {record['torch']}, "
+            f"commit `{record.get('commit', 'not recorded')[:12]}{'-dirty' if record.get('commit', '').endswith('-dirty') else ''}`, "
             f"{record['rounds']} interleaved rounds, load average {machine['load_average']:.2f} at the start.",
             "",
             "| pass | cpu kernel | SDPA (two calls) | torch.compile(reference) | vs SDPA | target | status |",

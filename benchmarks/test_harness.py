@@ -11,7 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from spatialformer_kernels import bench, bench_measure, dispatch
+from spatialformer_kernels import dispatch, testing
+from spatialformer_kernels.bench import cli
+from spatialformer_kernels.bench import measurement
+from spatialformer_kernels.bench import workload
+from spatialformer_kernels.reference import bilateral_attention_reference
 
 _spec = importlib.util.spec_from_file_location("render_tables", Path(__file__).with_name("render_tables.py"))
 render_tables = importlib.util.module_from_spec(_spec)
@@ -38,58 +42,58 @@ CPU = torch.device("cpu")
     ],
 )
 def test_roofline_lookup(name, label, peak):
-    assert bench.lookup_roofline(name) == (label, peak)
+    assert measurement.lookup_roofline(name) == (label, peak)
 
 
 @pytest.mark.parametrize("name", ["AMD EPYC", "Intel(R) Xeon(R) Platinum 8480+", "NVIDIA Mystery 9000"])
 def test_unknown_devices_have_no_roofline(name):
-    assert bench.lookup_roofline(name) is None
+    assert measurement.lookup_roofline(name) is None
 
 
 def test_cpu_environment_says_no_roofline_unless_given():
-    env = bench.environment(CPU)
+    env = measurement.environment(CPU)
     assert env["roofline"]["peak_gbps"] is None and "no HBM roofline" in env["roofline"]["source"]
     assert env["device_type"] == "cpu" and env["torch"] == torch.__version__ and "reference" in env["backends"]
-    assert bench.environment(CPU, peak_gbps=40.0)["roofline"]["peak_gbps"] == 40.0
-    measured = bench.environment(CPU, measure_bandwidth=True)["roofline"]
+    assert measurement.environment(CPU, peak_gbps=40.0)["roofline"]["peak_gbps"] == 40.0
+    measured = measurement.environment(CPU, measure_bandwidth=True)["roofline"]
     assert measured["peak_gbps"] > 0 and measured["source"].startswith("measured")
-    assert bench.hardware_slug({"device_type": "cpu", "device_name": "AMD EPYC 7B13", "cpu_count": 2}) == "cpu-amd-epyc-7b13-2c"
-    assert bench.hardware_slug({"device_type": "cuda", "device_name": "NVIDIA H100 80GB HBM3"}) == "h100-80gb-hbm3"
+    assert measurement.hardware_slug({"device_type": "cpu", "device_name": "AMD EPYC 7B13", "cpu_count": 2}) == "cpu-amd-epyc-7b13-2c"
+    assert measurement.hardware_slug({"device_type": "cuda", "device_name": "NVIDIA H100 80GB HBM3"}) == "h100-80gb-hbm3"
 
 
 def test_bytes_and_flops_of_cls224_stage1():
-    shape = bench.SHAPES[0]
+    shape = workload.SHAPES[0]
     assert (shape.B, shape.H, shape.M, shape.N, shape.D) == (64, 2, 64, 3136, 32)
     per_side = 64 * 2 * (64 + 3136) * 32  # B*H*(M+N)*D elements of one tensor pair side
-    assert bench.bytes_moved(shape, torch.bfloat16, "fwd") == 4 * per_side * 2 == 104_857_600
-    assert bench.bytes_moved(shape, torch.float32, "fwd") == 4 * per_side * 4
-    assert bench.bytes_moved(shape, torch.bfloat16, "bwd") == 8 * per_side * 2 + 4 * 64 * 2 * 3200
-    assert bench.bytes_moved(shape, torch.bfloat16, "fwd_bwd") == sum(bench.bytes_moved(shape, torch.bfloat16, p) for p in ("fwd", "bwd"))
-    assert bench.flops(shape, "fwd") == 8 * 64 * 2 * 64 * 3136 * 32
-    assert bench.flops(shape, "fwd_bwd") == 28 * 64 * 2 * 64 * 3136 * 32
+    assert workload.bytes_moved(shape, torch.bfloat16, "fwd") == 4 * per_side * 2 == 104_857_600
+    assert workload.bytes_moved(shape, torch.float32, "fwd") == 4 * per_side * 4
+    assert workload.bytes_moved(shape, torch.bfloat16, "bwd") == 8 * per_side * 2 + 4 * 64 * 2 * 3200
+    assert workload.bytes_moved(shape, torch.bfloat16, "fwd_bwd") == sum(workload.bytes_moved(shape, torch.bfloat16, p) for p in ("fwd", "bwd"))
+    assert workload.flops(shape, "fwd") == 8 * 64 * 2 * 64 * 3136 * 32
+    assert workload.flops(shape, "fwd_bwd") == 28 * 64 * 2 * 64 * 3136 * 32
     # docs/design.md section 2: "about 64 FLOP/byte at D = 32" in 16-bit.
-    assert 60 < bench.flops(shape, "fwd") / bench.bytes_moved(shape, torch.bfloat16, "fwd") < 64
+    assert 60 < workload.flops(shape, "fwd") / workload.bytes_moved(shape, torch.bfloat16, "fwd") < 64
 
 
 def test_bandwidth_and_roofline_arithmetic():
-    assert bench.gbps(3_000_000_000, 1.5) == pytest.approx(2.0)
-    assert bench.pct_of_roofline(1675.0, 3350.0) == pytest.approx(50.0)
-    assert bench.pct_of_roofline(10.0, None) is None
+    assert workload.gbps(3_000_000_000, 1.5) == pytest.approx(2.0)
+    assert workload.pct_of_roofline(1675.0, 3350.0) == pytest.approx(50.0)
+    assert workload.pct_of_roofline(10.0, None) is None
 
 
 def test_cpu_scaling_keeps_h_m_d_and_divides_b_n():
-    shapes = {s.name: s for s in bench.shapes_for(CPU)}
-    assert shapes["cls224-stage1"] == bench.Shape("cls224-stage1", 64 // 8, 2, 64, 3136 // 8, 32, scale=8)
+    shapes = {s.name: s for s in workload.shapes_for(CPU)}
+    assert shapes["cls224-stage1"] == workload.Shape("cls224-stage1", 64 // 8, 2, 64, 3136 // 8, 32, scale=8)
     assert shapes["det800x1344-stage1"].B == 1 and shapes["det800x1344-stage1"].N == 8400
     assert shapes["cls224-stage1"].label == "cls224-stage1/8"
-    assert "divided by 8" in bench.scaling_note(list(shapes.values()))
-    assert bench.scaling_note(bench.shapes_for(CPU, scale=1)) == "full docs/design.md section 4 shapes"
+    assert "divided by 8" in workload.scaling_note(list(shapes.values()))
+    assert workload.scaling_note(workload.shapes_for(CPU, scale=1)) == "full docs/design.md section 4 shapes"
     with pytest.raises(ValueError, match="unknown shape"):
-        bench.shapes_for(CPU, ["nope"])
+        workload.shapes_for(CPU, ["nope"])
 
 
 def _row(provider, kind, family, median_ms):
-    return bench.Row("s", 1, 1, 1, 1, 1, 1, "fp32", "fwd", provider, kind, family, median_ms=median_ms)
+    return measurement.Row("s", 1, 1, 1, 1, 1, 1, "fp32", "fwd", provider, kind, family, median_ms=median_ms)
 
 
 def test_speedup_against_best_baseline_and_best_sdpa():
@@ -99,17 +103,17 @@ def test_speedup_against_best_baseline_and_best_sdpa():
         _row("sdpa-flash", "baseline", "sdpa", 3.0),
         _row("sdpa-math", "baseline", "sdpa", 6.0),
         _row("compile-reference", "baseline", "compile", 2.0),
-        bench.Row("s", 1, 1, 1, 1, 1, 1, "fp32", "fwd", "xformers", "baseline", "xformers", status="skipped"),
+        measurement.Row("s", 1, 1, 1, 1, 1, 1, "fp32", "fwd", "xformers", "baseline", "xformers", status="skipped"),
     ]
-    bench.add_speedup(ours, baselines)
+    measurement.add_speedup(ours, baselines)
     assert ours.speedup == pytest.approx(2.0) and ours.best_baseline == "compile-reference"
     assert ours.speedup_vs_sdpa == pytest.approx(3.0)
 
 
 def test_measured_row_carries_every_metric():
-    shape = bench.Shape("tiny", B=1, H=2, M=8, N=40, D=16)
-    providers = [p for p in bench.providers_for(CPU) if p.name in ("reference", "sdpa")]
-    session = bench.BenchSession(CPU, providers, budget_s=0.02)
+    shape = workload.Shape("tiny", B=1, H=2, M=8, N=40, D=16)
+    providers = [p for p in workload.providers_for(CPU) if p.name in ("reference", "sdpa")]
+    session = measurement.BenchSession(CPU, providers, budget_s=0.02)
     row = session.row(shape, torch.float32, "fwd_bwd", "reference")
     assert row.status == "ok", row.note
     assert row.repeats >= 5 and row.median_ms > 0 and len(row.samples_s) == row.repeats
@@ -125,7 +129,7 @@ def test_measured_row_carries_every_metric():
 
 def test_measure_on_cpu_warms_up_then_repeats():
     calls = []
-    samples = bench.measure(lambda: calls.append(1), CPU, budget_s=0.0, min_repeats=7, warmup=3)
+    samples = measurement.measure(lambda: calls.append(1), CPU, budget_s=0.0, min_repeats=7, warmup=3)
     assert len(samples) == 7 and len(calls) == 8  # one warm-up call on CPU and all(s >= 0 for s in samples)
 
 
@@ -233,24 +237,24 @@ def test_committed_results_render(pytestconfig):
 # ---------------------------------------------------------------------------- parity
 
 
-TINY = bench.Shape("tiny", B=2, H=2, M=16, N=300, D=16)
+TINY = workload.Shape("tiny", B=2, H=2, M=16, N=300, D=16)
 
 
 def _wrong_scale():
-    return lambda q_s, k_s, v_s, q_x, k_x, v_x, scale: bench.bilateral_attention_reference(q_s, k_s, v_s, q_x, k_x, v_x, 1.1 * scale)
+    return lambda q_s, k_s, v_s, q_x, k_x, v_x, scale: bilateral_attention_reference(q_s, k_s, v_s, q_x, k_x, v_x, 1.1 * scale)
 
 
 def test_parity_checks_carry_max_error_bound_and_verdict():
-    good = next(p for p in bench.providers_for(CPU) if p.name == "sdpa")
-    wrong = bench.Provider("wrong-scale", "baseline", "reference", _wrong_scale)
-    session = bench.BenchSession(CPU, [good, wrong], measure_memory=False)
+    good = next(p for p in workload.providers_for(CPU) if p.name == "sdpa")
+    wrong = workload.Provider("wrong-scale", "baseline", "reference", _wrong_scale)
+    session = measurement.BenchSession(CPU, [good, wrong], measure_memory=False)
     for name in ("sdpa", "wrong-scale"):
         session.row(TINY, torch.float32, "fwd", name)
     (shape, ok), (_, bad) = session.parity_checks()
     assert shape == TINY and ok.dims == "B2 H2 M16 N300 D16" and ok.passed and 0 <= ok.max_err <= ok.bound
     assert not bad.passed and bad.max_err > bad.bound > 0 and "max abs err" in bad.failures
-    assert ok.tensor in bench.GRAD_NAMES[:2] and not ok.with_grads
-    text = bench.format_parity(session.parity_checks())
+    assert ok.tensor in testing.BILATERAL_RESULT_NAMES[:2] and not ok.with_grads
+    text = cli.format_parity(session.parity_checks())
     assert "tolerance rule" in text
     assert re.search(rf"tiny +B2 H2 M16 N300 D16 +fp32 +sdpa +{ok.max_err:.1e} <= {ok.bound:.1e} \(o_[sx]\) +- +pass$", text, re.M)
     assert re.search(rf"wrong-scale +{bad.max_err:.1e} > {bad.bound:.1e} \(o_[sx]\) +- +FAIL$", text, re.M)
@@ -259,20 +263,20 @@ def test_parity_checks_carry_max_error_bound_and_verdict():
 @pytest.mark.skipif(torch.cuda.is_available() or "triton" not in dispatch.runnable_backends(CPU),
                     reason="needs Triton's interpreter on a machine without CUDA")  # fmt: skip
 def test_triton_in_its_interpreter_is_checked_on_a_reduced_shape_and_not_timed():
-    triton = next(p for p in bench.providers_for(CPU) if p.name == "ours-triton")
-    session = bench.BenchSession(CPU, [triton], measure_memory=False)
+    triton = next(p for p in workload.providers_for(CPU) if p.name == "ours-triton")
+    session = measurement.BenchSession(CPU, [triton], measure_memory=False)
     row = session.row(TINY, torch.float32, "fwd", "ours-triton")
     assert row.status == "untimed" and row.median_ms is None and "interpreter" in row.note
     [(shape, check)] = session.parity_checks()
-    assert shape == TINY and check.passed and check.dims == f"B1 H2 M16 N{bench.INTERPRETER_MAX_N} D16"
-    assert "not timed ours-triton (fwd): Triton without CUDA runs only in its interpreter" in bench.format_table([row])
+    assert shape == TINY and check.passed and check.dims == f"B1 H2 M16 N{workload.INTERPRETER_MAX_N} D16"
+    assert "not timed ours-triton (fwd): Triton without CUDA runs only in its interpreter" in cli.format_table([row])
 
 
 def test_triton_without_cuda_or_interpreter_says_it_was_not_checked(monkeypatch):
     if "triton" not in dispatch.available_backends() or torch.cuda.is_available():
         pytest.skip("needs Triton on a machine without CUDA")
     monkeypatch.setattr(dispatch, "triton_interpreter_enabled", lambda: False)
-    triton = next(p for p in bench.providers_for(CPU) if p.name == "ours-triton")
+    triton = next(p for p in workload.providers_for(CPU) if p.name == "ours-triton")
     assert "not checked, not timed" in triton.skip and "TRITON_INTERPRET=1" in triton.skip and not triton.parity_only
 
 
@@ -280,22 +284,22 @@ def test_triton_without_cuda_or_interpreter_says_it_was_not_checked(monkeypatch)
 
 
 def test_commit_of_an_installed_package_is_not_a_git_checkout(monkeypatch, tmp_path):
-    outside = tmp_path / "site-packages" / "spatialformer_kernels" / "bench_measure.py"
-    monkeypatch.setattr(bench_measure, "__file__", str(outside))
-    assert bench.git_commit() == bench.NOT_A_CHECKOUT == "not a git checkout"
+    outside = tmp_path / "site-packages" / "spatialformer_kernels" / "bench" / "measurement.py"
+    monkeypatch.setattr(measurement, "__file__", str(outside))
+    assert measurement.git_commit() == measurement.NOT_A_CHECKOUT == "not a git checkout"
     # pip install . into a virtual environment inside a checkout: site-packages is not that checkout
     repo = tmp_path / "repo"
     subprocess.run(["git", "init", "-q", str(repo)], check=True)
     subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "c"], check=True)
-    monkeypatch.setattr(bench_measure, "__file__", str(repo / ".venv/lib/site-packages/spatialformer_kernels/bench_measure.py"))
+    monkeypatch.setattr(measurement, "__file__", str(repo / ".venv/lib/site-packages/spatialformer_kernels/bench/measurement.py"))
     (repo / ".venv/lib/site-packages/spatialformer_kernels").mkdir(parents=True)
-    assert bench.git_commit() == bench.NOT_A_CHECKOUT
+    assert measurement.git_commit() == measurement.NOT_A_CHECKOUT
 
 
 def test_commit_of_this_checkout():
-    if not (Path(bench_measure.__file__).resolve().parent.parent / ".git").exists():
+    if not (Path(measurement.__file__).resolve().parent.parent.parent / ".git").exists():
         pytest.skip("not running from a git checkout")
-    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", bench.git_commit())
+    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", measurement.git_commit())
 
 
 def _fake_load(monkeypatch, values):
@@ -305,27 +309,27 @@ def _fake_load(monkeypatch, values):
     def busy():
         return values.pop(0) if len(values) > 1 else values[0]
 
-    monkeypatch.setattr(bench_measure, "busy_cores", busy)
-    monkeypatch.setattr(bench, "busy_cores", busy)
+    monkeypatch.setattr(measurement, "busy_cores", busy)
+    monkeypatch.setattr(cli, "busy_cores", busy)
 
 
 def test_wait_for_idle_waits_for_a_chained_command_then_stops(monkeypatch):
     _fake_load(monkeypatch, [1.7, 1.2, 0.1])  # a `pip install` finishing
-    busy, waited = bench.wait_for_idle(timeout_s=5.0)
+    busy, waited = measurement.wait_for_idle(timeout_s=5.0)
     assert busy == 0.1 and 0.4 < waited < 2.0
     _fake_load(monkeypatch, [0.0])
-    assert bench.wait_for_idle(timeout_s=5.0) == (0.0, 0.0)  # idle: no wait
+    assert measurement.wait_for_idle(timeout_s=5.0) == (0.0, 0.0)  # idle: no wait
     _fake_load(monkeypatch, [1.7])
-    busy, waited = bench.wait_for_idle(timeout_s=0.3)  # still busy: bounded
+    busy, waited = measurement.wait_for_idle(timeout_s=0.3)  # still busy: bounded
     assert busy == 1.7 and 0.3 <= waited < 1.5
-    env = bench.environment(CPU, load=(busy, waited))
+    env = measurement.environment(CPU, load=(busy, waited))
     assert not env["idle"] and env["busy_cores"] == 1.7
-    assert bench.load_note(env).startswith(f"BUSY: other processes keep 1.7 of {os.cpu_count()} cores busy, still after waiting")
-    assert bench.choose_threads("auto", busy=float(os.cpu_count())) == 1
-    env = bench.environment(CPU, load=(0.0, 2.04))
-    assert bench.load_note(env) == "idle (after waiting 2.0 s for other processes to finish)"
+    assert cli.load_note(env).startswith(f"BUSY: other processes keep 1.7 of {os.cpu_count()} cores busy, still after waiting")
+    assert measurement.choose_threads("auto", busy=float(os.cpu_count())) == 1
+    env = measurement.environment(CPU, load=(0.0, 2.04))
+    assert cli.load_note(env) == "idle (after waiting 2.0 s for other processes to finish)"
     env["busy_cores_at_end"] = 1.2
-    assert bench.load_note(env).endswith(f"; BUSY at the end: other processes kept 1.2 of {os.cpu_count()} cores busy, so the last rows may be slowed")
+    assert cli.load_note(env).endswith(f"; BUSY at the end: other processes kept 1.2 of {os.cpu_count()} cores busy, so the last rows may be slowed")
 
 
 def test_header_of_a_gpu_run_names_its_roofline_and_no_cpu_load():
@@ -334,9 +338,9 @@ def test_header_of_a_gpu_run_names_its_roofline_and_no_cpu_load():
         "torch": "2.x", "triton": "3.x", "python": "3.11", "git_commit": "not a git checkout", "backends": ["reference", "triton"],
         "roofline": {"peak_gbps": 4800.0, "source": "data sheet, H200"},
     }  # fmt: skip
-    providers = [bench.Provider("ours-triton", "ours", "ours", None), bench.Provider("sdpa-flash", "baseline", "sdpa", None),
-                 bench.Provider("xformers", "baseline", "xformers", None, skip="xformers is not installed")]  # fmt: skip
-    lines = bench.header_lines(env, providers, bench.shapes_for(torch.device("cuda")), 0.25, "auto")
+    providers = [workload.Provider("ours-triton", "ours", "ours", None), workload.Provider("sdpa-flash", "baseline", "sdpa", None),
+                 workload.Provider("xformers", "baseline", "xformers", None, skip="xformers is not installed")]  # fmt: skip
+    lines = cli.header_lines(env, providers, workload.shapes_for(torch.device("cuda")), 0.25, "auto")
     assert lines[0].startswith("device: NVIDIA H200 (cuda, capability 9.0, 132 SMs)") and "commit: not a git checkout" in lines
     assert "% roof: of 4800 GB/s (data sheet, H200)" in lines and "full docs/design.md section 4 shapes" in lines
     assert any(line.startswith("speedup: the fastest baseline's median time (of sdpa-flash) on") for line in lines)
@@ -348,12 +352,12 @@ def test_header_of_a_gpu_run_names_its_roofline_and_no_cpu_load():
 
 def _run(argv, monkeypatch, busy=0.0) -> int:
     _fake_load(monkeypatch, [busy])
-    return bench.main(["--device", "cpu", "--no-progress", *argv])
+    return cli.main(["--device", "cpu", "--no-progress", *argv])
 
 
 def test_spatialformer_bench_quick_writes_table_json_and_plot(tmp_path, capsys, monkeypatch):
     out = tmp_path / "bench-out"
-    ours = [p.name for p in bench.providers_for(CPU) if p.kind == "ours" and not p.skip and not p.parity_only]
+    ours = [p.name for p in workload.providers_for(CPU) if p.kind == "ours" and not p.skip and not p.parity_only]
     assert _run(["--quick", "--budget", "0.01", "--out", str(out), "--providers", "reference", "sdpa", *ours], monkeypatch) == 0
     printed = capsys.readouterr().out
     table = (out / "table.txt").read_text(encoding="utf-8")
@@ -362,15 +366,15 @@ def test_spatialformer_bench_quick_writes_table_json_and_plot(tmp_path, capsys, 
     env = result["environment"]
     assert env["device_type"] == "cpu" and "torch" in env and env["idle"] and env["git_commit"]
     ok = [r for r in result["rows"] if r["status"] == "ok"]
-    assert {r["pass"] for r in ok} == set(bench.PASSES)
+    assert {r["pass"] for r in ok} == set(workload.PASSES)
     assert ok and all(r["gbps"] > 0 and r["tflops"] > 0 and r["median_ms"] > 0 for r in ok)
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # every provider's parity, both check kinds, on each shape: in results.json, table.txt and the console
     parity = result["parity"]
     assert {(c["provider"], c["shape"], c["with_grads"]) for c in parity} == {
-        (p, s.label, g) for p in ("reference", "sdpa", *ours) for s in bench.shapes_for(CPU, ["cls224-stage1", "det800x1344-stage1"], 32) for g in (False, True)
+        (p, s.label, g) for p in ("reference", "sdpa", *ours) for s in workload.shapes_for(CPU, ["cls224-stage1", "det800x1344-stage1"], 32) for g in (False, True)
     }  # fmt: skip
-    assert all(c["passed"] and 0 <= c["max_err"] <= c["bound"] and c["tensor"] in bench.GRAD_NAMES for c in parity)
+    assert all(c["passed"] and 0 <= c["max_err"] <= c["bound"] and c["tensor"] in testing.BILATERAL_RESULT_NAMES for c in parity)
     for c in parity:
         line = rf"{re.escape(c['shape'])} +{c['dims']} +fp32 +{c['provider']} .*{c['max_err']:.1e} <= {c['bound']:.1e} \({c['tensor']}\).* pass$"
         assert re.search(line, table, re.M) and re.search(line, printed, re.M), line
@@ -385,7 +389,7 @@ def test_spatialformer_bench_quick_writes_table_json_and_plot(tmp_path, capsys, 
 
 
 def test_a_busy_machine_is_said_so(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(bench, "wait_for_idle", lambda: (1.6, 5.0))  # still busy after the wait
+    monkeypatch.setattr(cli, "wait_for_idle", lambda: (1.6, 5.0))  # still busy after the wait
     assert _run(["--quick", "--passes", "fwd", "--shapes", "cls224-stage2", "--providers", "reference",
                  "--budget", "0.01", "--out", str(tmp_path)], monkeypatch, busy=1.6) == 0  # fmt: skip
     printed = capsys.readouterr().out
@@ -400,10 +404,10 @@ def test_nothing_timed_writes_no_plot(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "plot.png").exists() and "(no plot: no row was timed)" in printed
     table = (tmp_path / "table.txt").read_text(encoding="utf-8")
     assert "no row was timed" in table and "skipped xformers (fwd)" in table and "no provider was checked" in table
-    assert bench.plot([], tmp_path / "plot.png", "title") is None and not (tmp_path / "plot.png").exists()
+    assert cli.plot([], tmp_path / "plot.png", "title") is None and not (tmp_path / "plot.png").exists()
 
 
 def test_thread_choice():
-    assert bench.choose_threads("3") == 3 and bench.choose_threads(1) == 1
-    assert 1 <= bench.choose_threads("auto") <= torch.get_num_threads()
-    assert bench.busy_cores(samples=2, interval_s=0.0) >= 0
+    assert measurement.choose_threads("3") == 3 and measurement.choose_threads(1) == 1
+    assert 1 <= measurement.choose_threads("auto") <= torch.get_num_threads()
+    assert measurement.busy_cores(samples=2, interval_s=0.0) >= 0

@@ -9,13 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spatialformer_kernels import bench
+from spatialformer_kernels.bench import measurement, workload
+from spatialformer_kernels.reference import bilateral_attention_reference
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-SMALL = bench.Shape("parity", B=2, H=2, M=64, N=97, D=32)
-ODD = bench.Shape("parity-odd", B=1, H=3, M=13, N=130, D=40)
-PROVIDERS = bench.providers_for(DEVICE, timing=False)
-DEFAULT = set(bench.default_provider_names(DEVICE))
+SMALL = workload.Shape("parity", B=2, H=2, M=64, N=97, D=32)
+ODD = workload.Shape("parity-odd", B=1, H=3, M=13, N=130, D=40)
+PROVIDERS = workload.providers_for(DEVICE, timing=False)
+DEFAULT = set(workload.default_provider_names(DEVICE))
 # On CPU a compiled provider costs seconds per compilation (one per dtype and grad mode):
 # CI checks torch.compile(reference) once, forward+backward in fp32 (outputs and gradients),
 # and leaves out the providers a default CPU run does not time (FlexAttention).
@@ -39,16 +40,16 @@ def _cases():
 
 @pytest.fixture(scope="module")
 def session():
-    return bench.BenchSession(DEVICE, PROVIDERS, measure_memory=False)
+    return measurement.BenchSession(DEVICE, PROVIDERS, measure_memory=False)
 
 
 @pytest.mark.parametrize("provider, shape, dtype, with_grads", list(_cases()))
 def test_provider_matches_reference(session, provider, shape, dtype, with_grads):
-    reason = bench.skip_reason(provider, bench.DTYPES[dtype], "fwd_bwd" if with_grads else "fwd")
+    reason = workload.skip_reason(provider, workload.DTYPES[dtype], "fwd_bwd" if with_grads else "fwd")
     if reason:
         pytest.skip(reason)
     try:
-        failure = session.parity(provider, shape, bench.DTYPES[dtype], with_grads)
+        failure = session.parity(provider, shape, workload.DTYPES[dtype], with_grads)
     except RuntimeError as error:
         if provider.kind == "ours":
             raise
@@ -58,11 +59,11 @@ def test_provider_matches_reference(session, provider, shape, dtype, with_grads)
 
 def test_parity_catches_a_wrong_provider(session):
     """A provider with a wrong scale must be reported as failed, never timed."""
-    wrong = bench.Provider(
+    wrong = workload.Provider(
         "wrong-scale", "baseline", "reference",
-        lambda: lambda q_s, k_s, v_s, q_x, k_x, v_x, scale: bench.bilateral_attention_reference(q_s, k_s, v_s, q_x, k_x, v_x, 1.1 * scale),
+        lambda: lambda q_s, k_s, v_s, q_x, k_x, v_x, scale: bilateral_attention_reference(q_s, k_s, v_s, q_x, k_x, v_x, 1.1 * scale),
     )  # fmt: skip
-    wrong_session = bench.BenchSession(DEVICE, [wrong], measure_memory=False)
+    wrong_session = measurement.BenchSession(DEVICE, [wrong], measure_memory=False)
     row = wrong_session.row(SMALL, torch.float32, "fwd", "wrong-scale")
     assert row.status == "failed" and "parity" in row.note and row.median_ms is None
     failure = wrong_session.parity(wrong, SMALL, torch.float32, with_grads=True)
@@ -76,9 +77,9 @@ def test_a_crashing_kernel_fails_its_row_and_a_crashing_baseline_is_skipped():
 
         return run
 
-    ours = bench.Provider("ours-broken", "ours", "ours", crash)
-    baseline = bench.Provider("baseline-broken", "baseline", "sdpa", crash)
-    crash_session = bench.BenchSession(DEVICE, [ours, baseline], measure_memory=False)
+    ours = workload.Provider("ours-broken", "ours", "ours", crash)
+    baseline = workload.Provider("baseline-broken", "baseline", "sdpa", crash)
+    crash_session = measurement.BenchSession(DEVICE, [ours, baseline], measure_memory=False)
     row = crash_session.row(SMALL, torch.float32, "fwd", "ours-broken")
     assert row.status == "failed" and "no kernel image" in row.note
     row = crash_session.row(SMALL, torch.float32, "fwd", "baseline-broken")

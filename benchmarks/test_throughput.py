@@ -3,7 +3,7 @@
 Kernel rows: every provider x shape x dtype x pass; each row first asserts parity with the
 reference (outputs, and gradients for the passes with a backward), then is timed. A provider
 that cannot run here is skipped with the reason. On CPU the shapes are scaled down (B and N
-divided by spatialformer_kernels.bench.CPU_SCALE).
+divided by spatialformer_kernels.bench.workload.CPU_SCALE).
 
 Model rows: SpatialFormer-T/S/B images per second, inference and a training step, on each
 kernel path of the device and on the reference path; the kernel path first asserts that its
@@ -14,7 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spatialformer_kernels import bench
+from spatialformer import benchmark as model_bench
+from spatialformer_kernels.bench import workload
 
 pytestmark = pytest.mark.throughput
 
@@ -32,40 +33,40 @@ def pytest_generate_tests(metafunc):
     if "kernel_row" in metafunc.fixturenames:
         params = [
             pytest.param((shape, dtype, pass_, provider.name), id=f"{shape.label}-{dtype}-{pass_}-{provider.name}")
-            for shape in bench.shapes_for(DEVICE)
+            for shape in workload.shapes_for(DEVICE)
             for dtype in _dtypes(metafunc.config)
-            for pass_ in bench.PASSES
-            for provider in bench.providers_for(DEVICE)
+            for pass_ in workload.PASSES
+            for provider in workload.providers_for(DEVICE)
         ]
         metafunc.parametrize("kernel_row", params)
     if "model_row" in metafunc.fixturenames:
         params = [
             pytest.param((variant, mode, backend), id=f"{variant}-{mode}-{backend}")
-            for variant in bench.MODEL_VARIANTS
+            for variant in model_bench.MODEL_VARIANTS
             for mode in ("inference", "train")
-            for backend in bench.model_backends(DEVICE)
+            for backend in model_bench.model_backends(DEVICE)
         ]
         metafunc.parametrize("model_row", params)
 
 
 def test_attention_throughput(kernel_row, bench_session, record):
     shape, dtype, pass_, provider = kernel_row
-    row = bench_session.row(shape, bench.DTYPES[dtype], pass_, provider)
+    row = bench_session.row(shape, workload.DTYPES[dtype], pass_, provider)
     if row.status in ("skipped", "untimed"):  # untimed: parity passed, not timed (Triton's interpreter)
         pytest.skip(row.note)
     assert row.status == "ok", row.note  # parity with the reference failed
     assert row.gbps is not None and row.gbps > 0
-    record(row, f"{shape.label} {dtype} {bench.PASS_LABELS[pass_]}")
+    record(row, f"{shape.label} {dtype} {workload.PASS_LABELS[pass_]}")
 
 
 _model_rows: dict = {}
 
 
-def _model_row(variant: str, mode: str, backend: str, budget: float) -> bench.ModelRow:
+def _model_row(variant: str, mode: str, backend: str, budget: float) -> model_bench.ModelRow:
     key = (variant, mode, backend)
     if key not in _model_rows:
-        _model_rows[key] = bench.bench_model(
-            variant, backend, mode, DEVICE, bench.DTYPES[MODEL_DTYPE], MODEL_BATCH, MODEL_IMG, budget_s=budget
+        _model_rows[key] = model_bench.bench_model(
+            variant, backend, mode, DEVICE, workload.DTYPES[MODEL_DTYPE], MODEL_BATCH, MODEL_IMG, budget_s=budget
         )
     return _model_rows[key]
 
@@ -73,16 +74,13 @@ def _model_row(variant: str, mode: str, backend: str, budget: float) -> bench.Mo
 def test_model_throughput(model_row, pytestconfig, bench_env, record):
     variant, mode, backend = model_row
     option = pytestconfig.getoption("--bench-models")
-    wanted = option.split(",") if option else (list(bench.MODEL_VARIANTS) if DEVICE.type == "cuda" else ["tiny"])
+    wanted = option.split(",") if option else (list(model_bench.MODEL_VARIANTS) if DEVICE.type == "cuda" else ["tiny"])
     if variant not in wanted:
-        pytest.skip(f"spatialformer_{variant} not selected (CPU runs tiny only by default; --bench-models={','.join(bench.MODEL_VARIANTS)})")
-    try:
-        if backend != "reference":
-            bench.check_model_parity(variant, backend, DEVICE, bench.DTYPES[MODEL_DTYPE], batch=2, img_size=MODEL_IMG)
-        budget = 3 * pytestconfig.getoption("--bench-budget")
-        row = _model_row(variant, mode, backend, budget)
-        reference = _model_row(variant, mode, "reference", budget)
-    except bench.ModelsUnavailable as error:
-        pytest.skip(str(error))
+        pytest.skip(f"spatialformer_{variant} not selected (CPU runs tiny only by default; --bench-models={','.join(model_bench.MODEL_VARIANTS)})")
+    if backend != "reference":
+        model_bench.check_model_parity(variant, backend, DEVICE, workload.DTYPES[MODEL_DTYPE], batch=2, img_size=MODEL_IMG)
+    budget = 3 * pytestconfig.getoption("--bench-budget")
+    row = _model_row(variant, mode, backend, budget)
+    reference = _model_row(variant, mode, "reference", budget)
     row.speedup = reference.median_ms / row.median_ms
     record(row, f"spatialformer_{variant} {mode} B{MODEL_BATCH} {MODEL_IMG}px {MODEL_DTYPE}")

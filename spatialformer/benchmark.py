@@ -1,6 +1,6 @@
-"""Whole-model benchmark: SpatialFormer images per second, per kernel backend.
-
-Part of the benchmark core behind `spatialformer_kernels.bench`; import these names from there.
+"""Whole-model benchmark: SpatialFormer images per second, per kernel backend, on the
+measurement core of `spatialformer_kernels.bench` (which never imports the models; the
+pytest suite benchmarks/test_throughput.py runs these rows).
 """
 from __future__ import annotations
 
@@ -9,42 +9,23 @@ import dataclasses
 import statistics
 from typing import Optional
 
+import timm
 import torch
 import torch.nn.functional as F
 
-from . import dispatch
-from .bench_measure import measure, peak_memory
-from .bench_workload import DTYPE_NAMES
-from .testing import assert_close
-
-# ----------------------------------------------------------------------------------------
-# Whole model
-# ----------------------------------------------------------------------------------------
+from spatialformer_kernels import dispatch
+from spatialformer_kernels.bench.measurement import measure, peak_memory
+from spatialformer_kernels.bench.workload import DTYPE_NAMES
+from spatialformer_kernels.testing import assert_close
 
 MODEL_VARIANTS = ("tiny", "small", "base")
 
 
-class ModelsUnavailable(Exception):
-    pass
-
-
-def _spatialformer():
-    try:
-        import spatialformer  # noqa: F401  (registers the models in timm)
-        import timm
-    except Exception as error:
-        raise ModelsUnavailable(f"spatialformer is not importable yet ({type(error).__name__}: {error})") from error
-    return timm
-
-
 def model_backends(device: torch.device) -> list[str]:
-    """The model paths to compare: each kernel backend that runs on the device, and the reference."""
-    kernels = [
-        b
-        for b in dispatch.available_backends()
-        if b != "reference" and dispatch._device_ok(b, device) and not (b == "triton" and device.type != "cuda")
-    ]
-    return kernels + ["reference"]
+    """The model paths to compare: each kernel backend that runs on the device (Triton only on
+    CUDA: its interpreter is far too slow for a whole model), and the reference."""
+    kernels = [b for b in dispatch.runnable_backends(device) if b != "reference"]
+    return [b for b in kernels if b != "triton" or device.type == "cuda"] + ["reference"]
 
 
 def _autocast(device: torch.device, dtype: torch.dtype):
@@ -55,7 +36,6 @@ def _autocast(device: torch.device, dtype: torch.dtype):
 
 def check_model_parity(variant: str, backend: str, device: torch.device, dtype: torch.dtype, batch: int, img_size: int) -> None:
     """Logits of the `backend` path match the reference path (same weights) under the tolerance rule."""
-    timm = _spatialformer()
     torch.manual_seed(0)
     reference = timm.create_model(f"spatialformer_{variant}", backend="reference").to(device).eval()
     model = timm.create_model(f"spatialformer_{variant}", backend=backend).to(device).eval()
@@ -96,7 +76,6 @@ def bench_model(
 ) -> ModelRow:  # fmt: skip
     """Images per second of SpatialFormer-<variant>: inference forward, or a training step
     (forward, cross-entropy, backward, AdamW step)."""
-    timm = _spatialformer()
     torch.manual_seed(0)
     model = timm.create_model(f"spatialformer_{variant}", backend=backend).to(device)
     images = torch.randn(batch, 3, img_size, img_size, device=device)

@@ -1,8 +1,7 @@
 """What the benchmark runs: shapes, the work model, providers, cases and parity.
 
-Part of the benchmark core behind `spatialformer_kernels.bench` (whose docstring gives the
-shapes, providers and the work model that `bytes_moved` and `flops` follow); import these
-names from there.
+Part of the benchmark harness `spatialformer_kernels.bench` (whose docstring gives the
+shapes, providers and the work model that `bytes_moved` and `flops` follow).
 """
 from __future__ import annotations
 
@@ -15,10 +14,17 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import dispatch
-from .ops.bilateral_attention import bilateral_attention
-from .reference import bilateral_attention_reference
-from .testing import make_bilateral_inputs, reference_pair, tolerance_check
+from .. import dispatch
+from ..ops.bilateral_attention import bilateral_attention
+from ..reference import bilateral_attention_reference
+from ..testing import (
+    BILATERAL_RESULT_NAMES,
+    make_bilateral_inputs,
+    outputs_and_grads,
+    reference_bilateral_results,
+    reference_pair,
+    tolerance_check,
+)
 
 # ----------------------------------------------------------------------------------------
 # Shapes
@@ -263,7 +269,7 @@ def providers_for(device: torch.device, *, timing: bool = True) -> list[Provider
             )
             provider.parity_shape = interpreter_shape
             provider.context = _quiet_interpreter
-        elif not dispatch._device_ok(backend, device):
+        elif backend not in dispatch.runnable_backends(device):
             provider.skip = f"backend {backend!r} cannot run on {device.type} tensors here"
         out.append(provider)
     out.append(Provider("reference", "baseline", "reference", lambda: _ours("reference")))
@@ -349,22 +355,13 @@ class Case:
 
     @functools.cached_property
     def reference_gradients(self):
-        return reference_pair(_reference_outputs_and_grads, (*self.inputs, *self.grad_outputs), scale=self.scale)
+        return reference_bilateral_results(self.inputs, self.grad_outputs, self.scale)
 
 
 def _outputs_and_grads(fn: AttentionFn, inputs, grad_outputs, scale) -> tuple:
-    leaves = [t.detach().requires_grad_(True) for t in inputs]
     with torch.enable_grad():
-        outputs = fn(*leaves, scale)
-        grads = torch.autograd.grad(outputs, leaves, grad_outputs)
-    return (*(o.detach() for o in outputs), *grads)
-
-
-def _reference_outputs_and_grads(q_s, k_s, v_s, q_x, k_x, v_x, do_s, do_x, scale):
-    return _outputs_and_grads(bilateral_attention_reference, (q_s, k_s, v_s, q_x, k_x, v_x), (do_s, do_x), scale)
-
-
-GRAD_NAMES = ("o_s", "o_x", "dq_s", "dk_s", "dv_s", "dq_x", "dk_x", "dv_x")
+        outputs, grads = outputs_and_grads(lambda *t: fn(*t, scale), inputs, grad_outputs)
+    return (*outputs, *grads)
 
 
 @dataclasses.dataclass
@@ -402,12 +399,12 @@ def check_parity(provider: Provider, case: Case, with_grads: bool) -> ParityChec
         if with_grads:
             actual = _outputs_and_grads(provider.fn, case.inputs, case.grad_outputs, case.scale)
             same, exact = case.reference_gradients
-            names = GRAD_NAMES
+            names = BILATERAL_RESULT_NAMES
         else:
             with torch.no_grad():
                 actual = provider.fn(*case.inputs, case.scale)
             same, exact = case.reference_forward
-            names = GRAD_NAMES[:2]
+            names = BILATERAL_RESULT_NAMES[:2]
     results = [(name, *tolerance_check(a, s, e, case.dtype)) for name, a, s, e in zip(names, actual, same, exact, strict=True)]
     failures = [f"{provider.name} {case.shape.dims} {DTYPE_NAMES[case.dtype]} {name}: {message}"
                 for name, ok, _, _, message in results if not ok]  # fmt: skip

@@ -1,43 +1,5 @@
-"""Benchmark core (imported from here) and the `spatialformer-bench` command.
-
-One measurement core serves both front ends: `spatialformer-bench` (a table with a
-progress bar, JSON and a PNG plot) and `pytest benchmarks/ --benchmark` (pytest-benchmark
-rows). Every row first checks parity with the reference (`testing.tolerance_check`, the
-rule of `testing.assert_close`; the command prints each check's max error and bound), then
-times one provider on one shape, dtype and pass.
-
-Shapes are docs/design.md section 4. On CPU they are scaled down so that every row runs in well
-under a second on 2 cores: B and N are divided by `CPU_SCALE` (B at least 1); H, M and D
-stay as they are, so per-head tiles keep their shape and every shape shrinks alike (N/M is
-CPU_SCALE times smaller). A scaled shape is named "<shape>/<factor>".
-
-Providers: ours (one per kernel backend in `available_backends()` that can run on the
-device; Triton without CUDA only when its interpreter is on, TRITON_INTERPRET=1, and then
-parity-checked on reduced shapes, never timed), the reference, PyTorch SDPA (each backend
-the device has, both directions as two calls), torch.compile of the reference, FlexAttention
-(compiled; on CPU forward only, and left out of a default CPU `spatialformer-bench` run for
-its compile time), xformers and flash-attn when installed. Passes: "fwd" (inference, no
-autograd graph), "bwd" (autograd.grad of a retained graph) and "fwd_bwd" (both).
-
-Timing: on CUDA `triton.testing.do_bench` (CUDA events, L2 flushed before every call,
-autotuning and compilation finished by explicit warm-up calls first); on CPU a warm-up
-call, then `time.perf_counter` around each call until a time budget, median reported, with
-as many threads as there are idle cores (`choose_threads`), after waiting a few seconds for
-the load of a command just before (`pip install`) to settle (`wait_for_idle`).
-
-Work model (the same for every provider, so GB/s is an effective bandwidth):
-    bytes fwd  = 4 * B*H*(M+N)*D * itemsize              (read q, k, v; write o; both sides)
-    bytes bwd  = 8 * B*H*(M+N)*D * itemsize + 4*B*H*(M+N) (read q, k, v, o, do, lse; write dq, dk, dv)
-    flops fwd  = 8 * B*H*M*N*D                            (q@k^T and p@v, both directions)
-    flops bwd  = 20 * B*H*M*N*D                           (recomputed logits, dv, dp, dq, dk)
-fwd_bwd is the sum of both.
-
-The core lives in three modules; import its names from here:
-    bench_workload  what is run: shapes, the work model, providers, cases and parity
-    bench_measure   how it is measured: environment and rooflines, timing, peak memory,
-                    rows and BenchSession
-    bench_models    the whole-model benchmark (SpatialFormer images per second)
-This module holds the output (table, plot) and the command line.
+"""The `spatialformer-bench` command: the output (tables, JSON, plot) and the command line
+(the harness is described in the package docstring, spatialformer_kernels/bench/__init__.py).
 
     spatialformer-bench                         # default shapes, table + JSON + PNG in ./bench-out/
     TRITON_INTERPRET=1 spatialformer-bench      # without CUDA: also check the Triton kernels' parity
@@ -56,65 +18,33 @@ from typing import Optional, Sequence
 
 import torch
 
-from .bench_measure import (  # noqa: F401  (re-exported: the core is imported from here)
-    CPU_ROOFLINE_NOTE,
+from .measurement import (
     IDLE_BELOW,
-    KNOWN_DEVICES,
     NOT_A_CHECKOUT,
     SPEEDUP_NOTE,
     BenchSession,
     Row,
-    add_speedup,
     busy_cores,
     choose_threads,
-    device_name,
     environment,
-    git_commit,
-    hardware_slug,
-    lookup_roofline,
-    measure,
-    measure_copy_bandwidth,
-    peak_memory,
     wait_for_idle,
 )
-from .bench_models import (  # noqa: F401
-    MODEL_VARIANTS,
-    ModelRow,
-    ModelsUnavailable,
-    bench_model,
-    check_model_parity,
-    model_backends,
-)
-from .bench_workload import (  # noqa: F401
-    CPU_OPTIONAL,
+from .workload import (
     CPU_SCALE,
     DTYPE_NAMES,
     DTYPES,
-    GRAD_NAMES,
-    INTERPRETER_MAX_N,
     PASS_LABELS,
     PASSES,
     SHAPE_NAMES,
-    SHAPES,
-    AttentionFn,
-    Case,
     ParityCheck,
     Provider,
     Shape,
-    bytes_moved,
-    check_parity,
     default_provider_names,
     default_scale,
-    flops,
-    gbps,
-    make_callable,
-    pct_of_roofline,
     providers_for,
     scaling_note,
     shapes_for,
-    skip_reason,
 )
-from .reference import bilateral_attention_reference  # noqa: F401
 
 # ----------------------------------------------------------------------------------------
 # Output: header, parity and timing tables, JSON, plot

@@ -1,8 +1,8 @@
 """How the benchmark measures: environment and rooflines, timing, peak memory, and the rows
 (Row, BenchSession: parity first, then timing, per provider).
 
-Part of the benchmark core behind `spatialformer_kernels.bench` (whose docstring describes
-the timing method); import these names from there.
+Part of the benchmark harness `spatialformer_kernels.bench` (whose docstring describes the
+timing method).
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
-from . import dispatch
-from .bench_workload import (
+from .. import dispatch
+from .workload import (
     DTYPE_NAMES,
     Case,
     ParityCheck,
@@ -92,9 +92,9 @@ def measure_copy_bandwidth(device: torch.device, nbytes: int = 256 * 2**20, repe
 def lookup_roofline(device_name: str) -> Optional[tuple[str, float]]:
     """(label, peak GB/s) of a known device from its torch name, or None."""
     tokens = set(re.split(r"[^a-z0-9]+", device_name.lower()))
-    for required, label, gbps in KNOWN_DEVICES:
+    for required, label, peak_gbps in KNOWN_DEVICES:
         if required <= tokens:
-            return label, gbps
+            return label, peak_gbps
     return None
 
 
@@ -119,7 +119,7 @@ NOT_A_CHECKOUT = "not a git checkout"
 def git_commit() -> str:
     """The commit of the git checkout this package runs from (with -dirty), else NOT_A_CHECKOUT
     (an installed package: site-packages, even inside a checkout's virtual environment)."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # the repository root in a checkout
     try:
         top = subprocess.run(
             ["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True, timeout=10, check=True
