@@ -6,15 +6,14 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from spatialformer_kernels import dispatch, testing
-from spatialformer_kernels.bench import cli
-from spatialformer_kernels.bench import measurement
-from spatialformer_kernels.bench import workload
+from spatialformer_kernels.bench import cli, measurement, workload
 from spatialformer_kernels.reference import bilateral_attention_reference
 
 _spec = importlib.util.spec_from_file_location("render_tables", Path(__file__).with_name("render_tables.py"))
@@ -277,7 +276,29 @@ def test_triton_without_cuda_or_interpreter_says_it_was_not_checked(monkeypatch)
         pytest.skip("needs Triton on a machine without CUDA")
     monkeypatch.setattr(dispatch, "triton_interpreter_enabled", lambda: False)
     triton = next(p for p in workload.providers_for(CPU) if p.name == "ours-triton")
-    assert "not checked, not timed" in triton.skip and "TRITON_INTERPRET=1" in triton.skip and not triton.parity_only
+    assert "not checked, not timed" in triton.skip and "TRITON_INTERPRET" in triton.skip and not triton.parity_only
+
+
+def test_the_command_checks_triton_in_its_interpreter_without_cuda(tmp_path, monkeypatch):
+    """`spatialformer-bench` on a machine without CUDA runs itself again under Triton's
+    interpreter (it must be on before Triton defines a kernel), so the Triton parity appears."""
+    if "triton" not in dispatch.available_backends() or torch.cuda.is_available():
+        pytest.skip("needs Triton on a machine without CUDA")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-m", "spatialformer_kernels.bench", "--quick", "--passes", "fwd", "--shapes", "cls224-stage2",
+         "--providers", "ours-triton", "reference", "--budget", "0.01", "--out", str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    parity = json.loads((tmp_path / "results.json").read_text())["parity"]
+    triton = [check for check in parity if check["provider"] == "ours-triton"]
+    assert triton and all(check["passed"] for check in triton), parity
+    assert "ours-triton" in (tmp_path / "table.txt").read_text()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert cli._interpreter_command() is None  # set either way by the user: respected
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert cli._interpreter_command()[1:3] == ["-m", "spatialformer_kernels.bench"]
 
 
 # ---------------------------------------------------------------------------- environment

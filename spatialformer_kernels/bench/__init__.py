@@ -12,8 +12,8 @@ stay as they are, so per-head tiles keep their shape and every shape shrinks ali
 CPU_SCALE times smaller). A scaled shape is named "<shape>/<factor>".
 
 Providers: ours (one per kernel backend in `available_backends()` that can run on the
-device; Triton without CUDA only when its interpreter is on, TRITON_INTERPRET=1, and then
-parity-checked on reduced shapes, never timed), the reference, PyTorch SDPA (each backend
+device; Triton without CUDA in its interpreter, parity-checked on reduced shapes, never
+timed: the command runs itself again with TRITON_INTERPRET=1 unless that is set either way), the reference, PyTorch SDPA (each backend
 the device has, both directions as two calls), torch.compile of the reference, FlexAttention
 (compiled; on CPU forward only, and left out of a default CPU `spatialformer-bench` run for
 its compile time), xformers and flash-attn when installed. Passes: "fwd" (inference, no
@@ -42,7 +42,7 @@ The whole-model benchmark (SpatialFormer images per second) lives with the model
 spatialformer.benchmark: this package never imports the models.
 
     spatialformer-bench                         # default shapes, table + JSON + PNG in ./bench-out/
-    TRITON_INTERPRET=1 spatialformer-bench      # without CUDA: also check the Triton kernels' parity
+    TRITON_INTERPRET=0 spatialformer-bench      # without CUDA: skip the Triton kernels' parity check
     spatialformer-bench --quick                 # a few seconds
     spatialformer-bench --shapes cls224-stage1 --passes fwd --dtypes bf16
 """

@@ -260,7 +260,7 @@ def providers_for(device: torch.device, *, timing: bool = True) -> list[Provider
         if backend == "triton" and device.type != "cuda" and not dispatch.triton_interpreter_enabled():
             provider.skip = (
                 "no CUDA device, and Triton's interpreter is off: not checked, not timed "
-                "(with TRITON_INTERPRET=1 set, its parity is checked in the interpreter on reduced shapes)"
+                "(spatialformer-bench checks it in the interpreter unless TRITON_INTERPRET is set to 0)"
             )
         elif backend == "triton" and device.type != "cuda" and timing:
             provider.parity_only = (
