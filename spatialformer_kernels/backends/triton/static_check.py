@@ -1,253 +1,317 @@
-"""Static GPU check: compile the Triton kernels for sm_80 and sm_90 without a GPU.
+"""Static GPU check: compile the Triton kernels as the GPU will, for sm_80 and sm_90, without a GPU.
 
-    python -m spatialformer_kernels.backends.triton.static_check [--all] [--arch 80 90] [--jobs N]
+    python -m spatialformer_kernels.backends.triton.static_check [--full] [--arch 80 90] [--jobs N]
+    python -m spatialformer_kernels.backends.triton.static_check --perf [--arch 90] [--gpu h100|h200|a100] [--json FILE]
+    python -m spatialformer_kernels.backends.triton.static_check --calibrate [--case LABEL...]
 
-For every kernel variant the launchers can launch, at every config the autotuner may keep
-for it (the launcher's own tables: `block_m_for`, `fuse_directions`, `backward_supported`,
-`configs_for`; the interpreter's fixed test config is one of them, marked "(test)"; for
-the wide-head backward, wide.py, its three kernels at the config
-`wide_config` gives each bucket and direction it serves), Triton compiles the kernel to a
-cubin for each target; `cuobjdump --dump-resource-usage`
-(shipped in the triton wheel) reads registers and stack bytes (spills), and
-`metadata.shared` plus the static shared memory give the shared memory. Prints one row per
-compile and exits non-zero on any spill or on shared memory above the device limit
-(sm_80: 163 KB, sm_90: 227 KB per block).
+The launches are the real launchers' (launch_record.py): the facade's bilateral and
+cross_attention forward and backward run on CPU tensors of the benchmark shapes
+(launch_record.SHAPES, D = 32) and of cls224-stage1 at D = 16 (the smallest head-dim bucket),
+40, 64, 96, 128 and 256, with the kernels stubbed and the SM count of the GPU (132 for
+H100/H200, 108 for A100). Each launch is bound by Triton's own run-time specialisation
+(ints equal to 1 become constants, ints divisible by 16 get tt.divisibility=16,
+`do_not_specialize` honoured) at every config the autotuner may benchmark for it, then
+compiled for each target; sass.py reads the cubin (registers, spills, shared memory,
+occupancy, tensor-core instructions, load widths, the main loop).
 
-Coverage: by default a representative set of (dtype, head-dim bucket) pairs that covers
-every dtype and every BLOCK_D bucket (fp16 and bf16 compile to the same resource usage in
-every bucket of an `--all` run), plus every bucket the wide-head backward serves in fp32 and
-bf16; `--all` compiles every dtype at every bucket (about three times longer). Pointer
-alignment and unit strides are specialised as they are at run time for contiguous last
-dimensions and torch allocations.
+Default (the gate, run in CI, ~160 compiles, about 3 minutes on 2 cores): bf16 with a mask
+(a superset of the unmasked kernels' live state), every op, shape and head dim: one row per
+distinct compile; exits non-zero on any spill or shared memory above the device limit
+(sm_80: 163 KB, sm_90: 227 KB per block). `--full` (about 330 compiles per arch): every
+dtype (fp16 and fp32 too), with and without a mask; it is not in CI for time.
+
+`--perf`: every case of `--full` for one GPU (its arch only unless --arch is given), the
+modelled time per kernel and per pass (perf_model.py; every figure there is MODELLED), the
+host cost per call, a table on stdout and JSON rows with `--json`.
+
+`--calibrate [--case ...]`: compiles every config of FWD_CONFIGS / BWD_CONFIGS (not only
+those the filters keep) for each autotuned launch of the full case set (or the cases named)
+and prints the spilling ones as MEASURED_SPILLS entries.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
-import re
-import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
 # The kernels must be real JIT functions, not the interpreter's stand-ins.
 os.environ["TRITON_INTERPRET"] = "0"
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
+from . import launch_record as lr  # noqa: E402
+from . import perf_model as pm  # noqa: E402
+from .sass import compile_task  # noqa: E402
 
-from . import configs  # noqa: E402
-from . import fused  # noqa: E402
-from . import wide  # noqa: E402
-from .common import dot_precision  # noqa: E402
-
-SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-BLOCK_D_BUCKETS = (16, 32, 64, 128, 256)
-# (dtype, BLOCK_D) pairs of the default run: every dtype and every bucket at least once.
-REPRESENTATIVE = (
-    (torch.float16, 16),
-    (torch.bfloat16, 32),
-    (torch.float32, 64),
-    (torch.float16, 128),
-    (torch.float32, 256),
-)
-# The wide-head backward's buckets in the default run (fp16 compiles like bf16).
-WIDE_REPRESENTATIVE = ((torch.float32, 128), (torch.float32, 256), (torch.bfloat16, 256))
-_INT_ARGS = {"H", "M", "N", "D", "CHUNK", "SPLITS", "LQ", "LK"}
-_FLOAT_ARGS = {"qk_scale", "sm_scale"}
-# Strides that are 1 in the usual layouts; Triton specialises an int argument equal to 1.
-_UNIT_STRIDE = re.compile(r"stride_\w+_d$|stride_im_n$|stride_sm_m$|stride_mask_l$")
+SM_COUNT = {80: 108, 90: 132}
+COVERAGE_HEAD_DIMS = (16,)  # BLOCK_D 16, compiled besides the issue's head dims
 
 
-def _pointer_type(name: str, dtype: torch.dtype) -> str:
-    if name.endswith("MASK"):
-        return "*i1"
-    if name.startswith("LSE"):
-        return "*fp64"
-    if name.startswith(("PART", "DELTA")):
-        return "*fp32"
-    return {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
+def gate_cases():
+    return lr.all_cases(dtypes=("bf16",), masks=(True,), head_dims=lr.EXTRA_HEAD_DIMS + COVERAGE_HEAD_DIMS)
 
 
-def _source(fn, dtype, constexprs):
-    signature, constants, attrs = {}, {}, {}
-    for index, name in enumerate(fn.arg_names):
-        if name in constexprs:
-            signature[name], constants[name] = "constexpr", constexprs[name]
-        elif _UNIT_STRIDE.match(name):
-            signature[name], constants[name] = "constexpr", 1
-        elif name.startswith("stride_") or name in _INT_ARGS:
-            signature[name] = "i32"
-        elif name in _FLOAT_ARGS:
-            signature[name] = "fp32"
-        else:
-            signature[name] = _pointer_type(name, dtype)
-            attrs[(index,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
-    return triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
+def full_cases():
+    return lr.all_cases(head_dims=lr.EXTRA_HEAD_DIMS + COVERAGE_HEAD_DIMS)
 
 
-def _cuobjdump() -> str:
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+def collect(cases, archs, torch_ops=False, every_config=False):
+    """Record every case's forward and backward for each arch's SM count and bind every launch.
+
+    Returns (passes, tasks): passes[(case, backward, arch)] = [(event, [(config, task key)])];
+    tasks = {task key: CompileTask}, deduplicated."""
+    from . import configs
+
+    passes, tasks = {}, {}
+    for arch in archs:
+        for case in cases:
+            for backward in (False, True):
+                bound = []
+                for event in lr.record(case, SM_COUNT[arch], backward, torch_ops=torch_ops):
+                    if isinstance(event, lr.TorchOp):
+                        bound.append((event, []))
+                        continue
+                    candidates = event.configs
+                    if every_config and event.tuned:
+                        pool = configs.BWD_CONFIGS if event.name == "_bilateral_bwd_kernel" else configs.FWD_CONFIGS
+                        stages = event.configs[0]["num_stages"]
+                        candidates = [{**c.all_kwargs(), "num_stages": stages} for c in pool]
+                    pairs = []
+                    for config in candidates:
+                        task = lr.bind(event, config, arch)
+                        tasks.setdefault(task.key(), task)
+                        pairs.append((config, task.key()))
+                    bound.append((event, pairs))
+                passes[(case, backward, arch)] = bound
+    return passes, tasks
 
 
-def _resource_usage(cubin: bytes) -> tuple[int, int, int]:
-    """(registers, stack bytes, static shared bytes) of the one function in a cubin."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
-        handle.write(cubin)
-        handle.flush()
-        text = subprocess.run(
-            [_cuobjdump(), "--dump-resource-usage", handle.name], capture_output=True, text=True, check=True
-        ).stdout
-    usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text)
-    if usage is None:
-        raise RuntimeError(f"cannot parse cuobjdump output:\n{text}")
-    regs, stack, shared, local = map(int, usage.groups())
-    return regs, stack + local, shared
-
-
-def _flag_text(c) -> str:
-    if "BLOCK_DC" in c:  # the wide-head backward's kernels
-        if "QUERIES_SPATIAL" in c:
-            return f"M{c['BLOCK_M']} N{c['BLOCK_N']} C{c['BLOCK_DC']} dir={'s' if c['QUERIES_SPATIAL'] else 'x'}"
-        return f"R{c['BLOCK_R']}" + (f" K{c['BLOCK_C']}" if "BLOCK_C" in c else "") + f" C{c['BLOCK_DC']}"
-    if "DIR_S" not in c:
-        return f"M{c['BLOCK_M']}"
-    dirs = {(True, True): "both", (True, False): "s", (False, True): "x"}[(c["DIR_S"], c["DIR_X"])]
-    loop = "+loop" if c.get("M_ONE_BLOCK") is False else ""
-    return f"M{c['BLOCK_M']}{loop} dir={dirs}"
-
-
-def variants(pairs, wide_pairs=()):
-    """Yield (kernel name, jit fn, dtype, BLOCK_D, constexprs, config text, num_warps, num_stages):
-    every variant the launchers can launch for these (dtype, BLOCK_D) pairs, at every
-    config the autotuner may keep for it plus the fixed interpreter config, then the
-    wide-head backward's kernels for those of `wide_pairs` it serves."""
-    yield from _fused_variants(pairs)
-    yield from _wide_variants(wide_pairs)
-
-
-def _wide_variants(pairs):
-    for dtype, block_d in pairs:
-        elem = torch.tensor([], dtype=dtype).element_size()
-        if not wide.serves(block_d, elem):
-            continue
-        for spatial in (True, False):  # direction s, direction x
-            cfg = wide.wide_config(block_d, elem, spatial)
-            base = dict(BLOCK_DC=cfg.BLOCK_DC, DOT_PRECISION=dot_precision(dtype))
-            config = f"w{cfg.num_warps} s1"
-            rows, keys = (cfg.BLOCK_M, cfg.BLOCK_N) if spatial else (cfg.BLOCK_N, cfg.BLOCK_M)
-            yield ("_bilateral_wide_lse_kernel", wide._bilateral_wide_lse_kernel, dtype, block_d,
-                   dict(base, BLOCK_R=rows, BLOCK_C=keys, HAS_MASK=True), config, cfg.num_warps, 1)
-            yield ("_bilateral_wide_delta_kernel", wide._bilateral_wide_delta_kernel, dtype, block_d,
-                   dict(base, BLOCK_R=rows), config, cfg.num_warps, 1)
-            yield ("_bilateral_wide_bwd_kernel", wide._bilateral_wide_bwd_kernel, dtype, block_d,
-                   dict(base, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, QUERIES_SPATIAL=spatial, HAS_MASK=True),
-                   config, cfg.num_warps, 1)
-
-
-def _fused_variants(pairs):
-    for dtype, block_d in pairs:
-        elem = torch.tensor([], dtype=dtype).element_size()
-        base = dict(BLOCK_D=block_d, DOT_PRECISION=dot_precision(dtype))
-        # forward: bilateral (fused, or one direction per launch) and cross_attention's two
-        fwd_dirs = [(True, False), (False, True)] + ([(True, True)] if configs.fuse_directions(block_d, elem) else [])
-        kernels = [("_bilateral_fwd_kernel", fused._bilateral_fwd_kernel, False, d, {}) for d in fwd_dirs]
-        # backward: one direction per launch, spatial side in registers or looped (where a
-        # spill-free kernel exists; the launcher sends the other shapes to the wide-head backward)
-        one_block_m = configs.block_m_for(block_d, elem, backward=True)
-        kernels += [
-            ("_bilateral_bwd_kernel", fused._bilateral_bwd_kernel, True, d, {"M_ONE_BLOCK": one})
-            for d in ((True, False), (False, True))
-            for one in (True, False)
-            if configs.backward_supported(block_d, elem, one_block_m if one else one_block_m + 1)
-        ]
-        for name, fn, backward, (dir_s, dir_x), extra in kernels:
-            # the looped backward uses the smaller block it gets for a large M
-            block_m = configs.block_m_for(block_d, elem, backward, 0 if extra.get("M_ONE_BLOCK", True) else 1 << 20)
-            constexprs = dict(
-                base, BLOCK_M=block_m, DIR_S=dir_s, DIR_X=dir_x,
-                HAS_IMAGE_MASK=dir_s, HAS_SPATIAL_MASK=dir_x and not dir_s, **extra,
-            )
-            tuned = configs.configs_for(block_m, block_d, elem, backward, dir_s and dir_x, dir_s)
-            fixed = configs.fixed_config(block_m, block_d, elem, backward, dir_s and dir_x, dir_s)
-            for c in tuned:  # the interpreter's fixed config is one of them
-                block_n = c.kwargs["BLOCK_N"]
-                config = f"N{block_n} w{c.num_warps} s{c.num_stages}" + (" (test)" if c is fixed or c.kwargs == fixed.kwargs and c.num_warps == fixed.num_warps else "")
-                yield name, fn, dtype, block_d, {**constexprs, "BLOCK_N": block_n}, config, c.num_warps, c.num_stages
-        if configs.backward_supported(block_d, elem):  # direction s's delta, launched before the fused backward
-            yield ("_spatial_delta_kernel", fused._spatial_delta_kernel, dtype, block_d,
-                   dict(base, BLOCK_M=configs.DELTA_BLOCK_M), "fixed", 4, 3)
-        combine_m = 16 if block_d >= 128 else 32
-        yield ("_bilateral_combine_kernel", fused._bilateral_combine_kernel, dtype, block_d,
-               dict(BLOCK_M=combine_m, BLOCK_D=block_d), "fixed", 4, 1)
-
-
-def _compile_one(task):
-    """Compile one kernel variant for one target; returns (regs, spill bytes, shared bytes)."""
-    name, dtype, constexprs, warps, stages, arch = task
-    module = wide if name.startswith("_bilateral_wide_") else fused
-    compiled = triton.compile(
-        _source(getattr(module, name), dtype, constexprs),
-        target=GPUTarget("cuda", arch, 32),
-        options={"num_warps": warps, "num_stages": stages},
-    )
-    regs, spill, static_shared = _resource_usage(compiled.asm["cubin"])
-    return regs, spill, compiled.metadata.shared + static_shared
-
-
-def run(pairs, archs, jobs=1, out=sys.stdout, wide_pairs=()) -> int:
-    header = (
-        f"{'kernel':<28} {'dtype':<5} {'D':>4} {'variant':<20} {'config':<18} {'arch':<6} "
-        f"{'regs':>4} {'spill B':>7} {'smem KB':>8}  status"
-    )
-    print(header, file=out)
-    print("-" * len(header), file=out)
-    rows, tasks = [], []
-    for name, _fn, dtype, block_d, constexprs, config, warps, stages in variants(pairs, wide_pairs):
-        variant = _flag_text(constexprs)
-        for arch in archs:
-            rows.append((name, DTYPE_NAMES[dtype], block_d, variant, config, arch))
-            tasks.append((name, dtype, constexprs, warps, stages, arch))
-    start = time.time()
+def compile_all(tasks: dict, jobs: int) -> dict:
+    keys = list(tasks)
     if jobs > 1:
         # Processes, not threads: compilation holds the GIL for most of its time.
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results = pool.map(_compile_one, tasks)
-            failures = _report(rows, results, out)
+            results = list(pool.map(compile_task, [tasks[k] for k in keys]))
     else:
-        failures = _report(rows, map(_compile_one, tasks), out)
-    print(f"{len(tasks)} compiles in {time.time() - start:.0f} s with {jobs} job(s), {failures} failing", file=out)
-    return failures
+        results = [compile_task(tasks[k]) for k in keys]
+    return dict(zip(keys, results))
 
 
-def _report(rows, results, out) -> int:
+def variant_text(task) -> str:
+    c = dict((path[0], v) for path, v in task.constexprs if len(path) == 1)
+    names = [n for n, _ in task.signature]
+    c = {names[i]: v for i, v in c.items()}
+    keys = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_R", "BLOCK_C", "BLOCK_DC")
+    parts = [f"{k.split('_')[1]}{c[k]}" for k in keys if k in c]
+    if "DIR_S" in c:
+        parts.append({(True, True): "both", (True, False): "s", (False, True): "x"}[(c["DIR_S"], c["DIR_X"])])
+    if c.get("M_ONE_BLOCK") is False:
+        parts.append("loop")
+    if "QUERIES_SPATIAL" in c:
+        parts.append("s" if c["QUERIES_SPATIAL"] else "x")
+    if c.get("HAS_IMAGE_MASK") or c.get("HAS_SPATIAL_MASK") or c.get("HAS_MASK"):
+        parts.append("mask")
+    options = dict(task.options)
+    parts.append(f"w{options['num_warps']}s{options['num_stages']}")
+    dtype = next((ty[1:] for n, ty in task.signature if n in ("Q_X", "Q", "O_S", "PART_ACC", "O")), "?")
+    if task.name == "_bilateral_combine_kernel":
+        dtype = dict(task.signature)["O_S"][1:]
+    return f"{dtype:<4} " + " ".join(parts)
+
+
+def _load_text(facts) -> str:
+    return " ".join(f"{w}B:{n}" for w, n in facts["load_widths"].items()) or "-"
+
+
+def gate_report(tasks, facts, out=sys.stdout) -> int:
+    header = (f"{'kernel':<28} {'dtype variant':<38} {'arch':<5} {'regs':>4} {'spill':>5} {'smemKB':>6} "
+              f"{'CTA/SM':>6} {'warp/SM':>7} {'TC':>4} {'loop/64tok':>10}  {'global loads (bytes:count)':<26} status")
+    print(header, file=out)
+    print("-" * len(header), file=out)
     failures = 0
-    for (name, dtype, block_d, variant, config, arch), (regs, spill, shared) in zip(rows, results):
-        ok = spill == 0 and shared <= SHARED_LIMIT[arch]
-        failures += not ok
-        print(
-            f"{name:<28} {dtype:<5} {block_d:>4} {variant:<20} {config:<18} sm_{arch:<3} "
-            f"{regs:>4} {spill:>7} {shared / 1024:>8.1f}  {'ok' if ok else 'FAIL'}",
-            file=out,
-            flush=True,
-        )
+    for key in sorted(tasks, key=lambda k: (tasks[k].name, variant_text(tasks[k]), tasks[k].arch)):
+        task, f = tasks[key], facts[key]
+        failures += not f["ok"]
+        block_n = dict((lr_name(task, p), v) for p, v in task.constexprs).get("BLOCK_N")
+        per64 = f"{f['loop_dynamic'] * 64 / block_n:.0f}" if block_n and f["loop_static"] else "-"
+        warn = " C7515" if any("C7515" in w for w in f["ptxas_warnings"]) else ""
+        print(f"{task.name:<28} {variant_text(task):<38} sm_{task.arch:<2} {f['regs']:>4} {f['spills']:>5} "
+              f"{f['smem'] / 1024:>6.1f} {f['ctas_per_sm']:>6} {f['warps_per_sm']:>7} {f['tensor_core_ops']:>4} "
+              f"{per64:>10}  {_load_text(f):<26} {'ok' if f['ok'] else 'FAIL'}{warn}", file=out, flush=True)
     return failures
+
+
+def lr_name(task, path):
+    return [n for n, _ in task.signature][path[0]]
+
+
+# ----------------------------------------------------------------------------------------
+# --perf
+# ----------------------------------------------------------------------------------------
+def perf_rows(cases, passes, facts, gpu: pm.Gpu, arch: int, host: dict):
+    """JSON rows: one per kernel launch (at the config with the least modelled time) and one
+    per (case, pass) for 'fwd' and 'fwd+bwd'."""
+    rows = []
+    for case in cases:
+        totals = {}
+        for backward in (False, True):
+            total = 0.0
+            kernel_bytes = 0
+            for index, (event, pairs) in enumerate(passes[(case, backward, arch)]):
+                if isinstance(event, lr.TorchOp):
+                    m = pm.model_torch_op(event, gpu)
+                    row = dict(kernel=f"torch.{event.name}", **m)
+                else:
+                    best = None
+                    for config, key in pairs:
+                        m = pm.model_kernel(event, config, facts[key], gpu)
+                        if best is None or m["modelled_us"] < best[1]["modelled_us"]:
+                            best = (config, m, facts[key])
+                    config, m, f = best
+                    row = dict(kernel=event.name, config=config, regs=f["regs"], spills=f["spills"], smem=f["smem"],
+                               ctas_per_sm=f["ctas_per_sm"], warps_per_sm=f["warps_per_sm"],
+                               tensor_core_ops=f["tensor_core_ops"], hgmma=f["hgmma"], hmma=f["hmma"],
+                               vector_loads=f["vector_loads"], narrow_loads=f["narrow_loads"],
+                               load_widths=f["load_widths"], ptxas_warnings=f["ptxas_warnings"],
+                               **{k: v for k, v in m.items()})
+                row.update(case=case.name, op=case.op, dtype=case.dtype, mask=case.mask, arch=arch, gpu=gpu.name,
+                           pass_="bwd" if backward else "fwd", launch=index, modelled=True)
+                rows.append(row)
+                total += row["modelled_us"]
+                kernel_bytes += row["bytes"]
+            totals[backward] = (total, kernel_bytes)
+        for label, backward_too in (("fwd", False), ("fwd+bwd", True)):
+            modelled = totals[False][0] + (totals[True][0] if backward_too else 0)
+            nbytes = pm.op_bytes(case, False) + (pm.op_bytes(case, True) if backward_too else 0)
+            moved = totals[False][1] + (totals[True][1] if backward_too else 0)
+            sdpa = pm.sdpa_pass(case, gpu, backward_too)
+            h = host.get((case, False), {})
+            hb = host.get((case, True), {})
+            host_us = None
+            if h:
+                host_us = h["launcher_us"] + h["binder_us"] + ((hb["launcher_us"] + hb["binder_us"]) if backward_too and hb
+                                                              else 0)
+            rows.append(dict(
+                kernel="(pass)", case=case.name, op=case.op, dtype=case.dtype, mask=case.mask, arch=arch,
+                gpu=gpu.name, pass_=label, bytes=nbytes, bytes_moved=moved, roofline_us=nbytes / gpu.bandwidth * 1e6,
+                modelled_us=modelled, modelled_pct_roofline=100 * nbytes / gpu.bandwidth * 1e6 / modelled,
+                sdpa_modelled_us=sdpa, ratio_to_sdpa=(modelled / sdpa) if sdpa else None, host_us=host_us,
+                modelled=True,
+            ))
+    for row in rows:
+        row["pass"] = row.pop("pass_")
+    return rows
+
+
+def print_perf(rows, gpu, out=sys.stdout):
+    print(f"MODELLED performance on {gpu.name} ({gpu.bandwidth / 1e12:.2f} TB/s, {gpu.sms} SMs) -- no GPU ran this.",
+          file=out)
+    print(pm.ASSUMPTIONS, file=out)
+    header = (f"{'case':<24} {'op':<9} {'dtype':<5} {'mask':<4} {'pass':<8} {'kernel':<28} {'regs':>4} {'spill':>5} "
+              f"{'w/SM':>4} {'TC':>4} {'vec':>4} {'lp/64':>6} {'MB':>8} {'roof us':>8} {'issue us':>8} "
+              f"{'model us':>9} {'%roof':>6} {'xSDPA':>6} {'host us':>8}")
+    print(header, file=out)
+    print("-" * len(header), file=out)
+    for r in rows:
+        pas = r["kernel"] == "(pass)"
+        lp = r.get("loop_instr_per_64_tokens")
+        ratio = r.get("ratio_to_sdpa")
+        print(f"{r['case']:<24} {r['op']:<9} {r['dtype']:<5} {'y' if r['mask'] else '-':<4} {r['pass']:<8} "
+              f"{r['kernel']:<28} {r.get('regs', ''):>4} {r.get('spills', ''):>5} {r.get('warps_per_sm', ''):>4} "
+              f"{r.get('tensor_core_ops', ''):>4} {r.get('vector_loads', ''):>4} "
+              f"{(f'{lp:.0f}' if lp else '-') if not pas else '':>6} {r['bytes'] / 1e6:>8.2f} {r['roofline_us']:>8.1f} "
+              f"{r.get('issue_us', 0) if not pas else 0:>8.1f} {r['modelled_us']:>9.1f} "
+              f"{r['modelled_pct_roofline']:>5.0f}% {(f'{ratio:.2f}' if ratio else '-') if pas else '':>6} "
+              f"{(format(r['host_us'], '.0f') if r.get('host_us') else '-') if pas else '':>8}", file=out)
+
+
+def run_perf(args) -> int:
+    gpu = pm.GPUS[args.gpu]
+    archs = args.arch or [gpu.arch]
+    cases = [c for c in full_cases() if not args.case or any(s in c.label for s in args.case)]
+    passes, tasks = collect(cases, archs, torch_ops=True)
+    start = time.time()
+    facts = compile_all(tasks, args.jobs)
+    print(f"{len(tasks)} compiles in {time.time() - start:.0f} s with {args.jobs} job(s)", file=sys.stderr)
+    failures = sum(not f["ok"] for f in facts.values())
+    host = {}
+    if not args.no_host:
+        for case in cases:
+            if case.mask or case.dtype == "fp16":
+                continue  # the launch path does not depend on these
+            for backward in (False, True):
+                host[(case, backward)] = pm.host_cost(case, backward, SM_COUNT[gpu.arch])
+        for case in cases:  # the same figure for the variants not measured
+            twin = lr.Case(case.shape, case.op, case.B, case.H, case.M, case.N, case.D,
+                           "bf16" if case.dtype == "fp16" else case.dtype, False)
+            for backward in (False, True):
+                if (twin, backward) in host:
+                    host.setdefault((case, backward), host[(twin, backward)])
+    rows = []
+    for arch in archs:
+        model_gpu = gpu if arch == gpu.arch else next(g for g in pm.GPUS.values() if g.arch == arch)
+        rows += perf_rows(cases, passes, facts, model_gpu, arch, host)
+    print_perf(rows, gpu)
+    if failures:  # the table still stands; the gate (default mode) is what fails on these
+        print(f"{failures} of the compiles spill or overflow shared memory (spills / smem columns)", file=sys.stderr)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as handle:
+            json.dump(dict(modelled=True, gpu=args.gpu, assumptions=pm.ASSUMPTIONS, ipc=pm.IPC,
+                           per_sm_bw=pm.PER_SM_BW, launch_us=pm.LAUNCH_US, rows=rows), handle, indent=1, default=str)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------
+# --calibrate
+# ----------------------------------------------------------------------------------------
+def calibrate(args) -> int:
+    """Compile every FWD_CONFIGS / BWD_CONFIGS candidate of each autotuned launch and print the
+    MEASURED_SPILLS entries (the configs.py key) that spill or overflow shared memory."""
+    cases = [c for c in full_cases() if not args.case or any(s in c.label for s in args.case)]
+    passes, tasks = collect(cases, args.arch or [80, 90], every_config=True)
+    start = time.time()
+    facts = compile_all(tasks, args.jobs)
+    print(f"{len(tasks)} compiles in {time.time() - start:.0f} s", file=sys.stderr)
+    spills = set()
+    for key, task in tasks.items():
+        if task.name not in ("_bilateral_fwd_kernel", "_bilateral_bwd_kernel") or facts[key]["ok"]:
+            continue
+        c = {lr_name(task, p): v for p, v in task.constexprs}
+        elem = 4 if c["DOT_PRECISION"] == "ieee" else 2
+        spills.add((task.name == "_bilateral_bwd_kernel", c["DIR_S"], c["DIR_X"], c["BLOCK_M"], c["BLOCK_D"], elem,
+                    c["BLOCK_N"], task.num_warps))
+    print("# (backward, DIR_S, DIR_X, BLOCK_M, BLOCK_D, element bytes, BLOCK_N, num_warps) that spill:")
+    for entry in sorted(spills):
+        print(f"    {entry!r},")
+    return 0
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--all", action="store_true", help="every dtype at every head-dim bucket")
-    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=[80, 90])
+    parser.add_argument("--full", action="store_true", help="every dtype, with and without a mask")
+    parser.add_argument("--perf", action="store_true", help="the MODELLED time table (perf_model.py)")
+    parser.add_argument("--calibrate", action="store_true", help="derive the spilling autotune candidates")
+    parser.add_argument("--gpu", choices=sorted(pm.GPUS), default="h100")
+    parser.add_argument("--json", help="with --perf: write the rows here")
+    parser.add_argument("--no-host", action="store_true", help="with --perf: skip the host-cost timing")
+    parser.add_argument("--case", nargs="+", help="with --perf / --calibrate: only cases whose label contains one")
+    parser.add_argument("--arch", type=int, nargs="+", choices=[80, 90])
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes")
     args = parser.parse_args(argv)
-    every_pair = [(d, b) for d in DTYPE_NAMES for b in BLOCK_D_BUCKETS]
-    pairs = every_pair if args.all else REPRESENTATIVE
-    wide_pairs = every_pair if args.all else WIDE_REPRESENTATIVE
-    return 1 if run(pairs, args.arch, args.jobs, wide_pairs=wide_pairs) else 0
+    if args.perf:
+        return run_perf(args)
+    if args.calibrate:
+        return calibrate(args)
+    archs = args.arch or [80, 90]
+    _, tasks = collect(full_cases() if args.full else gate_cases(), archs)
+    start = time.time()
+    facts = compile_all(tasks, args.jobs)
+    failures = gate_report(tasks, facts)
+    print(f"{len(tasks)} compiles in {time.time() - start:.0f} s with {args.jobs} job(s), {failures} failing")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# One-command GPU check:  benchmarks/gpu_check.sh OUTDIR
+#
+# On a CUDA machine (budget: under 8 minutes on an H100/H200), from the repository root, in
+# the current Python environment:
+#   1. env.txt            nvidia-smi, torch / triton versions, the GPU the model is picked for
+#   2. tests.log/.xml     the CUDA tests that matter: parity of every kernel path, numerics, edge
+#                         cases (pytest -x; they include bitwise reruns and torch.compile fullgraph)
+#   3. graph_check.json   determinism (two eager runs bitwise equal) and CUDA-graph capture of
+#                         forward + backward after warm-up (replay bitwise equal to eager), for
+#                         bilateral_attention and cross_attention (both directions), bf16 and fp32
+#   4. bench-<gpu>.json   pytest-benchmark at the benchmark shapes (bf16)
+#   5. static-model-<gpu>.json  the MODELLED table of the static check for the same GPU, to set
+#                         against the measured numbers of step 4
+#   6. summary.json       each step's exit status and seconds
+# Every step runs even if an earlier one failed; the exit status is non-zero if any failed.
+# Without a CUDA GPU it says so and exits 2 before running anything.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if [ $# -ne 1 ]; then
+    echo "usage: benchmarks/gpu_check.sh OUTDIR" >&2
+    exit 64
+fi
+OUT="$1"
+PY="${PYTHON:-python}"
+
+if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    echo "gpu_check: NO CUDA GPU on this machine (torch.cuda.is_available() is False): nothing was run." >&2
+    exit 2
+fi
+mkdir -p "$OUT"
+
+GPU_NAME="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
+case "$(echo "$GPU_NAME" | tr '[:upper:]' '[:lower:]')" in
+    *h200*) MODEL_GPU=h200 ;;
+    *h100*) MODEL_GPU=h100 ;;
+    *a100*) MODEL_GPU=a100 ;;
+    *) MODEL_GPU=h100; echo "gpu_check: '$GPU_NAME' has no model entry; the static model uses h100" >&2 ;;
+esac
+
+STATUS=()
+step() {  # step NAME TIMEOUT_S COMMAND...
+    local name="$1" limit="$2"; shift 2
+    local start=$SECONDS
+    echo "== $name (limit ${limit}s): $*"
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "   rc=$rc in $((SECONDS - start))s (log: $OUT/$name.log)"
+    tail -3 "$OUT/$name.log" | sed 's/^/   | /'
+    STATUS+=("\"$name\": {\"rc\": $rc, \"seconds\": $((SECONDS - start))}")
+}
+
+{
+    nvidia-smi || true
+    "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| triton', triton.__version__); print(torch.cuda.get_device_properties(0))"
+    echo "static model GPU: $MODEL_GPU"
+    git rev-parse HEAD 2>/dev/null || true
+} > "$OUT/env.txt" 2>&1
+
+step tests 240 "$PY" -m pytest tests/test_kernel_parity.py tests/test_triton_backend.py tests/test_numerics.py \
+    tests/test_edge_cases.py -x -q --junitxml="$OUT/tests.xml"
+
+step graph_check 90 "$PY" - "$OUT/graph_check.json" <<'EOF'
+"""Determinism and CUDA-graph capture of forward + backward after warm-up."""
+import json, sys
+import torch
+import spatialformer_kernels as sk
+
+results = []
+
+
+def run(fn, inputs, grads):
+    outs = fn(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    return [o.detach().clone() for o in outs] + [g.clone() for g in
+            torch.autograd.grad(outs, inputs, grads)]
+
+
+for dtype in (torch.bfloat16, torch.float32):
+    for op, shapes in (("bilateral", None), ("cross_s", None), ("cross_x", None)):
+        B, H, M, N, D = 8, 2, 64, 3136, 32
+        g = torch.Generator(device="cuda").manual_seed(0)
+        def t(L):
+            return torch.randn(B, H, L, D, device="cuda", dtype=dtype, generator=g).requires_grad_()
+        if op == "bilateral":
+            inputs = [t(M), t(M), t(M), t(N), t(N), t(N)]
+            fn = lambda *x: sk.bilateral_attention(*x, backend="triton")
+            grads = [torch.randn(B, H, L, D, device="cuda", dtype=dtype, generator=g) for L in (M, N)]
+        else:
+            lq, lk = (M, N) if op == "cross_s" else (N, M)
+            inputs = [t(lq), t(lk), t(lk)]
+            fn = lambda *x: sk.cross_attention(*x, backend="triton")
+            grads = [torch.randn(B, H, lq, D, device="cuda", dtype=dtype, generator=g)]
+        first, second = run(fn, inputs, grads), run(fn, inputs, grads)
+        deterministic = all(torch.equal(a, b) for a, b in zip(first, second))
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                run(fn, inputs, grads)  # warm-up: autotuning and compiles happen here
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        error = None
+        try:
+            with torch.cuda.graph(graph):
+                captured = run(fn, inputs, grads)
+            graph.replay()
+            torch.cuda.synchronize()
+            replay_equal = all(torch.equal(a, b) for a, b in zip(captured, first))
+        except Exception as exc:  # report, do not stop the other cases
+            error, replay_equal = repr(exc), False
+        results.append(dict(op=op, dtype=str(dtype), deterministic=deterministic, graph_replay_equal=replay_equal,
+                            error=error))
+        print(results[-1])
+with open(sys.argv[1], "w") as handle:
+    json.dump(results, handle, indent=1)
+sys.exit(0 if all(r["deterministic"] and r["graph_replay_equal"] for r in results) else 1)
+EOF
+
+step bench 200 "$PY" -m pytest benchmarks/ --benchmark --bench-dtypes bf16 -q \
+    --benchmark-json="$OUT/bench-$MODEL_GPU.json"
+
+JOBS="$(nproc 2>/dev/null || echo 4)"
+step static_model 200 "$PY" -m spatialformer_kernels.backends.triton.static_check --perf --gpu "$MODEL_GPU" \
+    --jobs "$JOBS" --no-host --json "$OUT/static-model-$MODEL_GPU.json"
+
+FAILED=0
+for entry in "${STATUS[@]}"; do
+    case "$entry" in *'"rc": 0,'*) ;; *) FAILED=1 ;; esac
+done
+( IFS=,; echo "{\"gpu\": \"$GPU_NAME\", \"model_gpu\": \"$MODEL_GPU\", \"steps\": {${STATUS[*]}}}" ) > "$OUT/summary.json"
+echo "gpu_check: results in $OUT (summary.json); $([ $FAILED = 0 ] && echo 'all steps passed' || echo 'SOME STEPS FAILED')"
+exit $FAILED

@@ -1,0 +1,197 @@
+"""The launch recorder, the run-time binding, the SASS reader and the MODELLED performance
+table of the static check (launch_record.py, sass.py, perf_model.py, static_check --perf).
+No GPU: kernels are compiled for sm_90 / sm_80 by name."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+# The root conftest runs the package in Triton's interpreter on a machine without CUDA; these
+# tests need the real JIT, so under the interpreter the one test below reruns this file in a
+# subprocess with TRITON_INTERPRET=0 (where the tests after it run).
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+needs_jit = pytest.mark.skipif(INTERPRETING, reason="run by test_rerun_with_the_real_triton_jit in a subprocess")
+
+
+@pytest.mark.skipif(not INTERPRETING, reason="already under the real JIT")
+def test_rerun_with_the_real_triton_jit():
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                            capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=900)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout and " failed" not in result.stdout, result.stdout[-3000:]
+
+from spatialformer_kernels.backends.triton import launch_record as lr  # noqa: E402
+from spatialformer_kernels.backends.triton import perf_model as pm  # noqa: E402
+from spatialformer_kernels.backends.triton import sass  # noqa: E402
+
+
+def _case(D=32, op="bilateral", dtype="bf16", mask=False, shape="cls224-stage1"):
+    B, H, M, N, _ = lr.SHAPES[shape]
+    return lr.Case(shape, op, B, H, M, N, D, dtype, mask)
+
+
+def _launches(case, backward=False, n_sm=132):
+    return [e for e in lr.record(case, n_sm, backward) if isinstance(e, lr.KernelLaunch)]
+
+
+def _arg_spec(task, name):
+    index = [n for n, _ in task.signature].index(name)
+    ty = dict(task.signature)[name]
+    attrs = dict((p[0], v) for p, v in task.attrs).get(index)
+    const = dict((p[0], v) for p, v in task.constexprs if len(p) == 1).get(index)
+    return ty, attrs, const
+
+
+@needs_jit
+def test_records_the_launchers_launches_with_the_sm_count():
+    launches = _launches(_case())
+    assert [e.name for e in launches] == ["_bilateral_fwd_kernel", "_bilateral_combine_kernel"]
+    fwd = launches[0]
+    assert fwd.tuned and fwd.configs and all("BLOCK_N" in c and "num_warps" in c for c in fwd.configs)
+    # split plan from the SM count: B*H = 128 programs per split, 2 per SM wanted
+    assert fwd.grid[1] == lr.fused.split_plan(132, 128, 3136)[0]
+    assert _launches(_case(), n_sm=108)[0].grid[1] == lr.fused.split_plan(108, 128, 3136)[0]
+    bwd = [e.name for e in _launches(_case(), backward=True)]
+    assert bwd == ["_spatial_delta_kernel", "_bilateral_bwd_kernel", "_bilateral_bwd_kernel"]
+    wide = {e.name for e in _launches(_case(D=256, dtype="fp32"), backward=True)}
+    assert wide == {"_bilateral_wide_lse_kernel", "_bilateral_wide_delta_kernel", "_bilateral_wide_bwd_kernel"}
+    # the kernels are restored afterwards
+    assert type(lr.fused._bilateral_fwd).__name__ == "Autotuner"
+
+
+@needs_jit
+def test_runtime_specialisation_divisibility_constants_and_do_not_specialize():
+    fwd32 = lr.bind(_launches(_case(32))[0], _launches(_case(32))[0].configs[0], 90)
+    fwd40 = lr.bind(_launches(_case(40))[0], _launches(_case(40))[0].configs[0], 90)
+    assert _arg_spec(fwd32, "D")[1] == [["tt.divisibility", 16]]
+    assert _arg_spec(fwd32, "stride_qx_n")[1] == [["tt.divisibility", 16]]
+    ty, attrs, const = _arg_spec(fwd32, "stride_qx_d")
+    assert ty == "constexpr" and const == 1 and not attrs  # an int equal to 1 is a constant
+    assert _arg_spec(fwd40, "D")[1] in ([], None) and _arg_spec(fwd40, "stride_qx_n")[1] in ([], None)
+    for name in ("M", "N", "CHUNK", "SPLITS"):  # do_not_specialize
+        assert _arg_spec(fwd32, name)[0] == "i32" and _arg_spec(fwd32, name)[1] in ([], None)
+    assert _arg_spec(fwd32, "Q_X")[1] == [["tt.divisibility", 16]]  # 16-byte aligned allocation
+    assert "D:16" in lr.specialisation_text(fwd32) and "D:16" not in lr.specialisation_text(fwd40)
+
+
+@needs_jit
+def test_d32_compiles_to_vector_loads_and_d40_to_scalar_loads_on_sm90():
+    """The facts the old static check hid: with run-time specialisation the D = 32 forward
+    loads 16 bytes per thread (LDGSTS / LDG.128) and uses wgmma; D = 40 loads 2 bytes."""
+    f32 = _launches(_case(32))[0]
+    f40 = _launches(_case(40))[0]
+    d32 = sass.compile_task(lr.bind(f32, f32.configs[-1], 90))
+    d40 = sass.compile_task(lr.bind(f40, f40.configs[-1], 90))
+    assert d32["vector_loads"] > 0 and d32["ldgsts"] > 0 and d32["load_widths"].get("2", 0) == 0
+    assert d32["hgmma"] > 0 and d32["loop_tensor_ops"] > 0
+    assert d40["vector_loads"] == 0 and d40["ldgsts"] == 0 and d40["load_widths"].get("2", 0) > 0
+    for facts in (d32, d40):
+        assert facts["ok"] and facts["spills"] == 0 and facts["warps_per_sm"] > 0
+        assert facts["loop_static"] > 0 and facts["loop_dynamic"] >= facts["loop_static"]
+
+
+@needs_jit
+def test_occupancy():
+    assert sass.occupancy(128, 0, 8, 90) == (2, 16)  # 65536 / (128 * 32 * 8)
+    assert sass.occupancy(255, 0, 4, 90) == (2, 8)  # 255 -> 256 per thread, 8192 per warp
+    assert sass.occupancy(32, 100 * 1024, 4, 90) == (2, 8)  # shared memory bound
+    assert sass.occupancy(32, 100 * 1024, 4, 80) == (1, 4)
+    assert sass.occupancy(16, 0, 1, 80) == (32, 32)  # CTA limit
+
+
+@needs_jit
+def test_sass_loop_analysis():
+    text = "\n".join([
+        "        /*0000*/                   MOV R1, c[0x0][0x28] ;",
+        "        /*0010*/                   LDG.E.128 R4, desc[UR4][R2.64] ;",
+        "        /*0020*/                   LDGSTS.E.BYPASS.128 [R5], desc[UR4][R2.64] ;",
+        "        /*0030*/                   HMMA.16816.F32.BF16 R8, R4, R6, R8 ;",
+        "        /*0040*/                   LDG.E.U16 R4, desc[UR4][R2.64] ;",
+        "        /*0050*/              @!P0 BRA 0x30 ;",
+        "        /*0060*/                   MUFU.EX2 R3, R3 ;",
+        "        /*0070*/               @P1 BRA 0x10 ;",
+        "        /*0080*/                   EXIT ;",
+        "        /*0090*/                   BRA 0x90;",
+    ])
+    facts = sass.analyse_sass(text)
+    assert facts["instructions"] == 9 and facts["loops"] == 2
+    assert facts["loop_static"] == 7  # 0x10 .. 0x70
+    assert facts["loop_dynamic"] == 7 and facts["loop_per_inner_trip"] == 3  # inner loop 0x30 .. 0x50
+    assert facts["hmma"] == 1 and facts["loop_tensor_ops"] == 1 and facts["loop_mufu"] == 1
+    assert facts["load_widths"] == {"16": 2, "2": 1} and facts["vector_loads"] == 2 and facts["narrow_loads"] == 1
+    assert sass.parse_ptxas_log("ptxas warning : (C7515) wgmma serialized\n 8 bytes spill stores, 8 bytes spill loads")[
+        "spill_stores"] == 8
+
+
+@needs_jit
+def test_op_bytes_and_sdpa_model():
+    case = _case()
+    B, H, M, N, D = 64, 2, 64, 3136, 32
+    fwd = (3 * M + 3 * N) * B * H * D * 2 + (M + N) * B * H * D * 2 + (M + N) * B * H * 8
+    assert pm.op_bytes(case, False) == fwd
+    bwd = (4 * (M + N) + 4 * (N + M)) * B * H * D * 2 + (M + N) * B * H * 8
+    assert pm.op_bytes(case, True) == bwd
+    gpu = pm.GPUS["h100"]
+    # few queries over many keys: FA2 splits the keys; plenty of query blocks: it does not
+    assert pm._fa2_splits(B * H, 2 * gpu.sms, triton_cdiv(N, 256)) > 1
+    assert pm._fa2_splits(B * H * 49, 2 * gpu.sms, 1) == 1
+    assert pm.sdpa_pass(_case(mask=True), gpu, False) is None  # the flash backend takes no mask
+    fwd_us, both_us = pm.sdpa_pass(case, gpu, False), pm.sdpa_pass(case, gpu, True)
+    assert 0 < fwd_us < both_us
+    assert fwd_us > pm.op_bytes(case, False) / gpu.bandwidth * 1e6 * 0.9  # never under its own bytes' time
+    assert pm.sdpa_pass(case, pm.GPUS["h200"], False) < fwd_us  # more bandwidth, less time
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+@needs_jit
+def test_kernel_model_bounds():
+    launch = _launches(_case())[0]
+    facts = dict(regs=128, ctas_per_sm=2, warps_per_sm=16, instructions=1400, loop_static=1000, loop_dynamic=1000,
+                 loop_per_inner_trip=400, tensor_core_ops=16, hgmma=16)
+    config = launch.configs[0]
+    h100 = pm.model_kernel(launch, config, facts, pm.GPUS["h100"])
+    h200 = pm.model_kernel(launch, config, facts, pm.GPUS["h200"])
+    assert h100["bytes"] == h200["bytes"] > 0
+    assert h100["modelled_us"] >= max(h100["mem_us"], h100["issue_us"], h100["tensor_us"])
+    assert h200["mem_us"] < h100["mem_us"] and h200["issue_us"] == h100["issue_us"]
+    lighter = pm.model_kernel(launch, config, dict(facts, loop_dynamic=100, loop_static=100), pm.GPUS["h100"])
+    assert lighter["issue_us"] < h100["issue_us"]
+    assert h100["loop_instr_per_64_tokens"] == pytest.approx(1000 * 64 / config["BLOCK_N"])
+
+
+@needs_jit
+def test_host_cost_is_measured_per_call():
+    cost = pm.host_cost(_case(), False, repeats=3)
+    assert cost["launches"] == 2 and cost["launcher_us"] > 0 and cost["binder_us"] > 0
+
+
+@needs_jit
+def test_perf_cli_writes_modelled_json(tmp_path):
+    out = tmp_path / "model.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "spatialformer_kernels.backends.triton.static_check", "--perf", "--gpu", "h100",
+         "--case", "cls224-stage2 bilateral bf16", "--json", str(out)],
+        capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "MODELLED" in result.stdout
+    data = json.loads(out.read_text())
+    assert data["modelled"] is True and "MODELLED" in data["assumptions"]
+    required = {"kernel", "case", "dtype", "arch", "regs", "spills", "smem", "warps_per_sm", "tensor_core_ops",
+                "vector_loads", "loop_instr_per_64_tokens", "bytes", "roofline_us", "issue_us", "modelled_us",
+                "modelled_pct_roofline"}
+    kernels = [r for r in data["rows"] if r["kernel"] != "(pass)"]
+    assert kernels and all(required <= set(r) for r in kernels if not r["kernel"].startswith("torch."))
+    passes = {(r["mask"], r["pass"]): r for r in data["rows"] if r["kernel"] == "(pass)"}
+    assert set(passes) == {(False, "fwd"), (False, "fwd+bwd"), (True, "fwd"), (True, "fwd+bwd")}
+    for row in passes.values():
+        assert row["modelled"] is True and 0 < row["modelled_pct_roofline"] <= 100 and row["host_us"] > 0
+    assert passes[(False, "fwd")]["ratio_to_sdpa"] > 0 and passes[(True, "fwd")]["ratio_to_sdpa"] is None
+    assert passes[(False, "fwd+bwd")]["modelled_us"] > passes[(False, "fwd")]["modelled_us"]
