@@ -249,7 +249,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """The command line (`spatialformer-bench`); argv=None reads sys.argv."""
     command = _interpreter_command() if argv is None else None
     if command is not None:
-        os.execve(sys.executable, command, {**os.environ, "TRITON_INTERPRET": "1"})
+        # The same package again, not whatever a `-m` run would find first in the current folder.
+        here = str(Path(__file__).resolve().parents[2])
+        path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
+        os.execve(sys.executable, command, {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path, "PYTHONSAFEPATH": "1"})
     threads = torch.get_num_threads()
     try:
         return _main(_parse_args(argv))
