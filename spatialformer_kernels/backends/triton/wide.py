@@ -40,8 +40,7 @@ tiles and the [rows, keys] logit tile are live):
 Cost: S and dP are recomputed once per column chunk, so their FLOPs (and the reads of q,
 k, v, dO, mostly from L2) grow by D_CHUNKS = ceil(D / BLOCK_DC), plus one more S for the
 statistics: against the fused backward's 5 M N D multiply-adds, (2 D_CHUNKS + 3 + 1) M N D,
-e.g. 2x at D_CHUNKS = 3 (fp32, D = 96) and 4x at D_CHUNKS = 8 (fp32, D = 256); 16-bit D = 256
-uses 4 chunks (2.4x). The spatial partials are re-read and re-written per image tile (they
+e.g. 2x at D_CHUNKS = 3 (fp32, D = 96) and 4x at D_CHUNKS = 8 (fp32 and 16-bit, D = 256). The spatial partials are re-read and re-written per image tile (they
 stay in L2). Memory: the gradients, LSE and delta rows [B*H, Lq], and the split workspace
 (fp32 partials [B*H, SPLITS, M, D] and statistics [B*H, SPLITS, Lq]); never O(M*N).
 Offsets are int64; fp32 dots are IEEE; any M, N, strides; a query with no kept key gets
@@ -88,19 +87,21 @@ class WideConfig(NamedTuple):
 
 
 # One config per (element bytes, BLOCK_D, direction s?), compiled spill-free for sm_80 and
-# sm_90 by the static check (python -m spatialformer_kernels.backends.triton.static_check). Not autotuned:
-# a direction's three passes must share the tile shapes and the chunk width, and the grid
-# depends on them. Measured alternatives that spill on sm_80 or sm_90: fp32 with BLOCK_DC 64
-# or BLOCK_M 32 and BLOCK_N 32; fp32 direction s on 8 warps (ptxas caps it at 128 registers)
-# and direction x on 4 warps; 16-bit with BLOCK_M 32 and BLOCK_DC 64, with BLOCK_DC 128, or
-# on 4 warps. fp32 uses the narrower chunk (FMA dots replicate the reduction axis).
+# sm_90 by the static check (python -m spatialformer_kernels.backends.triton.static_check),
+# on the launches as Triton's run-time binder specialises them. Not autotuned: a direction's
+# three passes must share the tile shapes and the chunk width, and the grid depends on them.
+# Alternatives that spill on sm_80 or sm_90: fp32 with BLOCK_DC 64 or BLOCK_M 32 and BLOCK_N
+# 32; fp32 direction s on 8 warps (ptxas caps it at 128 registers) and direction x on 4 warps;
+# 16-bit with BLOCK_DC 64 (direction x's gradient kernel on both archs and direction s's
+# statistics kernel on sm_90, seen once the check compiled as the run-time launch does), with
+# BLOCK_M 32, BLOCK_DC 128, or on 4 warps. Both dtypes therefore use 32-column chunks.
 WIDE_CONFIGS = {
     (4, 128, True): WideConfig(16, 32, 32, 4),
     (4, 128, False): WideConfig(16, 32, 32, 8),
     (4, 256, True): WideConfig(16, 32, 32, 4),
     (4, 256, False): WideConfig(16, 32, 32, 8),
-    (2, 256, True): WideConfig(16, 32, 64, 8),
-    (2, 256, False): WideConfig(16, 32, 64, 8),
+    (2, 256, True): WideConfig(16, 32, 32, 8),
+    (2, 256, False): WideConfig(16, 32, 32, 8),
 }
 
 
