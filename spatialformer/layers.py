@@ -102,7 +102,8 @@ def _cross_heads(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], ba
     """One attention direction on [B, H, L, D] heads with the layer's backend."""
     if torch.jit.is_scripting():  # as in _bilateral_heads
         scale = float(q.shape[-1]) ** -0.5
-        return torch.ops.spatialformer.cross_attention(q, k, v, scale, key_mask, backend if backend is not None else "auto")[0]
+        name = backend if backend is not None else "auto"
+        return torch.ops.spatialformer.cross_attention(q, k, v, scale, key_mask, name)[0]
     return cross_attention(q, k, v, key_mask=key_mask, backend=resolve_layer_backend(backend))
 
 

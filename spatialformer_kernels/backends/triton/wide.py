@@ -73,7 +73,7 @@ from .common import (
     sm_count,
     split_plan,
 )
-from .configs import backward_supported, block_d_for
+from .configs import block_d_for
 
 
 # ----------------------------------------------------------------------------------------
@@ -103,11 +103,6 @@ WIDE_CONFIGS = {
     (2, 256, True): WideConfig(16, 32, 32, 8),
     (2, 256, False): WideConfig(16, 32, 32, 8),
 }
-
-
-def serves(block_d: int, elem_bytes: int) -> bool:
-    """Whether this backward serves the bucket (no fused spill-free kernel for large M)."""
-    return not backward_supported(block_d, elem_bytes, n_spatial=1 << 30)
 
 
 def wide_config(block_d: int, elem_bytes: int, queries_are_spatial: bool) -> WideConfig:
