@@ -1,21 +1,33 @@
 #!/usr/bin/env bash
 # One-command GPU check:  benchmarks/gpu_check.sh OUTDIR
 #
-# On a CUDA machine (budget: under 8 minutes on an H100/H200: the step limits below add up to
-# 470 s, so a slow step is cut rather than the whole check), from the repository root, in
-# the current Python environment:
-#   1. env.txt            nvidia-smi, torch / triton versions, the GPU the model is picked for
-#   2. tests.log/.xml     the CUDA tests that matter: parity of every kernel path, numerics, edge
-#                         cases (pytest -x; they include bitwise reruns and torch.compile fullgraph)
-#   3. graph_check.json   determinism (two eager runs bitwise equal) and CUDA-graph capture of
-#                         forward + backward after warm-up (replay bitwise equal to eager), for
-#                         bilateral_attention and cross_attention (both directions), bf16 and fp32
-#   4. bench-<gpu>.json   pytest-benchmark at the benchmark shapes (bf16)
-#   5. static-model-<gpu>.json  the MODELLED table of the static check for the same GPU, to set
-#                         against the measured numbers of step 4
-#   6. summary.json       each step's exit status and seconds
-# Every step runs even if an earlier one failed; the exit status is non-zero if any failed.
-# Without a CUDA GPU it says so and exits 2 before running anything.
+# On a CUDA machine, from the repository root, in the current Python environment (PYTHON,
+# default python), every step below writes its log to OUTDIR/<step>.log. The whole check has
+# a budget of GPU_CHECK_BUDGET_S seconds (default 470, under 8 minutes on an H100/H200): each
+# step's limit is cut to what is left of it, so a slow step shortens the ones after it rather
+# than the check overrunning. Steps run in order of value; each runs even if an earlier one
+# failed; GPU_CHECK_SKIP (space-separated step names) leaves steps out.
+#   env.txt              nvidia-smi, torch / triton versions, the GPU the model is picked for
+#   build                import the package (first-use build of the C++ CPU kernel, once)
+#   tests (.log/.xml)    the CUDA tests that matter: parity of every kernel path, numerics, edge
+#                        cases (pytest -x; they include bitwise reruns and torch.compile
+#                        fullgraph), on 8 pytest-xdist workers when xdist is installed
+#   bench_kernels        pytest-benchmark at the benchmark shapes (bf16): ours and SDPA's
+#                        flash / efficient / cuDNN backends and the reference -> bench-kernels-<gpu>.json
+#   config_sweep         every candidate launch config timed (benchmarks/gpu_config_sweep.py)
+#                        -> config-sweep-<gpu>.jsonl
+#   graph_check          determinism (two eager runs bitwise equal) and CUDA-graph capture of
+#                        forward + backward after warm-up (replay bitwise equal to eager), for
+#                        bilateral_attention and cross_attention (both directions), bf16 and fp32
+#                        -> graph_check.json
+#   bench_models         whole-model rows (SpatialFormer-T/S/B) -> bench-models-<gpu>.json
+#   bench_baselines      the baselines that compile per shape (torch.compile of the reference,
+#                        FlexAttention) and SDPA's math backend -> bench-baselines-<gpu>.json
+#   static_model         the MODELLED table of the static check for the same GPU, to set against
+#                        the measured numbers -> static-model-<gpu>.json
+#   summary.json         each step's exit status and seconds
+# The exit status is non-zero if any step failed. Without a CUDA GPU it says so and exits 2
+# before running anything.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,6 +37,9 @@ if [ $# -ne 1 ]; then
 fi
 OUT="$1"
 PY="${PYTHON:-python}"
+BUDGET="${GPU_CHECK_BUDGET_S:-470}"
+SKIP=" ${GPU_CHECK_SKIP:-} "
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the checkout's package, also for scripts
 
 if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     echo "gpu_check: NO CUDA GPU on this machine (torch.cuda.is_available() is False): nothing was run." >&2
@@ -41,8 +56,19 @@ case "$(echo "$GPU_NAME" | tr '[:upper:]' '[:lower:]')" in
 esac
 
 STATUS=()
-step() {  # step NAME TIMEOUT_S COMMAND...
+step() {  # step NAME TIMEOUT_S COMMAND...: the limit is cut to what is left of the budget
     local name="$1" limit="$2"; shift 2
+    local left=$((BUDGET - SECONDS))
+    if [[ "$SKIP" == *" $name "* ]]; then
+        echo "== $name: skipped (GPU_CHECK_SKIP)"
+        return
+    fi
+    if [ "$left" -lt 10 ]; then
+        echo "== $name: not run, the ${BUDGET}s budget is spent"
+        STATUS+=("\"$name\": {\"rc\": \"not run: budget spent\", \"seconds\": 0}")
+        return
+    fi
+    [ "$left" -lt "$limit" ] && limit=$left
     local start=$SECONDS
     echo "== $name (limit ${limit}s): $*"
     timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
@@ -59,8 +85,17 @@ step() {  # step NAME TIMEOUT_S COMMAND...
     git rev-parse HEAD 2>/dev/null || true
 } > "$OUT/env.txt" 2>&1
 
-step tests 170 "$PY" -m pytest tests/test_kernel_parity.py tests/test_triton_backend.py tests/test_numerics.py \
-    tests/test_edge_cases.py -x -q --junitxml="$OUT/tests.xml"
+step build 90 "$PY" -c "import spatialformer_kernels as sk; print('backends', sk.available_backends())"
+
+XDIST=()
+"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
+step tests 150 "$PY" -m pytest tests/test_kernel_parity.py tests/test_triton_backend.py tests/test_numerics.py \
+    tests/test_edge_cases.py -x -q "${XDIST[@]}" --junitxml="$OUT/tests.xml"
+
+step bench_kernels 120 "$PY" -m pytest benchmarks/test_throughput.py --benchmark --bench-dtypes bf16 -q \
+    -k "attention_throughput and not compile and not flex and not math" --benchmark-json="$OUT/bench-kernels-$MODEL_GPU.json"
+
+step config_sweep 100 "$PY" benchmarks/gpu_config_sweep.py "$OUT/config-sweep-$MODEL_GPU.jsonl"
 
 step graph_check 60 "$PY" - "$OUT/graph_check.json" <<'EOF'
 """Determinism and CUDA-graph capture of forward + backward after warm-up."""
@@ -119,8 +154,11 @@ with open(sys.argv[1], "w") as handle:
 sys.exit(0 if all(r["deterministic"] and r["graph_replay_equal"] for r in results) else 1)
 EOF
 
-step bench 150 "$PY" -m pytest benchmarks/ --benchmark --bench-dtypes bf16 -q \
-    --benchmark-json="$OUT/bench-$MODEL_GPU.json"
+step bench_models 90 "$PY" -m pytest benchmarks/test_throughput.py --benchmark -q -k model_throughput \
+    --benchmark-json="$OUT/bench-models-$MODEL_GPU.json"
+
+step bench_baselines 90 "$PY" -m pytest benchmarks/test_throughput.py --benchmark --bench-dtypes bf16 -q \
+    -k "attention_throughput and (compile or flex or math)" --benchmark-json="$OUT/bench-baselines-$MODEL_GPU.json"
 
 JOBS="$(nproc 2>/dev/null || echo 4)"
 step static_model 90 "$PY" -m spatialformer_kernels.backends.triton.static_check --perf --gpu "$MODEL_GPU" \

@@ -317,6 +317,14 @@ def test_commit_of_an_installed_package_is_not_a_git_checkout(monkeypatch, tmp_p
     assert measurement.git_commit() == measurement.NOT_A_CHECKOUT
 
 
+def test_a_copy_without_git_reports_the_stated_commit_as_stated(monkeypatch, tmp_path):
+    monkeypatch.setattr(measurement, "__file__", str(tmp_path / "copy" / "spatialformer_kernels" / "bench" / "measurement.py"))
+    monkeypatch.setenv(measurement.STATED_COMMIT_ENV, "abc1234")
+    assert measurement.git_commit() == "abc1234 (stated by SPATIALFORMER_SOURCE_COMMIT; not a git checkout)"
+    monkeypatch.delenv(measurement.STATED_COMMIT_ENV)
+    assert measurement.git_commit() == measurement.NOT_A_CHECKOUT
+
+
 def test_commit_of_this_checkout():
     if not (Path(measurement.__file__).resolve().parent.parent.parent / ".git").exists():
         pytest.skip("not running from a git checkout")

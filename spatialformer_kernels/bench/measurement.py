@@ -114,11 +114,23 @@ def device_name(device: torch.device) -> str:
 
 
 NOT_A_CHECKOUT = "not a git checkout"
+# A copy of a checkout without its .git (e.g. a working tree sent to a GPU machine) can state
+# the commit it was copied from; results then say the commit was stated, not read.
+STATED_COMMIT_ENV = "SPATIALFORMER_SOURCE_COMMIT"
 
 
 def git_commit() -> str:
-    """The commit of the git checkout this package runs from (with -dirty), else NOT_A_CHECKOUT
-    (an installed package: site-packages, even inside a checkout's virtual environment)."""
+    """The commit of the git checkout this package runs from (with -dirty), else the commit
+    stated in $SPATIALFORMER_SOURCE_COMMIT (marked as stated), else NOT_A_CHECKOUT (an
+    installed package: site-packages, even inside a checkout's virtual environment)."""
+    sha = _checkout_commit()
+    stated = os.environ.get(STATED_COMMIT_ENV, "").strip()
+    if sha == NOT_A_CHECKOUT and stated:
+        return f"{stated} (stated by {STATED_COMMIT_ENV}; not a git checkout)"
+    return sha
+
+
+def _checkout_commit() -> str:
     root = Path(__file__).resolve().parents[2]  # the repository root in a checkout
     try:
         top = subprocess.run(
