@@ -1,14 +1,19 @@
 """Regenerate the README's performance tables from the raw result files in benchmarks/results/.
 
 Each result file is the `--benchmark-json` output of `pytest benchmarks/ --benchmark`, named
-by hardware. This script rewrites only the text between the markers
+by hardware. A folder `gpu-check-*/` written by benchmarks/gpu_check.sh is one result: its
+`bench-*.json` files (kernels, baselines, models: separate pytest runs) are merged into one
+section, each row keeping its own run's speedups; its provenance.json, when there is one,
+gives the commit that ran (over the files' own), the software and a timing note. This script
+rewrites only the text between the markers
 
     <!-- benchmark-tables:start -->
     <!-- benchmark-tables:end -->
 
 in README.md; without the markers it prints the tables to stdout. The tables are never
-typed by hand. Until a GPU result file exists, the section says GPU numbers are not yet
-measured; the issue-5 targets (H100, bf16) are reported met / not met only from an H100 file.
+typed by hand. Until a GPU result exists, the section says GPU numbers are not yet
+measured; the issue-5 targets (set for an H100, bf16) are reported met / not met from an H100
+result, else from an H200 one, naming the GPU.
 
     python benchmarks/render_tables.py               # rewrite README.md
     python benchmarks/render_tables.py --stdout      # print only
@@ -39,21 +44,78 @@ TARGETS = (
 )
 
 
-def load_results(results_dir: Path) -> list[dict]:
-    """Every result file as {"file", "machine", "commit", "datetime", "kernels", "models"}, CPU last."""
+def _load_file(path: Path, name: str) -> dict:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    infos = [b.get("extra_info", {}) for b in data.get("benchmarks", [])]
+    return {
+        "file": name,
+        "machine": data.get("machine_info", {}),
+        "commit": data.get("commit_info", {}),
+        "datetime": data.get("datetime", ""),
+        "notes": data.get("spatialformer", {}),
+        "kernels": [i for i in infos if "provider" in i and "pass" in i],
+        "models": [i for i in infos if "images_per_s" in i],
+    }  # fmt: skip
+
+
+def speedup_mismatches(rows: list[dict], tolerance: float = 0.05) -> list[str]:
+    """Where a row's speedup was computed against a baseline time that differs from that baseline's own row
+    (a merged folder: the kernels run times every baseline for the speedups, the baselines run records
+    some of them again) by more than `tolerance`: "<shape> <dtype> <pass>: <baseline> <t1> ms for <ours>'s
+    speedup, <t2> ms in its column"."""
+    by_key = {(r["shape"], r["dtype"], r["pass"], r["provider"]): r for r in rows}
     out = []
-    for path in sorted(results_dir.glob("*.json")):
-        data = json.loads(path.read_text(encoding="utf-8"))
-        infos = [b.get("extra_info", {}) for b in data.get("benchmarks", [])]
-        out.append({
-            "file": path.name,
-            "machine": data.get("machine_info", {}),
-            "commit": data.get("commit_info", {}),
-            "datetime": data.get("datetime", ""),
-            "notes": data.get("spatialformer", {}),
-            "kernels": [i for i in infos if "provider" in i and "pass" in i],
-            "models": [i for i in infos if "images_per_s" in i],
-        })  # fmt: skip
+    for r in rows:
+        if r.get("kind") != "ours" or not (r.get("median_ms") and r.get("speedup") and r.get("best_baseline")):
+            continue
+        shown = by_key.get((r["shape"], r["dtype"], r["pass"], r["best_baseline"]), {}).get("median_ms")
+        used = r["median_ms"] * r["speedup"]
+        if shown and abs(used / shown - 1) > tolerance:
+            out.append(
+                f"{r['shape']} {r['dtype']} {PASS_LABELS[r['pass']]}: {r['best_baseline']} {_ms(used)} for {r['provider']}'s "
+                f"speedup, {_ms(shown)} in its column"
+            )
+    return out
+
+
+def load_gpu_check(folder: Path, name: str) -> dict | None:
+    """A benchmarks/gpu_check.sh folder's bench-*.json files merged into one result (None without any):
+    the kernel rows and the model rows of all of them, the machine of the first with kernel rows
+    (bench-kernels-*), and the folder's provenance.json under "provenance" ({} without one)."""
+    paths = sorted(folder.glob("bench-*.json"), key=lambda p: (not p.name.startswith("bench-kernels"), p.name))
+    if not paths:
+        return None
+    parts = [_load_file(p, p.name) for p in paths]
+    devices = {part["machine"].get("device_name") for part in parts}
+    if len(devices) > 1:
+        raise ValueError(f"{folder}: bench files from different devices {sorted(map(str, devices))}")
+    kernels = [row for part in parts for row in part["kernels"]]
+    keys = [(r["shape"], r["dtype"], r["pass"], r["provider"]) for r in kernels]
+    if len(set(keys)) < len(keys):
+        raise ValueError(f"{folder}: a (shape, dtype, pass, provider) row is in more than one bench file")
+    provenance_path = folder / "provenance.json"
+    provenance = json.loads(provenance_path.read_text(encoding="utf-8")) if provenance_path.exists() else {}
+    main = next((part for part in parts if part["kernels"]), parts[0])
+    return {
+        **main,
+        "file": name,
+        "datetime": min(part["datetime"] for part in parts),
+        "kernels": kernels,
+        "models": [row for part in parts for row in part["models"]],
+        "sources": [part["file"] for part in parts],
+        "provenance": provenance,
+    }
+
+
+def load_results(results_dir: Path) -> list[dict]:
+    """Every result file, and every gpu-check-*/ folder merged into one result, as
+    {"file", "machine", "commit", "datetime", "notes", "kernels", "models"} (a folder also has
+    "sources" and "provenance"), GPU first, CPU last."""
+    out = [_load_file(path, path.name) for path in sorted(results_dir.glob("*.json"))]
+    for folder in sorted(p for p in results_dir.glob("gpu-check-*") if p.is_dir()):
+        result = load_gpu_check(folder, folder.name + "/")
+        if result is not None:
+            out.append(result)
     return sorted(out, key=lambda r: (r["machine"].get("device_type") != "cuda", r["file"]))
 
 
@@ -109,13 +171,20 @@ def _num(value, spec: str, suffix: str = "") -> str:
 
 
 def _commit(result: dict) -> str:
-    commit = result["machine"].get("git_commit") or result["commit"].get("id") or "unknown"
+    """The commit that ran: provenance.json's where a gpu-check folder has one, else the file's own."""
+    commit = result.get("provenance", {}).get("commit") or result["machine"].get("git_commit") or result["commit"].get("id") or "unknown"
     return commit[:12] + ("-dirty" if commit.endswith("-dirty") else "")
+
+
+def _and(names: list[str]) -> str:
+    names = [f"`{n}`" for n in names]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
 def kernel_table(rows: list[dict]) -> str:
     """One line per (shape, dtype, pass): median time per provider, then ours' bandwidth and speedup."""
-    providers = list(dict.fromkeys(r["provider"] for r in sorted(rows, key=lambda r: r["kind"] != "ours")))
+    timed = [r for r in sorted(rows, key=lambda r: r["kind"] != "ours") if r.get("median_ms") is not None]
+    providers = list(dict.fromkeys(r["provider"] for r in timed))  # a provider never timed has no column
     ours = [p for p in providers if p.startswith("ours-")]
     has_roofline = any(r.get("pct_roofline") is not None for r in rows)
     header = ["shape", "dtype", "pass", *providers]
@@ -152,27 +221,49 @@ def model_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+TARGET_GPUS = ("h100", "h200")  # the targets were set for an H100; an H200 result is used when there is no H100 one
+
+
+def _target_gpu(result: dict) -> str | None:
+    """"h100" or "h200" for a CUDA result measured on one, else None."""
+    if result["machine"].get("device_type") != "cuda":
+        return None
+    words = re.split(r"[^a-z0-9]+", result["machine"].get("device_name", "").lower())
+    return next((gpu for gpu in TARGET_GPUS if gpu in words), None)
+
+
 def _is_h100(result: dict) -> bool:
-    name = result["machine"].get("device_name", "")
-    return result["machine"].get("device_type") == "cuda" and "h100" in re.split(r"[^a-z0-9]+", name.lower())
+    return _target_gpu(result) == "h100"
 
 
 def targets_section(results: list[dict]) -> str:
-    """Met / not met for each issue-5 target, from the first H100 result file."""
-    lines = ["**Targets (H100, bf16; ours vs the best PyTorch SDPA backend):**", ""]
-    h100 = next((r for r in results if _is_h100(r)), None)
+    """Met / not met for each issue-5 target, from the first H100 result, else the first H200 one."""
+    measured_on = [r for r in results if _target_gpu(r)]
+    chosen = min(measured_on, key=lambda r: TARGET_GPUS.index(_target_gpu(r))) if measured_on else None
+    if chosen is None:
+        lines = ["**Targets (H100, bf16; ours vs the best PyTorch SDPA backend):**", ""]
+    else:
+        m = chosen["machine"]
+        gpu = m.get("device_name", "unknown GPU")
+        roofline = m.get("roofline_gbps")
+        where = (
+            f"% of HBM roofline against this GPU's own {roofline:g} GB/s ({m.get('roofline_source')})"
+            if roofline else "no HBM roofline known for this GPU"
+        )  # fmt: skip
+        set_for = "" if _is_h100(chosen) else "targets set for an H100, unchanged; "
+        lines = [f"**Targets (bf16; measured on {gpu}, `benchmarks/results/{chosen['file']}`; ours vs the best PyTorch SDPA backend; {set_for}{where}):**", ""]
     lines += ["| target | status | measured |", "|---|---|---|"]
     for pass_, shape, min_speedup, min_roofline in TARGETS:
         goal = f"{PASS_LABELS[pass_]} {shape}: >= {min_speedup:g}x SDPA" + (f", >= {min_roofline:g}% of HBM roofline" if min_roofline else "")
-        if h100 is None:
-            lines.append(f"| {goal} | not yet measured | no H100 result file |")
+        if chosen is None:
+            lines.append(f"| {goal} | not yet measured | no H100 or H200 result file |")
             continue
         candidates = [
-            r for r in h100["kernels"]
+            r for r in chosen["kernels"]
             if r["kind"] == "ours" and r["shape"] == shape and r["dtype"] == "bf16" and r["pass"] == pass_ and r.get("median_ms")
         ]  # fmt: skip
         if not candidates:
-            lines.append(f"| {goal} | not yet measured | no bf16 row in {h100['file']} |")
+            lines.append(f"| {goal} | not yet measured | no bf16 row in {chosen['file']} ({gpu}) |")
             continue
         best = min(candidates, key=lambda r: r["median_ms"])
         speedup, roofline = best.get("speedup_vs_sdpa"), best.get("pct_roofline")
@@ -180,12 +271,16 @@ def targets_section(results: list[dict]) -> str:
         measured = f"{best['provider']} {best['median_ms']:.3f} ms, {_num(speedup, '.2f', 'x')} SDPA"
         if min_roofline:
             measured += f", {_num(best.get('gbps'), '.0f')} GB/s = {_num(roofline, '.1f', '%')} of roofline"
-        lines.append(f"| {goal} | {'met' if met else 'not met'} | {measured} ({h100['file']}) |")
+        lines.append(f"| {goal} | {'met' if met else 'not met'} | {measured} (on {gpu}, {chosen['file']}) |")
     return "\n".join(lines)
 
 
 def render(results: list[dict], cpu_speed: list[dict] = ()) -> str:
-    parts = ["<!-- generated by `python benchmarks/render_tables.py` from benchmarks/results/*.json; do not edit by hand -->", ""]
+    parts = [
+        "<!-- generated by `python benchmarks/render_tables.py` from benchmarks/results/*.json and "
+        "benchmarks/results/gpu-check-*/; do not edit by hand -->",
+        "",
+    ]
     if not any(r["machine"].get("device_type") == "cuda" for r in results):
         parts += ["**GPU numbers are not yet measured** (no GPU result file in `benchmarks/results/`).", ""]
     for result in results:
@@ -195,11 +290,21 @@ def render(results: list[dict], cpu_speed: list[dict] = ()) -> str:
         if is_cpu and "cpu_count" in m:
             title += f", {m['cpu_count']} cores, timed with {m.get('cpu_threads', '?')} thread(s)"
         parts += [f"#### {title} (`benchmarks/results/{result['file']}`)", ""]
+        provenance = result.get("provenance", {})
         facts = [
             f"torch {m.get('torch_version')}", f"triton {m.get('triton_version')}", f"CUDA {m.get('cuda_version')}",
-            f"commit `{_commit(result)}`", result["datetime"][:10],
+            f"commit `{_commit(result)}`" + (" (from provenance.json)" if provenance.get("commit") else ""),
+            provenance.get("date") or result["datetime"][:10],
         ]  # fmt: skip
         parts.append(", ".join(facts) + ".")
+        if provenance.get("gpu"):
+            parts.append(f"GPU: {provenance['gpu']}.")
+        if provenance.get("command"):
+            parts.append(f"Command: `{provenance['command']}`.")
+        if provenance.get("software"):
+            parts.append(f"Software: {provenance['software']}.")
+        if provenance.get("commit_note"):
+            parts.append(f"Commit: {provenance['commit_note']}")
         if m.get("shape_scaling"):
             parts.append(f"Shapes: {m['shape_scaling']}.")
         roofline = m.get("roofline_gbps")
@@ -216,6 +321,17 @@ def render(results: list[dict], cpu_speed: list[dict] = ()) -> str:
             )
         if result["notes"].get("timing"):
             parts.append(f"Timing: {result['notes']['timing']}; median per row, each row parity-checked first.")
+        if provenance.get("timing_note"):
+            parts.append(f"Timing note: {provenance['timing_note']}")
+        if result.get("sources"):
+            parts.append(
+                f"One run of `benchmarks/gpu_check.sh`: {_and(result['sources'])} merged (separate pytest runs, one after "
+                "another). The speedup columns are those of the run that timed ours, which timed every baseline for them, "
+                "including those only another run records."
+            )
+            mismatches = speedup_mismatches(result["kernels"])
+            if mismatches:
+                parts.append(f"Where a baseline's time differs between the runs, the speedup is not its column's ratio: {'; '.join(mismatches)}.")
         parts.append("")
         if result["kernels"]:
             parts += ["Bilateral attention, median time per call:", "", kernel_table(result["kernels"]), ""]

@@ -180,7 +180,7 @@ def test_renderer_without_gpu_file_says_not_yet_measured(tmp_path):
     assert "GPU numbers are not yet measured" in text
     assert "| cls224-stage1/8 (B2 H2 M64 N67200 D32) | fp32 | forward | 1.500 ms | 3.000 ms |" in text
     assert "| spatialformer_tiny | inference | 2, 224x224, fp32 | cpu | 20.0 | 100.0 | 1.30x |" in text
-    assert text.count("| not yet measured | no H100 result file |") == len(render_tables.TARGETS)
+    assert text.count("| not yet measured | no H100 or H200 result file |") == len(render_tables.TARGETS)
     assert " met " not in text
 
 
@@ -195,7 +195,7 @@ def test_renderer_reports_targets_met_and_not_met_from_an_h100_file(tmp_path):
     assert "| forward cls224-stage1: >= 1.5x SDPA, >= 70% of HBM roofline | met | ours-triton 0.050 ms, 1.80x SDPA, 100 GB/s = 75.0% of roofline" in text
     assert "| forward det800x1344-stage1: >= 4x SDPA | not met | ours-triton 0.100 ms, 3.20x SDPA" in text
     assert "| forward+backward cls224-stage1: >= 1.5x SDPA | met |" in text
-    assert "| forward+backward det800x1344-stage1: >= 1.5x SDPA | not yet measured | no bf16 row in h100.json |" in text
+    assert "| forward+backward det800x1344-stage1: >= 1.5x SDPA | not yet measured | no bf16 row in h100.json (NVIDIA H100 80GB HBM3) |" in text
 
 
 def test_renderer_rewrites_only_between_markers(tmp_path):
@@ -224,13 +224,94 @@ def test_committed_results_render(pytestconfig):
         assert all(result["machine"].get(key) for key in ("device_name", "torch_version", "git_commit")), result["file"]
     speed = render_tables.load_cpu_speed(results)
     text = render_tables.render(loaded, speed)
-    assert "Targets (H100, bf16" in text
+    assert "Targets (H100, bf16" in text or "Targets (bf16; measured on NVIDIA H" in text
     for record in speed:  # issue 4's measurement: both passes against their targets
         assert f"cpu-speed/{record['file']}" in text and text.count(" | >= ") >= 2
     readme = Path(__file__).resolve().parent.parent / "README.md"
     # A --benchmark run is about to write a new result file: the README is re-rendered after it.
     if render_tables.START in readme.read_text(encoding="utf-8") and not pytestconfig.getoption("--benchmark"):
         assert render_tables.main(["--check"]) == 0, "README tables are stale: run python benchmarks/render_tables.py"
+
+
+def _gpu_check_folder(results: Path, gpu: str = "h200", device_name: str = "NVIDIA H200", provenance: dict | None = None) -> Path:
+    """A benchmarks/gpu_check.sh folder: bench-kernels (ours, SDPA, a provider never timed), bench-baselines, bench-models."""
+    folder = results / f"gpu-check-{gpu}"
+    folder.mkdir(parents=True)
+    skipped = {**_kernel("cls224-stage1", "fwd", "sdpa-efficient", "baseline", None), "status": "skipped", "gbps": None}
+    _result_file(folder / f"bench-kernels-{gpu}.json", "cuda", device_name, [
+        {**_kernel("cls224-stage1", "fwd", "ours-triton", "ours", 0.5, speedup_vs_sdpa=0.8, pct=4.0), "best_baseline": "compile-reference", "speedup": 0.4},
+        _kernel("cls224-stage1", "fwd", "sdpa-flash", "baseline", 0.4),
+        skipped,
+    ], roofline=4800.0)  # fmt: skip
+    _result_file(folder / f"bench-baselines-{gpu}.json", "cuda", device_name, [
+        _kernel("cls224-stage1", "fwd", "compile-reference", "baseline", 0.3),
+        _kernel("cls224-stage1", "fwd", "flex", "baseline", 0.9),
+    ], roofline=4800.0)  # fmt: skip
+    _result_file(folder / f"bench-models-{gpu}.json", "cuda", device_name, [
+        {"model": "spatialformer_tiny", "mode": "inference", "backend": "triton", "batch": 64, "img_size": 224, "dtype": "bf16",
+         "median_ms": 10.0, "images_per_s": 6400.0, "speedup": 1.5},
+    ], roofline=4800.0)  # fmt: skip
+    (folder / "summary.json").write_text("{}", encoding="utf-8")  # not a bench-*.json: not read
+    if provenance is not None:
+        (folder / "provenance.json").write_text(json.dumps(provenance), encoding="utf-8")
+    return folder
+
+
+def test_renderer_merges_a_gpu_check_folder_into_one_section(tmp_path):
+    _gpu_check_folder(tmp_path)
+    loaded = render_tables.load_results(tmp_path)
+    assert [r["file"] for r in loaded] == ["gpu-check-h200/"]
+    text = render_tables.render(loaded)
+    assert text.count("#### ") == 1 and "#### NVIDIA H200 (`benchmarks/results/gpu-check-h200/`)" in text
+    assert "`bench-kernels-h200.json`, `bench-baselines-h200.json` and `bench-models-h200.json` merged" in text
+    # kernel rows of both runs in one table; sdpa-efficient was never timed, so it has no column
+    assert "| shape | dtype | pass | ours-triton | sdpa-flash | compile-reference | flex | ours-triton GB/s |" in text
+    assert "| cls224-stage1 (B2 H2 M64 N67200 D32) | bf16 | forward | 0.500 ms | 0.400 ms | 0.300 ms | 0.900 ms | 100.0 | 4.0% |" in text
+    assert "sdpa-efficient" not in text
+    assert "| spatialformer_tiny | inference | 64, 224x224, bf16 | triton | 6400.0 | 10.0 | 1.50x |" in text
+    # the speedup stays the file's; where its baseline time differs from that baseline's own row, the section says so
+    assert "| 0.40x | 0.80x |" in text
+    assert "compile-reference 0.200 ms for ours-triton's speedup, 0.300 ms in its column" in text
+    assert "commit `0123456789ab`, 2026-11-25." in text and "provenance.json" not in text
+
+
+def test_renderer_takes_the_commit_of_a_gpu_check_folder_from_its_provenance(tmp_path):
+    _gpu_check_folder(tmp_path, provenance={
+        "gpu": "NVIDIA H200 (141 GB HBM3e, 132 SMs)", "date": "2026-12-04", "command": "benchmarks/gpu_check.sh OUTDIR",
+        "commit": "fedcba9876543210fedcba9876543210fedcba98", "commit_note": "The machine's copy carried a stale .git.",
+        "software": "torch 2.y", "timing_note": "Events include host time.",
+    })  # fmt: skip
+    text = render_tables.render(render_tables.load_results(tmp_path))
+    assert "commit `fedcba987654` (from provenance.json), 2026-12-04." in text and "0123456789ab" not in text
+    assert "Commit: The machine's copy carried a stale .git." in text
+    assert "GPU: NVIDIA H200 (141 GB HBM3e, 132 SMs)." in text and "Software: torch 2.y." in text
+    assert "Command: `benchmarks/gpu_check.sh OUTDIR`." in text and "Timing note: Events include host time." in text
+
+
+def test_targets_accept_an_h200_result_and_name_it(tmp_path):
+    _gpu_check_folder(tmp_path)
+    text = render_tables.render(render_tables.load_results(tmp_path))
+    assert "**Targets (bf16; measured on NVIDIA H200, `benchmarks/results/gpu-check-h200/`;" in text
+    assert "targets set for an H100, unchanged; % of HBM roofline against this GPU's own 4800 GB/s (data sheet)" in text
+    assert (
+        "| forward cls224-stage1: >= 1.5x SDPA, >= 70% of HBM roofline | not met | ours-triton 0.500 ms, 0.80x SDPA, "
+        "100 GB/s = 4.0% of roofline (on NVIDIA H200, gpu-check-h200/) |"
+    ) in text
+    assert "| forward det800x1344-stage1: >= 4x SDPA | not yet measured | no bf16 row in gpu-check-h200/ (NVIDIA H200) |" in text
+    assert "no H100" not in text
+
+
+def test_targets_prefer_an_h100_result_to_an_h200_one(tmp_path):
+    _gpu_check_folder(tmp_path)
+    _result_file(tmp_path / "z-h100.json", "cuda", "NVIDIA H100 80GB HBM3", [
+        _kernel("cls224-stage1", "fwd", "ours-triton", "ours", 0.05, speedup_vs_sdpa=1.8, pct=75.0),
+    ], roofline=3350.0)  # fmt: skip
+    text = render_tables.render(render_tables.load_results(tmp_path))
+    cited = "`benchmarks/" + "results/z-h100.json`"  # a temporary file, not a path of this repository
+    assert f"**Targets (bf16; measured on NVIDIA H100 80GB HBM3, {cited};" in text
+    assert "set for an H100" not in text and "against this GPU's own 3350 GB/s" in text
+    assert "| met | ours-triton 0.050 ms, 1.80x SDPA, 100 GB/s = 75.0% of roofline (on NVIDIA H100 80GB HBM3, z-h100.json) |" in text
+    assert "(on NVIDIA H200" not in text and "#### NVIDIA H200 (`benchmarks/results/gpu-check-h200/`)" in text
 
 
 # ---------------------------------------------------------------------------- parity
@@ -317,10 +398,10 @@ def test_commit_of_an_installed_package_is_not_a_git_checkout(monkeypatch, tmp_p
     assert measurement.git_commit() == measurement.NOT_A_CHECKOUT
 
 
-def test_a_copy_without_git_reports_the_stated_commit_as_stated(monkeypatch, tmp_path):
+def test_a_stated_commit_wins_and_is_reported_as_stated(monkeypatch, tmp_path):
     monkeypatch.setattr(measurement, "__file__", str(tmp_path / "copy" / "spatialformer_kernels" / "bench" / "measurement.py"))
     monkeypatch.setenv(measurement.STATED_COMMIT_ENV, "abc1234")
-    assert measurement.git_commit() == "abc1234 (stated by SPATIALFORMER_SOURCE_COMMIT; not a git checkout)"
+    assert measurement.git_commit() == "abc1234 (stated by SPATIALFORMER_SOURCE_COMMIT)"
     monkeypatch.delenv(measurement.STATED_COMMIT_ENV)
     assert measurement.git_commit() == measurement.NOT_A_CHECKOUT
 

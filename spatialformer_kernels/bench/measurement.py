@@ -114,20 +114,19 @@ def device_name(device: torch.device) -> str:
 
 
 NOT_A_CHECKOUT = "not a git checkout"
-# A copy of a checkout without its .git (e.g. a working tree sent to a GPU machine) can state
-# the commit it was copied from; results then say the commit was stated, not read.
+# A copy of a checkout (e.g. a working tree sent to a GPU machine, whose .git may be missing
+# or stale) can state the commit it was copied from; results then say the commit was stated.
 STATED_COMMIT_ENV = "SPATIALFORMER_SOURCE_COMMIT"
 
 
 def git_commit() -> str:
-    """The commit of the git checkout this package runs from (with -dirty), else the commit
-    stated in $SPATIALFORMER_SOURCE_COMMIT (marked as stated), else NOT_A_CHECKOUT (an
-    installed package: site-packages, even inside a checkout's virtual environment)."""
-    sha = _checkout_commit()
+    """The commit stated in $SPATIALFORMER_SOURCE_COMMIT (marked as stated), else the commit of
+    the git checkout this package runs from (with -dirty), else NOT_A_CHECKOUT (an installed
+    package: site-packages, even inside a checkout's virtual environment)."""
     stated = os.environ.get(STATED_COMMIT_ENV, "").strip()
-    if sha == NOT_A_CHECKOUT and stated:
-        return f"{stated} (stated by {STATED_COMMIT_ENV}; not a git checkout)"
-    return sha
+    if stated:
+        return f"{stated} (stated by {STATED_COMMIT_ENV})"
+    return _checkout_commit()
 
 
 def _checkout_commit() -> str:
