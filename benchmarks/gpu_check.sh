@@ -95,7 +95,7 @@ step tests 150 "$PY" -m pytest tests/test_kernel_parity.py tests/test_triton_bac
 step bench_kernels 120 "$PY" -m pytest benchmarks/test_throughput.py --benchmark --bench-dtypes bf16 -q \
     -k "attention_throughput and not compile and not flex and not math" --benchmark-json="$OUT/bench-kernels-$MODEL_GPU.json"
 
-step config_sweep 100 "$PY" benchmarks/gpu_config_sweep.py "$OUT/config-sweep-$MODEL_GPU.jsonl"
+step config_sweep 130 "$PY" benchmarks/gpu_config_sweep.py "$OUT/config-sweep-$MODEL_GPU.jsonl"
 
 step graph_check 60 "$PY" - "$OUT/graph_check.json" <<'EOF'
 """Determinism and CUDA-graph capture of forward + backward after warm-up."""

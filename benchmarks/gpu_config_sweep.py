@@ -2,23 +2,31 @@
 
     python benchmarks/gpu_config_sweep.py OUT.jsonl [--shapes cls224-stage1,...] [--dtype bf16]
 
-For each benchmark shape (docs/design.md section 4) and each config in a grid wider than the
-autotuner's (tile BLOCK_N x warps x stages, the static check's filters not applied), it
-forces that one config on the forward and on the backward launchers, times the launcher with
-triton.testing.do_bench (median, L2 flushed between repeats), and appends one JSON line per
-measurement to OUT.jsonl as it goes (a cut run keeps what it measured): shape, pass
-(fwd = forward launcher, combine included; bwd_s / bwd_x = one backward direction, its
-delta kernel and split reduction included), config, median microseconds, GB/s of the op's
-minimum traffic for that pass, and the registers / spills / shared memory of the kernels
-compiled for it. The autotuner's own choice is timed too (config "tuned"); then, for
---head-dims at cls224-stage1, only the tuned choice.
+First, at the --compare shapes: ours against SDPA (two calls; cuDNN and FlashAttention
+backends) through the public functions, forward and forward + backward. Then, for each
+benchmark shape (docs/design.md section 4) and each config in a grid wider than the
+candidates (tile BLOCK_N x warps x stages, the static check's filters not applied), it forces
+that one config on the forward or backward launcher (configs.forced_config) and times the
+launcher; the default config (configs.launch_config) is timed too, and for --head-dims at
+cls224-stage1 only the default. Each measurement is one JSON line appended to OUT.jsonl as it
+goes (a cut run keeps what it measured): shape, pass (fwd = forward launcher, combine
+included; bwd_s / bwd_x = one backward direction, its delta kernel and split reduction
+included), config, the largest difference of its outputs from the default config's
+(max |a - b| / max |b| over the outputs, a check that the tiling computes the same function),
+the registers / spills / shared memory of the kernels compiled for it, and three times in
+microseconds:
+  us            triton.testing.do_bench median (CUDA events around each call, L2 flushed
+                between calls): includes any time the GPU waits for the host;
+  graph_us      per call inside a CUDA graph (no host in the way; L2 not flushed);
+  pipelined_us  wall time per call of back-to-back eager calls (the larger of host and GPU).
 
 It measures what the performance model (static_check --perf) predicts, so the model's
-assumptions can be checked and the configs re-chosen from measurements. Exits 2 without CUDA.
+assumptions can be checked, and its results fill configs.MEASURED_CONFIGS. Exits 2 without CUDA.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -66,14 +74,94 @@ def _snapshot(jit_fns) -> dict:
     return {(fn, key): True for fn in jit_fns for key in _compiled(fn)}
 
 
+def graph_us(fn, calls: int = 20, replays: int = 10) -> float:
+    """GPU time per call with no host in the way: `calls` calls captured in one CUDA graph,
+    the median replay over `replays`, divided by `calls`. L2 is not flushed between the calls
+    (inputs larger than the 60 MB L2 of an H100/H200 stream from HBM anyway)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()  # warm-up outside capture: compiles, allocator pools
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    del graph
+    return sorted(times)[len(times) // 2]
+
+
+def pipelined_us(fn, calls: int = 50, rounds: int = 5) -> float:
+    """Wall time per call of `calls` back-to-back eager calls (what a training loop sees: the
+    larger of the host's launch cost and the GPU's time), the median of `rounds`."""
+    times = []
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e6 / calls)
+    return sorted(times)[len(times) // 2]
+
+
+def compare(shape, dtype, emit) -> None:
+    """Ours against SDPA (two calls, cuDNN and FlashAttention backends) through the public
+    functions, forward and forward + backward: eager (do_bench), CUDA graph and pipelined."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from triton.testing import do_bench
+
+    case = workload.Case.make(shape, dtype, torch.device("cuda"))
+    scale = case.scale
+    providers = {"ours-triton": (workload._ours("triton"), None),
+                 "sdpa-cudnn": (workload._sdpa, SDPBackend.CUDNN_ATTENTION),
+                 "sdpa-flash": (workload._sdpa, SDPBackend.FLASH_ATTENTION)}
+    for name, (fn, backend) in providers.items():
+        leaves = case.leaves()
+
+        def forward():
+            with torch.no_grad():
+                return fn(*case.inputs, scale)
+
+        def forward_backward():
+            outputs = fn(*leaves, scale)
+            return torch.autograd.grad(outputs, leaves, case.grad_outputs)
+
+        for pass_name, call in (("fwd", forward), ("fwd_bwd", forward_backward)):
+            row = {"compare": name, "shape": shape.label, "dims": shape.dims, "pass": pass_name}
+            try:
+                with sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext():
+                    call()
+                    torch.cuda.synchronize()
+                    row["eager_us"] = round(do_bench(call, warmup=10, rep=60, return_mode="median") * 1e3, 2)
+                    row["pipelined_us"] = round(pipelined_us(call), 2)
+                    row["graph_us"] = round(graph_us(call), 2)
+                    row["min_bytes"] = workload.bytes_moved(shape, dtype, pass_name)
+                    row["graph_gbps"] = round(row["min_bytes"] / (row["graph_us"] * 1e-6) / 1e9, 1)
+            except Exception as error:
+                row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+            emit(row)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out")
-    parser.add_argument("--shapes", default="cls224-stage1,cls224-stage2,det800x1344-stage1,seg512-stage1")
+    parser.add_argument("--shapes", default="cls224-stage1,cls224-stage2,det800x1344-stage1")
     parser.add_argument("--head-dims", default="40,64,96,128",
                         help="after the grid: the tuned configs only, at cls224-stage1 with these head dims")
     parser.add_argument("--dtype", default="bf16", choices=sorted(workload.DTYPES))
-    parser.add_argument("--rep-ms", type=float, default=60.0)
+    parser.add_argument("--rep-ms", type=float, default=40.0)
+    parser.add_argument("--compare", default="cls224-stage1,cls224-stage2,det800x1344-stage1,seg512-stage1",
+                        help="first: ours vs SDPA x2 through the public functions at these shapes")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_config_sweep: no CUDA GPU here; nothing was run", file=sys.stderr)
@@ -82,14 +170,12 @@ def main(argv=None) -> int:
     import triton
     from triton.testing import do_bench
 
-    from spatialformer_kernels.backends.triton import fused
+    from spatialformer_kernels.backends.triton import common, configs, fused
 
     dtype = workload.DTYPES[args.dtype]
     device = torch.device("cuda")
     jit_fns = [fused._bilateral_fwd_kernel, fused._bilateral_combine_kernel, fused._bilateral_bwd_kernel,
-               fused._spatial_delta_kernel]
-    tuners = {"fwd": fused._bilateral_fwd, "bwd": fused._bilateral_bwd}
-    default_configs = {name: list(t.configs) for name, t in tuners.items()}
+               fused._spatial_delta_kernel, common._reduce_splits_kernel]
     out = open(args.out, "a")
 
     def emit(row):
@@ -101,6 +187,9 @@ def main(argv=None) -> int:
     (base,) = workload.shapes_for(device, ["cls224-stage1"])
     jobs += [(dataclasses.replace(base, name=f"cls224-stage1-D{d}", D=int(d)), False)
              for d in args.head_dims.split(",") if d]
+    for name in args.compare.split(","):
+        if name:
+            compare(workload.shapes_for(device, [name])[0], dtype, emit)
     for shape, sweep in jobs:
         case = workload.Case.make(shape, dtype, device)
         q_s, k_s, v_s, q_x, k_x, v_x = case.inputs
@@ -127,38 +216,38 @@ def main(argv=None) -> int:
             "bwd_x": (lambda: fused.attention_bwd(None, do_x, q_s, k_s, v_s, q_x, k_x, v_x, o_s, o_x, lse_s, lse_x,
                                                   scale, None, None, False, True), "bwd", BWD_GRID),
         }
-        for pass_name, (fn, tuner_name, grid) in passes.items():
-            tuner = tuners[tuner_name]
+        default_outputs = {}
+        for pass_name, (fn, kind, grid) in passes.items():
             for config in [None] + (grid if sweep else []):
-                label = "tuned"
-                if config is None:
-                    tuner.configs = default_configs[tuner_name]
-                else:
+                label, forced = "default", contextlib.nullcontext()
+                if config is not None:
                     bn, w, s = config
-                    tuner.configs = [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)]
                     label = f"n{bn}w{w}s{s}"
-                tuner.cache.clear()
+                    forced = configs.forced_config(kind, triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s))
                 before = _snapshot(jit_fns)
                 row = {"shape": shape.label, "dims": shape.dims, "dtype": args.dtype, "pass": pass_name, "config": label}
                 start = time.time()
                 try:
-                    fn()
-                    torch.cuda.synchronize()
-                    if config is None:
-                        best = getattr(tuner, "best_config", None)
-                        row["tuned_choice"] = str(best)
-                    ms = do_bench(fn, warmup=10, rep=args.rep_ms, return_mode="median")
-                    row.update(us=round(ms * 1e3, 2), gbps=round(min_bytes[pass_name] / (ms * 1e-3) / 1e9, 1),
-                               min_bytes=min_bytes[pass_name])
+                    with forced:
+                        outputs = [t for t in fn() if t is not None]
+                        torch.cuda.synchronize()
+                        if config is None:
+                            default_outputs[pass_name] = outputs
+                        elif pass_name in default_outputs:  # same function, another tiling
+                            row["max_rel_diff_vs_default"] = max(
+                                ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+                                for a, b in zip(outputs, default_outputs[pass_name]))
+                        ms = do_bench(fn, warmup=10, rep=args.rep_ms, return_mode="median")
+                        row.update(us=round(ms * 1e3, 2), min_bytes=min_bytes[pass_name])
+                        row["graph_us"] = round(graph_us(fn), 2)
+                        row["pipelined_us"] = round(pipelined_us(fn), 2)
+                        row["graph_gbps"] = round(min_bytes[pass_name] / (row["graph_us"] * 1e-6) / 1e9, 1)
                 except Exception as error:  # record and go on: one bad config must not end the sweep
                     row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
                     torch.cuda.synchronize()
                 row["kernels"] = _new_kernels(jit_fns, before)
                 row["seconds"] = round(time.time() - start, 2)
                 emit(row)
-        for t, configs in default_configs.items():
-            tuners[t].configs = configs
-            tuners[t].cache.clear()
         torch.cuda.empty_cache()
     compiled = [{"kernel": getattr(fn, "__name__", None) or fn.fn.__name__, "key": str(key)[:400], **_describe(k)}
                 for fn in jit_fns for key, k in _compiled(fn).items()]

@@ -56,11 +56,13 @@ def test_records_the_launchers_launches_with_the_sm_count():
     assert fwd.grid[1] == lr.fused.split_plan(132, 128, 3136)[0]
     assert _launches(_case(), n_sm=108)[0].grid[1] == lr.fused.split_plan(108, 128, 3136)[0]
     bwd = [e.name for e in _launches(_case(), backward=True)]
-    assert bwd == ["_spatial_delta_kernel", "_bilateral_bwd_kernel", "_bilateral_bwd_kernel"]
+    assert bwd == ["_spatial_delta_kernel", "_bilateral_bwd_kernel", "_reduce_splits_kernel",
+                   "_bilateral_bwd_kernel", "_reduce_splits_kernel"]  # one split reduction per direction
     wide = {e.name for e in _launches(_case(D=256, dtype="fp32"), backward=True)}
-    assert wide == {"_bilateral_wide_lse_kernel", "_bilateral_wide_delta_kernel", "_bilateral_wide_bwd_kernel"}
+    assert wide == {"_bilateral_wide_lse_kernel", "_bilateral_wide_delta_kernel", "_bilateral_wide_bwd_kernel",
+                    "_reduce_splits_kernel"}
     # the kernels are restored afterwards
-    assert type(lr.fused._bilateral_fwd).__name__ == "Autotuner"
+    assert type(lr.fused._bilateral_fwd_kernel).__name__ == "JITFunction"
 
 
 @needs_jit

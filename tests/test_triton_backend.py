@@ -34,6 +34,55 @@ def test_split_plan_fills_the_gpu_without_over_splitting():
     assert split_plan(h100_sms, 1, 100) == (1, 128)  # never more splits than tokens allow
 
 
+def test_launch_config_is_looked_up_never_tuned_and_can_be_forced():
+    import triton
+
+    from spatialformer_kernels.backends.triton import configs
+
+    bucket = dict(block_m=64, block_d=32, elem_bytes=2, backward=False, both=True)
+    candidates = [configs._meta(c) for c in configs.configs_for(**bucket)]
+    chosen = configs.launch_config(**bucket)
+    # the interpreter runs the smallest candidate tile (multi-tile loops on small shapes), a GPU
+    # the measured table's entry or else the first
+    measured = configs.MEASURED_CONFIGS.get((False, True, True, 64, 32, 2))
+    if configs.INTERPRET:
+        assert configs._meta(chosen) == candidates[-1]
+    elif measured:
+        assert configs._meta(chosen) == dict(zip(("BLOCK_N", "num_warps", "num_stages"), measured))
+    else:
+        assert configs._meta(chosen) == candidates[0]
+    assert configs.launch_meta(**bucket) == {**chosen.kwargs, "num_warps": chosen.num_warps, "num_stages": chosen.num_stages}
+    forced = triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=3)
+    with configs.forced_config("fwd", forced):
+        assert configs.launch_meta(**bucket) == {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3}
+        assert configs.launch_meta(**{**bucket, "backward": True}) != {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3}
+    assert configs.launch_meta(**bucket)["BLOCK_N"] == chosen.kwargs["BLOCK_N"]
+    for key, (bn, warps, stages) in configs.MEASURED_CONFIGS.items():  # a measured entry is a real config
+        assert bn in (16, 32, 64, 128) and warps in (4, 8) and stages in (1, 2, 3), key
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [BF16, FP32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("pair", [False, True], ids=["one", "two"])
+def test_split_reduction_sums_in_split_order_and_rounds_once(dtype, pair):
+    from spatialformer_kernels.backends.triton.common import REDUCE_BLOCK, reduce_splits
+
+    B, H, splits, M, D = 2, 3, 5, 7, 40  # M * D = 280 (and 2 blocks below): a masked tail
+    for m, d in ((M, D), (REDUCE_BLOCK // 16 + 3, 16)):
+        gen = torch.Generator().manual_seed(m)
+        # integers (exact in any summation order) plus a fraction only the last split carries,
+        # so the single rounding to the output dtype is visible
+        parts = [torch.randint(-50, 50, (B * H, splits, m, d), generator=gen).float() for _ in range(2 if pair else 1)]
+        for p in parts:
+            p[:, -1] += 1.0 / 3.0
+        outs = reduce_splits([p.to(DEVICE) for p in parts], (B, H, m, d), dtype)
+        assert len(outs) == len(parts)
+        for p, out in zip(parts, outs):
+            assert out.shape == (B, H, m, d) and out.dtype == dtype
+            expected = p.double().sum(1).float().view(B, H, m, d).to(dtype)
+            assert torch.equal(out.cpu(), expected)
+
+
 @needs_triton
 def test_small_batch_large_n_uses_several_splits_and_matches():
     from spatialformer_kernels.backends.triton import common as bt

@@ -171,8 +171,11 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def device_guard(device: torch.device):
-    """Launch on the inputs' GPU even when another one is current."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    """Launch on the inputs' GPU even when another one is current (no device switch, and no
+    cost beyond one query, when it already is)."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 def mask_args(mask, like):
@@ -183,7 +186,45 @@ def mask_args(mask, like):
     return mask, mask.stride(0), mask.stride(1)
 
 
-def reduce_splits(part: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
-    """Sum fp32 per-split partials [B * H, SPLITS, M, D] over the splits in a fixed order
-    (bitwise reproducible, no atomics) into a tensor of `shape` [B, H, M, D] and `dtype`."""
-    return part.sum(dim=1).view(shape).to(dtype)
+@triton.jit
+def _reduce_splits_kernel(
+    PART_A, OUT_A,  # [B * H, SPLITS, SIZE] fp32 partials -> [B * H, SIZE] contiguous, output dtype
+    PART_B, OUT_B,  # a second pair of the same shape (read only with HAS_B)
+    SPLITS, SIZE,
+    BLOCK: tl.constexpr, HAS_B: tl.constexpr,
+):
+    """Sum per-split partials over the splits in split order and round once to the output dtype."""
+    pid_bh = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < SIZE
+    base = pid_bh * SPLITS * SIZE + offs
+    acc_a = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK], dtype=tl.float32)
+    for split in range(0, SPLITS):
+        at = base + split * SIZE.to(tl.int64)
+        acc_a += tl.load(PART_A + at, mask=ok, other=0.0)
+        if HAS_B:
+            acc_b += tl.load(PART_B + at, mask=ok, other=0.0)
+    out = pid_bh * SIZE + offs
+    tl.store(OUT_A + out, round_to(acc_a, OUT_A.dtype.element_ty), mask=ok)
+    if HAS_B:
+        tl.store(OUT_B + out, round_to(acc_b, OUT_B.dtype.element_ty), mask=ok)
+
+
+REDUCE_BLOCK = 1024
+
+
+def reduce_splits(parts: list, shape, dtype: torch.dtype) -> list:
+    """Sum one or two fp32 per-split partials [B * H, SPLITS, M, D] over the splits in a fixed
+    order (bitwise reproducible, no atomics) into new tensors of `shape` [B, H, M, D] and
+    `dtype`, in one launch."""
+    assert len(parts) in (1, 2)
+    outs = [torch.empty(shape, device=p.device, dtype=dtype) for p in parts]
+    bh, splits, m, d = parts[0].shape
+    size = m * d
+    with device_guard(parts[0].device):
+        _reduce_splits_kernel[(bh, triton.cdiv(size, REDUCE_BLOCK))](
+            parts[0], outs[0], parts[-1], outs[-1], splits, size, BLOCK=REDUCE_BLOCK, HAS_B=len(parts) == 2,
+            num_warps=4,
+        )
+    return outs

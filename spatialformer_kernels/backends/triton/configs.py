@@ -1,24 +1,28 @@
 """Launch configurations of the fused Triton kernels (fused.py).
 
-Which tile sizes, warps and stages the autotuner may pick per shape bucket, which buckets
-have a fused backward at all (`backward_supported`), and when the forward fuses both
-directions. Budgets and exclusions were set from the static check
-(python -m spatialformer_kernels.backends.triton.static_check): every kept config compiles for sm_80 and
-sm_90 without spills.
+Which tile sizes, warps and stages a launch uses per shape bucket (`launch_config`), which
+buckets have a fused backward at all (`backward_supported`), and when the forward fuses both
+directions. Nothing is tuned at run time: a launch looks its config up (the measured table
+`MEASURED_CONFIGS`, else the first candidate of `configs_for`), so the first call costs no
+benchmarking and is safe inside CUDA-graph capture. Candidates were filtered with the static
+check (python -m spatialformer_kernels.backends.triton.static_check): every kept config
+compiles for sm_80 and sm_90 without spills. benchmarks/gpu_config_sweep.py times the
+candidates (and a wider grid) on a GPU; its results fill MEASURED_CONFIGS.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 
 import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# BLOCK_M (spatial rows per block) is fixed per head-dim bucket and dtype size; the tuner
+# BLOCK_M (spatial rows per block) is fixed per head-dim bucket and dtype size; a launch
 # picks the image tile BLOCK_N and the warps. Stages follow D (2 up to D = 64; beyond, a
 # second stage only adds shared memory). Budgets and exclusions below were set from the
-# static check (python -m spatialformer_kernels.backends.triton.static_check): every kept config compiles
-# for sm_80 and sm_90 without spills.
+# static check: every kept config compiles for sm_80 and sm_90 without spills.
 FWD_CONFIGS = [
     triton.Config({"BLOCK_N": bn}, num_warps=w)
     for bn in (16, 32, 64, 128)
@@ -26,9 +30,9 @@ FWD_CONFIGS = [
 ]
 # Backward tiles stop at 64 tokens: at 128 the s-direction backward spills at every D.
 BWD_CONFIGS = [c for c in FWD_CONFIGS if c.kwargs["BLOCK_N"] <= 64]
-# At most this many configs are benchmarked per shape bucket (the largest tiles that fit);
-# the interpreter (no autotuning there) always runs the last of them, so the test config
-# is one the static check compiles.
+# Candidates kept per shape bucket (the largest tiles that fit). A GPU launch without a
+# measured entry runs the first; the interpreter runs the last (the smaller tile, so the tests
+# exercise multi-tile loops on small shapes).
 MAX_TUNED_CONFIGS = 2
 # Image tokens per split are a multiple of the largest tile, so tiles never straddle splits.
 CHUNK_ALIGN = 128
@@ -135,57 +139,107 @@ MEASURED_SPILLS = frozenset({
     (False, False, True, 64, 32, 2, 128, 8),
     (False, False, True, 32, 64, 2, 64, 8),
     (False, False, True, 64, 32, 2, 32, 4),  # the next candidate there: spills on sm_90
+    # Whole-row 4-warp tiles (configs_for), seen spilling in the static gate: the fused
+    # forward with a mask, 128-token tiles, on sm_80 (40 bytes; none on sm_90).
+    (False, True, True, 64, 32, 2, 128, 4),
 })
 
 
+def whole_rows(block_m: int, block_n: int, num_warps: int) -> bool:
+    """Whether each warp gets rows of its own in every 16-bit dot: an MMA layout puts 16 rows
+    per warp along M, and the dots' M is BLOCK_M (direction s) or BLOCK_N (direction x), so
+    more warps than min(BLOCK_M, BLOCK_N) / 16 compute the same rows twice (and the softmax
+    work on them twice)."""
+    return 16 * num_warps <= min(block_m, block_n)
+
+
 def configs_for(block_m, block_d, elem_bytes, backward, both, dir_s=True):
-    """The configs autotuning may pick for one shape bucket (also used by the static check)."""
-    kept = []
+    """The candidate configs of one shape bucket, best first (also used by the static check).
+
+    16-bit: configs whose warps all own rows (`whole_rows`) come first, largest tile first;
+    their registers are not estimated (the static check compiles the launched config for
+    sm_80 and sm_90 and fails on a spill, which MEASURED_SPILLS then records). The others
+    must pass the register estimate. fp32 (FMA dots): small tiles on 8 warps only."""
+    own_rows, others = [], []
     dirs = (True, True) if both else (dir_s, not dir_s)
     for config in BWD_CONFIGS if backward else FWD_CONFIGS:
         bn, w = config.kwargs["BLOCK_N"], config.num_warps
+        if (backward, *dirs, block_m, block_d, elem_bytes, bn, w) in MEASURED_SPILLS:
+            continue
+        kept = triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=num_stages_for(block_d))
         if elem_bytes == 4:
             # fp32 dots run on FMA units whose operand layouts replicate the reduction axis
             # across threads: only small tiles on 8 warps stay in registers.
-            if bn > 32 or w != 8:
-                continue
-        else:
-            if bn * block_d > 8192 or (bn == 16 and block_d < 128):
-                continue  # 16-token tiles only where a wider one would not fit
-            if w == 8 and bn * block_d < 2048:
-                continue  # too little work per tile for 8 warps
-            budget = REGISTER_BUDGET if w == 8 else REGISTER_BUDGET_4_WARPS
-            if _live_words_per_thread(block_m, bn, block_d, elem_bytes, w, backward, both) > budget:
-                continue
-        if (backward, *dirs, block_m, block_d, elem_bytes, bn, w) in MEASURED_SPILLS:
+            if bn <= 32 and w == 8:
+                others.append(kept)
             continue
-        kept.append(triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=num_stages_for(block_d)))
-    kept.sort(key=lambda c: (-c.kwargs["BLOCK_N"], c.num_warps))
+        if bn * block_d > 8192 or (bn == 16 and block_d < 128):
+            continue  # 16-token tiles only where a wider one would not fit
+        if whole_rows(block_m, bn, w):
+            own_rows.append(kept)
+            continue
+        if w == 8 and bn * block_d < 2048:
+            continue  # too little work per tile for 8 warps
+        budget = REGISTER_BUDGET if w == 8 else REGISTER_BUDGET_4_WARPS
+        if _live_words_per_thread(block_m, bn, block_d, elem_bytes, w, backward, both) <= budget:
+            others.append(kept)
+    order = lambda c: (-c.kwargs["BLOCK_N"], c.num_warps)  # noqa: E731
+    kept = sorted(own_rows, key=order) + sorted(others, key=order)
     if not kept:
         kept = [triton.Config({"BLOCK_N": FALLBACK_BLOCK_N}, num_warps=FALLBACK_WARPS, num_stages=num_stages_for(block_d))]
     return kept[:MAX_TUNED_CONFIGS]
 
 
-def fixed_config(block_m, block_d, elem_bytes, backward, both, dir_s=True) -> triton.Config:
-    """The one config the interpreter runs for a bucket: the smallest tile the tuner may pick."""
-    return configs_for(block_m, block_d, elem_bytes, backward, both, dir_s)[-1]
+# (backward, DIR_S, DIR_X, BLOCK_M, BLOCK_D, element bytes) -> (BLOCK_N, num_warps,
+# num_stages), measured best on a GPU by benchmarks/gpu_config_sweep.py (see
+# benchmarks/results/). Each entry is compiled by the static check like any launch.
+MEASURED_CONFIGS: dict = {}
+
+_forced: dict = {"fwd": None, "bwd": None}
 
 
-def _prune(backward):
-    def prune(configs, named_args, **kwargs):
-        elem_bytes = named_args["Q_X"].element_size()
-        both = kwargs["DIR_S"] and kwargs["DIR_X"]
-        return configs_for(kwargs["BLOCK_M"], kwargs["BLOCK_D"], elem_bytes, backward, both, kwargs["DIR_S"])
+@contextlib.contextmanager
+def forced_config(pass_: str, config: triton.Config):
+    """Make every `pass_` ("fwd" or "bwd") launch use `config` (benchmarks/gpu_config_sweep.py)."""
+    saved = _forced[pass_]
+    _forced[pass_] = config
+    try:
+        yield
+    finally:
+        _forced[pass_] = saved
 
-    return prune
+
+def launch_config(block_m, block_d, elem_bytes, backward, both, dir_s=True) -> triton.Config:
+    """The config a launch of one shape bucket uses: a forced one (forced_config), else the
+    measured table's entry, else the first candidate (the interpreter: the last)."""
+    forced = _forced["bwd" if backward else "fwd"]
+    return forced if forced is not None else _chosen(block_m, block_d, elem_bytes, backward, both, dir_s)
 
 
-_TUNE_KEY = ["BLOCK_M", "BLOCK_D", "M_ONE_BLOCK", "DIR_S", "DIR_X", "HAS_IMAGE_MASK", "HAS_SPATIAL_MASK"]
-
-
-def autotune(kernel, configs, backward):
+@functools.lru_cache(maxsize=None)
+def _chosen(block_m, block_d, elem_bytes, backward, both, dir_s) -> triton.Config:
+    candidates = configs_for(block_m, block_d, elem_bytes, backward, both, dir_s)
     if INTERPRET:
-        return kernel
-    return triton.autotune(configs=configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune(backward)})(
-        kernel
-    )
+        return candidates[-1]
+    dirs = (True, True) if both else (dir_s, not dir_s)
+    measured = MEASURED_CONFIGS.get((backward, *dirs, block_m, block_d, elem_bytes))
+    if measured is not None:
+        bn, warps, stages = measured
+        return triton.Config({"BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+    return candidates[0]
+
+
+def launch_meta(block_m, block_d, elem_bytes, backward, both, dir_s=True) -> dict:
+    """The launch keywords (BLOCK_N, num_warps, num_stages) of `launch_config`."""
+    if _forced["bwd" if backward else "fwd"] is not None:
+        return _meta(launch_config(block_m, block_d, elem_bytes, backward, both, dir_s))
+    return _chosen_meta(block_m, block_d, elem_bytes, backward, both, dir_s)
+
+
+@functools.lru_cache(maxsize=None)
+def _chosen_meta(block_m, block_d, elem_bytes, backward, both, dir_s) -> dict:
+    return _meta(_chosen(block_m, block_d, elem_bytes, backward, both, dir_s))
+
+
+def _meta(config: triton.Config) -> dict:
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}

@@ -53,6 +53,8 @@ configs.py; the helpers shared with wide.py are in common.py.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -78,16 +80,12 @@ from .common import (
     split_plan,
 )
 from .configs import (
-    BWD_CONFIGS,
     DELTA_BLOCK_M,
-    FWD_CONFIGS,
-    INTERPRET,
-    autotune,
     backward_supported,
     block_d_for,
     block_m_for,
-    fixed_config,
     fuse_directions,
+    launch_meta,
 )
 from .wide import wide_head_bwd
 
@@ -466,19 +464,28 @@ def _bilateral_bwd_kernel(
             tl.store(PART_DV_S + part_offsets, dv_s_acc, mask=part_ok)
 
 
-_bilateral_fwd = autotune(_bilateral_fwd_kernel, FWD_CONFIGS, backward=False)
-_bilateral_bwd = autotune(_bilateral_bwd_kernel, BWD_CONFIGS, backward=True)
-
-
 # ----------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------
-def _fixed_meta(block_m, block_d, elem_bytes, backward, both, dir_s) -> dict:
-    """Launch options in the interpreter (no autotuning there); nothing on a GPU."""
-    if not INTERPRET:
-        return {}
-    config = fixed_config(block_m, block_d, elem_bytes, backward, both, dir_s)
-    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+# Launch plans depend only on sizes, the element size, the SM count and the directions, so
+# they are computed once per such signature; configs.launch_meta caches the launch config per
+# bucket. The per-call Python work is then the tensor allocations and the launches.
+@functools.lru_cache(maxsize=1024)
+def _fwd_plan(B, H, M, N, D, elem, n_sm, run_s, run_x):
+    block_d = block_d_for(D)
+    block_m = block_m_for(block_d, elem, backward=False)
+    m_programs = triton.cdiv(M, block_m) if run_s else 1
+    splits, chunk = split_plan(n_sm, B * H * m_programs, N)
+    combine_m = 16 if block_d >= 128 else 32
+    return block_m, block_d, m_programs, splits, chunk, (B * H, triton.cdiv(M, combine_m)), combine_m
+
+
+@functools.lru_cache(maxsize=1024)
+def _bwd_plan(B, H, M, N, D, elem, n_sm, run_s):
+    block_d = block_d_for(D)
+    block_m = block_m_for(block_d, elem, backward=True, n_spatial=M)
+    splits, chunk = split_plan(n_sm, B * H, N)
+    return block_m, block_d, splits, chunk
 
 
 def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_mask=None, run_s=True, run_x=True):
@@ -491,43 +498,43 @@ def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_
     B, H, M, D = q_s.shape
     N = q_x.shape[2]
     device, dtype = q_x.device, q_x.dtype
-    block_d = block_d_for(D)
-    block_m = block_m_for(block_d, q_x.element_size(), backward=False)
-    if run_s and run_x and not fuse_directions(block_d, q_x.element_size()):
+    elem = q_x.element_size()
+    if run_s and run_x and not fuse_directions(block_d_for(D), elem):
         o_s, _, lse_s, _ = attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask, spatial_mask, True, False)
         _, o_x, _, lse_x = attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask, spatial_mask, False, True)
         return o_s, o_x, lse_s, lse_x
-    m_programs = triton.cdiv(M, block_m) if run_s else 1
-    splits, chunk = split_plan(sm_count(device), B * H * m_programs, N)
+    block_m, block_d, m_programs, splits, chunk, combine_grid, combine_m = _fwd_plan(
+        B, H, M, N, D, elem, sm_count(device), run_s, run_x
+    )
+    meta = launch_meta(block_m, block_d, elem, False, run_s and run_x, run_s)
     f32 = torch.float32
-    o_x = torch.empty((B, H, N, D), device=device, dtype=dtype) if run_x else None
-    lse_x = torch.empty((B, H, N), device=device, dtype=torch.float64) if run_x else None
-    part_acc = torch.empty((B * H, splits, M, D), device=device, dtype=f32) if run_s else None
-    part_max = torch.empty((B * H, splits, M), device=device, dtype=f32) if run_s else None
-    part_sum = torch.empty((B * H, splits, M), device=device, dtype=f32) if run_s else None
+    o_x = lse_x = o_s = lse_s = None
     dummy = q_x  # stands in for pointers a disabled branch never touches
+    part_acc = part_max = part_sum = dummy
+    if run_x:
+        o_x = torch.empty((B, H, N, D), device=device, dtype=dtype)
+        lse_x = torch.empty((B, H, N), device=device, dtype=torch.float64)
+    if run_s:
+        part_acc = torch.empty((B * H, splits, M, D), device=device, dtype=f32)
+        part_max = torch.empty((B * H, splits, M), device=device, dtype=f32)
+        part_sum = torch.empty((B * H, splits, M), device=device, dtype=f32)
+        o_s = torch.empty((B, H, M, D), device=device, dtype=dtype)
+        lse_s = torch.empty((B, H, M), device=device, dtype=torch.float64)
     image_mask, stride_im_b, stride_im_n = mask_args(image_mask, dummy)
     spatial_mask, stride_sm_b, stride_sm_m = mask_args(spatial_mask, dummy)
     with device_guard(device):
-        _bilateral_fwd[(B * H, splits, m_programs)](
+        _bilateral_fwd_kernel[(B * H, splits, m_programs)](
             q_s, k_s, v_s, q_x, k_x, v_x, image_mask, spatial_mask,
-            o_x if run_x else dummy, lse_x if run_x else dummy,
-            part_acc if run_s else dummy, part_max if run_s else dummy, part_sum if run_s else dummy,
+            o_x if run_x else dummy, lse_x if run_x else dummy, part_acc, part_max, part_sum,
             *q_s.stride(), *k_s.stride(), *v_s.stride(), *q_x.stride(), *k_x.stride(), *v_x.stride(),
             stride_im_b, stride_im_n, stride_sm_b, stride_sm_m,
             H, M, N, D, chunk, splits, scale,
             BLOCK_M=block_m, BLOCK_D=block_d, DIR_S=run_s, DIR_X=run_x,
             HAS_IMAGE_MASK=image_mask is not dummy, HAS_SPATIAL_MASK=spatial_mask is not dummy,
-            DOT_PRECISION=dot_precision(dtype),
-            **_fixed_meta(block_m, block_d, q_x.element_size(), False, run_s and run_x, run_s),
+            DOT_PRECISION=dot_precision(dtype), **meta,
         )
-    o_s = lse_s = None
-    if run_s:
-        o_s = torch.empty((B, H, M, D), device=device, dtype=dtype)
-        lse_s = torch.empty((B, H, M), device=device, dtype=torch.float64)
-        combine_m = 16 if block_d >= 128 else 32
-        with device_guard(device):
-            _bilateral_combine_kernel[(B * H, triton.cdiv(M, combine_m))](
+        if run_s:
+            _bilateral_combine_kernel[combine_grid](
                 part_acc, part_max, part_sum, o_s, lse_s, M, D, splits, BLOCK_M=combine_m, BLOCK_D=block_d
             )
     return o_s, o_x, lse_s, lse_x
@@ -544,9 +551,8 @@ def attention_bwd(
     B, H, M, D = q_s.shape
     N = q_x.shape[2]
     device, dtype = q_x.device, q_x.dtype
-    block_d = block_d_for(D)
     elem = q_x.element_size()
-    if not backward_supported(block_d, elem, M):
+    if not backward_supported(block_d_for(D), elem, M):
         # Wide heads: the head dim is split across programs (wide.py).
         dq_s = dk_s = dv_s = dq_x = dk_x = dv_x = None
         if run_s:
@@ -559,52 +565,55 @@ def attention_bwd(
         dq_s, _, _, _, dk_x, dv_x = attention_bwd(do_s, None, *args, True, False)
         _, dk_s, dv_s, dq_x, _, _ = attention_bwd(None, do_x, *args, False, True)
         return dq_s, dk_s, dv_s, dq_x, dk_x, dv_x
-    block_m = block_m_for(block_d, elem, backward=True, n_spatial=M)
-    splits, chunk = split_plan(sm_count(device), B * H, N)
+    block_m, block_d, splits, chunk = _bwd_plan(B, H, M, N, D, elem, sm_count(device), run_s)
+    meta = launch_meta(block_m, block_d, elem, True, False, run_s)
     f32 = torch.float32
-
-    def image_grad(enabled):
-        return torch.empty((B, H, N, D), device=device, dtype=dtype) if enabled else None
-
-    def partial(enabled):
-        return torch.empty((B * H, splits, M, D), device=device, dtype=f32) if enabled else None
-
-    dq_x, dk_x, dv_x = image_grad(run_x), image_grad(run_s), image_grad(run_s)
-    part_dq_s, part_dk_s, part_dv_s = partial(run_s), partial(run_x), partial(run_x)
     dummy = q_x
+    zero4 = (0, 0, 0, 0)
+    if run_s:  # direction s: spatial queries over image keys
+        dq_x = None
+        dk_x = torch.empty((B, H, N, D), device=device, dtype=dtype)
+        dv_x = torch.empty((B, H, N, D), device=device, dtype=dtype)
+        part_dq_s = torch.empty((B * H, splits, M, D), device=device, dtype=f32)
+        part_dk_s = part_dv_s = None
+        delta_s = torch.empty((B * H, M), device=device, dtype=f32)
+        image_grads = (dummy, dk_x, dv_x)
+        parts = (part_dq_s, dummy, dummy)
+        strides_do_s, strides_o_x, strides_do_x = do_s.stride(), zero4, zero4
+        o_x_arg, do_x_arg, lse_s_arg, lse_x_arg, do_s_arg = dummy, dummy, lse_s, dummy, do_s
+    else:  # direction x: image queries over spatial keys
+        dq_x = torch.empty((B, H, N, D), device=device, dtype=dtype)
+        dk_x = dv_x = None
+        part_dq_s = None
+        part_dk_s = torch.empty((B * H, splits, M, D), device=device, dtype=f32)
+        part_dv_s = torch.empty((B * H, splits, M, D), device=device, dtype=f32)
+        delta_s = None
+        image_grads = (dq_x, dummy, dummy)
+        parts = (dummy, part_dk_s, part_dv_s)
+        strides_do_s, strides_o_x, strides_do_x = zero4, o_x.stride(), do_x.stride()
+        o_x_arg, do_x_arg, lse_s_arg, lse_x_arg, do_s_arg = o_x, do_x, dummy, lse_x, dummy
     image_mask, stride_im_b, stride_im_n = mask_args(image_mask, dummy)
     spatial_mask, stride_sm_b, stride_sm_m = mask_args(spatial_mask, dummy)
-    zero4 = (0, 0, 0, 0)
-
-    def strides(t):
-        return t.stride() if t is not None else zero4
-
-    def ptr(t):
-        return t if t is not None else dummy
-
-    delta_s = None
-    if run_s:
-        delta_s = torch.empty((B * H, M), device=device, dtype=f32)
-        with device_guard(device):
+    with device_guard(device):
+        if run_s:
             _spatial_delta_kernel[(B * H, triton.cdiv(M, DELTA_BLOCK_M))](
                 o_s, do_s, delta_s, *o_s.stride(), *do_s.stride(), H, M, D,
                 BLOCK_M=DELTA_BLOCK_M, BLOCK_D=block_d, DOT_PRECISION=dot_precision(dtype),
             )
-    with device_guard(device):
-        _bilateral_bwd[(B * H, splits)](
-            q_s, k_s, v_s, ptr(do_s), ptr(delta_s), q_x, k_x, v_x, ptr(o_x), ptr(do_x),
-            ptr(lse_s), ptr(lse_x), image_mask, spatial_mask,
-            ptr(dq_x), ptr(dk_x), ptr(dv_x), ptr(part_dq_s), ptr(part_dk_s), ptr(part_dv_s),
-            *q_s.stride(), *k_s.stride(), *v_s.stride(), *strides(do_s),
-            *q_x.stride(), *k_x.stride(), *v_x.stride(), *strides(o_x), *strides(do_x),
+        _bilateral_bwd_kernel[(B * H, splits)](
+            q_s, k_s, v_s, do_s_arg, delta_s if run_s else dummy, q_x, k_x, v_x, o_x_arg, do_x_arg,
+            lse_s_arg, lse_x_arg, image_mask, spatial_mask,
+            *image_grads, *parts,
+            *q_s.stride(), *k_s.stride(), *v_s.stride(), *strides_do_s,
+            *q_x.stride(), *k_x.stride(), *v_x.stride(), *strides_o_x, *strides_do_x,
             stride_im_b, stride_im_n, stride_sm_b, stride_sm_m,
             H, M, N, D, chunk, splits, scale,
             BLOCK_M=block_m, BLOCK_D=block_d, M_ONE_BLOCK=M <= block_m, DIR_S=run_s, DIR_X=run_x,
             HAS_IMAGE_MASK=image_mask is not dummy, HAS_SPATIAL_MASK=spatial_mask is not dummy,
-            DOT_PRECISION=dot_precision(dtype), **_fixed_meta(block_m, block_d, elem, True, False, run_s),
+            DOT_PRECISION=dot_precision(dtype), **meta,
         )
-
-    def reduce(part):
-        return reduce_splits(part, (B, H, M, D), dtype) if part is not None else None
-
-    return reduce(part_dq_s), reduce(part_dk_s), reduce(part_dv_s), dq_x, dk_x, dv_x
+    if run_s:
+        (dq_s,) = reduce_splits([part_dq_s], (B, H, M, D), dtype)
+        return dq_s, None, None, dq_x, dk_x, dv_x
+    dk_s, dv_s = reduce_splits([part_dk_s, part_dv_s], (B, H, M, D), dtype)
+    return None, dk_s, dv_s, dq_x, dk_x, dv_x

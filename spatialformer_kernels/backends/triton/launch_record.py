@@ -13,8 +13,8 @@ Binding uses Triton's own run-time path: the kernel's binder
 makes an int argument equal to 1 a constant and gives ints divisible by 16 (and pointers
 16-byte aligned) `tt.divisibility=16`, honouring `do_not_specialize`; then
 `JITFunction._pack_args` turns that into the signature, constants and attributes
-`triton.compile` gets. For autotuned kernels the autotuner's own `prune_configs` gives the
-configs it may benchmark; each is bound and compiled.
+`triton.compile` gets. Each launch is bound with the config it was launched with (for the
+fused forward and backward, the one configs.launch_config picked for its bucket).
 """
 from __future__ import annotations
 
@@ -31,10 +31,9 @@ from torch.utils._pytree import tree_leaves  # noqa: E402
 from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import make_backend  # noqa: E402
-from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
-from . import fused, wide  # noqa: E402
+from . import common, fused, wide  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # (B, H, M, N, D): the benchmark shapes (spatial tokens M, image tokens N).
@@ -95,8 +94,8 @@ class KernelLaunch:
     grid: tuple
     args: tuple
     kwargs: dict
-    configs: list  # [dict of meta-parameters incl. num_warps / num_stages]: one per candidate config
-    tuned: bool  # launched through the autotuner (the configs are its pruned candidates)
+    configs: list  # [dict of meta-parameters incl. num_warps / num_stages]: the config launched
+    tuned: bool  # a fused forward/backward launch: its config is picked per bucket (--calibrate tries the rest)
 
     def named(self) -> dict:
         jit = kernel_fn(self.module, self.name)
@@ -112,8 +111,7 @@ class TorchOp:
 
 
 def kernel_fn(module: str, name: str) -> JITFunction:
-    obj = getattr(importlib.import_module(module), name)
-    return obj.fn if isinstance(obj, Autotuner) else obj
+    return getattr(importlib.import_module(module), name)
 
 
 class _Recorder:
@@ -122,20 +120,13 @@ class _Recorder:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            obj = self.obj
-            if isinstance(obj, Autotuner):
-                obj.nargs = dict(zip(obj.arg_names, args))
-                try:
-                    candidates = obj.prune_configs(kwargs)
-                finally:
-                    obj.nargs = None
-                configs = [c.all_kwargs() for c in candidates]
-                jit, tuned = obj.fn, True
-            else:
-                jit, tuned = obj, False
-                configs = [{"num_warps": kwargs.pop("num_warps", 4), "num_stages": kwargs.pop("num_stages", 3)}]
+            jit = self.obj
+            tuned = jit.fn.__name__ in PER_BUCKET_CONFIG
+            config = {"num_warps": kwargs.pop("num_warps", 4), "num_stages": kwargs.pop("num_stages", 3)}
+            if tuned:
+                config["BLOCK_N"] = kwargs.pop("BLOCK_N")
             self.events.append(KernelLaunch(jit.fn.__name__, jit.fn.__module__, tuple(grid), args, kwargs,
-                                            configs, tuned))
+                                            [config], tuned))
 
         return launch
 
@@ -159,10 +150,14 @@ class _TorchOps(TorchDispatchMode):
         return out
 
 
+# Kernels whose launch config (BLOCK_N, warps, stages) configs.launch_config picks per bucket.
+PER_BUCKET_CONFIG = ("_bilateral_fwd_kernel", "_bilateral_bwd_kernel")
+
+
 def _kernel_objects():
-    for module in (fused, wide):
+    for module in (common, fused, wide):
         for name, obj in vars(module).items():
-            if isinstance(obj, Autotuner) or isinstance(obj, JITFunction) and name.endswith("_kernel"):
+            if isinstance(obj, JITFunction) and name.endswith("_kernel"):
                 yield module, name, obj
 
 
@@ -173,7 +168,6 @@ def stubbed_kernels(n_sm: int, events: list):
     saved = []
     try:
         for module, name, obj in list(_kernel_objects()):
-            # only objects the launchers index with a grid: autotuners, and kernels no autotuner wraps
             saved.append((module, name, obj))
             setattr(module, name, _Recorder(obj, events))
         for module in (fused, wide):

@@ -66,7 +66,7 @@ ASSUMPTIONS = (
     f"one SM sustains at most {PER_SM_BW / 1e9:.0f} GB/s; {LAUNCH_US} us fixed per launch; memory time counts "
     "each tensor once (shared re-reads are L2 hits); main-loop instructions are the static SASS body with nested "
     "loops scaled by their trips and every branch inside taken; 16-bit tensor time at the dense peak; "
-    "the autotuner is assumed to pick the config with the least modelled time. SDPA: FlashAttention-2 launch "
+    "each launch is modelled with the config it launches with (configs.launch_config). SDPA: FlashAttention-2 launch "
     "heuristics (see perf_model.sdpa_pass)."
 )
 
@@ -82,6 +82,8 @@ USAGE = {
     },
     "_bilateral_combine_kernel": {n: _ALWAYS for n in ("PART_ACC", "PART_MAX", "PART_SUM", "O_S", "LSE_S")},
     "_spatial_delta_kernel": {n: _ALWAYS for n in ("O_S", "DO_S", "DELTA_S")},
+    "_reduce_splits_kernel": {"PART_A": _ALWAYS, "OUT_A": _ALWAYS, "PART_B": lambda c: c["HAS_B"],
+                              "OUT_B": lambda c: c["HAS_B"]},
     "_bilateral_bwd_kernel": {
         "Q_S": lambda c: c["DIR_S"], "K_S": lambda c: c["DIR_X"], "V_S": lambda c: c["DIR_X"],
         "DO_S": lambda c: c["DIR_S"], "DELTA_S": lambda c: c["DIR_S"],
@@ -136,7 +138,7 @@ def loop_shape(launch: KernelLaunch, config: dict) -> tuple[int, int, float]:
             inner = cdiv(a["M"], k["BLOCK_M"]) * cdiv(a["D"], k["BLOCK_DC"])
         return max(per_split), sum(per_split) * others, max(1.0, inner)
     ctas = grid[0] * grid[1] * grid[2]
-    if n == "_bilateral_combine_kernel":
+    if n in ("_bilateral_combine_kernel", "_reduce_splits_kernel"):
         return a["SPLITS"], a["SPLITS"] * ctas, 1.0
     if n == "_bilateral_wide_delta_kernel":
         trips = cdiv(a["D"], k["BLOCK_DC"])
@@ -308,7 +310,7 @@ def host_cost(case: Case, backward: bool, n_sm: int = 132, repeats: int = 30) ->
     replaced by a no-op (`launcher_us`; its tensors on the meta device, so torch.empty and the
     split reductions cost their dispatch, not CPU arithmetic), and Triton's binder + cache key
     for each of its launches (`binder_us`: what `JITFunction.run` does before launching a
-    cached kernel). Not included: the autotuner's key lookup and the driver's launch call."""
+    cached kernel). Not included: the driver's launch call."""
     from triton.runtime.jit import compute_cache_key
 
     def on_meta(x):
@@ -324,9 +326,9 @@ def host_cost(case: Case, backward: bool, n_sm: int = 132, repeats: int = 30) ->
 
     events: list = []
     with stubbed_kernels(n_sm, events):
-        from . import fused, wide
+        from . import common, fused, wide
 
-        saved = [(m, n, getattr(m, n)) for m in (fused, wide) for n, o in vars(m).items()
+        saved = [(m, n, getattr(m, n)) for m in (common, fused, wide) for n, o in vars(m).items()
                  if type(o).__name__ == "_Recorder"]
         for module, name, _ in saved:
             setattr(module, name, NoLaunch())

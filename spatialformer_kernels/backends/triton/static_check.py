@@ -10,7 +10,7 @@ cross_attention forward and backward run on CPU tensors of the benchmark shapes
 40, 64, 96, 128 and 256, with the kernels stubbed and the SM count of the GPU (132 for
 H100/H200, 108 for A100). Each launch is bound by Triton's own run-time specialisation
 (ints equal to 1 become constants, ints divisible by 16 get tt.divisibility=16,
-`do_not_specialize` honoured) at every config the autotuner may benchmark for it, then
+`do_not_specialize` honoured) with the config it launches with (configs.launch_config), then
 compiled for each target; sass.py reads the cubin (registers, spills, shared memory,
 occupancy, tensor-core instructions, load widths, the main loop).
 
@@ -25,7 +25,7 @@ modelled time per kernel and per pass (perf_model.py; every figure there is MODE
 host cost per call, a table on stdout and JSON rows with `--json`.
 
 `--calibrate [--case ...]`: compiles every config of FWD_CONFIGS / BWD_CONFIGS (not only
-those the filters keep) for each autotuned launch of the full case set (or the cases named)
+those the filters keep) for each fused forward/backward launch of the full case set (or the cases named)
 and prints the spilling ones as MEASURED_SPILLS entries.
 """
 from __future__ import annotations
@@ -268,7 +268,7 @@ def run_perf(args) -> int:
 # --calibrate
 # ----------------------------------------------------------------------------------------
 def calibrate(args) -> int:
-    """Compile every FWD_CONFIGS / BWD_CONFIGS candidate of each autotuned launch and print the
+    """Compile every FWD_CONFIGS / BWD_CONFIGS candidate of each fused forward/backward launch and print the
     MEASURED_SPILLS entries (the configs.py key) that spill or overflow shared memory."""
     cases = [c for c in full_cases() if not args.case or any(s in c.label for s in args.case)]
     passes, tasks = collect(cases, args.arch or [80, 90], every_config=True)
@@ -293,7 +293,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="every dtype, with and without a mask")
     parser.add_argument("--perf", action="store_true", help="the MODELLED time table (perf_model.py)")
-    parser.add_argument("--calibrate", action="store_true", help="derive the spilling autotune candidates")
+    parser.add_argument("--calibrate", action="store_true", help="derive the spilling candidate configs")
     parser.add_argument("--gpu", choices=sorted(pm.GPUS), default="h100")
     parser.add_argument("--json", help="with --perf: write the rows here")
     parser.add_argument("--no-host", action="store_true", help="with --perf: skip the host-cost timing")

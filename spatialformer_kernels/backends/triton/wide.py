@@ -394,9 +394,8 @@ def wide_head_bwd(do, q, k, v, o, scale, key_mask, queries_are_spatial):
             DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=1,
         )
 
-    def reduce(part):
-        return reduce_splits(part, (B, H, M, D), dtype)
-
     if queries_are_spatial:
-        return reduce(part_a), image_a, image_b
-    return image_a, reduce(part_a), reduce(part_b)
+        (dq,) = reduce_splits([part_a], (B, H, M, D), dtype)
+        return dq, image_a, image_b
+    dk, dv = reduce_splits([part_a, part_b], (B, H, M, D), dtype)
+    return image_a, dk, dv
