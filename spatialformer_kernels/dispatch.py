@@ -129,25 +129,35 @@ def op_kernels(backend: str, *tensors: torch.Tensor) -> ModuleType:
     return kernels(name)
 
 
-def direct_call_ok(*tensors: torch.Tensor | None) -> bool:
-    """Whether a public function may call its kernel directly instead of through its torch.library op.
+def eager_call_ok(*tensors: torch.Tensor | None) -> bool:
+    """Whether a public function may call its kernels directly instead of through its
+    torch.library op (for inference) or through a plain torch.autograd.Function (for training).
 
-    The op adds what eager inference does not need (autograd, a single node for torch.compile and
-    torch.export, visibility to dispatch modes such as FlopCounterMode and to functorch
-    transforms) and costs about 20 us per call, more after a large kernel has flushed the
-    interpreter's data from the caches (0.2-0.3 ms at B=8 cls224-stage1 on the CPU: about 3%).
-    So: only in eager mode, with plain tensors, nothing for autograd to record, and no
-    dispatch mode, function mode or functorch transform active. Anything else takes the op.
+    The op adds what eager calls do not need (a single node for torch.compile and torch.export,
+    visibility to dispatch modes such as FlopCounterMode and to functorch transforms) and costs
+    host time per call: about 10 us for an inference call and about 100 us for a forward +
+    backward on a 2-core CPU, more after a large kernel has flushed the interpreter's data from
+    the caches; at the GPU benchmark shapes that is comparable to the kernels' own time. So:
+    only in eager mode, with plain tensors, and no dispatch mode, function mode or functorch
+    transform active. Anything else takes the op.
     """
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     present = [t for t in tensors if t is not None]
     if any(type(t) is not torch.Tensor for t in present):  # FakeTensor, FunctionalTensor, DTensor, ...
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
-        return False
     return (
         torch._C._len_torch_dispatch_stack() == 0
         and not torch._C._is_torch_function_mode_enabled()
         and torch._C._functorch.peek_interpreter_stack() is None
     )
+
+
+def needs_autograd(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records a call on these inputs."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def direct_call_ok(*tensors: torch.Tensor | None) -> bool:
+    """`eager_call_ok`, with nothing for autograd to record: the kernel's forward alone will do."""
+    return eager_call_ok(*tensors) and not needs_autograd(*tensors)

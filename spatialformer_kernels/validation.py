@@ -120,8 +120,39 @@ def resolve_scale(scale: Optional[float], head_dim: int) -> float:
     return float(scale)
 
 
+def _plainly_valid(groups, mask, mask_length_dim) -> bool:
+    """The common case, checked in one pass (the launch path's host cost matters at small
+    shapes): tensors of rank 4 with one dtype (supported) and device, the shapes equal within
+    each group and sharing B, H and D across groups, D in range, and the mask absent or a bool
+    [B, L] on that device (L = the first group's dim `mask_length_dim` of its last group). False
+    sends the inputs through the checks that explain what is wrong."""
+    first = groups[0][0]
+    if not isinstance(first, torch.Tensor) or first.dim() != 4:
+        return False
+    dtype, device = first.dtype, first.device
+    batch, heads, _, head_dim = first.shape
+    if dtype not in SUPPORTED_DTYPES or not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+        return False
+    for group in groups:
+        shape = group[0].shape if isinstance(group[0], torch.Tensor) else None
+        if shape is None or len(shape) != 4 or shape[0] != batch or shape[1] != heads or shape[3] != head_dim:
+            return False
+        for t in group:
+            if not isinstance(t, torch.Tensor) or t.shape != shape or t.dtype != dtype or t.device != device:
+                return False
+    if mask is None:
+        return True
+    keys = groups[-1][0]
+    return (
+        isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.device == device
+        and tuple(mask.shape) == (batch, keys.shape[mask_length_dim])
+    )
+
+
 def validate_bilateral(q_s, k_s, v_s, q_x, k_x, v_x, image_mask) -> None:
     """Check the inputs of `bilateral_attention` (see its docstring for shapes)."""
+    if _plainly_valid(((q_s, k_s, v_s), (q_x, k_x, v_x)), image_mask, 2):
+        return
     spatial = [("q_s", q_s), ("k_s", k_s), ("v_s", v_s)]
     image = [("q_x", q_x), ("k_x", k_x), ("v_x", v_x)]
     _check_tensors(spatial + image)
@@ -134,6 +165,8 @@ def validate_bilateral(q_s, k_s, v_s, q_x, k_x, v_x, image_mask) -> None:
 
 def validate_cross(q, k, v, key_mask) -> None:
     """Check the inputs of `cross_attention` (see its docstring for shapes)."""
+    if _plainly_valid(((q,), (k, v)), key_mask, 2):
+        return
     named = [("q", q), ("k", k), ("v", v)]
     _check_tensors(named)
     _check_batch_heads_dim(named, [["k", "v"]])

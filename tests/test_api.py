@@ -224,14 +224,49 @@ def test_eager_inference_calls_the_kernel_directly_with_the_ops_results(monkeypa
     assert calls == []
 
 
-def test_autograd_and_dispatch_modes_go_through_the_ops(monkeypatch):
+def test_eager_training_skips_the_op_and_matches_its_gradients_bitwise(monkeypatch):
+    _needs_cpu_kernel()
+    mask = make_image_mask(B, N, empty_samples=[1])
+    grads_out = [torch.randn(B, H, L, D) for L in (M, N)]
+
+    def grads(call):
+        leaves = [t.requires_grad_() for t in _inputs()]
+        outs = call(leaves)
+        return [*outs, *torch.autograd.grad(outs, leaves, grads_out)]
+
+    through_op = grads(lambda t: torch.ops.spatialformer.bilateral_attention(*t, D**-0.5, mask, "cpu")[:2])
+    calls = _spy_on_ops(monkeypatch)
+    eager = grads(lambda t: sk.bilateral_attention(*t, image_mask=mask, backend="cpu"))
+    assert calls == []  # a plain autograd.Function, not the torch.library op
+    assert all(torch.equal(a, b) for a, b in zip(eager, through_op))
+    q, k, v = (t.requires_grad_() for t in _inputs()[3:])
+    o = sk.cross_attention(q, k, v, key_mask=mask, backend="cpu")
+    op_o, _ = torch.ops.spatialformer.cross_attention(q, k, v, D**-0.5, mask, "cpu")
+    assert calls == [] and torch.equal(o, op_o)
+    g_eager = torch.autograd.grad(o, (q, k, v), torch.ones_like(o))
+    g_op = torch.autograd.grad(op_o, (q, k, v), torch.ones_like(o))
+    assert all(torch.equal(a, b) for a, b in zip(g_eager, g_op))
+
+
+def test_eager_training_refuses_a_second_derivative():
+    _needs_cpu_kernel()
+    leaves = [t.requires_grad_() for t in _inputs()]
+    o_s, _ = sk.bilateral_attention(*leaves, backend="cpu")
+    (g,) = torch.autograd.grad(o_s.sum(), leaves[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):  # as through the op
+        g.sum().backward()
+
+
+def test_dispatch_modes_and_transforms_go_through_the_ops(monkeypatch):
     from torch.utils.flop_counter import FlopCounterMode
 
     _needs_cpu_kernel()
     calls = _spy_on_ops(monkeypatch)
-    leaves = [t.requires_grad_() for t in _inputs()]
-    o_s, o_x = sk.bilateral_attention(*leaves, backend="cpu")
-    (o_s.sum() + o_x.sum()).backward()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        leaves = [t.requires_grad_() for t in _inputs()]
+        o_s, o_x = sk.bilateral_attention(*leaves, backend="cpu")
+        (o_s.sum() + o_x.sum()).backward()
     assert calls == ["_bilateral_attention_op"] and all(t.grad is not None for t in leaves)
     calls.clear()
     counter = FlopCounterMode(display=False)

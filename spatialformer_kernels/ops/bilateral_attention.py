@@ -4,8 +4,9 @@ The fused kernels live with their backends (spatialformer_kernels/backends/: Tri
 the C++ kernel for CPU), chosen in dispatch.py; this file registers them once as
 `torch.ops.spatialformer.bilateral_attention` (+ `_backward`) with fake implementations
 and autograd, so torch.compile(fullgraph=True) traces the op as a single node. Eager calls
-that need none of that (no autograd, no tracing, no dispatch mode) call the backend's kernel
-directly: see dispatch.direct_call_ok.
+that need none of that (no tracing, no dispatch mode, no functorch transform) call the
+backend's kernels directly, through a plain torch.autograd.Function when autograd records
+the call: see dispatch.eager_call_ok.
 """
 from __future__ import annotations
 
@@ -95,6 +96,30 @@ def _backward(ctx, do_s, do_x, _dlse_s, _dlse_x):
 _bilateral_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerBilateral(torch.autograd.Function):
+    """Eager training calls (dispatch.eager_call_ok): the op's forward and backward kernels
+    without the torch.library layers, same saved tensors and same backward as `_backward`."""
+
+    @staticmethod
+    def forward(ctx, q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask, backend):
+        o_s, o_x, lse_s, lse_x = dispatch.kernels(backend).bilateral_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask)
+        ctx.save_for_backward(q_s, k_s, v_s, q_x, k_x, v_x, o_s, o_x, lse_s, lse_x, image_mask)
+        ctx.scale, ctx.backend = scale, backend
+        return o_s, o_x
+
+    @staticmethod
+    def backward(ctx, do_s, do_x):
+        q_s, k_s, v_s, q_x, k_x, v_x, o_s, o_x, lse_s, lse_x, image_mask = ctx.saved_tensors
+        do_s = torch.zeros_like(o_s) if do_s is None else do_s
+        do_x = torch.zeros_like(o_x) if do_x is None else do_x
+        args = (do_s, do_x, q_s, k_s, v_s, q_x, k_x, v_x, o_s, o_x, lse_s, lse_x, ctx.scale, image_mask)
+        if torch.is_grad_enabled():  # create_graph: the op, whose backward refuses a second derivative
+            grads = _bilateral_attention_backward_op(*args, ctx.backend)
+        else:
+            grads = dispatch.kernels(ctx.backend).bilateral_bwd(*args)
+        return (*grads, None, None, None)
+
+
 # FLOP counts for torch.utils.flop_counter: per direction q@k^T and p@v (2 matmuls) forward,
 # five matmuls backward (recomputed logits, dv, dp, dq, dk).
 @register_flop_formula(torch.ops.spatialformer.bilateral_attention)
@@ -144,8 +169,11 @@ def bilateral_attention(
     if name == "reference" or q_s.numel() == 0 or q_x.numel() == 0:
         # Empty inputs never launch a kernel; the reference returns correctly shaped zeros.
         return bilateral_attention_reference(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask)
-    if dispatch.direct_call_ok(q_s, k_s, v_s, q_x, k_x, v_x, image_mask):  # eager inference
-        o_s, o_x, _, _ = dispatch.kernels(name).bilateral_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask)
-    else:
+    tensors = (q_s, k_s, v_s, q_x, k_x, v_x, image_mask)
+    if not dispatch.eager_call_ok(*tensors):  # tracing, a mode or a transform: the registered op
         o_s, o_x, _, _ = _bilateral_attention_op(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask, name)
+    elif dispatch.needs_autograd(*tensors):  # eager training
+        o_s, o_x = _EagerBilateral.apply(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask, name)
+    else:  # eager inference
+        o_s, o_x, _, _ = dispatch.kernels(name).bilateral_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask)
     return o_s, o_x

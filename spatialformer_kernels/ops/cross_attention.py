@@ -66,6 +66,28 @@ def _backward(ctx, do, _dlse):
 _cross_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerCross(torch.autograd.Function):
+    """Eager training calls (dispatch.eager_call_ok): the op's forward and backward kernels
+    without the torch.library layers, same saved tensors and same backward as `_backward`."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, key_mask, backend):
+        o, lse = dispatch.kernels(backend).cross_fwd(q, k, v, scale, key_mask)
+        ctx.save_for_backward(q, k, v, o, lse, key_mask)
+        ctx.scale, ctx.backend = scale, backend
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, key_mask = ctx.saved_tensors
+        do = torch.zeros_like(o) if do is None else do
+        if torch.is_grad_enabled():  # create_graph: the op, whose backward refuses a second derivative
+            grads = _cross_attention_backward_op(do, q, k, v, o, lse, ctx.scale, key_mask, ctx.backend)
+        else:
+            grads = dispatch.kernels(ctx.backend).cross_bwd(do, q, k, v, o, lse, ctx.scale, key_mask)
+        return (*grads, None, None, None)
+
+
 # FLOP counts for torch.utils.flop_counter: q@k^T and p@v forward; five matmuls backward.
 @register_flop_formula(torch.ops.spatialformer.cross_attention)
 def _forward_flops(q_shape, k_shape, *args, **kwargs) -> int:
@@ -103,6 +125,8 @@ def cross_attention(
     name = dispatch.resolve_backend(backend, q.device, q.dtype)
     if name == "reference" or q.numel() == 0 or k.numel() == 0:
         return cross_attention_reference(q, k, v, scale, key_mask)
-    if dispatch.direct_call_ok(q, k, v, key_mask):  # eager inference
-        return dispatch.kernels(name).cross_fwd(q, k, v, scale, key_mask)[0]
-    return _cross_attention_op(q, k, v, scale, key_mask, name)[0]
+    if not dispatch.eager_call_ok(q, k, v, key_mask):  # tracing, a mode or a transform: the registered op
+        return _cross_attention_op(q, k, v, scale, key_mask, name)[0]
+    if dispatch.needs_autograd(q, k, v, key_mask):  # eager training
+        return _EagerCross.apply(q, k, v, scale, key_mask, name)
+    return dispatch.kernels(name).cross_fwd(q, k, v, scale, key_mask)[0]  # eager inference
