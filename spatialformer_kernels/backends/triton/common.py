@@ -63,14 +63,24 @@ def program_head(H):
 
 
 @triton.jit
-def head_base(ptr, b, h, stride_b, stride_h):
-    return ptr + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+def head_base(ptr, b, h, stride_b, stride_h, ALIGN: tl.constexpr = 1):
+    return ptr + b.to(tl.int64) * multiple(stride_b, ALIGN) + h.to(tl.int64) * multiple(stride_h, ALIGN)
 
 
 @triton.jit
-def load_rows(ptr, rows, cols, stride_row, stride_col, row_ok, col_ok):
+def multiple(x, ALIGN: tl.constexpr):
+    """x, which the launcher checked is a multiple of ALIGN, written so that Triton knows it:
+    ints divisible by 16 are specialised at launch, but D = 40 or 72 and their row strides
+    are not, and without this their rows load 2 bytes at a time (`row_alignment`)."""
+    if ALIGN > 1:
+        x = (x // ALIGN) * ALIGN
+    return x
+
+
+@triton.jit
+def load_rows(ptr, rows, cols, stride_row, stride_col, row_ok, col_ok, ALIGN: tl.constexpr = 1):
     """Load a [len(rows), len(cols)] tile, zeros outside the masks; int64 offsets."""
-    offsets = rows.to(tl.int64)[:, None] * stride_row + cols.to(tl.int64)[None, :] * stride_col
+    offsets = rows.to(tl.int64)[:, None] * multiple(stride_row, ALIGN) + cols.to(tl.int64)[None, :] * stride_col
     return tl.load(ptr + offsets, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
 
 
@@ -152,6 +162,21 @@ def sm_count(device: torch.device) -> int:
     return _sm_count(index)
 
 
+@functools.cache
+def _capability(device_index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return 10 * major + minor
+
+
+def capability(device: torch.device) -> int:
+    """Compute capability of a CUDA device as one int (90 for sm_90; cached); the interpreter
+    counts as 90."""
+    if device.type != "cuda":
+        return 90
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capability(index)
+
+
 def split_plan(n_sm: int, programs_per_split: int, n_tokens: int) -> tuple[int, int]:
     """(splits, chunk): split the image tokens so that about two programs per SM run.
 
@@ -176,6 +201,19 @@ def device_guard(device: torch.device):
     if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
         return contextlib.nullcontext()
     return torch.cuda.device(device)
+
+
+def row_alignment(head_dim: int, *tensors) -> int:
+    """The largest of 8, 4, 2 elements dividing D and every stride but the last (which must be 1)
+    of the given tensors, else 1: the kernels' ALIGN (`multiple`), so rows of any D that is a
+    multiple of 8 load 16 bytes at a time."""
+    for align in (8, 4, 2):
+        if head_dim % align == 0 and all(
+            t.stride(-1) == 1 and t.stride(0) % align == 0 and t.stride(1) % align == 0 and t.stride(2) % align == 0
+            for t in tensors if t is not None
+        ):
+            return align
+    return 1
 
 
 def mask_args(mask, like):

@@ -139,10 +139,18 @@ MEASURED_SPILLS = frozenset({
     (False, False, True, 64, 32, 2, 128, 8),
     (False, False, True, 32, 64, 2, 64, 8),
     (False, False, True, 64, 32, 2, 32, 4),  # the next candidate there: spills on sm_90
-    # Whole-row 4-warp tiles (configs_for), seen spilling in the static gate: the fused
-    # forward with a mask, 128-token tiles, on sm_80 (40 bytes; none on sm_90).
-    (False, True, True, 64, 32, 2, 128, 4),
 })
+
+# Like MEASURED_SPILLS, for one architecture only (compute capability as 80, 90): the
+# whole-row 4-warp tiles of the D = 32 fused forward compile without spills for sm_90 but
+# spill on sm_80 in the static gate (with a mask: 128-token tiles 40 bytes, 64-token tiles
+# 16 bytes), where the 8-warp tiles stay in registers.
+SPILLS_ON_ARCH = {
+    80: frozenset({
+        (False, True, True, 64, 32, 2, 128, 4),
+        (False, True, True, 64, 32, 2, 64, 4),
+    }),
+}
 
 
 def whole_rows(block_m: int, block_n: int, num_warps: int) -> bool:
@@ -153,7 +161,7 @@ def whole_rows(block_m: int, block_n: int, num_warps: int) -> bool:
     return 16 * num_warps <= min(block_m, block_n)
 
 
-def configs_for(block_m, block_d, elem_bytes, backward, both, dir_s=True):
+def configs_for(block_m, block_d, elem_bytes, backward, both, dir_s=True, arch=90):
     """The candidate configs of one shape bucket, best first (also used by the static check).
 
     16-bit: configs whose warps all own rows (`whole_rows`) come first, largest tile first;
@@ -164,7 +172,8 @@ def configs_for(block_m, block_d, elem_bytes, backward, both, dir_s=True):
     dirs = (True, True) if both else (dir_s, not dir_s)
     for config in BWD_CONFIGS if backward else FWD_CONFIGS:
         bn, w = config.kwargs["BLOCK_N"], config.num_warps
-        if (backward, *dirs, block_m, block_d, elem_bytes, bn, w) in MEASURED_SPILLS:
+        key = (backward, *dirs, block_m, block_d, elem_bytes, bn, w)
+        if key in MEASURED_SPILLS or key in SPILLS_ON_ARCH.get(arch, ()):
             continue
         kept = triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=num_stages_for(block_d))
         if elem_bytes == 4:
@@ -190,9 +199,9 @@ def configs_for(block_m, block_d, elem_bytes, backward, both, dir_s=True):
     return kept[:MAX_TUNED_CONFIGS]
 
 
-# (backward, DIR_S, DIR_X, BLOCK_M, BLOCK_D, element bytes) -> (BLOCK_N, num_warps,
-# num_stages), measured best on a GPU by benchmarks/gpu_config_sweep.py (see
-# benchmarks/results/). Each entry is compiled by the static check like any launch.
+# (arch, backward, DIR_S, DIR_X, BLOCK_M, BLOCK_D, element bytes) -> (BLOCK_N, num_warps,
+# num_stages), measured best on a GPU of that architecture by benchmarks/gpu_config_sweep.py
+# (see benchmarks/results/). Each entry is compiled by the static check like any launch.
 MEASURED_CONFIGS: dict = {}
 
 _forced: dict = {"fwd": None, "bwd": None}
@@ -209,36 +218,36 @@ def forced_config(pass_: str, config: triton.Config):
         _forced[pass_] = saved
 
 
-def launch_config(block_m, block_d, elem_bytes, backward, both, dir_s=True) -> triton.Config:
-    """The config a launch of one shape bucket uses: a forced one (forced_config), else the
-    measured table's entry, else the first candidate (the interpreter: the last)."""
+def launch_config(block_m, block_d, elem_bytes, backward, both, dir_s=True, arch=90) -> triton.Config:
+    """The config a launch of one shape bucket uses on `arch`: a forced one (forced_config),
+    else the measured table's entry, else the first candidate (the interpreter: the last)."""
     forced = _forced["bwd" if backward else "fwd"]
-    return forced if forced is not None else _chosen(block_m, block_d, elem_bytes, backward, both, dir_s)
+    return forced if forced is not None else _chosen(block_m, block_d, elem_bytes, backward, both, dir_s, arch)
 
 
 @functools.lru_cache(maxsize=None)
-def _chosen(block_m, block_d, elem_bytes, backward, both, dir_s) -> triton.Config:
-    candidates = configs_for(block_m, block_d, elem_bytes, backward, both, dir_s)
+def _chosen(block_m, block_d, elem_bytes, backward, both, dir_s, arch) -> triton.Config:
+    candidates = configs_for(block_m, block_d, elem_bytes, backward, both, dir_s, arch)
     if INTERPRET:
         return candidates[-1]
     dirs = (True, True) if both else (dir_s, not dir_s)
-    measured = MEASURED_CONFIGS.get((backward, *dirs, block_m, block_d, elem_bytes))
+    measured = MEASURED_CONFIGS.get((arch, backward, *dirs, block_m, block_d, elem_bytes))
     if measured is not None:
         bn, warps, stages = measured
         return triton.Config({"BLOCK_N": bn}, num_warps=warps, num_stages=stages)
     return candidates[0]
 
 
-def launch_meta(block_m, block_d, elem_bytes, backward, both, dir_s=True) -> dict:
+def launch_meta(block_m, block_d, elem_bytes, backward, both, dir_s=True, arch=90) -> dict:
     """The launch keywords (BLOCK_N, num_warps, num_stages) of `launch_config`."""
     if _forced["bwd" if backward else "fwd"] is not None:
-        return _meta(launch_config(block_m, block_d, elem_bytes, backward, both, dir_s))
-    return _chosen_meta(block_m, block_d, elem_bytes, backward, both, dir_s)
+        return _meta(launch_config(block_m, block_d, elem_bytes, backward, both, dir_s, arch))
+    return _chosen_meta(block_m, block_d, elem_bytes, backward, both, dir_s, arch)
 
 
 @functools.lru_cache(maxsize=None)
-def _chosen_meta(block_m, block_d, elem_bytes, backward, both, dir_s) -> dict:
-    return _meta(_chosen(block_m, block_d, elem_bytes, backward, both, dir_s))
+def _chosen_meta(block_m, block_d, elem_bytes, backward, both, dir_s, arch) -> dict:
+    return _meta(_chosen(block_m, block_d, elem_bytes, backward, both, dir_s, arch))
 
 
 def _meta(config: triton.Config) -> dict:

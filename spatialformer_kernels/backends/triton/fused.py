@@ -60,6 +60,7 @@ import triton
 import triton.language as tl
 
 from .common import (
+    capability,
     device_guard,
     diagonal,
     dot,
@@ -71,11 +72,13 @@ from .common import (
     load_rows,
     lse_value,
     mask_args,
+    multiple,
     online_max,
     probs,
     program_head,
     reduce_splits,
     round_to,
+    row_alignment,
     sm_count,
     split_plan,
 )
@@ -171,18 +174,20 @@ def _bilateral_fwd_kernel(
     DIR_S: tl.constexpr, DIR_X: tl.constexpr,
     HAS_IMAGE_MASK: tl.constexpr, HAS_SPATIAL_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    ALIGN: tl.constexpr,  # D and the row strides are multiples of this (common.row_alignment)
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
+    D = multiple(D, ALIGN)
     pid_bh, b, h = program_head(H)
     split = tl.program_id(1)
     pid_m = tl.program_id(2)
     m_programs = tl.num_programs(2)
-    q_s_ptr = head_base(Q_S, b, h, stride_qs_b, stride_qs_h)
-    k_s_ptr = head_base(K_S, b, h, stride_ks_b, stride_ks_h)
-    v_s_ptr = head_base(V_S, b, h, stride_vs_b, stride_vs_h)
-    q_x_ptr = head_base(Q_X, b, h, stride_qx_b, stride_qx_h)
-    k_x_ptr = head_base(K_X, b, h, stride_kx_b, stride_kx_h)
-    v_x_ptr = head_base(V_X, b, h, stride_vx_b, stride_vx_h)
+    q_s_ptr = head_base(Q_S, b, h, stride_qs_b, stride_qs_h, ALIGN=ALIGN)
+    k_s_ptr = head_base(K_S, b, h, stride_ks_b, stride_ks_h, ALIGN=ALIGN)
+    v_s_ptr = head_base(V_S, b, h, stride_vs_b, stride_vs_h, ALIGN=ALIGN)
+    q_x_ptr = head_base(Q_X, b, h, stride_qx_b, stride_qx_h, ALIGN=ALIGN)
+    k_x_ptr = head_base(K_X, b, h, stride_kx_b, stride_kx_h, ALIGN=ALIGN)
+    v_x_ptr = head_base(V_X, b, h, stride_vx_b, stride_vx_h, ALIGN=ALIGN)
     row_base = pid_bh.to(tl.int64) * N  # row offset of this head in O_X / LSE_X
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
@@ -193,7 +198,7 @@ def _bilateral_fwd_kernel(
     if DIR_S:
         offs_qm = pid_m * BLOCK_M + offs_blk
         qm_ok = offs_qm < M
-        q_s = load_rows(q_s_ptr, offs_qm, offs_d, stride_qs_m, stride_qs_d, qm_ok, d_ok)
+        q_s = load_rows(q_s_ptr, offs_qm, offs_d, stride_qs_m, stride_qs_d, qm_ok, d_ok, ALIGN=ALIGN)
         m_s = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_s = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc_s = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -204,7 +209,7 @@ def _bilateral_fwd_kernel(
         if DIR_X:
             if (n0 // BLOCK_N) % m_programs == pid_m:
                 # -- direction x: this tile of image queries over all spatial keys --
-                q_x = load_rows(q_x_ptr, offs_n, offs_d, stride_qx_n, stride_qx_d, n_ok, d_ok)
+                q_x = load_rows(q_x_ptr, offs_n, offs_d, stride_qx_n, stride_qx_d, n_ok, d_ok, ALIGN=ALIGN)
                 m_x = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
                 l_x = tl.zeros([BLOCK_N], dtype=tl.float32)
                 acc_x = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -215,8 +220,8 @@ def _bilateral_fwd_kernel(
                     offs_km = m0 + offs_blk
                     km_ok = offs_km < M
                     km_keep = key_keep(SPATIAL_MASK, b, offs_km, km_ok, stride_sm_b, stride_sm_m, HAS_SPATIAL_MASK)
-                    k_blk = load_rows(k_s_ptr, offs_km, offs_d, stride_ks_m, stride_ks_d, km_ok, d_ok)
-                    v_blk = load_rows(v_s_ptr, offs_km, offs_d, stride_vs_m, stride_vs_d, km_ok, d_ok)
+                    k_blk = load_rows(k_s_ptr, offs_km, offs_d, stride_ks_m, stride_ks_d, km_ok, d_ok, ALIGN=ALIGN)
+                    v_blk = load_rows(v_s_ptr, offs_km, offs_d, stride_vs_m, stride_vs_d, km_ok, d_ok, ALIGN=ALIGN)
                     s_x = _scores(q_x, k_blk, km_keep, sm_scale, DOT_PRECISION)
                     m_x, l_x, acc_x = _online_softmax_step(s_x, v_blk, m_x, l_x, acc_x, DOT_PRECISION)
                 # -- normalise and write o_x, lse_x (rows with no kept key: 0 and -inf) --
@@ -230,8 +235,8 @@ def _bilateral_fwd_kernel(
         if DIR_S:
             # -- direction s: spatial queries over this tile of image keys, online softmax --
             keep_n = key_keep(IMAGE_MASK, b, offs_n, n_ok, stride_im_b, stride_im_n, HAS_IMAGE_MASK)
-            k_x = load_rows(k_x_ptr, offs_n, offs_d, stride_kx_n, stride_kx_d, n_ok, d_ok)
-            v_x = load_rows(v_x_ptr, offs_n, offs_d, stride_vx_n, stride_vx_d, n_ok, d_ok)
+            k_x = load_rows(k_x_ptr, offs_n, offs_d, stride_kx_n, stride_kx_d, n_ok, d_ok, ALIGN=ALIGN)
+            v_x = load_rows(v_x_ptr, offs_n, offs_d, stride_vx_n, stride_vx_d, n_ok, d_ok, ALIGN=ALIGN)
             s_s = _scores(q_s, k_x, keep_n, sm_scale, DOT_PRECISION)
             m_s, l_s, acc_s = _online_softmax_step(s_s, v_x, m_s, l_s, acc_s, DOT_PRECISION)
 
@@ -252,9 +257,10 @@ def _bilateral_combine_kernel(
     O_S,  # [B, H, M, D] contiguous, input dtype
     LSE_S,  # [B, H, M] contiguous float64
     M, D, SPLITS,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """Merge the split partials of direction s in split order, weighted by their LSEs."""
+    D = multiple(D, ALIGN)
     pid_bh = tl.program_id(0)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -290,19 +296,20 @@ def _spatial_delta_kernel(
     stride_os_b, stride_os_h, stride_os_m, stride_os_d,
     stride_dos_b, stride_dos_h, stride_dos_m, stride_dos_d,
     H, M, D,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """delta = rowsum(dO * O) of direction s's spatial rows, once per launch (`_delta_like_dp`:
     the backward kernel's dP dots use the same BLOCK_D and operand dtypes)."""
+    D = multiple(D, ALIGN)
     pid_bh, b, h = program_head(H)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_ok = rows < M
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    do = load_rows(head_base(DO_S, b, h, stride_dos_b, stride_dos_h), rows, offs_d, stride_dos_m, stride_dos_d,
-                    rows_ok, d_ok)
-    o = load_rows(head_base(O_S, b, h, stride_os_b, stride_os_h), rows, offs_d, stride_os_m, stride_os_d,
-                   rows_ok, d_ok)
+    do = load_rows(head_base(DO_S, b, h, stride_dos_b, stride_dos_h, ALIGN=ALIGN), rows, offs_d, stride_dos_m, stride_dos_d,
+                    rows_ok, d_ok, ALIGN=ALIGN)
+    o = load_rows(head_base(O_S, b, h, stride_os_b, stride_os_h, ALIGN=ALIGN), rows, offs_d, stride_os_m, stride_os_d,
+                   rows_ok, d_ok, ALIGN=ALIGN)
     delta = _delta_like_dp(do, o, BLOCK_M, DOT_PRECISION)
     tl.store(DELTA_S + (pid_bh.to(tl.int64) * M + rows), delta, mask=rows_ok)
 
@@ -336,19 +343,21 @@ def _bilateral_bwd_kernel(
     DIR_S: tl.constexpr, DIR_X: tl.constexpr,
     HAS_IMAGE_MASK: tl.constexpr, HAS_SPATIAL_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    ALIGN: tl.constexpr,  # D and the row strides are multiples of this (common.row_alignment)
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
+    D = multiple(D, ALIGN)
     pid_bh, b, h = program_head(H)
     split = tl.program_id(1)
-    q_s_ptr = head_base(Q_S, b, h, stride_qs_b, stride_qs_h)
-    k_s_ptr = head_base(K_S, b, h, stride_ks_b, stride_ks_h)
-    v_s_ptr = head_base(V_S, b, h, stride_vs_b, stride_vs_h)
-    do_s_ptr = head_base(DO_S, b, h, stride_dos_b, stride_dos_h)
-    q_x_ptr = head_base(Q_X, b, h, stride_qx_b, stride_qx_h)
-    k_x_ptr = head_base(K_X, b, h, stride_kx_b, stride_kx_h)
-    v_x_ptr = head_base(V_X, b, h, stride_vx_b, stride_vx_h)
-    o_x_ptr = head_base(O_X, b, h, stride_ox_b, stride_ox_h)
-    do_x_ptr = head_base(DO_X, b, h, stride_dox_b, stride_dox_h)
+    q_s_ptr = head_base(Q_S, b, h, stride_qs_b, stride_qs_h, ALIGN=ALIGN)
+    k_s_ptr = head_base(K_S, b, h, stride_ks_b, stride_ks_h, ALIGN=ALIGN)
+    v_s_ptr = head_base(V_S, b, h, stride_vs_b, stride_vs_h, ALIGN=ALIGN)
+    do_s_ptr = head_base(DO_S, b, h, stride_dos_b, stride_dos_h, ALIGN=ALIGN)
+    q_x_ptr = head_base(Q_X, b, h, stride_qx_b, stride_qx_h, ALIGN=ALIGN)
+    k_x_ptr = head_base(K_X, b, h, stride_kx_b, stride_kx_h, ALIGN=ALIGN)
+    v_x_ptr = head_base(V_X, b, h, stride_vx_b, stride_vx_h, ALIGN=ALIGN)
+    o_x_ptr = head_base(O_X, b, h, stride_ox_b, stride_ox_h, ALIGN=ALIGN)
+    do_x_ptr = head_base(DO_X, b, h, stride_dox_b, stride_dox_h, ALIGN=ALIGN)
     lse_s_ptr = LSE_S + pid_bh.to(tl.int64) * M
     lse_x_ptr = LSE_X + pid_bh.to(tl.int64) * N
     part_base = (pid_bh.to(tl.int64) * SPLITS + split) * M * D
@@ -362,15 +371,15 @@ def _bilateral_bwd_kernel(
         # -- the whole spatial side stays in registers for the chunk --
         m_ok = offs_blk < M
         if DIR_S:
-            q_s = load_rows(q_s_ptr, offs_blk, offs_d, stride_qs_m, stride_qs_d, m_ok, d_ok)
-            do_s = load_rows(do_s_ptr, offs_blk, offs_d, stride_dos_m, stride_dos_d, m_ok, d_ok)
+            q_s = load_rows(q_s_ptr, offs_blk, offs_d, stride_qs_m, stride_qs_d, m_ok, d_ok, ALIGN=ALIGN)
+            do_s = load_rows(do_s_ptr, offs_blk, offs_d, stride_dos_m, stride_dos_d, m_ok, d_ok, ALIGN=ALIGN)
             delta_s = tl.load(DELTA_S + (pid_bh.to(tl.int64) * M + offs_blk), mask=m_ok, other=0.0)
             lse_hi_s, lse_lo_s = load_lse(lse_s_ptr, offs_blk, m_ok)
             dq_s_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         if DIR_X:
             ks_keep = key_keep(SPATIAL_MASK, b, offs_blk, m_ok, stride_sm_b, stride_sm_m, HAS_SPATIAL_MASK)
-            k_s = load_rows(k_s_ptr, offs_blk, offs_d, stride_ks_m, stride_ks_d, m_ok, d_ok)
-            v_s = load_rows(v_s_ptr, offs_blk, offs_d, stride_vs_m, stride_vs_d, m_ok, d_ok)
+            k_s = load_rows(k_s_ptr, offs_blk, offs_d, stride_ks_m, stride_ks_d, m_ok, d_ok, ALIGN=ALIGN)
+            v_s = load_rows(v_s_ptr, offs_blk, offs_d, stride_vs_m, stride_vs_d, m_ok, d_ok, ALIGN=ALIGN)
             dk_s_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
             dv_s_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
@@ -381,19 +390,19 @@ def _bilateral_bwd_kernel(
         out_offsets = (pid_bh.to(tl.int64) * N + offs_n)[:, None] * D + offs_d[None, :]
         # -- image-side tile --
         if DIR_X:
-            q_x = load_rows(q_x_ptr, offs_n, offs_d, stride_qx_n, stride_qx_d, n_ok, d_ok)
-            do_x = load_rows(do_x_ptr, offs_n, offs_d, stride_dox_n, stride_dox_d, n_ok, d_ok)
+            q_x = load_rows(q_x_ptr, offs_n, offs_d, stride_qx_n, stride_qx_d, n_ok, d_ok, ALIGN=ALIGN)
+            do_x = load_rows(do_x_ptr, offs_n, offs_d, stride_dox_n, stride_dox_d, n_ok, d_ok, ALIGN=ALIGN)
             if M_ONE_BLOCK:
                 delta_x = tl.zeros([BLOCK_N], dtype=tl.float32)  # formed from P and dP per block
             else:
-                o_x = load_rows(o_x_ptr, offs_n, offs_d, stride_ox_n, stride_ox_d, n_ok, d_ok)
+                o_x = load_rows(o_x_ptr, offs_n, offs_d, stride_ox_n, stride_ox_d, n_ok, d_ok, ALIGN=ALIGN)
                 delta_x = _delta_like_dp(do_x, o_x, BLOCK_N, DOT_PRECISION)
             lse_hi_x, lse_lo_x = load_lse(lse_x_ptr, offs_n, n_ok)
             dq_x = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         if DIR_S:
             keep_n = key_keep(IMAGE_MASK, b, offs_n, n_ok, stride_im_b, stride_im_n, HAS_IMAGE_MASK)
-            k_x = load_rows(k_x_ptr, offs_n, offs_d, stride_kx_n, stride_kx_d, n_ok, d_ok)
-            v_x = load_rows(v_x_ptr, offs_n, offs_d, stride_vx_n, stride_vx_d, n_ok, d_ok)
+            k_x = load_rows(k_x_ptr, offs_n, offs_d, stride_kx_n, stride_kx_d, n_ok, d_ok, ALIGN=ALIGN)
+            v_x = load_rows(v_x_ptr, offs_n, offs_d, stride_vx_n, stride_vx_d, n_ok, d_ok, ALIGN=ALIGN)
             dk_x = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
             dv_x = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -423,8 +432,8 @@ def _bilateral_bwd_kernel(
                 part_offsets = part_base + offs_m.to(tl.int64)[:, None] * D + offs_d[None, :]
                 part_ok = m_ok[:, None] & d_ok[None, :]
                 if DIR_S:
-                    q_s = load_rows(q_s_ptr, offs_m, offs_d, stride_qs_m, stride_qs_d, m_ok, d_ok)
-                    do_s = load_rows(do_s_ptr, offs_m, offs_d, stride_dos_m, stride_dos_d, m_ok, d_ok)
+                    q_s = load_rows(q_s_ptr, offs_m, offs_d, stride_qs_m, stride_qs_d, m_ok, d_ok, ALIGN=ALIGN)
+                    do_s = load_rows(do_s_ptr, offs_m, offs_d, stride_dos_m, stride_dos_d, m_ok, d_ok, ALIGN=ALIGN)
                     delta_s = tl.load(DELTA_S + (pid_bh.to(tl.int64) * M + offs_m), mask=m_ok, other=0.0)
                     lse_hi_s, lse_lo_s = load_lse(lse_s_ptr, offs_m, m_ok)
                     dq_c, dk_c, dv_c = _attn_bwd_block(
@@ -436,8 +445,8 @@ def _bilateral_bwd_kernel(
                     tl.store(PART_DQ_S + part_offsets, old + dq_c, mask=part_ok)
                 if DIR_X:
                     km_keep = key_keep(SPATIAL_MASK, b, offs_m, m_ok, stride_sm_b, stride_sm_m, HAS_SPATIAL_MASK)
-                    k_blk = load_rows(k_s_ptr, offs_m, offs_d, stride_ks_m, stride_ks_d, m_ok, d_ok)
-                    v_blk = load_rows(v_s_ptr, offs_m, offs_d, stride_vs_m, stride_vs_d, m_ok, d_ok)
+                    k_blk = load_rows(k_s_ptr, offs_m, offs_d, stride_ks_m, stride_ks_d, m_ok, d_ok, ALIGN=ALIGN)
+                    v_blk = load_rows(v_s_ptr, offs_m, offs_d, stride_vs_m, stride_vs_d, m_ok, d_ok, ALIGN=ALIGN)
                     dq_c, dk_c, dv_c = _attn_bwd_block(
                         q_x, do_x, lse_hi_x, lse_lo_x, delta_x, k_blk, v_blk, km_keep, sm_scale, DOT_PRECISION
                     )
@@ -506,7 +515,7 @@ def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_
     block_m, block_d, m_programs, splits, chunk, combine_grid, combine_m = _fwd_plan(
         B, H, M, N, D, elem, sm_count(device), run_s, run_x
     )
-    meta = launch_meta(block_m, block_d, elem, False, run_s and run_x, run_s)
+    meta = launch_meta(block_m, block_d, elem, False, run_s and run_x, run_s, capability(device))
     f32 = torch.float32
     o_x = lse_x = o_s = lse_s = None
     dummy = q_x  # stands in for pointers a disabled branch never touches
@@ -522,6 +531,7 @@ def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_
         lse_s = torch.empty((B, H, M), device=device, dtype=torch.float64)
     image_mask, stride_im_b, stride_im_n = mask_args(image_mask, dummy)
     spatial_mask, stride_sm_b, stride_sm_m = mask_args(spatial_mask, dummy)
+    align = row_alignment(D, q_s, k_s, v_s, q_x, k_x, v_x)
     with device_guard(device):
         _bilateral_fwd_kernel[(B * H, splits, m_programs)](
             q_s, k_s, v_s, q_x, k_x, v_x, image_mask, spatial_mask,
@@ -531,11 +541,12 @@ def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_
             H, M, N, D, chunk, splits, scale,
             BLOCK_M=block_m, BLOCK_D=block_d, DIR_S=run_s, DIR_X=run_x,
             HAS_IMAGE_MASK=image_mask is not dummy, HAS_SPATIAL_MASK=spatial_mask is not dummy,
-            DOT_PRECISION=dot_precision(dtype), **meta,
+            DOT_PRECISION=dot_precision(dtype), ALIGN=align, **meta,
         )
         if run_s:
             _bilateral_combine_kernel[combine_grid](
-                part_acc, part_max, part_sum, o_s, lse_s, M, D, splits, BLOCK_M=combine_m, BLOCK_D=block_d
+                part_acc, part_max, part_sum, o_s, lse_s, M, D, splits, BLOCK_M=combine_m, BLOCK_D=block_d,
+                ALIGN=row_alignment(D),
             )
     return o_s, o_x, lse_s, lse_x
 
@@ -566,7 +577,7 @@ def attention_bwd(
         _, dk_s, dv_s, dq_x, _, _ = attention_bwd(None, do_x, *args, False, True)
         return dq_s, dk_s, dv_s, dq_x, dk_x, dv_x
     block_m, block_d, splits, chunk = _bwd_plan(B, H, M, N, D, elem, sm_count(device), run_s)
-    meta = launch_meta(block_m, block_d, elem, True, False, run_s)
+    meta = launch_meta(block_m, block_d, elem, True, False, run_s, capability(device))
     f32 = torch.float32
     dummy = q_x
     zero4 = (0, 0, 0, 0)
@@ -594,11 +605,15 @@ def attention_bwd(
         o_x_arg, do_x_arg, lse_s_arg, lse_x_arg, do_s_arg = o_x, do_x, dummy, lse_x, dummy
     image_mask, stride_im_b, stride_im_n = mask_args(image_mask, dummy)
     spatial_mask, stride_sm_b, stride_sm_m = mask_args(spatial_mask, dummy)
+    if run_s:
+        align = row_alignment(D, q_s, k_x, v_x, do_s, o_s)
+    else:
+        align = row_alignment(D, q_x, k_s, v_s, do_x, o_x)
     with device_guard(device):
         if run_s:
             _spatial_delta_kernel[(B * H, triton.cdiv(M, DELTA_BLOCK_M))](
                 o_s, do_s, delta_s, *o_s.stride(), *do_s.stride(), H, M, D,
-                BLOCK_M=DELTA_BLOCK_M, BLOCK_D=block_d, DOT_PRECISION=dot_precision(dtype),
+                BLOCK_M=DELTA_BLOCK_M, BLOCK_D=block_d, DOT_PRECISION=dot_precision(dtype), ALIGN=align,
             )
         _bilateral_bwd_kernel[(B * H, splits)](
             q_s, k_s, v_s, do_s_arg, delta_s if run_s else dummy, q_x, k_x, v_x, o_x_arg, do_x_arg,
@@ -610,7 +625,7 @@ def attention_bwd(
             H, M, N, D, chunk, splits, scale,
             BLOCK_M=block_m, BLOCK_D=block_d, M_ONE_BLOCK=M <= block_m, DIR_S=run_s, DIR_X=run_x,
             HAS_IMAGE_MASK=image_mask is not dummy, HAS_SPATIAL_MASK=spatial_mask is not dummy,
-            DOT_PRECISION=dot_precision(dtype), **meta,
+            DOT_PRECISION=dot_precision(dtype), ALIGN=align, **meta,
         )
     if run_s:
         (dq_s,) = reduce_splits([part_dq_s], (B, H, M, D), dtype)

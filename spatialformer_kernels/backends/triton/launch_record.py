@@ -162,7 +162,7 @@ def _kernel_objects():
 
 
 @contextlib.contextmanager
-def stubbed_kernels(n_sm: int, events: list):
+def stubbed_kernels(n_sm: int, events: list, arch: int = 90):
     """Replace every launchable kernel object of fused.py / wide.py by a recorder appending to
     `events`, and the SM count by `n_sm`; restores them on exit."""
     saved = []
@@ -173,6 +173,8 @@ def stubbed_kernels(n_sm: int, events: list):
         for module in (fused, wide):
             saved.append((module, "sm_count", module.sm_count))
             module.sm_count = lambda device: n_sm
+        saved.append((fused, "capability", fused.capability))
+        fused.capability = lambda device: arch
         yield events
     finally:
         for module, name, obj in reversed(saved):
@@ -211,11 +213,11 @@ def facade(case: Case, backward: bool):
     return cross_bwd if backward else cross_fwd
 
 
-def record(case: Case, n_sm: int, backward: bool, torch_ops: bool = True) -> list:
+def record(case: Case, n_sm: int, backward: bool, torch_ops: bool = True, arch: int = 90) -> list:
     """The ordered kernel launches (KernelLaunch) and torch operations (TorchOp) of one pass."""
     fwd_args, bwd_args = case_tensors(case)
     events = []
-    with stubbed_kernels(n_sm, events):
+    with stubbed_kernels(n_sm, events, arch):
         ctx = _TorchOps(events) if torch_ops else contextlib.nullcontext()
         with ctx:
             facade(case, backward)(*(bwd_args if backward else fwd_args))

@@ -69,7 +69,7 @@ def collect(cases, archs, torch_ops=False, every_config=False):
         for case in cases:
             for backward in (False, True):
                 bound = []
-                for event in lr.record(case, SM_COUNT[arch], backward, torch_ops=torch_ops):
+                for event in lr.record(case, SM_COUNT[arch], backward, torch_ops=torch_ops, arch=arch):
                     if isinstance(event, lr.TorchOp):
                         bound.append((event, []))
                         continue
@@ -275,17 +275,23 @@ def calibrate(args) -> int:
     start = time.time()
     facts = compile_all(tasks, args.jobs)
     print(f"{len(tasks)} compiles in {time.time() - start:.0f} s", file=sys.stderr)
-    spills = set()
+    spills = {}
     for key, task in tasks.items():
         if task.name not in ("_bilateral_fwd_kernel", "_bilateral_bwd_kernel") or facts[key]["ok"]:
             continue
         c = {lr_name(task, p): v for p, v in task.constexprs}
         elem = 4 if c["DOT_PRECISION"] == "ieee" else 2
-        spills.add((task.name == "_bilateral_bwd_kernel", c["DIR_S"], c["DIR_X"], c["BLOCK_M"], c["BLOCK_D"], elem,
-                    c["BLOCK_N"], task.num_warps))
-    print("# (backward, DIR_S, DIR_X, BLOCK_M, BLOCK_D, element bytes, BLOCK_N, num_warps) that spill:")
-    for entry in sorted(spills):
+        spills.setdefault(task.arch, set()).add((task.name == "_bilateral_bwd_kernel", c["DIR_S"], c["DIR_X"],
+                                                 c["BLOCK_M"], c["BLOCK_D"], elem, c["BLOCK_N"], task.num_warps))
+    print("# (backward, DIR_S, DIR_X, BLOCK_M, BLOCK_D, element bytes, BLOCK_N, num_warps) that spill,")
+    print("# on every arch checked (MEASURED_SPILLS), then on one arch only (SPILLS_ON_ARCH):")
+    everywhere = set.intersection(*spills.values()) if spills else set()
+    for entry in sorted(everywhere):
         print(f"    {entry!r},")
+    for arch in sorted(spills):
+        print(f"# sm_{arch} only:")
+        for entry in sorted(spills[arch] - everywhere):
+            print(f"    {entry!r},")
     return 0
 
 
