@@ -1,6 +1,7 @@
 """The launch recorder, the run-time binding, the SASS reader and the MODELLED performance
 table of the static check (launch_record.py, sass.py, perf_model.py, static_check --perf).
 No GPU: kernels are compiled for sm_90 / sm_80 by name."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -81,17 +82,23 @@ def test_runtime_specialisation_divisibility_constants_and_do_not_specialize():
 
 
 @needs_jit
-def test_d32_compiles_to_vector_loads_and_d40_to_scalar_loads_on_sm90():
-    """The facts the old static check hid: with run-time specialisation the D = 32 forward
-    loads 16 bytes per thread (LDGSTS / LDG.128) and uses wgmma; D = 40 loads 2 bytes."""
+def test_d32_and_d40_compile_to_vector_loads_on_sm90_and_unaligned_rows_to_scalar_loads():
+    """With run-time specialisation the D = 32 forward loads 16 bytes per thread (LDGSTS /
+    LDG.128) and uses wgmma. D = 40 is not divisible by 16, so Triton's binder says nothing
+    about it; the launcher's ALIGN (D and strides multiples of 8) makes its loads 16 bytes
+    too. Without it (rows whose stride is not a multiple of 8) they are 2-byte loads."""
     f32 = _launches(_case(32))[0]
     f40 = _launches(_case(40))[0]
+    assert f32.kwargs["ALIGN"] == 8 and f40.kwargs["ALIGN"] == 8
+    unaligned = dataclasses.replace(f40, kwargs={**f40.kwargs, "ALIGN": 1})
     d32 = sass.compile_task(lr.bind(f32, f32.configs[-1], 90))
     d40 = sass.compile_task(lr.bind(f40, f40.configs[-1], 90))
-    assert d32["vector_loads"] > 0 and d32["ldgsts"] > 0 and d32["load_widths"].get("2", 0) == 0
-    assert d32["hgmma"] > 0 and d32["loop_tensor_ops"] > 0
-    assert d40["vector_loads"] == 0 and d40["ldgsts"] == 0 and d40["load_widths"].get("2", 0) > 0
+    d40_unaligned = sass.compile_task(lr.bind(unaligned, unaligned.configs[-1], 90))
     for facts in (d32, d40):
+        assert facts["vector_loads"] > 0 and facts["ldgsts"] > 0 and facts["load_widths"].get("2", 0) == 0
+    assert d32["hgmma"] > 0 and d32["loop_tensor_ops"] > 0
+    assert d40_unaligned["vector_loads"] == 0 and d40_unaligned["load_widths"].get("2", 0) > 0
+    for facts in (d32, d40, d40_unaligned):
         assert facts["ok"] and facts["spills"] == 0 and facts["warps_per_sm"] > 0
         assert facts["loop_static"] > 0 and facts["loop_dynamic"] >= facts["loop_static"]
 
