@@ -12,10 +12,10 @@
 #   tests (.log/.xml)    the CUDA tests that matter: parity of every kernel path, numerics, edge
 #                        cases (pytest -x; they include bitwise reruns and torch.compile
 #                        fullgraph), on 8 pytest-xdist workers when xdist is installed
+#   config_sweep         ours vs SDPA x2 timed eager, in a CUDA graph and pipelined, then every
+#                        candidate launch config (benchmarks/gpu_config_sweep.py) -> config-sweep-<gpu>.jsonl
 #   bench_kernels        pytest-benchmark at the benchmark shapes (bf16): ours and SDPA's
 #                        flash / efficient / cuDNN backends and the reference -> bench-kernels-<gpu>.json
-#   config_sweep         every candidate launch config timed (benchmarks/gpu_config_sweep.py)
-#                        -> config-sweep-<gpu>.jsonl
 #   graph_check          determinism (two eager runs bitwise equal) and CUDA-graph capture of
 #                        forward + backward after warm-up (replay bitwise equal to eager), for
 #                        bilateral_attention and cross_attention (both directions), bf16 and fp32
@@ -92,10 +92,10 @@ XDIST=()
 step tests 150 "$PY" -m pytest tests/test_kernel_parity.py tests/test_triton_backend.py tests/test_numerics.py \
     tests/test_edge_cases.py -x -q "${XDIST[@]}" --junitxml="$OUT/tests.xml"
 
+step config_sweep 130 "$PY" benchmarks/gpu_config_sweep.py "$OUT/config-sweep-$MODEL_GPU.jsonl"
+
 step bench_kernels 120 "$PY" -m pytest benchmarks/test_throughput.py --benchmark --bench-dtypes bf16 -q \
     -k "attention_throughput and not compile and not flex and not math" --benchmark-json="$OUT/bench-kernels-$MODEL_GPU.json"
-
-step config_sweep 130 "$PY" benchmarks/gpu_config_sweep.py "$OUT/config-sweep-$MODEL_GPU.jsonl"
 
 step graph_check 60 "$PY" - "$OUT/graph_check.json" <<'EOF'
 """Determinism and CUDA-graph capture of forward + backward after warm-up."""

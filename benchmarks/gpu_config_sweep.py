@@ -7,8 +7,8 @@ backends) through the public functions, forward and forward + backward. Then, fo
 benchmark shape (docs/design.md section 4) and each config in a grid wider than the
 candidates (tile BLOCK_N x warps x stages, the static check's filters not applied), it forces
 that one config on the forward or backward launcher (configs.forced_config) and times the
-launcher; the default config (configs.launch_config) is timed too, and for --head-dims at
-cls224-stage1 only the default. Each measurement is one JSON line appended to OUT.jsonl as it
+launcher; the default config (configs.launch_config) is timed too. Before the grid, at
+cls224-stage1 with each of --head-dims, only the default is timed. Each measurement is one JSON line appended to OUT.jsonl as it
 goes (a cut run keeps what it measured): shape, pass (fwd = forward launcher, combine
 included; bwd_s / bwd_x = one backward direction, its delta kernel and split reduction
 included), config, the largest difference of its outputs from the default config's
@@ -156,8 +156,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out")
     parser.add_argument("--shapes", default="cls224-stage1,cls224-stage2,det800x1344-stage1")
-    parser.add_argument("--head-dims", default="40,64,96,128",
-                        help="after the grid: the tuned configs only, at cls224-stage1 with these head dims")
+    parser.add_argument("--head-dims", default="32,40,64,96,128",
+                        help="before the grid: the default configs only, at cls224-stage1 with these head dims")
     parser.add_argument("--dtype", default="bf16", choices=sorted(workload.DTYPES))
     parser.add_argument("--rep-ms", type=float, default=40.0)
     parser.add_argument("--compare", default="cls224-stage1,cls224-stage2,det800x1344-stage1,seg512-stage1",
@@ -183,10 +183,10 @@ def main(argv=None) -> int:
         out.flush()
         print(json.dumps(row), flush=True)
 
-    jobs = [(workload.shapes_for(device, [name])[0], True) for name in args.shapes.split(",") if name]
     (base,) = workload.shapes_for(device, ["cls224-stage1"])
-    jobs += [(dataclasses.replace(base, name=f"cls224-stage1-D{d}", D=int(d)), False)
-             for d in args.head_dims.split(",") if d]
+    jobs = [(dataclasses.replace(base, name=f"cls224-stage1-D{d}", D=int(d)), False)
+            for d in args.head_dims.split(",") if d]
+    jobs += [(workload.shapes_for(device, [name])[0], True) for name in args.shapes.split(",") if name]
     for name in args.compare.split(","):
         if name:
             compare(workload.shapes_for(device, [name])[0], dtype, emit)
