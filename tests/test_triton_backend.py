@@ -84,6 +84,39 @@ def test_split_reduction_sums_in_split_order_and_rounds_once(dtype, pair):
 
 
 @needs_triton
+@pytest.mark.parametrize("arch", [90, 80], ids=["sm90", "sm80"])
+@pytest.mark.parametrize("dtype,D", [(BF16, 32), (BF16, 40), (FP32, 32)], ids=["bf16-D32", "bf16-D40", "fp32-D32"])
+def test_the_configs_a_gpu_launches_compute_the_op(arch, dtype, D):
+    """The interpreter runs each bucket's last candidate; a GPU runs its first (or a measured
+    entry). Force the GPU's configs for the forward and backward buckets of the benchmark
+    layout (M = 64 spatial tokens) and check every result against the reference."""
+    from spatialformer_kernels.backends.triton import configs
+    from spatialformer_kernels.testing import (
+        BILATERAL_RESULT_NAMES,
+        assert_results_close,
+        bilateral_results,
+        reference_bilateral_results,
+    )
+
+    elem = torch.tensor([], dtype=dtype).element_size()
+    block_d = configs.block_d_for(D)
+    fwd_m = configs.block_m_for(block_d, elem, backward=False)
+    bwd_m = configs.block_m_for(block_d, elem, backward=True, n_spatial=64)
+    both = configs.fuse_directions(block_d, elem)
+    fwd = configs.gpu_config(fwd_m, block_d, elem, False, both, True, arch)
+    bwd_s = configs.gpu_config(bwd_m, block_d, elem, True, False, True, arch)
+    bwd_x = configs.gpu_config(bwd_m, block_d, elem, True, False, False, arch)
+    # forced_config applies one config to a pass: the two backward directions must agree
+    assert configs._meta(bwd_s) == configs._meta(bwd_x)
+    inputs = make_bilateral_inputs(1, 2, 64, 300, D, dtype, device=DEVICE, seed=D)
+    grads = [torch.randn(1, 2, L, D, dtype=dtype, device=DEVICE) for L in (64, 300)]
+    with configs.forced_config("fwd", fwd), configs.forced_config("bwd", bwd_s):
+        got = bilateral_results(inputs, grads, "triton")
+    same, exact = reference_bilateral_results(inputs, grads)
+    assert_results_close(got, same, exact, dtype, BILATERAL_RESULT_NAMES, f"sm_{arch} {fwd} / {bwd_s}")
+
+
+@needs_triton
 def test_small_batch_large_n_uses_several_splits_and_matches():
     from spatialformer_kernels.backends.triton import common as bt
 
