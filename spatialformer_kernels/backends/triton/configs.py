@@ -66,6 +66,8 @@ def block_m_for(block_d: int, elem_bytes: int, backward: bool, n_spatial: int = 
     keeps the spatial side and its gradients in registers for the whole chunk; a larger M
     loops over blocks of half the size (the loop also carries the image-side gradients)."""
     cap = {16: 64, 32: 64, 64: 32, 128: 32, 256: 16}[block_d]
+    if block_d == 64 and elem_bytes == 2 and not backward:
+        cap = 64  # 4 warps each own 16 of 64 rows (`whole_rows`); 32 rows left 8 warps duplicating 4x
     if elem_bytes == 4:
         cap //= 2
     if backward and n_spatial > cap:
@@ -139,6 +141,10 @@ MEASURED_SPILLS = frozenset({
     (False, False, True, 64, 32, 2, 128, 8),
     (False, False, True, 32, 64, 2, 64, 8),
     (False, False, True, 64, 32, 2, 32, 4),  # the next candidate there: spills on sm_90
+    # 64-row blocks at D = 64 (16-bit forward), 128-token tiles on 4 warps: the fused
+    # forward and direction x spill on sm_80 and sm_90 in the static gate.
+    (False, True, True, 64, 64, 2, 128, 4),
+    (False, False, True, 64, 64, 2, 128, 4),
 })
 
 # Like MEASURED_SPILLS, for one architecture only (compute capability as 80, 90): the
@@ -149,6 +155,8 @@ SPILLS_ON_ARCH = {
     80: frozenset({
         (False, True, True, 64, 32, 2, 128, 4),
         (False, True, True, 64, 32, 2, 64, 4),
+        (False, True, False, 64, 64, 2, 128, 4),  # direction s alone at D = 64: 176 bytes on sm_80
+        (False, True, True, 64, 64, 2, 64, 4),  # the fused forward at D = 64: 64 bytes on sm_80
     }),
 }
 
