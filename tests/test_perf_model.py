@@ -1,13 +1,13 @@
 """The launch recorder, the run-time binding, the SASS reader and the MODELLED performance
 table of the static check (launch_record.py, sass.py, perf_model.py, static_check --perf).
 No GPU: kernels are compiled for sm_90 / sm_80 by name."""
-import dataclasses
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
@@ -86,11 +86,20 @@ def test_d32_and_d40_compile_to_vector_loads_on_sm90_and_unaligned_rows_to_scala
     """With run-time specialisation the D = 32 forward loads 16 bytes per thread (LDGSTS /
     LDG.128) and uses wgmma. D = 40 is not divisible by 16, so Triton's binder says nothing
     about it; the launcher's ALIGN (D and strides multiples of 8) makes its loads 16 bytes
-    too. Without it (rows whose stride is not a multiple of 8) they are 2-byte loads."""
+    too. Rows whose stride is not a multiple of 8 (a [..., :40] view of 41-wide rows) load
+    2 bytes at a time, on the smaller spatial block that keeps them in registers."""
     f32 = _launches(_case(32))[0]
     f40 = _launches(_case(40))[0]
     assert f32.kwargs["ALIGN"] == 8 and f40.kwargs["ALIGN"] == 8
-    unaligned = dataclasses.replace(f40, kwargs={**f40.kwargs, "ALIGN": 1})
+
+    def view(L):
+        return torch.empty(2, 2, L, 41, dtype=torch.bfloat16)[..., :40]
+
+    events = []
+    with lr.stubbed_kernels(132, events, 90):
+        lr.fused.attention_fwd(view(64), view(64), view(64), view(3136), view(3136), view(3136), 40**-0.5)
+    unaligned = [e for e in events if isinstance(e, lr.KernelLaunch)][0]
+    assert unaligned.kwargs["ALIGN"] == 1 and unaligned.kwargs["BLOCK_M"] == 32 and f40.kwargs["BLOCK_M"] == 64
     d32 = sass.compile_task(lr.bind(f32, f32.configs[-1], 90))
     d40 = sass.compile_task(lr.bind(f40, f40.configs[-1], 90))
     d40_unaligned = sass.compile_task(lr.bind(unaligned, unaligned.configs[-1], 90))

@@ -61,13 +61,16 @@ def num_stages_for(block_d: int) -> int:
     return 2 if block_d <= 64 else 1
 
 
-def block_m_for(block_d: int, elem_bytes: int, backward: bool, n_spatial: int = 0) -> int:
+def block_m_for(block_d: int, elem_bytes: int, backward: bool, n_spatial: int = 0, vector_rows: bool = True) -> int:
     """Spatial rows per block, fixed per head-dim bucket. In the backward, M <= this cap
     keeps the spatial side and its gradients in registers for the whole chunk; a larger M
-    loops over blocks of half the size (the loop also carries the image-side gradients)."""
+    loops over blocks of half the size (the loop also carries the image-side gradients).
+    vector_rows: the rows load 16 bytes at a time (common.row_alignment)."""
     cap = {16: 64, 32: 64, 64: 32, 128: 32, 256: 16}[block_d]
-    if block_d == 64 and elem_bytes == 2 and not backward:
-        cap = 64  # 4 warps each own 16 of 64 rows (`whole_rows`); 32 rows left 8 warps duplicating 4x
+    if block_d == 64 and elem_bytes == 2 and not backward and vector_rows:
+        # 4 warps each own 16 of 64 rows (`whole_rows`); 32 rows left 8 warps duplicating
+        # 4x. Rows loaded 2 bytes at a time need more registers: they keep 32 (no spill).
+        cap = 64
     if elem_bytes == 4:
         cap //= 2
     if backward and n_spatial > cap:

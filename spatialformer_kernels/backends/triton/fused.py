@@ -480,9 +480,9 @@ def _bilateral_bwd_kernel(
 # they are computed once per such signature; configs.launch_meta caches the launch config per
 # bucket. The per-call Python work is then the tensor allocations and the launches.
 @functools.lru_cache(maxsize=1024)
-def _fwd_plan(B, H, M, N, D, elem, n_sm, run_s, run_x):
+def _fwd_plan(B, H, M, N, D, elem, n_sm, run_s, run_x, vector_rows):
     block_d = block_d_for(D)
-    block_m = block_m_for(block_d, elem, backward=False)
+    block_m = block_m_for(block_d, elem, backward=False, vector_rows=vector_rows)
     m_programs = triton.cdiv(M, block_m) if run_s else 1
     splits, chunk = split_plan(n_sm, B * H * m_programs, N)
     combine_m = 16 if block_d >= 128 else 32
@@ -512,8 +512,9 @@ def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_
         o_s, _, lse_s, _ = attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask, spatial_mask, True, False)
         _, o_x, _, lse_x = attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask, spatial_mask, False, True)
         return o_s, o_x, lse_s, lse_x
+    align = row_alignment(D, q_s, k_s, v_s, q_x, k_x, v_x)
     block_m, block_d, m_programs, splits, chunk, combine_grid, combine_m = _fwd_plan(
-        B, H, M, N, D, elem, sm_count(device), run_s, run_x
+        B, H, M, N, D, elem, sm_count(device), run_s, run_x, align * elem >= 16
     )
     meta = launch_meta(block_m, block_d, elem, False, run_s and run_x, run_s, capability(device))
     f32 = torch.float32
@@ -531,7 +532,6 @@ def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_
         lse_s = torch.empty((B, H, M), device=device, dtype=torch.float64)
     image_mask, stride_im_b, stride_im_n = mask_args(image_mask, dummy)
     spatial_mask, stride_sm_b, stride_sm_m = mask_args(spatial_mask, dummy)
-    align = row_alignment(D, q_s, k_s, v_s, q_x, k_x, v_x)
     with device_guard(device):
         _bilateral_fwd_kernel[(B * H, splits, m_programs)](
             q_s, k_s, v_s, q_x, k_x, v_x, image_mask, spatial_mask,
