@@ -250,19 +250,24 @@ def _reduce_splits_kernel(
 
 
 REDUCE_BLOCK = 1024
+REDUCE_MIN_BLOCK = 128
 
 
 def reduce_splits(parts: list, shape, dtype: torch.dtype) -> list:
     """Sum one or two fp32 per-split partials [B * H, SPLITS, M, D] over the splits in a fixed
     order (bitwise reproducible, no atomics) into new tensors of `shape` [B, H, M, D] and
-    `dtype`, in one launch."""
+    `dtype`, in one launch. Blocks shrink (down to 128 elements on one warp) until the grid
+    has two programs per SM, so a few samples with many splits still spread over the GPU."""
     assert len(parts) in (1, 2)
     outs = [torch.empty(shape, device=p.device, dtype=dtype) for p in parts]
     bh, splits, m, d = parts[0].shape
     size = m * d
+    block = REDUCE_BLOCK
+    while block > REDUCE_MIN_BLOCK and bh * triton.cdiv(size, block) < 2 * sm_count(parts[0].device):
+        block //= 2
     with device_guard(parts[0].device):
-        _reduce_splits_kernel[(bh, triton.cdiv(size, REDUCE_BLOCK))](
-            parts[0], outs[0], parts[-1], outs[-1], splits, size, BLOCK=REDUCE_BLOCK, HAS_B=len(parts) == 2,
-            num_warps=4,
+        _reduce_splits_kernel[(bh, triton.cdiv(size, block))](
+            parts[0], outs[0], parts[-1], outs[-1], splits, size, BLOCK=block, HAS_B=len(parts) == 2,
+            num_warps=max(1, min(4, block // 256)),
         )
     return outs

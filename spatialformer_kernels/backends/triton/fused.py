@@ -259,11 +259,13 @@ def _bilateral_combine_kernel(
     M, D, SPLITS,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
 ):
-    """Merge the split partials of direction s in split order, weighted by their LSEs."""
+    """Merge the split partials of direction s in split order, weighted by their LSEs. Grid
+    (B*H, M blocks, D blocks): programs of one row block repeat the (cheap) max and sum
+    recurrence for their own columns; the first column block writes the LSE."""
     D = multiple(D, ALIGN)
     pid_bh = tl.program_id(0)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = tl.program_id(2).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     m_ok = offs_m < M
     tile_ok = m_ok[:, None] & (offs_d < D)[None, :]
     m_run = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -283,7 +285,18 @@ def _bilateral_combine_kernel(
     lse = lse_value(m_run, l_run)
     out_rows = pid_bh.to(tl.int64) * M + offs_m
     tl.store(O_S + out_rows[:, None] * D + offs_d[None, :], round_to(o, O_S.dtype.element_ty), mask=tile_ok)
-    tl.store(LSE_S + out_rows, lse, mask=m_ok)
+    tl.store(LSE_S + out_rows, lse, mask=m_ok & (tl.program_id(2) == 0))
+
+
+def combine_shape(bh: int, m: int, block_d: int, n_sm: int) -> tuple:
+    """(grid, BLOCK_M, BLOCK_D, num_warps) of the combine: 32 x BLOCK_D tiles on 4 warps when
+    there are enough rows to fill the GPU, else tiles of 8 rows x 16 columns on one warp, so that
+    a few samples with many splits (B*H = 4, 66 splits) still spread over many SMs."""
+    if bh * triton.cdiv(m, 32) >= n_sm:
+        rows, cols, warps = (16, block_d, 4) if block_d >= 128 else (32, block_d, 4)
+    else:
+        rows, cols, warps = 8, 16, 1
+    return (bh, triton.cdiv(m, rows), triton.cdiv(block_d, cols)), rows, cols, warps
 
 
 # ----------------------------------------------------------------------------------------
@@ -485,8 +498,7 @@ def _fwd_plan(B, H, M, N, D, elem, n_sm, run_s, run_x, vector_rows):
     block_m = block_m_for(block_d, elem, backward=False, vector_rows=vector_rows)
     m_programs = triton.cdiv(M, block_m) if run_s else 1
     splits, chunk = split_plan(n_sm, B * H * m_programs, N)
-    combine_m = 16 if block_d >= 128 else 32
-    return block_m, block_d, m_programs, splits, chunk, (B * H, triton.cdiv(M, combine_m)), combine_m
+    return block_m, block_d, m_programs, splits, chunk, combine_shape(B * H, M, block_d, n_sm)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -513,7 +525,7 @@ def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_
         _, o_x, _, lse_x = attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask, spatial_mask, False, True)
         return o_s, o_x, lse_s, lse_x
     align = row_alignment(D, q_s, k_s, v_s, q_x, k_x, v_x)
-    block_m, block_d, m_programs, splits, chunk, combine_grid, combine_m = _fwd_plan(
+    block_m, block_d, m_programs, splits, chunk, (combine_grid, combine_m, combine_d, combine_warps) = _fwd_plan(
         B, H, M, N, D, elem, sm_count(device), run_s, run_x, align * elem >= 16
     )
     meta = launch_meta(block_m, block_d, elem, False, run_s and run_x, run_s, capability(device))
@@ -545,8 +557,8 @@ def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_
         )
         if run_s:
             _bilateral_combine_kernel[combine_grid](
-                part_acc, part_max, part_sum, o_s, lse_s, M, D, splits, BLOCK_M=combine_m, BLOCK_D=block_d,
-                ALIGN=row_alignment(D),
+                part_acc, part_max, part_sum, o_s, lse_s, M, D, splits, BLOCK_M=combine_m, BLOCK_D=combine_d,
+                ALIGN=row_alignment(D), num_warps=combine_warps,
             )
     return o_s, o_x, lse_s, lse_x
 

@@ -170,7 +170,7 @@ def stubbed_kernels(n_sm: int, events: list, arch: int = 90):
         for module, name, obj in list(_kernel_objects()):
             saved.append((module, name, obj))
             setattr(module, name, _Recorder(obj, events))
-        for module in (fused, wide):
+        for module in (common, fused, wide):
             saved.append((module, "sm_count", module.sm_count))
             module.sm_count = lambda device: n_sm
         saved.append((fused, "capability", fused.capability))
