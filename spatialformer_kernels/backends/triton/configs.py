@@ -160,6 +160,10 @@ SPILLS_ON_ARCH = {
         (False, True, True, 64, 32, 2, 64, 4),
         (False, True, False, 64, 64, 2, 128, 4),  # direction s alone at D = 64: 176 bytes on sm_80
         (False, True, True, 64, 64, 2, 64, 4),  # the fused forward at D = 64: 64 bytes on sm_80
+        (False, True, True, 64, 16, 2, 128, 4),  # the fused forward at D = 16: 72 bytes on sm_80
+    }),
+    90: frozenset({
+        (False, False, True, 16, 256, 2, 32, 8),  # direction x at D = 256: 28 bytes on sm_90
     }),
 }
 

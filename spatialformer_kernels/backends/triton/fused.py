@@ -175,6 +175,7 @@ def _bilateral_fwd_kernel(
     HAS_IMAGE_MASK: tl.constexpr, HAS_SPATIAL_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     ALIGN: tl.constexpr,  # D and the row strides are multiples of this (common.row_alignment)
+    ONE_M_PROGRAM: tl.constexpr = False,  # grid axis 2 is 1: direction x runs every tile here
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
     D = multiple(D, ALIGN)
@@ -207,7 +208,7 @@ def _bilateral_fwd_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < n_end
         if DIR_X:
-            if (n0 // BLOCK_N) % m_programs == pid_m:
+            if ONE_M_PROGRAM or (n0 // BLOCK_N) % m_programs == pid_m:
                 # -- direction x: this tile of image queries over all spatial keys --
                 q_x = load_rows(q_x_ptr, offs_n, offs_d, stride_qx_n, stride_qx_d, n_ok, d_ok, ALIGN=ALIGN)
                 m_x = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
@@ -553,7 +554,7 @@ def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_
             H, M, N, D, chunk, splits, scale,
             BLOCK_M=block_m, BLOCK_D=block_d, DIR_S=run_s, DIR_X=run_x,
             HAS_IMAGE_MASK=image_mask is not dummy, HAS_SPATIAL_MASK=spatial_mask is not dummy,
-            DOT_PRECISION=dot_precision(dtype), ALIGN=align, **meta,
+            DOT_PRECISION=dot_precision(dtype), ALIGN=align, ONE_M_PROGRAM=m_programs == 1, **meta,
         )
         if run_s:
             _bilateral_combine_kernel[combine_grid](
