@@ -50,6 +50,7 @@ BILATERAL_CASES = [
     (2, 1, 49, 97, 8, FP64, "strided", "empty"),
     (8, 4, 5, 1100, 8, FP32, "bnhd", "empty"),  # C++: two forward items per row (576, 524 tokens)
     (1, 2, 64, 300, 40, BF16, "strided", "mask"),  # Triton: rows not 16-byte aligned (ALIGN 1, 32-row blocks)
+    (2, 2, 64, 300, 96, BF16, "bnhd", "mask"),  # Triton: 64-row blocks at BLOCK_D = 128
 ]
 
 

@@ -85,7 +85,8 @@ def test_split_reduction_sums_in_split_order_and_rounds_once(dtype, pair):
 
 @needs_triton
 @pytest.mark.parametrize("arch", [90, 80], ids=["sm90", "sm80"])
-@pytest.mark.parametrize("dtype,D", [(BF16, 32), (BF16, 40), (FP32, 32)], ids=["bf16-D32", "bf16-D40", "fp32-D32"])
+@pytest.mark.parametrize("dtype,D", [(BF16, 32), (BF16, 40), (BF16, 96), (FP32, 32)],
+                         ids=["bf16-D32", "bf16-D40", "bf16-D96", "fp32-D32"])
 def test_the_configs_a_gpu_launches_compute_the_op(arch, dtype, D):
     """The interpreter runs each bucket's last candidate; a GPU runs its first (or a measured
     entry). Force the GPU's configs for the forward and backward buckets of the benchmark

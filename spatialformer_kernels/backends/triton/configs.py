@@ -67,9 +67,10 @@ def block_m_for(block_d: int, elem_bytes: int, backward: bool, n_spatial: int = 
     loops over blocks of half the size (the loop also carries the image-side gradients).
     vector_rows: the rows load 16 bytes at a time (common.row_alignment)."""
     cap = {16: 64, 32: 64, 64: 32, 128: 32, 256: 16}[block_d]
-    if block_d == 64 and elem_bytes == 2 and not backward and vector_rows:
+    if block_d in (64, 128) and elem_bytes == 2 and not backward and vector_rows:
         # 4 warps each own 16 of 64 rows (`whole_rows`); 32 rows left 8 warps duplicating
-        # 4x. Rows loaded 2 bytes at a time need more registers: they keep 32 (no spill).
+        # 4x (D = 40 to 128). Rows loaded 2 bytes at a time need more registers: they keep
+        # 32 (no spill).
         cap = 64
     if elem_bytes == 4:
         cap //= 2
@@ -161,6 +162,7 @@ SPILLS_ON_ARCH = {
         (False, True, False, 64, 64, 2, 128, 4),  # direction s alone at D = 64: 176 bytes on sm_80
         (False, True, True, 64, 64, 2, 64, 4),  # the fused forward at D = 64: 64 bytes on sm_80
         (False, True, True, 64, 16, 2, 128, 4),  # the fused forward at D = 16: 72 bytes on sm_80
+        (False, False, True, 64, 128, 2, 64, 4),  # direction x at D = 128 with a mask: 12 bytes on sm_80
     }),
     90: frozenset({
         (False, False, True, 16, 256, 2, 32, 8),  # direction x at D = 256: 28 bytes on sm_90
