@@ -101,7 +101,7 @@ def test_the_configs_a_gpu_launches_compute_the_op(arch, dtype, D):
 
     elem = torch.tensor([], dtype=dtype).element_size()
     block_d = configs.block_d_for(D)
-    fwd_m = configs.block_m_for(block_d, elem, backward=False)
+    fwd_m = configs.block_m_for(block_d, elem, backward=False, arch=arch)
     bwd_m = configs.block_m_for(block_d, elem, backward=True, n_spatial=64)
     both = configs.fuse_directions(block_d, elem)
     fwd = configs.gpu_config(fwd_m, block_d, elem, False, both, True, arch)

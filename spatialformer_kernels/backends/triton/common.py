@@ -205,8 +205,11 @@ def device_guard(device: torch.device):
 
 def row_alignment(head_dim: int, *tensors) -> int:
     """The largest of 8, 4, 2 elements dividing D and every stride but the last (which must be 1)
-    of the given tensors, else 1: the kernels' ALIGN (`multiple`), so rows of any D that is a
-    multiple of 8 load 16 bytes at a time."""
+    of the given 16-bit tensors, else 1: the kernels' ALIGN (`multiple`), so 16-bit rows of any
+    D that is a multiple of 8 load 16 bytes at a time. fp32 gets 1: its fused tiles at BLOCK_D =
+    64 run at the register limit, and wider loads made them spill on sm_90."""
+    if any(t is not None and t.element_size() != 2 for t in tensors):
+        return 1
     for align in (8, 4, 2):
         if head_dim % align == 0 and all(
             t.stride(-1) == 1 and t.stride(0) % align == 0 and t.stride(1) % align == 0 and t.stride(2) % align == 0

@@ -61,16 +61,17 @@ def num_stages_for(block_d: int) -> int:
     return 2 if block_d <= 64 else 1
 
 
-def block_m_for(block_d: int, elem_bytes: int, backward: bool, n_spatial: int = 0, vector_rows: bool = True) -> int:
+def block_m_for(block_d: int, elem_bytes: int, backward: bool, n_spatial: int = 0, vector_rows: bool = True,
+                arch: int = 90) -> int:
     """Spatial rows per block, fixed per head-dim bucket. In the backward, M <= this cap
     keeps the spatial side and its gradients in registers for the whole chunk; a larger M
     loops over blocks of half the size (the loop also carries the image-side gradients).
     vector_rows: the rows load 16 bytes at a time (common.row_alignment)."""
     cap = {16: 64, 32: 64, 64: 32, 128: 32, 256: 16}[block_d]
-    if block_d in (64, 128) and elem_bytes == 2 and not backward and vector_rows:
+    if block_d in (64, 128) and elem_bytes == 2 and not backward and vector_rows and arch >= 90:
         # 4 warps each own 16 of 64 rows (`whole_rows`); 32 rows left 8 warps duplicating
-        # 4x (D = 40 to 128). Rows loaded 2 bytes at a time need more registers: they keep
-        # 32 (no spill).
+        # 4x (D = 40 to 128). Rows loaded 2 bytes at a time need more registers, and on
+        # sm_80 the 64-row fused tiles spill: those keep 32 rows.
         cap = 64
     if elem_bytes == 4:
         cap //= 2
@@ -151,7 +152,7 @@ MEASURED_SPILLS = frozenset({
     (False, False, True, 64, 64, 2, 128, 4),
 })
 
-# Like MEASURED_SPILLS, for one architecture only (compute capability as 80, 90): the
+# Like MEASURED_SPILLS, for one architecture only (compute capability as 80, 90): e.g. the
 # whole-row 4-warp tiles of the D = 32 fused forward compile without spills for sm_90 but
 # spill on sm_80 in the static gate (with a mask: 128-token tiles 40 bytes, 64-token tiles
 # 16 bytes), where the 8-warp tiles stay in registers.
@@ -159,10 +160,7 @@ SPILLS_ON_ARCH = {
     80: frozenset({
         (False, True, True, 64, 32, 2, 128, 4),
         (False, True, True, 64, 32, 2, 64, 4),
-        (False, True, False, 64, 64, 2, 128, 4),  # direction s alone at D = 64: 176 bytes on sm_80
-        (False, True, True, 64, 64, 2, 64, 4),  # the fused forward at D = 64: 64 bytes on sm_80
         (False, True, True, 64, 16, 2, 128, 4),  # the fused forward at D = 16: 72 bytes on sm_80
-        (False, False, True, 64, 128, 2, 64, 4),  # direction x at D = 128 with a mask: 12 bytes on sm_80
     }),
     90: frozenset({
         (False, False, True, 16, 256, 2, 32, 8),  # direction x at D = 256: 28 bytes on sm_90

@@ -494,9 +494,9 @@ def _bilateral_bwd_kernel(
 # they are computed once per such signature; configs.launch_meta caches the launch config per
 # bucket. The per-call Python work is then the tensor allocations and the launches.
 @functools.lru_cache(maxsize=1024)
-def _fwd_plan(B, H, M, N, D, elem, n_sm, run_s, run_x, vector_rows):
+def _fwd_plan(B, H, M, N, D, elem, n_sm, arch, run_s, run_x, vector_rows):
     block_d = block_d_for(D)
-    block_m = block_m_for(block_d, elem, backward=False, vector_rows=vector_rows)
+    block_m = block_m_for(block_d, elem, backward=False, vector_rows=vector_rows, arch=arch)
     m_programs = triton.cdiv(M, block_m) if run_s else 1
     splits, chunk = split_plan(n_sm, B * H * m_programs, N)
     return block_m, block_d, m_programs, splits, chunk, combine_shape(B * H, M, block_d, n_sm)
@@ -526,10 +526,11 @@ def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_
         _, o_x, _, lse_x = attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask, spatial_mask, False, True)
         return o_s, o_x, lse_s, lse_x
     align = row_alignment(D, q_s, k_s, v_s, q_x, k_x, v_x)
+    arch = capability(device)
     block_m, block_d, m_programs, splits, chunk, (combine_grid, combine_m, combine_d, combine_warps) = _fwd_plan(
-        B, H, M, N, D, elem, sm_count(device), run_s, run_x, align * elem >= 16
+        B, H, M, N, D, elem, sm_count(device), arch, run_s, run_x, align * elem >= 16
     )
-    meta = launch_meta(block_m, block_d, elem, False, run_s and run_x, run_s, capability(device))
+    meta = launch_meta(block_m, block_d, elem, False, run_s and run_x, run_s, arch)
     f32 = torch.float32
     o_x = lse_x = o_s = lse_s = None
     dummy = q_x  # stands in for pointers a disabled branch never touches
