@@ -61,6 +61,18 @@ def test_launch_config_is_looked_up_never_tuned_and_can_be_forced():
         assert bn in (16, 32, 64, 128) and warps in (4, 8) and stages in (1, 2, 3), key
 
 
+@pytest.mark.parametrize("major,minor,arch", [(8, 0, 80), (8, 6, 80), (8, 9, 80), (9, 0, 90), (10, 0, 90)])
+def test_a_gpu_uses_the_configs_of_the_architecture_the_static_check_covers(monkeypatch, major, minor, arch):
+    from spatialformer_kernels.backends.triton import common
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (major, minor))
+    common._capability.cache_clear()
+    try:
+        assert common._capability(0) == arch
+    finally:
+        common._capability.cache_clear()
+
+
 @needs_triton
 @pytest.mark.parametrize("dtype", [BF16, FP32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("pair", [False, True], ids=["one", "two"])

@@ -164,13 +164,14 @@ def sm_count(device: torch.device) -> int:
 
 @functools.cache
 def _capability(device_index: int) -> int:
-    major, minor = torch.cuda.get_device_capability(device_index)
-    return 10 * major + minor
+    major, _ = torch.cuda.get_device_capability(device_index)
+    return 90 if major >= 9 else 80
 
 
 def capability(device: torch.device) -> int:
-    """Compute capability of a CUDA device as one int (90 for sm_90; cached); the interpreter
-    counts as 90."""
+    """The architecture the static check compiles for that a CUDA device is closest to (cached):
+    90 for sm_90 and newer, 80 for older GPUs (sm_80, sm_86, sm_89: mma.sync, no wgmma), whose
+    launch configs and spill exclusions (configs.py) it then uses. The interpreter counts as 90."""
     if device.type != "cuda":
         return 90
     index = device.index if device.index is not None else torch.cuda.current_device()
