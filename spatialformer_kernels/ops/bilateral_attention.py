@@ -83,14 +83,21 @@ def _setup_context(ctx, inputs, output):
     ctx.scale, ctx.backend = scale, backend
 
 
-def _backward(ctx, do_s, do_x, _dlse_s, _dlse_x):
+def _input_grads(ctx, do_s, do_x, direct: bool):
+    """The six input gradients from the saved tensors. direct: call the backend's kernel instead
+    of the registered backward op, unless autograd is recording (create_graph), where the op
+    refuses a second derivative."""
     q_s, k_s, v_s, q_x, k_x, v_x, o_s, o_x, lse_s, lse_x, image_mask = ctx.saved_tensors
     do_s = torch.zeros_like(o_s) if do_s is None else do_s
     do_x = torch.zeros_like(o_x) if do_x is None else do_x
-    grads = _bilateral_attention_backward_op(
-        do_s, do_x, q_s, k_s, v_s, q_x, k_x, v_x, o_s, o_x, lse_s, lse_x, ctx.scale, image_mask, ctx.backend
-    )
-    return (*grads, None, None, None)
+    args = (do_s, do_x, q_s, k_s, v_s, q_x, k_x, v_x, o_s, o_x, lse_s, lse_x, ctx.scale, image_mask)
+    if direct and not torch.is_grad_enabled():
+        return dispatch.kernels(ctx.backend).bilateral_bwd(*args)
+    return _bilateral_attention_backward_op(*args, ctx.backend)
+
+
+def _backward(ctx, do_s, do_x, _dlse_s, _dlse_x):
+    return (*_input_grads(ctx, do_s, do_x, direct=False), None, None, None)
 
 
 _bilateral_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -98,26 +105,17 @@ _bilateral_attention_op.register_autograd(_backward, setup_context=_setup_contex
 
 class _EagerBilateral(torch.autograd.Function):
     """Eager training calls (dispatch.eager_call_ok): the op's forward and backward kernels
-    without the torch.library layers, same saved tensors and same backward as `_backward`."""
+    without the torch.library layers, saving what the op saves (`_setup_context`)."""
 
     @staticmethod
     def forward(ctx, q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask, backend):
-        o_s, o_x, lse_s, lse_x = dispatch.kernels(backend).bilateral_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask)
-        ctx.save_for_backward(q_s, k_s, v_s, q_x, k_x, v_x, o_s, o_x, lse_s, lse_x, image_mask)
-        ctx.scale, ctx.backend = scale, backend
-        return o_s, o_x
+        outputs = dispatch.kernels(backend).bilateral_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask)
+        _setup_context(ctx, (q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask, backend), outputs)
+        return outputs[:2]
 
     @staticmethod
     def backward(ctx, do_s, do_x):
-        q_s, k_s, v_s, q_x, k_x, v_x, o_s, o_x, lse_s, lse_x, image_mask = ctx.saved_tensors
-        do_s = torch.zeros_like(o_s) if do_s is None else do_s
-        do_x = torch.zeros_like(o_x) if do_x is None else do_x
-        args = (do_s, do_x, q_s, k_s, v_s, q_x, k_x, v_x, o_s, o_x, lse_s, lse_x, ctx.scale, image_mask)
-        if torch.is_grad_enabled():  # create_graph: the op, whose backward refuses a second derivative
-            grads = _bilateral_attention_backward_op(*args, ctx.backend)
-        else:
-            grads = dispatch.kernels(ctx.backend).bilateral_bwd(*args)
-        return (*grads, None, None, None)
+        return (*_input_grads(ctx, do_s, do_x, direct=True), None, None, None)
 
 
 # FLOP counts for torch.utils.flop_counter: per direction q@k^T and p@v (2 matmuls) forward,

@@ -56,11 +56,19 @@ def _setup_context(ctx, inputs, output):
     ctx.scale, ctx.backend = scale, backend
 
 
-def _backward(ctx, do, _dlse):
+def _input_grads(ctx, do, direct: bool):
+    """(dq, dk, dv) from the saved tensors. direct: call the backend's kernel instead of the
+    registered backward op, unless autograd is recording (create_graph), where the op refuses a
+    second derivative."""
     q, k, v, o, lse, key_mask = ctx.saved_tensors
     do = torch.zeros_like(o) if do is None else do
-    grads = _cross_attention_backward_op(do, q, k, v, o, lse, ctx.scale, key_mask, ctx.backend)
-    return (*grads, None, None, None)
+    if direct and not torch.is_grad_enabled():
+        return dispatch.kernels(ctx.backend).cross_bwd(do, q, k, v, o, lse, ctx.scale, key_mask)
+    return _cross_attention_backward_op(do, q, k, v, o, lse, ctx.scale, key_mask, ctx.backend)
+
+
+def _backward(ctx, do, _dlse):
+    return (*_input_grads(ctx, do, direct=False), None, None, None)
 
 
 _cross_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -68,24 +76,17 @@ _cross_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 class _EagerCross(torch.autograd.Function):
     """Eager training calls (dispatch.eager_call_ok): the op's forward and backward kernels
-    without the torch.library layers, same saved tensors and same backward as `_backward`."""
+    without the torch.library layers, saving what the op saves (`_setup_context`)."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale, key_mask, backend):
-        o, lse = dispatch.kernels(backend).cross_fwd(q, k, v, scale, key_mask)
-        ctx.save_for_backward(q, k, v, o, lse, key_mask)
-        ctx.scale, ctx.backend = scale, backend
-        return o
+        outputs = dispatch.kernels(backend).cross_fwd(q, k, v, scale, key_mask)
+        _setup_context(ctx, (q, k, v, scale, key_mask, backend), outputs)
+        return outputs[0]
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, key_mask = ctx.saved_tensors
-        do = torch.zeros_like(o) if do is None else do
-        if torch.is_grad_enabled():  # create_graph: the op, whose backward refuses a second derivative
-            grads = _cross_attention_backward_op(do, q, k, v, o, lse, ctx.scale, key_mask, ctx.backend)
-        else:
-            grads = dispatch.kernels(ctx.backend).cross_bwd(do, q, k, v, o, lse, ctx.scale, key_mask)
-        return (*grads, None, None, None)
+        return (*_input_grads(ctx, do, direct=True), None, None, None)
 
 
 # FLOP counts for torch.utils.flop_counter: q@k^T and p@v forward; five matmuls backward.
