@@ -156,8 +156,3 @@ def eager_call_ok(*tensors: torch.Tensor | None) -> bool:
 def needs_autograd(*tensors: torch.Tensor | None) -> bool:
     """Whether autograd records a call on these inputs."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def direct_call_ok(*tensors: torch.Tensor | None) -> bool:
-    """`eager_call_ok`, with nothing for autograd to record: the kernel's forward alone will do."""
-    return eager_call_ok(*tensors) and not needs_autograd(*tensors)

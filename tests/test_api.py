@@ -277,27 +277,30 @@ def test_dispatch_modes_and_transforms_go_through_the_ops(monkeypatch):
     assert counter.get_total_flops() > 0
 
 
-def test_direct_call_ok_only_for_plain_eager_tensors():
+def test_kernels_are_called_directly_only_for_plain_eager_tensors_with_nothing_to_record():
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.overrides import TorchFunctionMode
 
+    def direct_call_ok(*tensors):  # what the public functions ask before an inference call
+        return dispatch.eager_call_ok(*tensors) and not dispatch.needs_autograd(*tensors)
+
     x = torch.randn(3)
-    assert dispatch.direct_call_ok(x, None)
-    assert not dispatch.direct_call_ok(x, x.clone().requires_grad_())
+    assert direct_call_ok(x, None)
+    assert not direct_call_ok(x, x.clone().requires_grad_())
     with torch.no_grad():
-        assert dispatch.direct_call_ok(x.clone().requires_grad_())
+        assert direct_call_ok(x.clone().requires_grad_())
     seen = []
-    torch.func.grad(lambda t: seen.append(dispatch.direct_call_ok(t)) or t.sum())(x)
-    torch.func.vmap(lambda t: seen.append(dispatch.direct_call_ok(t)) or t)(x)
+    torch.func.grad(lambda t: seen.append(direct_call_ok(t)) or t.sum())(x)
+    torch.func.vmap(lambda t: seen.append(direct_call_ok(t)) or t)(x)
     assert seen == [False, False]
     with FakeTensorMode() as mode:
-        assert not dispatch.direct_call_ok(mode.from_tensor(x))
+        assert not direct_call_ok(mode.from_tensor(x))
 
     class PassThrough(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
             return func(*args, **(kwargs or {}))
 
     with PassThrough():
-        assert not dispatch.direct_call_ok(x)
-    compiled = torch.compile(lambda t: t + 1 if dispatch.direct_call_ok(t) else t - 1, backend="eager", fullgraph=True)
+        assert not direct_call_ok(x)
+    compiled = torch.compile(lambda t: t + 1 if direct_call_ok(t) else t - 1, backend="eager", fullgraph=True)
     assert torch.equal(compiled(x), x - 1)
