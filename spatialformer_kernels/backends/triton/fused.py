@@ -499,7 +499,8 @@ def _fwd_plan(B, H, M, N, D, elem, n_sm, arch, run_s, run_x, vector_rows):
     block_m = block_m_for(block_d, elem, backward=False, vector_rows=vector_rows, arch=arch)
     m_programs = triton.cdiv(M, block_m) if run_s else 1
     splits, chunk = split_plan(n_sm, B * H * m_programs, N)
-    return block_m, block_d, m_programs, splits, chunk, combine_shape(B * H, M, block_d, n_sm)
+    combine = (*combine_shape(B * H, M, block_d, n_sm), row_alignment(D))  # its partials are contiguous
+    return block_m, block_d, m_programs, splits, chunk, combine
 
 
 @functools.lru_cache(maxsize=1024)
@@ -527,9 +528,10 @@ def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_
         return o_s, o_x, lse_s, lse_x
     align = row_alignment(D, q_s, k_s, v_s, q_x, k_x, v_x)
     arch = capability(device)
-    block_m, block_d, m_programs, splits, chunk, (combine_grid, combine_m, combine_d, combine_warps) = _fwd_plan(
+    block_m, block_d, m_programs, splits, chunk, combine = _fwd_plan(
         B, H, M, N, D, elem, sm_count(device), arch, run_s, run_x, align * elem >= 16
     )
+    combine_grid, combine_m, combine_d, combine_warps, combine_align = combine
     meta = launch_meta(block_m, block_d, elem, False, run_s and run_x, run_s, arch)
     f32 = torch.float32
     o_x = lse_x = o_s = lse_s = None
@@ -560,7 +562,7 @@ def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_
         if run_s:
             _bilateral_combine_kernel[combine_grid](
                 part_acc, part_max, part_sum, o_s, lse_s, M, D, splits, BLOCK_M=combine_m, BLOCK_D=combine_d,
-                ALIGN=row_alignment(D), num_warps=combine_warps,
+                ALIGN=combine_align, num_warps=combine_warps,
             )
     return o_s, o_x, lse_s, lse_x
 
