@@ -70,8 +70,8 @@ def _new_kernels(jit_fns, before: dict) -> list[dict]:
     return out
 
 
-def _snapshot(jit_fns) -> dict:
-    return {(fn, key): True for fn in jit_fns for key in _compiled(fn)}
+def _snapshot(jit_fns) -> set:
+    return {(fn, key) for fn in jit_fns for key in _compiled(fn)}
 
 
 def graph_us(fn, calls: int = 20, replays: int = 10) -> float:
@@ -114,32 +114,23 @@ def pipelined_us(fn, calls: int = 50, rounds: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
+COMPARED = ("ours-triton", "sdpa-cudnn", "sdpa-flash")
+
+
 def compare(shape, dtype, emit) -> None:
-    """Ours against SDPA (two calls, cuDNN and FlashAttention backends) through the public
-    functions, forward and forward + backward: eager (do_bench), CUDA graph and pipelined."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    """Ours against SDPA (two calls, cuDNN and FlashAttention backends), the benchmark
+    harness's providers and callables, forward and forward + backward: eager (do_bench), CUDA
+    graph and pipelined."""
     from triton.testing import do_bench
 
     case = workload.Case.make(shape, dtype, torch.device("cuda"))
-    scale = case.scale
-    providers = {"ours-triton": (workload._ours("triton"), None),
-                 "sdpa-cudnn": (workload._sdpa, SDPBackend.CUDNN_ATTENTION),
-                 "sdpa-flash": (workload._sdpa, SDPBackend.FLASH_ATTENTION)}
-    for name, (fn, backend) in providers.items():
-        leaves = case.leaves()
-
-        def forward():
-            with torch.no_grad():
-                return fn(*case.inputs, scale)
-
-        def forward_backward():
-            outputs = fn(*leaves, scale)
-            return torch.autograd.grad(outputs, leaves, case.grad_outputs)
-
-        for pass_name, call in (("fwd", forward), ("fwd_bwd", forward_backward)):
-            row = {"compare": name, "shape": shape.label, "dims": shape.dims, "pass": pass_name}
+    providers = [p for p in workload.providers_for(torch.device("cuda")) if p.name in COMPARED]
+    for provider in providers:
+        for pass_name in ("fwd", "fwd_bwd"):
+            row = {"compare": provider.name, "shape": shape.label, "dims": shape.dims, "pass": pass_name}
             try:
-                with sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext():
+                with provider.context():
+                    call = workload.make_callable(provider, case, pass_name)
                     call()
                     torch.cuda.synchronize()
                     row["eager_us"] = round(do_bench(call, warmup=10, rep=60, return_mode="median") * 1e3, 2)
