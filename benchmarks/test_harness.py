@@ -521,3 +521,19 @@ def test_thread_choice():
     assert measurement.choose_threads("3") == 3 and measurement.choose_threads(1) == 1
     assert 1 <= measurement.choose_threads("auto") <= torch.get_num_threads()
     assert measurement.busy_cores(samples=2, interval_s=0.0) >= 0
+
+
+def test_host_cost_script_times_the_op_layers_and_the_triton_launchers():
+    if "cpu" not in dispatch.available_backends():
+        pytest.skip("the script stubs the C++ kernel's functions: it needs the cpu backend")
+    script = Path(__file__).parent / "host_cost.py"
+    env = {**os.environ, "TRITON_INTERPRET": "0"}  # the launchers' host cost, as on a GPU
+    result = subprocess.run([sys.executable, str(script), "--calls", "20"], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    times = dict(re.findall(r"^(.+?)\s+([0-9.]+) us$", result.stdout, re.M))
+    expected = ["op layers, inference call", "op layers, forward + backward"]
+    if "triton" in dispatch.available_backends():
+        expected += ["Triton forward launcher (cls224-stage1 bf16)", "Triton backward launcher (cls224-stage1 bf16)"]
+    for name in expected:
+        assert float(times[name]) > 0, result.stdout

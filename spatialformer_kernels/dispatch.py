@@ -135,9 +135,9 @@ def eager_call_ok(*tensors: torch.Tensor | None) -> bool:
 
     The op adds what eager calls do not need (a single node for torch.compile and torch.export,
     visibility to dispatch modes such as FlopCounterMode and to functorch transforms) and costs
-    host time per call: about 10 us for an inference call and about 100 us for a forward +
-    backward on a 2-core CPU, more after a large kernel has flushed the interpreter's data from
-    the caches; at the GPU benchmark shapes that is comparable to the kernels' own time. So:
+    host time per call: about 100 us for a forward + backward on a 2-core CPU (benchmarks/host_cost.py),
+    more after a large kernel has flushed the interpreter's data from the caches; at the GPU
+    benchmark shapes that is comparable to the kernels' own time. So:
     only in eager mode, with plain tensors, and no dispatch mode, function mode or functorch
     transform active. Anything else takes the op.
     """
