@@ -13,9 +13,10 @@ contiguous tensors; LSEs are float64 natural-log (see reference.py), -inf for a 
     bilateral_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask) -> (o_s, o_x, lse_s, lse_x)
     bilateral_bwd(do_s, do_x, q_s, k_s, v_s, q_x, k_x, v_x, o_s, o_x, lse_s, lse_x, scale,
                   image_mask) -> (dq_s, dk_s, dv_s, dq_x, dk_x, dv_x)
-    cross_fwd(q, k, v, scale, key_mask) -> (o, lse)
-    cross_bwd(do, q, k, v, o, lse, scale, key_mask) -> (dq, dk, dv)
+    cross_fwd(q, k, v, scale, key_mask, attn_mask) -> (o, lse)
+    cross_bwd(do, q, k, v, o, lse, scale, key_mask, attn_mask) -> (dq, dk, dv)
 
+(key_mask: bool [B, Lk] or None; attn_mask: bool [B, Lq, Lk], any strides, or None)
 and a tuple DTYPES of the dtypes it computes.
 """
 from __future__ import annotations

@@ -26,10 +26,13 @@ def cross_attention_reference_with_lse(
     scale: float,
     key_mask: Optional[torch.Tensor] = None,
     upcast: bool = False,
+    attn_mask: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q [B, H, Lq, D] over k, v [B, H, Lk, D]; returns (o [B, H, Lq, D], lse [B, H, Lq]).
 
-    key_mask: optional bool [B, Lk], True = the key takes part. upcast=True computes in
+    key_mask: optional bool [B, Lk], True = the key takes part. attn_mask: optional bool
+    [B, Lq, Lk] (broadcast over heads), True = the query attends to the key; a key takes part
+    for a query where both masks keep it. upcast=True computes in
     float32 for float16/bfloat16 inputs. o is in the input dtype; lse is float64 for every
     input dtype (the kernels' contract: a float32 LSE is off by up to 5e-4 at |logits| ~ 1e4,
     too coarse to recompute P from).
@@ -37,10 +40,7 @@ def cross_attention_reference_with_lse(
     out_dtype = q.dtype
     if upcast and q.dtype in (torch.float16, torch.bfloat16):
         q, k, v = q.float(), k.float(), v.float()
-    logits = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if key_mask is not None:
-        keep = key_mask[:, None, None, :]
-        logits = logits.masked_fill(~keep, float("-inf"))
+    logits = _masked_logits(torch.matmul(q, k.transpose(-1, -2)) * scale, key_mask, attn_mask)
     row_max = logits.amax(dim=-1, keepdim=True) if logits.shape[-1] > 0 else logits.new_zeros(*logits.shape[:-1], 1)
     # A row with no kept key has max -inf; shifting by 0 instead keeps exp(-inf) = 0 and no NaN.
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
@@ -52,6 +52,15 @@ def cross_attention_reference_with_lse(
     return out, lse
 
 
+def _masked_logits(logits, key_mask, attn_mask):
+    """logits [B, H, Lq, Lk] with -inf where key_mask [B, Lk] or attn_mask [B, Lq, Lk] drops a key."""
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    if attn_mask is not None:
+        logits = logits.masked_fill(~attn_mask[:, None, :, :], float("-inf"))
+    return logits
+
+
 def cross_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -59,9 +68,10 @@ def cross_attention_reference(
     scale: float,
     key_mask: Optional[torch.Tensor] = None,
     upcast: bool = False,
+    attn_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Attention of q [B, H, Lq, D] over k, v [B, H, Lk, D] -> [B, H, Lq, D]."""
-    return cross_attention_reference_with_lse(q, k, v, scale, key_mask, upcast)[0]
+    return cross_attention_reference_with_lse(q, k, v, scale, key_mask, upcast, attn_mask)[0]
 
 
 def bilateral_attention_reference(
@@ -91,20 +101,18 @@ def bilateral_attention_reference(
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def cross_fwd(q, k, v, scale, key_mask):
+def cross_fwd(q, k, v, scale, key_mask, attn_mask):
     """-> (o [B, H, Lq, D], lse [B, H, Lq] float64)."""
-    return cross_attention_reference_with_lse(q, k, v, scale, key_mask)
+    return cross_attention_reference_with_lse(q, k, v, scale, key_mask, attn_mask=attn_mask)
 
 
-def cross_bwd(do, q, k, v, o, lse, scale, key_mask):
+def cross_bwd(do, q, k, v, o, lse, scale, key_mask, attn_mask):
     """-> (dq, dk, dv): the softmax backward written out (a registered op runs below autograd,
     so it cannot differentiate the reference), P recomputed from the saved LSE, delta as
     rowsum(P * dP) as PyTorch's softmax backward forms it; 16-bit inputs computed in float32."""
     work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     q_, k_, v_, do_ = (t.to(work) for t in (q, k, v, do))
-    logits = torch.matmul(q_, k_.transpose(-1, -2)) * scale
-    if key_mask is not None:
-        logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    logits = _masked_logits(torch.matmul(q_, k_.transpose(-1, -2)) * scale, key_mask, attn_mask)
     has_key = torch.isfinite(lse)[..., None]  # a row with no kept key: P = 0, zero gradients
     p = torch.where(has_key, torch.exp(logits - torch.where(has_key, lse[..., None], 0).to(work)), 0)
     dp = torch.matmul(do_, v_.transpose(-1, -2))
@@ -117,13 +125,13 @@ def cross_bwd(do, q, k, v, o, lse, scale, key_mask):
 
 def bilateral_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask):
     """-> (o_s, o_x, lse_s, lse_x)."""
-    o_s, lse_s = cross_fwd(q_s, k_x, v_x, scale, image_mask)
-    o_x, lse_x = cross_fwd(q_x, k_s, v_s, scale, None)
+    o_s, lse_s = cross_fwd(q_s, k_x, v_x, scale, image_mask, None)
+    o_x, lse_x = cross_fwd(q_x, k_s, v_s, scale, None, None)
     return o_s, o_x, lse_s, lse_x
 
 
 def bilateral_bwd(do_s, do_x, q_s, k_s, v_s, q_x, k_x, v_x, o_s, o_x, lse_s, lse_x, scale, image_mask):
     """-> (dq_s, dk_s, dv_s, dq_x, dk_x, dv_x)."""
-    dq_s, dk_x, dv_x = cross_bwd(do_s, q_s, k_x, v_x, o_s, lse_s, scale, image_mask)
-    dq_x, dk_s, dv_s = cross_bwd(do_x, q_x, k_s, v_s, o_x, lse_x, scale, None)
+    dq_s, dk_x, dv_x = cross_bwd(do_s, q_s, k_x, v_x, o_s, lse_s, scale, image_mask, None)
+    dq_x, dk_s, dv_s = cross_bwd(do_x, q_x, k_s, v_s, o_x, lse_x, scale, None, None)
     return dq_s, dk_s, dv_s, dq_x, dk_x, dv_x

@@ -142,6 +142,45 @@ def mask_for_case(B: int, N: int, kind, device="cpu", seed: int = 3):
     return make_image_mask(B, N, empty_samples=(B - 1,) if kind == "empty" else (), device=device, seed=seed)
 
 
+ATTN_MASK_KINDS = ("random", "query_broadcast", "key_broadcast", "transposed", "sliced", "empty_rows")
+
+
+def make_attn_mask(B: int, Lq: int, Lk: int, kind: str | None, device="cpu", seed: int = 5) -> torch.Tensor | None:
+    """A per-query mask bool [B, Lq, Lk] for `cross_attention(attn_mask=...)` tests, by kind:
+    - "random": each pair kept with probability 0.4, and query 0 of every sample keeps no key;
+    - "query_broadcast": one [B, 1, Lk] row expanded over the queries (stride 0 on Lq);
+    - "key_broadcast": one [B, Lq, 1] column expanded over the keys (stride 0 on Lk): whole
+      rows kept or dropped;
+    - "transposed": a [B, Lk, Lq] buffer viewed as [B, Lq, Lk] (key stride 1, query stride Lk);
+    - "sliced": every other key of a [B, Lq, 2 Lk] buffer (key stride 2);
+    - "empty_rows": random, with every other query keeping no key at all;
+    None gives None."""
+    if kind is None:
+        return None
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(*shape, p=0.4):
+        return torch.rand(*shape, generator=generator) < p
+
+    if kind == "random":
+        mask = draw(B, Lq, Lk)
+        mask[:, 0] = False
+    elif kind == "query_broadcast":
+        mask = draw(B, 1, Lk, p=0.6).expand(B, Lq, Lk)
+    elif kind == "key_broadcast":
+        mask = draw(B, Lq, 1, p=0.7).expand(B, Lq, Lk)
+    elif kind == "transposed":
+        mask = draw(B, Lk, Lq).transpose(1, 2)
+    elif kind == "sliced":
+        mask = draw(B, Lq, 2 * Lk)[:, :, ::2]
+    elif kind == "empty_rows":
+        mask = draw(B, Lq, Lk, p=0.5)
+        mask[:, ::2] = False
+    else:
+        raise ValueError(f"unknown attn_mask kind {kind!r}; kinds: {ATTN_MASK_KINDS}")
+    return mask.to(device)
+
+
 def transposed_grad(shape, dtype: torch.dtype, seed: int, device="cpu") -> torch.Tensor:
     """A non-contiguous grad output of `shape` [B, H, L, D]: a [B, L, H, D] buffer viewed as [B, H, L, D]."""
     B, H, L, D = shape
@@ -186,15 +225,16 @@ def bilateral_results(inputs, grad_outputs, backend: str | None, scale=None, ima
     return [*outputs, *grads]
 
 
-def cross_results(q, k, v, grad_output, backend: str | None, scale=None, key_mask=None) -> list:
+def cross_results(q, k, v, grad_output, backend: str | None, scale=None, key_mask=None, attn_mask=None) -> list:
     """[o, dq, dk, dv] of `cross_attention` on `backend`; backend=None runs the reference."""
     from .ops.cross_attention import cross_attention
     from .reference import cross_attention_reference
 
     def run(*t):
         if backend is None:
-            return cross_attention_reference(*t, scale if scale is not None else t[0].shape[-1] ** -0.5, key_mask)
-        return cross_attention(*t, scale=scale, key_mask=key_mask, backend=backend)
+            scale_ = scale if scale is not None else t[0].shape[-1] ** -0.5
+            return cross_attention_reference(*t, scale_, key_mask, attn_mask=attn_mask)
+        return cross_attention(*t, scale=scale, key_mask=key_mask, attn_mask=attn_mask, backend=backend)
 
     outputs, grads = outputs_and_grads(run, (q, k, v), (grad_output,))
     return [*outputs, *grads]
@@ -205,9 +245,9 @@ def reference_bilateral_results(inputs, grad_outputs, scale=None, image_mask=Non
     return reference_pair(lambda *t: bilateral_results(t[:6], t[6:], None, scale, image_mask), [*inputs, *grad_outputs])
 
 
-def reference_cross_results(q, k, v, grad_output, scale=None, key_mask=None):
+def reference_cross_results(q, k, v, grad_output, scale=None, key_mask=None, attn_mask=None):
     """(same_dtype, exact) reference results, each as `cross_results` returns them."""
-    return reference_pair(lambda *t: cross_results(*t, None, scale, key_mask), [q, k, v, grad_output])
+    return reference_pair(lambda *t: cross_results(*t, None, scale, key_mask, attn_mask), [q, k, v, grad_output])
 
 
 def assert_results_close(got, same_dtype, exact, dtype: torch.dtype, names: Sequence[str], label: str = "") -> None:

@@ -163,9 +163,32 @@ def validate_bilateral(q_s, k_s, v_s, q_x, k_x, v_x, image_mask) -> None:
     _check_mask("image_mask", image_mask, "k_x", k_x)
 
 
-def validate_cross(q, k, v, key_mask) -> None:
+def _check_attn_mask(attn_mask: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor) -> None:
+    if attn_mask is None:
+        return
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool:
+        raise TypeError(f"attn_mask must have dtype torch.bool (True = attend), got {attn_mask.dtype}")
+    expected = (q.shape[0], q.shape[2], k.shape[2])
+    if tuple(attn_mask.shape) != expected:
+        shape, hint = tuple(attn_mask.shape), ""
+        if len(shape) == 4 and shape[1] == 1 and (shape[0], *shape[2:]) == expected:
+            hint = "; the mask is shared by every head: pass attn_mask[:, 0], a view without a copy"
+        elif len(shape) == 3 and q.shape[1] > 1 and shape == (q.shape[0] * q.shape[1], *expected[1:]):
+            hint = " ([B * H, Lq, Lk], as nn.MultiheadAttention takes it); one mask serves every head"
+        raise ValueError(
+            f"attn_mask must have shape [B, Lq, Lk] = {list(expected)} to match q {tuple(q.shape)} and "
+            f"k {tuple(k.shape)}, got {tuple(attn_mask.shape)}{hint}"
+        )
+    if attn_mask.device != q.device:
+        raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {q.device}")
+
+
+def validate_cross(q, k, v, key_mask, attn_mask=None) -> None:
     """Check the inputs of `cross_attention` (see its docstring for shapes)."""
     if _plainly_valid(((q,), (k, v)), key_mask, 2):
+        _check_attn_mask(attn_mask, q, k)
         return
     named = [("q", q), ("k", k), ("v", v)]
     _check_tensors(named)
@@ -173,3 +196,4 @@ def validate_cross(q, k, v, key_mask) -> None:
     _check_same_dims(named[1:], (2,), "key count")
     _check_head_dim("q", q)
     _check_mask("key_mask", key_mask, "k", k)
+    _check_attn_mask(attn_mask, q, k)

@@ -96,6 +96,30 @@ def test_bad_cross_inputs():
         sk.cross_attention(q, k, v, key_mask=torch.ones(B, N, dtype=torch.bool, device="meta"))
 
 
+def test_bad_attn_mask():
+    """attn_mask errors name the argument, the expected [B, Lq, Lk] and what came, with a hint
+    for the two layouts other libraries use (a head axis of 1, or [B * H, Lq, Lk])."""
+    q, k, v = make_bilateral_inputs(B, H, M, N, D)[3:]  # Lq = Lk = 7
+    q = q[:, :, :5]
+    with pytest.raises(ValueError, match=r"attn_mask must have shape \[B, Lq, Lk\] = \[2, 5, 7\] to match q "
+                                         r"\(2, 2, 5, 16\) and k \(2, 2, 7, 16\), got \(2, 7, 5\)$"):
+        sk.cross_attention(q, k, v, attn_mask=torch.ones(B, 7, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"got \(2, 1, 5, 7\); the mask is shared by every head: pass attn_mask\[:, 0\]"):
+        sk.cross_attention(q, k, v, attn_mask=torch.ones(B, 1, 5, 7, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"got \(4, 5, 7\) \(\[B \* H, Lq, Lk\], as nn.MultiheadAttention"):
+        sk.cross_attention(q, k, v, attn_mask=torch.ones(B * H, 5, 7, dtype=torch.bool))
+    with pytest.raises(TypeError, match=r"attn_mask must have dtype torch.bool \(True = attend\), got torch.float32"):
+        sk.cross_attention(q, k, v, attn_mask=torch.zeros(B, 5, 7))
+    with pytest.raises(TypeError, match=r"attn_mask must be a torch.Tensor or None, got list"):
+        sk.cross_attention(q, k, v, attn_mask=[[True]])
+    with pytest.raises(ValueError, match=r"attn_mask is on meta but q is on cpu"):
+        sk.cross_attention(q, k, v, attn_mask=torch.ones(B, 5, 7, dtype=torch.bool, device="meta"))
+    # the mask is checked on the slow path too (inputs that need the explaining checks)
+    with pytest.raises(ValueError, match=r"attn_mask must have shape"):
+        sk.cross_attention(q, k, v, key_mask=torch.ones(B, N, dtype=torch.bool).t().contiguous().t(),
+                           attn_mask=torch.ones(B, 5, 5, dtype=torch.bool))
+
+
 def test_backend_that_cannot_take_the_tensors_names_backend_device_and_dtype(monkeypatch):
     meta = [torch.empty(1, 1, L, 8, device="meta") for L in (3, 3, 3, 5, 5, 5)]
     if "cpu" in sk.available_backends():

@@ -1,7 +1,9 @@
 """The C++ CPU backend itself (its parity with the reference is tests/test_kernel_parity.py,
 its vector ISAs tests/test_cpu_isa.py): the first-use build (announced, cached by content, a
-clean fallback without a compiler), bitwise determinism across thread counts, and the
-kernel-level input checks that guard it when called past the public validation."""
+clean fallback without a compiler), bitwise determinism across thread counts, the
+kernel-level input checks that guard it when called past the public validation, and cross
+attention's per-query attn_mask through the backend's own functions (every dtype, mask
+strides, both work splits, rows without a kept key, the skipped and the unmasked tile paths)."""
 import json
 import os
 import shutil
@@ -14,16 +16,23 @@ import torch
 
 import spatialformer_kernels as sk
 from spatialformer_kernels.backends import cpu as cpu_backend
+from spatialformer_kernels.reference import cross_attention_reference
 from spatialformer_kernels.testing import (
+    CROSS_RESULT_NAMES,
+    assert_results_close,
     bilateral_results,
+    case_id,
     cross_results,
+    make_attn_mask,
     make_bilateral_inputs,
     make_image_mask,
+    outputs_and_grads,
+    reference_pair,
     transposed_grad,
 )
 
 HAS_COMPILER = shutil.which(os.environ.get("CXX", "c++")) is not None
-FP32 = torch.float32
+FP16, BF16, FP32, FP64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 
 
 def test_kernel_builds_where_a_compiler_exists():
@@ -131,14 +140,160 @@ def test_kernel_rejects_bad_backward_inputs(which, bad, fragments):
 def test_kernel_rejects_bad_cross_inputs():
     q, k, v = make_bilateral_inputs(2, 2, 3, 9, 8)[3:]
     with pytest.raises(RuntimeError, match=r"k must have shape \[B, H, Lk, D\]"):
-        cpu_backend.cross_fwd(q, k[:, :1], v[:, :1], 0.5, None)
+        cpu_backend.cross_fwd(q, k[:, :1], v[:, :1], 0.5, None, None)
     with pytest.raises(RuntimeError, match=r"v must have shape"):
-        cpu_backend.cross_fwd(q, k, v[:, :, :-1], 0.5, None)
+        cpu_backend.cross_fwd(q, k, v[:, :, :-1], 0.5, None, None)
     with pytest.raises(RuntimeError, match=r"key_mask must have shape \[2, 9\]"):
-        cpu_backend.cross_fwd(q, k, v, 0.5, torch.ones(2, 8, dtype=torch.bool))
-    o, lse = cpu_backend.cross_fwd(q, k, v, 0.5, None)
+        cpu_backend.cross_fwd(q, k, v, 0.5, torch.ones(2, 8, dtype=torch.bool), None)
+    o, lse = cpu_backend.cross_fwd(q, k, v, 0.5, None, None)
     with pytest.raises(RuntimeError, match=r"lse must have shape"):
-        cpu_backend.cross_bwd(torch.randn_like(o), q, k, v, o, lse[:, :1], 0.5, None)
+        cpu_backend.cross_bwd(torch.randn_like(o), q, k, v, o, lse[:, :1], 0.5, None, None)
+
+
+# -- cross attention with attn_mask, through the backend's functions (cross_fwd, cross_bwd) --
+SCALE = 0.7
+
+
+def _cross_inputs(B, H, Lq, Lk, D, dtype, seed=20):
+    """q in the [B, L, H, D] layout, k and v strided slices, a non-contiguous grad output."""
+    q = make_bilateral_inputs(B, H, 1, Lq, D, dtype, layout="bnhd", seed=seed)[3]
+    k, v = make_bilateral_inputs(B, H, 1, Lk, D, dtype, layout="strided", seed=seed + 1)[4:]
+    return q, k, v, transposed_grad((B, H, Lq, D), dtype, seed + 2)
+
+
+def _backend_cross(q, k, v, grad, key_mask, attn_mask):
+    """([o, dq, dk, dv], lse) from the backend's kernels."""
+    o, lse = cpu_backend.cross_fwd(q, k, v, SCALE, key_mask, attn_mask)
+    return [o, *cpu_backend.cross_bwd(grad, q, k, v, o, lse, SCALE, key_mask, attn_mask)], lse
+
+
+def _reference_cross(q, k, v, grad, key_mask, attn_mask):
+    """(same_dtype, exact) [o, dq, dk, dv] of the reference, by autograd."""
+
+    def run(*t):
+        outputs, grads = outputs_and_grads(
+            lambda *u: cross_attention_reference(*u, SCALE, key_mask, attn_mask=attn_mask), t[:3], t[3:]
+        )
+        return [*outputs, *grads]
+
+    return reference_pair(run, [q, k, v, grad])
+
+
+# (B, H, Lq, Lk, D, dtype, attn_mask kind, with key_mask). The plan (bca_cpu.cpp plan_cross)
+# splits queries for Lq > 64 and few (batch, head)s, keys for Lk >= 512 once queries are
+# split: Lq 100/101 over Lk 257 and 65 query splits only, Lq 1-5 over Lk 1100 key splits only,
+# Lq 100 over Lk 1100 both. D = 40, 24, 8 are not whole 16-float vectors; Lk = 257, 65 and 63
+# end in a ragged tile. "random" drops every key of query 0, "empty_rows" of every other query.
+ATTN_MASK_CASES = [
+    (2, 2, 100, 257, 40, FP32, "random", False),
+    (1, 2, 3, 1100, 24, FP32, "transposed", True),
+    (1, 1, 100, 1100, 32, FP16, "sliced", True),
+    (2, 1, 101, 65, 8, FP64, "query_broadcast", False),
+    (2, 1, 1, 5, 40, BF16, "key_broadcast", True),
+    (2, 2, 5, 63, 24, FP64, "empty_rows", True),
+    (1, 1, 1, 1, 8, FP32, "random", False),  # the only key dropped: o = 0, lse = -inf, no gradient
+]
+
+
+def _attn_case_id(case):
+    """e.g. B2-H2-Lq100-Lk257-D40-fp32-random(-keymask)."""
+    B, H, Lq, Lk, D, dtype, kind, with_key_mask = case
+    short = case_id(B, H, Lq, Lk, D, dtype).split("-")[-1]
+    return f"B{B}-H{H}-Lq{Lq}-Lk{Lk}-D{D}-{short}-{kind}" + ("-keymask" if with_key_mask else "")
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", ATTN_MASK_CASES, ids=_attn_case_id)
+def test_attn_mask_matches_reference(case):
+    B, H, Lq, Lk, D, dtype, kind, with_key_mask = case
+    q, k, v, grad = _cross_inputs(B, H, Lq, Lk, D, dtype)
+    attn_mask = make_attn_mask(B, Lq, Lk, kind)
+    key_mask = make_image_mask(B, Lk, seed=21) if with_key_mask else None
+    got, lse = _backend_cross(q, k, v, grad, key_mask, attn_mask)
+    same_dtype, exact = _reference_cross(q, k, v, grad, key_mask, attn_mask)
+    assert_results_close(got, same_dtype, exact, dtype, CROSS_RESULT_NAMES, _attn_case_id(case))
+    # a query row without a kept key: o = 0, lse = -inf and no gradient, exactly
+    kept = attn_mask if key_mask is None else attn_mask & key_mask[:, None, :]
+    empty = ~kept.any(-1)[:, None, :].expand(B, H, Lq)
+    if kind in ("random", "empty_rows"):
+        assert empty.any()
+    assert torch.equal(lse.isneginf(), empty)
+    o, dq = got[0], got[1]
+    assert (o[empty] == 0).all() and (dq[empty] == 0).all()
+    # a key no query keeps gets no gradient, exactly
+    unused = ~kept.any(1)[:, None, :].expand(B, H, Lk)
+    assert (got[2][unused] == 0).all() and (got[3][unused] == 0).all()
+
+
+@needs_kernel
+def test_attn_mask_of_all_true_is_bitwise_the_unmasked_kernel():
+    """Every query keeps every key of every tile: the unmasked column path, bit for bit."""
+    q, k, v, grad = _cross_inputs(1, 2, 100, 300, 40, FP32)
+    everything = torch.ones(1, 1, 1, dtype=torch.bool).expand(1, 100, 300)  # stride 0 on every axis
+    masked, _ = _backend_cross(q, k, v, grad, None, everything)
+    unmasked, _ = _backend_cross(q, k, v, grad, None, None)
+    for name, a, b in zip(CROSS_RESULT_NAMES, masked, unmasked):
+        assert torch.equal(a, b), name
+
+
+@needs_kernel
+def test_attn_mask_skips_tiles_exactly():
+    """Keys only one tile keeps for any query: the skipped tiles change no bit of the online
+    softmax, so o and dq equal attention over that tile alone, and the other keys' dk, dv are 0."""
+    q, k, v, grad = _cross_inputs(2, 1, 40, 200, 24, FP32)
+    attn_mask = torch.zeros(2, 40, 200, dtype=torch.bool)
+    attn_mask[:, :, :64] = True  # the first tile of 64 keys, for every query
+    masked, _ = _backend_cross(q, k, v, grad, None, attn_mask)
+    first_tile, _ = _backend_cross(q, k[:, :, :64], v[:, :, :64], grad, None, None)
+    assert torch.equal(masked[0], first_tile[0]) and torch.equal(masked[1], first_tile[1])
+    for got, alone in zip(masked[2:], first_tile[2:]):
+        assert torch.equal(got[:, :, :64], alone)
+        assert (got[:, :, 64:] == 0).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("Lq, Lk", [(100, 257), (5, 1100), (130, 700)], ids=["query-splits", "key-splits", "both"])
+def test_attn_mask_bitwise_deterministic_across_thread_counts(Lq, Lk):
+    q, k, v, grad = _cross_inputs(2, 2, Lq, Lk, 32, FP32, seed=30)
+    attn_mask = make_attn_mask(2, Lq, Lk, "random", seed=31)
+    key_mask = make_image_mask(2, Lk, seed=32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        first, _ = _backend_cross(q, k, v, grad, key_mask, attn_mask)
+        for count in (2, 1, 3):
+            torch.set_num_threads(count)
+            again, _ = _backend_cross(q, k, v, grad, key_mask, attn_mask)
+            for name, a, b in zip(CROSS_RESULT_NAMES, first, again):
+                assert torch.equal(a, b), f"{name} differs with {count} threads"
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "attn_mask,fragments",
+    [
+        (torch.ones(2, 9, 9), ["attn_mask", "dtype bool", "Float"]),
+        (torch.ones(2, 9, 8, dtype=torch.bool), ["attn_mask", "[B, Lq, Lk] = [2, 9, 9]", "[2, 9, 8]"]),
+        (torch.ones(2, 1, 9, 9, dtype=torch.bool), ["attn_mask", "[B, Lq, Lk]", "[2, 1, 9, 9]"]),
+        (torch.ones(9, 9, dtype=torch.bool), ["attn_mask", "[B, Lq, Lk]", "[9, 9]"]),
+        (torch.empty(2, 9, 9, dtype=torch.bool, device="meta"), ["attn_mask", "CPU tensor", "meta"]),
+    ],
+    ids=["dtype", "shape", "rank-4", "rank-2", "device"],
+)
+def test_kernel_rejects_bad_attn_mask(attn_mask, fragments):
+    q, k, v = make_bilateral_inputs(2, 2, 3, 9, 8)[3:]
+    o, lse = cpu_backend.cross_fwd(q, k, v, 0.5, None, None)
+    calls = [
+        lambda: cpu_backend.cross_fwd(q, k, v, 0.5, None, attn_mask),
+        lambda: cpu_backend.cross_bwd(torch.randn_like(o), q, k, v, o, lse, 0.5, None, attn_mask),
+    ]
+    for call in calls:
+        with pytest.raises(RuntimeError) as raised:
+            call()
+        for fragment in fragments:
+            assert fragment in str(raised.value), f"{fragment!r} not in {raised.value}"
 
 
 def test_no_compiler_still_imports_warns_once_and_drops_cpu(tmp_path):

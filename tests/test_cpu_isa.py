@@ -10,6 +10,7 @@ from spatialformer_kernels.reference import bilateral_attention_reference, cross
 from spatialformer_kernels.testing import (
     assert_close,
     bilateral_case_id,
+    make_attn_mask,
     make_bilateral_inputs,
     mask_for_case,
     outputs_and_grads,
@@ -31,6 +32,15 @@ BILATERAL_CASES = [
     (1, 1, 17, 200, 24, FP64, "bnhd", "mask"),
 ]
 CROSS_CASES = [(1, 1, 5, 3000, 40, FP32), (1, 2, 700, 30, 8, BF16)]  # (B, H, Lq, Lk, D, dtype)
+# (B, H, Lq, Lk, D, dtype, attn_mask kind, with key_mask): tiles some queries keep in part (the
+# row form over a block's active queries, with select_kept's float and double vector code) and
+# tiles no query keeps (skipped); in the "random" case every query also keeps the whole first
+# tile, which takes the unmasked column path.
+CROSS_ATTN_MASK_CASES = [
+    (1, 2, 70, 300, 40, FP32, "random", False),
+    (2, 1, 5, 700, 24, FP64, "transposed", True),
+    (1, 1, 33, 130, 8, BF16, "query_broadcast", False),
+]
 
 
 @pytest.fixture(scope="module", params=cpu_backend.cpu_isas())
@@ -98,3 +108,34 @@ def test_isa_build_cross_attention_matches_reference(isa_ops, case):
     for name, value, ref_value, exact_value in zip(("o", "dq", "dk", "dv"), got, [*ref_out, *ref_grads],
                                                    [*exact_out, *exact_grads]):
         assert_close(value, ref_value, exact_value, dtype, f"{isa} {name}")
+
+
+@pytest.mark.parametrize("case", CROSS_ATTN_MASK_CASES,
+                         ids=lambda c: f"Lq{c[2]}-Lk{c[3]}-D{c[4]}-{str(c[5])[6:]}-{c[6]}" + ("-keymask" if c[7] else ""))
+def test_isa_build_cross_attention_with_attn_mask(isa_ops, case):
+    isa, ops = isa_ops
+    B, H, Lq, Lk, D, dtype, kind, with_key_mask = case
+    q = make_bilateral_inputs(B, H, 1, Lq, D, dtype, layout="bnhd", seed=17)[3]
+    k, v = make_bilateral_inputs(B, H, 1, Lk, D, dtype, layout="strided", seed=18)[4:]
+    grad = transposed_grad((B, H, Lq, D), dtype, 19)
+    attn_mask = make_attn_mask(B, Lq, Lk, kind)
+    if kind == "random":
+        attn_mask = attn_mask | (torch.arange(Lk) < 64)
+    key_mask = mask_for_case(B, Lk, "mask") if with_key_mask else None
+
+    def kernel(ops):
+        o, lse = ops.cross_fwd(q, k, v, 0.3, key_mask, attn_mask)
+        return [o, *ops.cross_bwd(grad, q, k, v, o, lse, 0.3, key_mask, attn_mask)]
+
+    got, package = kernel(ops), kernel(torch.ops.spatialformer_cpu)
+    (ref_out, ref_grads), (exact_out, exact_grads) = reference_pair(
+        lambda *t: outputs_and_grads(
+            lambda *u: cross_attention_reference(*u, 0.3, key_mask, attn_mask=attn_mask), t[:3], t[3:]
+        ),
+        [q, k, v, grad],
+    )
+    for name, value, ref_value, exact_value, package_value in zip(
+        ("o", "dq", "dk", "dv"), got, [*ref_out, *ref_grads], [*exact_out, *exact_grads], package
+    ):
+        assert_close(value, ref_value, exact_value, dtype, f"{isa} {name} vs reference")
+        assert_close(value, ref_value, package_value, dtype, f"{isa} {name} vs the {cpu_backend.vector_isa()} build")

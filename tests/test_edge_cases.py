@@ -15,11 +15,15 @@ from spatialformer_kernels import dispatch
 from spatialformer_kernels.reference import bilateral_attention_reference
 from spatialformer_kernels.testing import (
     BILATERAL_RESULT_NAMES,
+    CROSS_RESULT_NAMES,
     INPUT_NAMES,
     assert_close,
+    assert_results_close,
     bilateral_results,
+    cross_results,
     make_bilateral_inputs,
     reference_bilateral_results,
+    reference_cross_results,
     reference_pair,
 )
 
@@ -69,6 +73,30 @@ def test_cross_attention_with_no_kept_key(any_backend, few_queries):
     for name, t in (("o", o), ("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
         assert torch.isfinite(t).all() and torch.count_nonzero(t[0]) == 0, name
     assert torch.count_nonzero(o[1]) > 0
+
+
+@pytest.mark.parametrize("few_queries", [True, False], ids=["few-queries", "many-queries"])
+def test_attn_mask_edge_values(any_backend, few_queries):
+    """A per-query mask that keeps nothing gives zeros and zero gradients everywhere (finite);
+    one that keeps everything gives the results of the call without it bit for bit (a fully
+    kept tile takes the unmasked path); one that repeats the key mask on every query gives the
+    key mask's results under the tolerance rule (the C++ kernel may take its row form for
+    partly kept tiles, which sums in another order)."""
+    lq, lk = (M, N) if few_queries else (N, M)
+    q, k, v = (torch.randn(B, H, length, D, device=DEVICE) for length in (lq, lk, lk))
+    grad = torch.randn(B, H, lq, D, device=DEVICE)
+    nothing = torch.zeros(B, lq, lk, dtype=torch.bool, device=DEVICE)
+    for name, t in zip(CROSS_RESULT_NAMES, cross_results(q, k, v, grad, any_backend, attn_mask=nothing)):
+        assert torch.isfinite(t).all() and torch.count_nonzero(t) == 0, name
+    for name, a, e in zip(CROSS_RESULT_NAMES, cross_results(q, k, v, grad, any_backend, attn_mask=~nothing),
+                          cross_results(q, k, v, grad, any_backend)):
+        assert torch.equal(a, e), name
+    key_mask = torch.rand(B, lk, device=DEVICE) < 0.6
+    key_mask[:, 0] = True
+    same, exact = reference_cross_results(q, k, v, grad, key_mask=key_mask)
+    for masks in (dict(attn_mask=key_mask[:, None, :].expand(B, lq, lk)), dict(key_mask=key_mask, attn_mask=~nothing)):
+        got = cross_results(q, k, v, grad, any_backend, **masks)
+        assert_results_close(got, same, exact, FP32, CROSS_RESULT_NAMES, str(sorted(masks)))
 
 
 def _forbid_kernels(monkeypatch, backend):

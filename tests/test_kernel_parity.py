@@ -1,6 +1,7 @@
 """Every kernel backend against the reference, under the one tolerance rule: outputs, LSEs and
 all gradients of both ops, on odd shapes, every dtype the backend computes, every layout and
-mask; bitwise-equal reruns; torch.compile(fullgraph=True). The backends come from the
+mask (cross attention's per-query attn_mask included, in every stride pattern); bitwise-equal
+reruns; torch.compile(fullgraph=True). The backends come from the
 `kernel_backend` fixture (tests/conftest.py), so a new backend gets this whole file."""
 import pytest
 import torch
@@ -17,6 +18,7 @@ from spatialformer_kernels.testing import (
     bilateral_results,
     case_id,
     cross_results,
+    make_attn_mask,
     make_bilateral_inputs,
     make_image_mask,
     mask_for_case,
@@ -127,7 +129,7 @@ def test_cross_outputs_gradients_and_lse_match_reference(kernel_backend, device,
     got = cross_results(q, k, v, grad, kernel_backend, 0.3, mask)
     same, exact = reference_cross_results(q, k, v, grad, 0.3, mask)
     assert_results_close(got, same, exact, dtype, CROSS_RESULT_NAMES, _cross_case_id(case))
-    _, lse = dispatch.kernels(kernel_backend).cross_fwd(q, k, v, 0.3, mask)
+    _, lse = dispatch.kernels(kernel_backend).cross_fwd(q, k, v, 0.3, mask, None)
     ref_lse, exact_lse = reference_pair(lambda *t: cross_attention_reference_with_lse(*t, 0.3, mask, upcast=True)[1],
                                         [q, k, v])
     assert lse.dtype == torch.float64  # for every input dtype
@@ -174,6 +176,92 @@ def test_torch_compile_fullgraph_traces_the_ops(kernel_backend, device):
     grads = torch.autograd.grad(loss, inputs)
     expected_loss = step(*inputs)
     expected = torch.autograd.grad(expected_loss, inputs)
+    assert torch.equal(loss, expected_loss)
+    for a, e in zip(grads, expected):
+        assert torch.equal(a, e)
+
+
+# Per-query masks (cross attention's attn_mask, [B, Lq, Lk], any strides), alone and with a
+# key mask: (B, H, Lq, Lk, D, dtype, layout, attn_mask kind (testing.make_attn_mask), key mask).
+# Both regimes; Lq = 100 (Mask2Former's queries: more than one Triton spatial block, so its
+# backward loops over blocks), odd sizes, D = 40 and 96 (the Triton fp32 wide-head backward).
+ATTN_MASK_CASES = [
+    (2, 2, 100, 300, 32, FP32, "bnhd", "random", None),
+    (1, 2, 100, 300, 32, BF16, "contiguous", "query_broadcast", "mask"),
+    (2, 1, 7, 130, 40, FP16, "strided", "key_broadcast", None),
+    (1, 1, 5, 1025, 8, FP32, "strided", "transposed", "mask"),
+    (2, 1, 3, 97, 96, FP32, "bnhd", "sliced", None),
+    (1, 2, 130, 20, 16, BF16, "bnhd", "random", "mask"),
+    (2, 1, 300, 7, 40, FP32, "contiguous", "empty_rows", None),
+    (1, 1, 49, 600, 16, FP64, "strided", "empty_rows", "empty"),
+    (1, 1, 1, 1, 8, FP32, "contiguous", "random", None),
+]
+
+
+def _attn_mask_case_id(case):
+    B, H, Lq, Lk, D, dtype, layout, kind, key_mask_kind = case
+    return f"{case_id(B, H, Lq, Lk, D, dtype)}-{layout}-{kind}-{key_mask_kind or 'nokeymask'}"
+
+
+@pytest.mark.parametrize("case", ATTN_MASK_CASES, ids=_attn_mask_case_id)
+def test_cross_with_attn_mask_matches_reference(kernel_backend, device, case):
+    B, H, Lq, Lk, D, dtype, layout, kind, key_mask_kind = case
+    _skip_unsupported(kernel_backend, dtype)
+    q = make_bilateral_inputs(B, H, 1, Lq, D, dtype, device=device, layout=layout, seed=16)[3]
+    k, v = make_bilateral_inputs(B, H, 1, Lk, D, dtype, device=device, layout=layout, seed=17)[4:]
+    key_mask = mask_for_case(B, Lk, key_mask_kind, device=device)
+    attn_mask = make_attn_mask(B, Lq, Lk, kind, device=device)
+    grad = transposed_grad((B, H, Lq, D), dtype, 18, device)
+
+    got = cross_results(q, k, v, grad, kernel_backend, 0.3, key_mask, attn_mask)
+    same, exact = reference_cross_results(q, k, v, grad, 0.3, key_mask, attn_mask)
+    assert_results_close(got, same, exact, dtype, CROSS_RESULT_NAMES, _attn_mask_case_id(case))
+    _, lse = dispatch.kernels(kernel_backend).cross_fwd(q, k, v, 0.3, key_mask, attn_mask)
+    ref_lse, exact_lse = reference_pair(
+        lambda *t: cross_attention_reference_with_lse(*t, 0.3, key_mask, upcast=True, attn_mask=attn_mask)[1],
+        [q, k, v],
+    )
+    assert_close(lse, ref_lse, exact_lse, FP32, "lse")
+    # a query row with no kept key: output 0, LSE -inf, dq 0
+    keeps = attn_mask if key_mask is None else attn_mask & key_mask[:, None, :]
+    empty = ~keeps.any(-1)  # [B, Lq]
+    assert empty.any() or kind in ("query_broadcast", "transposed", "sliced")
+    for t in (got[0], got[1]):
+        assert torch.equal(t.transpose(1, 2)[empty], torch.zeros_like(t.transpose(1, 2)[empty]))
+    assert torch.all(lse.transpose(1, 2)[empty] == float("-inf"))
+
+
+def test_attn_mask_runs_are_bitwise_equal(kernel_backend, device):
+    """Per-query masks keep the determinism of the split reductions."""
+    B, H, Lq, Lk, D = 1, 2, 100, 700, 32
+    q = make_bilateral_inputs(B, H, 1, Lq, D, FP32, device=device, seed=21)[3]
+    k, v = make_bilateral_inputs(B, H, 1, Lk, D, FP32, device=device, seed=22)[4:]
+    attn_mask = make_attn_mask(B, Lq, Lk, "random", device=device)
+    grad = transposed_grad((B, H, Lq, D), FP32, 23, device)
+    first = cross_results(q, k, v, grad, kernel_backend, None, None, attn_mask)
+    second = cross_results(q, k, v, grad, kernel_backend, None, None, attn_mask)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_torch_compile_fullgraph_traces_attn_mask(kernel_backend, device):
+    """cross_attention with a per-query mask (a stride-0 expand, as a decoder builds it) traces
+    as one node without a graph break and gives the eager results, forward and backward."""
+    B, H, Lq, Lk, D = 2, 2, 10, 40, 16
+    q = make_bilateral_inputs(B, H, 1, Lq, D, FP32, device=device, seed=24)[3].requires_grad_()
+    k, v = (t.requires_grad_() for t in make_bilateral_inputs(B, H, 1, Lk, D, FP32, device=device, seed=25)[4:])
+    blobs = make_attn_mask(B, Lq, Lk, "random", device=device)
+
+    def step(q, k, v, mask):
+        o = sk.cross_attention(q, k, v, attn_mask=mask[:, :1].expand(B, Lq, Lk) | mask, backend=kernel_backend)
+        return o.square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss = compiled(q, k, v, blobs)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    expected_loss = step(q, k, v, blobs)
+    expected = torch.autograd.grad(expected_loss, (q, k, v))
     assert torch.equal(loss, expected_loss)
     for a, e in zip(grads, expected):
         assert torch.equal(a, e)

@@ -1,6 +1,7 @@
 """Property-based tests (hypothesis): every kernel backend agrees with the reference, under
 the one tolerance rule, on outputs and on the gradients of all inputs, for random shapes,
-dtypes, layouts, masks, scales and grad-output layouts.
+dtypes, layouts, masks (cross attention's per-query attn_mask in every stride pattern too),
+scales and grad-output layouts.
 
 Layouts are built as views of a leaf "base" tensor, so the kernels see the strides and the
 gradients flow back through the view (an expanded input's gradient is summed, a sliced
@@ -20,7 +21,15 @@ from hypothesis import strategies as st
 
 import spatialformer_kernels as sk
 from spatialformer_kernels.reference import bilateral_attention_reference, cross_attention_reference
-from spatialformer_kernels.testing import BILATERAL_RESULT_NAMES, CROSS_RESULT_NAMES, assert_close, case_id, reference_pair
+from spatialformer_kernels.testing import (
+    ATTN_MASK_KINDS,
+    BILATERAL_RESULT_NAMES,
+    CROSS_RESULT_NAMES,
+    assert_close,
+    case_id,
+    make_attn_mask,
+    reference_pair,
+)
 
 FP16, BF16, FP32, FP64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 
@@ -208,3 +217,27 @@ def test_cross_attention_matches_reference(kernel_backend, data):
     q_shape, kv_shape = (case.B, case.H, lq, case.D), (case.B, case.H, lk, case.D)
     _check(case, backend, _cross, cross_attention_reference, [q_shape, kv_shape, kv_shape], [q_shape],
            CROSS_RESULT_NAMES)
+
+
+@given(data=st.data())
+def test_cross_attention_with_attn_mask_matches_reference(kernel_backend, data):
+    """A per-query mask [B, Lq, Lk] of every stride pattern (testing.make_attn_mask, and one
+    shared by the batch: stride 0 along B), with or without a key mask, in both regimes."""
+    backend = kernel_backend
+    case = data.draw(cases(backend, 3, 1), label="case")
+    queries_short = data.draw(st.booleans(), label="few queries over many keys")
+    kind = data.draw(st.sampled_from(ATTN_MASK_KINDS + ("expand_b",)), label="attn_mask")
+    lq, lk = (case.M, case.N) if queries_short else (case.N, case.M)
+    if kind == "expand_b":
+        attn_mask = make_attn_mask(1, lq, lk, "random", device=DEVICE, seed=case.seed).expand(case.B, lq, lk)
+    else:
+        attn_mask = make_attn_mask(case.B, lq, lk, kind, device=DEVICE, seed=case.seed)
+
+    def op(*t, mask, backend, scale):
+        return sk.cross_attention(*t, scale=scale, key_mask=mask, attn_mask=attn_mask, backend=backend)
+
+    def reference(*t):
+        return cross_attention_reference(*t[:-2], t[-2], t[-1], attn_mask=attn_mask)
+
+    q_shape, kv_shape = (case.B, case.H, lq, case.D), (case.B, case.H, lk, case.D)
+    _check(case, backend, op, reference, [q_shape, kv_shape, kv_shape], [q_shape], CROSS_RESULT_NAMES)

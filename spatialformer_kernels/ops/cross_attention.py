@@ -17,15 +17,23 @@ from ..reference import cross_attention_reference
 from ..validation import resolve_scale, validate_cross
 
 
+# attn_mask comes last, with a default, so calls written before it existed (TorchScript models
+# calling torch.ops.spatialformer.cross_attention positionally) keep working.
 @torch.library.custom_op("spatialformer::cross_attention", mutates_args=())
 def _cross_attention_op(
-    q: Tensor, k: Tensor, v: Tensor, scale: float, key_mask: Optional[Tensor], backend: str
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+    key_mask: Optional[Tensor],
+    backend: str,
+    attn_mask: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
-    return dispatch.op_kernels(backend, q, k).cross_fwd(q, k, v, scale, key_mask)
+    return dispatch.op_kernels(backend, q, k).cross_fwd(q, k, v, scale, key_mask, attn_mask)
 
 
 @_cross_attention_op.register_fake
-def _(q, k, v, scale, key_mask, backend):
+def _(q, k, v, scale, key_mask, backend, attn_mask=None):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float64)
 
 
@@ -40,19 +48,20 @@ def _cross_attention_backward_op(
     scale: float,
     key_mask: Optional[Tensor],
     backend: str,
+    attn_mask: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return dispatch.op_kernels(backend, q, k).cross_bwd(do, q, k, v, o, lse, scale, key_mask)
+    return dispatch.op_kernels(backend, q, k).cross_bwd(do, q, k, v, o, lse, scale, key_mask, attn_mask)
 
 
 @_cross_attention_backward_op.register_fake
-def _(do, q, k, v, o, lse, scale, key_mask, backend):
+def _(do, q, k, v, o, lse, scale, key_mask, backend, attn_mask=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, scale, key_mask, backend = inputs
+    q, k, v, scale, key_mask, backend, attn_mask = inputs if len(inputs) == 7 else (*inputs, None)
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, key_mask)
+    ctx.save_for_backward(q, k, v, o, lse, key_mask, attn_mask)
     ctx.scale, ctx.backend = scale, backend
 
 
@@ -60,15 +69,15 @@ def _input_grads(ctx, do, direct: bool):
     """(dq, dk, dv) from the saved tensors. direct: call the backend's kernel instead of the
     registered backward op, unless autograd is recording (create_graph), where the op refuses a
     second derivative."""
-    q, k, v, o, lse, key_mask = ctx.saved_tensors
+    q, k, v, o, lse, key_mask, attn_mask = ctx.saved_tensors
     do = torch.zeros_like(o) if do is None else do
     if direct and not torch.is_grad_enabled():
-        return dispatch.kernels(ctx.backend).cross_bwd(do, q, k, v, o, lse, ctx.scale, key_mask)
-    return _cross_attention_backward_op(do, q, k, v, o, lse, ctx.scale, key_mask, ctx.backend)
+        return dispatch.kernels(ctx.backend).cross_bwd(do, q, k, v, o, lse, ctx.scale, key_mask, attn_mask)
+    return _cross_attention_backward_op(do, q, k, v, o, lse, ctx.scale, key_mask, ctx.backend, attn_mask)
 
 
 def _backward(ctx, do, _dlse):
-    return (*_input_grads(ctx, do, direct=False), None, None, None)
+    return (*_input_grads(ctx, do, direct=False), None, None, None, None)
 
 
 _cross_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -79,14 +88,14 @@ class _EagerCross(torch.autograd.Function):
     without the torch.library layers, saving what the op saves (`_setup_context`)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, key_mask, backend):
-        outputs = dispatch.kernels(backend).cross_fwd(q, k, v, scale, key_mask)
-        _setup_context(ctx, (q, k, v, scale, key_mask, backend), outputs)
+    def forward(ctx, q, k, v, scale, key_mask, backend, attn_mask):
+        outputs = dispatch.kernels(backend).cross_fwd(q, k, v, scale, key_mask, attn_mask)
+        _setup_context(ctx, (q, k, v, scale, key_mask, backend, attn_mask), outputs)
         return outputs[0]
 
     @staticmethod
     def backward(ctx, do):
-        return (*_input_grads(ctx, do, direct=True), None, None, None)
+        return (*_input_grads(ctx, do, direct=True), None, None, None, None)
 
 
 # FLOP counts for torch.utils.flop_counter: q@k^T and p@v forward; five matmuls backward.
@@ -109,25 +118,32 @@ def cross_attention(
     *,
     scale: Optional[float] = None,
     key_mask: Optional[Tensor] = None,
+    attn_mask: Optional[Tensor] = None,
     backend: str = "auto",
 ) -> Tensor:
     """Attention of q [B, H, Lq, D] over k, v [B, H, Lk, D] -> [B, H, Lq, D], any strides.
 
-    o = softmax(scale * q @ k^T, key_mask on the Lk axis) @ v. scale defaults to D**-0.5;
-    key_mask: optional bool [B, Lk], True = the key takes part (a query row with no kept
-    key gets zeros). backend as in `bilateral_attention`.
+    o = softmax(scale * q @ k^T, masked keys removed) @ v. scale defaults to D**-0.5.
+    key_mask: optional bool [B, Lk], True = the key takes part (padding, for every query).
+    attn_mask: optional bool [B, Lq, Lk], True = query i attends to key j, the same for every
+    head; any strides, so a broadcast view (e.g. `m[:, None, :].expand(B, Lq, Lk)`) costs no
+    memory, and the kernels never materialise more than the mask itself (Mask2Former's
+    masked cross-attention: each object query restricted to its previous mask). A key takes
+    part where both masks keep it; a query row with no kept key gets zeros and zero
+    gradients. backend as in `bilateral_attention`.
 
     Example:
         >>> q = torch.randn(2, 2, 64, 32); k = v = torch.randn(2, 2, 3136, 32)
         >>> o = cross_attention(q, k, v)  # [2, 2, 64, 32]
+        >>> o = cross_attention(q, k, v, attn_mask=torch.rand(2, 64, 3136) < 0.3)
     """
-    validate_cross(q, k, v, key_mask)
+    validate_cross(q, k, v, key_mask, attn_mask)
     scale = resolve_scale(scale, q.shape[-1])
     name = dispatch.resolve_backend(backend, q.device, q.dtype)
     if name == "reference" or q.numel() == 0 or k.numel() == 0:
-        return cross_attention_reference(q, k, v, scale, key_mask)
-    if not dispatch.eager_call_ok(q, k, v, key_mask):  # tracing, a mode or a transform: the registered op
-        return _cross_attention_op(q, k, v, scale, key_mask, name)[0]
-    if dispatch.needs_autograd(q, k, v, key_mask):  # eager training
-        return _EagerCross.apply(q, k, v, scale, key_mask, name)
-    return dispatch.kernels(name).cross_fwd(q, k, v, scale, key_mask)[0]  # eager inference
+        return cross_attention_reference(q, k, v, scale, key_mask, attn_mask=attn_mask)
+    if not dispatch.eager_call_ok(q, k, v, key_mask, attn_mask):  # tracing, a mode or a transform: the op
+        return _cross_attention_op(q, k, v, scale, key_mask, name, attn_mask)[0]
+    if dispatch.needs_autograd(q, k, v):  # eager training
+        return _EagerCross.apply(q, k, v, scale, key_mask, name, attn_mask)
+    return dispatch.kernels(name).cross_fwd(q, k, v, scale, key_mask, attn_mask)[0]  # eager inference

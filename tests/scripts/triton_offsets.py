@@ -91,7 +91,12 @@ for name, fn in sorted({**vars(fused), **vars(wide)}.items()):
         continue
     flags = [p.name for p in fn.params if p.is_constexpr and p.name not in CONSTEXPRS]
     every_branch = {**{k: v for k, v in CONSTEXPRS.items() if k in fn.arg_names}, **{f: True for f in flags}}
+    one_direction = []
+    if "HAS_PAIR_MASK" in flags and "DIR_S" in flags:  # a per-query mask comes with one direction only
+        every_branch["HAS_PAIR_MASK"] = False
+        one_direction = [{**every_branch, "HAS_PAIR_MASK": True, other: False} for other in ("DIR_S", "DIR_X")]
     variants = [every_branch] + [{**every_branch, f: False} for f in flags if not f.startswith(("DIR_", "HAS_"))]
+    variants += one_direction
     for constexprs in variants:
         text = ttir(fn, constexprs)
         report["variants"] += 1

@@ -257,9 +257,10 @@ def bilateral_bwd(do_s, do_x, q_s, k_s, v_s, q_x, k_x, v_x, o_s, o_x, lse_s, lse
     )
 
 
-def cross_fwd(q, k, v, scale, key_mask):
-    return tuple(_ext().cross_fwd(q, k, v, float(scale), key_mask))
+def cross_fwd(q, k, v, scale, key_mask, attn_mask=None):
+    """attn_mask: bool [B, Lq, Lk] or None, any strides (a broadcast view is read in place)."""
+    return tuple(_ext().cross_fwd(q, k, v, float(scale), key_mask, attn_mask))
 
 
-def cross_bwd(do, q, k, v, o, lse, scale, key_mask):
-    return tuple(_ext().cross_bwd(do, q, k, v, o, lse, float(scale), key_mask))
+def cross_bwd(do, q, k, v, o, lse, scale, key_mask, attn_mask=None):
+    return tuple(_ext().cross_bwd(do, q, k, v, o, lse, float(scale), key_mask, attn_mask))

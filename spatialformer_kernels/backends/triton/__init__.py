@@ -43,27 +43,34 @@ def queries_on_spatial_side(q: torch.Tensor, k: torch.Tensor) -> bool:
     return q.shape[2] <= k.shape[2]
 
 
-def cross_fwd(q, k, v, scale, key_mask):
-    """q [B, H, Lq, D] over k, v [B, H, Lk, D] -> (o [B, H, Lq, D], lse [B, H, Lq])."""
+def cross_fwd(q, k, v, scale, key_mask, attn_mask):
+    """q [B, H, Lq, D] over k, v [B, H, Lk, D] -> (o [B, H, Lq, D], lse [B, H, Lq]); attn_mask
+    bool [B, Lq, Lk] (queries first in either direction) or None."""
     kernels = _kernels()
     if queries_on_spatial_side(q, k):
         # q_s = q, k_x = k, v_x = v; q_x only gives N (= Lk) and k_s, v_s only M: never read.
-        o, _, lse, _ = kernels.attention_fwd(q, q, q, k, k, v, scale, image_mask=key_mask, run_x=False)
+        o, _, lse, _ = kernels.attention_fwd(
+            q, q, q, k, k, v, scale, image_mask=key_mask, run_x=False, pair_mask=attn_mask
+        )
     else:
         # q_x = q, k_s = k, v_s = v; q_s only gives M (= Lk) and k_x, v_x only N: never read.
-        _, o, _, lse = kernels.attention_fwd(k, k, v, q, q, q, scale, spatial_mask=key_mask, run_s=False)
+        _, o, _, lse = kernels.attention_fwd(
+            k, k, v, q, q, q, scale, spatial_mask=key_mask, run_s=False, pair_mask=attn_mask
+        )
     return o, lse
 
 
-def cross_bwd(do, q, k, v, o, lse, scale, key_mask):
+def cross_bwd(do, q, k, v, o, lse, scale, key_mask, attn_mask):
     """-> (dq, dk, dv), shaped like q, k, v."""
     kernels = _kernels()
     if queries_on_spatial_side(q, k):
         dq, _, _, _, dk, dv = kernels.attention_bwd(
-            do, None, q, q, q, k, k, v, o, None, lse, None, scale, image_mask=key_mask, run_x=False
+            do, None, q, q, q, k, k, v, o, None, lse, None, scale, image_mask=key_mask, run_x=False,
+            pair_mask=attn_mask,
         )
     else:
         _, dk, dv, dq, _, _ = kernels.attention_bwd(
-            None, do, k, k, v, q, q, q, None, o, None, lse, scale, spatial_mask=key_mask, run_s=False
+            None, do, k, k, v, q, q, q, None, o, None, lse, scale, spatial_mask=key_mask, run_s=False,
+            pair_mask=attn_mask,
         )
     return dq, dk, dv

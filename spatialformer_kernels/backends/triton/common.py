@@ -95,6 +95,21 @@ def key_keep(MASK, b, keys, keys_ok, stride_mask_b, stride_mask_l, HAS_MASK: tl.
 
 
 @triton.jit
+def query_key_keep(keys_keep, PAIR_MASK, b, queries, queries_ok, keys, stride_pm_b, stride_pm_q, stride_pm_k,
+                   HAS_PAIR_MASK: tl.constexpr):
+    """Which (query, key) pairs take part, for `tl.where` on [R, C] logits: the kept keys
+    (`key_keep`, [C]) and, with a per-query mask (bool [B, Lq, Lk], any strides), its flags.
+    Without one it stays [1, C], a broadcast, so unmasked launches compile as before."""
+    keep = keys_keep[None, :]
+    if HAS_PAIR_MASK:
+        offsets = (b.to(tl.int64) * stride_pm_b + queries.to(tl.int64)[:, None] * stride_pm_q
+                   + keys.to(tl.int64)[None, :] * stride_pm_k)
+        flags = tl.load(PAIR_MASK + offsets, mask=queries_ok[:, None] & keep, other=0)
+        keep = keep & (flags != 0)
+    return keep
+
+
+@triton.jit
 def online_max(m_run, m_new_part):
     """The rescale step of an online softmax: (m_new, shift, alpha) for a running max m_run
     meeting a new block's (or split's) max. alpha = exp(m_run - m_new) rescales what was summed
@@ -226,6 +241,14 @@ def mask_args(mask, like):
     if mask is None:
         return like, 0, 0
     return mask, mask.stride(0), mask.stride(1)
+
+
+def pair_mask_args(pair_mask, like):
+    """(pointer, stride_b, stride_query, stride_key) of an optional bool [B, Lq, Lk] per-query
+    mask (any strides, stride 0 included); `like` stands in for a missing one."""
+    if pair_mask is None:
+        return like, 0, 0, 0
+    return pair_mask, *pair_mask.stride()
 
 
 @triton.jit

@@ -40,6 +40,8 @@ CHUNK_ALIGN = 128
 MIN_SPLIT_TOKENS = 256
 # Spatial rows per program of `_spatial_delta_kernel` (a [16, 16] diagonal block per program).
 DELTA_BLOCK_M = 16
+# Most (query, key) pairs per tile of a launch with a per-query mask (`configs_for`).
+PAIR_MASK_TILE = 4096
 # Fallback when no config passes the budget (none does today: the static check fails if
 # a bucket ends up here and spills).
 FALLBACK_BLOCK_N = 32
@@ -176,8 +178,12 @@ def whole_rows(block_m: int, block_n: int, num_warps: int) -> bool:
     return 16 * num_warps <= min(block_m, block_n)
 
 
-def configs_for(block_m, block_d, elem_bytes, backward, both, dir_s=True, arch=90):
+def configs_for(block_m, block_d, elem_bytes, backward, both, dir_s=True, arch=90, pair_mask=False):
     """The candidate configs of one shape bucket, best first (also used by the static check).
+
+    pair_mask: the launch reads a per-query mask (cross attention's attn_mask), a BLOCK_M x
+    BLOCK_N tile of flags per key tile held in registers: tiles above PAIR_MASK_TILE pairs
+    are left out (at 64 x 128 on 4 warps the D = 32 forward spilled 512 bytes on sm_90).
 
     16-bit: configs whose warps all own rows (`whole_rows`) come first, largest tile first;
     their registers are not estimated (the static check compiles the launched config for
@@ -191,6 +197,8 @@ def configs_for(block_m, block_d, elem_bytes, backward, both, dir_s=True, arch=9
         if key in MEASURED_SPILLS or key in SPILLS_ON_ARCH.get(arch, ()):
             continue
         kept = triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=num_stages_for(block_d))
+        if pair_mask and block_m * bn > PAIR_MASK_TILE:
+            continue
         if elem_bytes == 4:
             # fp32 dots run on FMA units whose operand layouts replicate the reduction axis
             # across threads: only small tiles on 8 warps stay in registers.
@@ -233,40 +241,42 @@ def forced_config(pass_: str, config: triton.Config):
         _forced[pass_] = saved
 
 
-def launch_config(block_m, block_d, elem_bytes, backward, both, dir_s=True, arch=90) -> triton.Config:
+def launch_config(block_m, block_d, elem_bytes, backward, both, dir_s=True, arch=90, pair_mask=False) -> triton.Config:
     """The config a launch of one shape bucket uses on `arch`: a forced one (forced_config),
     else the measured table's entry, else the first candidate (the interpreter: the last)."""
     forced = _forced["bwd" if backward else "fwd"]
-    return forced if forced is not None else _chosen(block_m, block_d, elem_bytes, backward, both, dir_s, arch)
+    if forced is not None:
+        return forced
+    return _chosen(block_m, block_d, elem_bytes, backward, both, dir_s, arch, pair_mask)
 
 
-def gpu_config(block_m, block_d, elem_bytes, backward, both, dir_s=True, arch=90) -> triton.Config:
+def gpu_config(block_m, block_d, elem_bytes, backward, both, dir_s=True, arch=90, pair_mask=False) -> triton.Config:
     """The config a GPU of `arch` launches for a bucket: the measured entry, else the first candidate."""
     dirs = (True, True) if both else (dir_s, not dir_s)
-    measured = MEASURED_CONFIGS.get((arch, backward, *dirs, block_m, block_d, elem_bytes))
+    measured = None if pair_mask else MEASURED_CONFIGS.get((arch, backward, *dirs, block_m, block_d, elem_bytes))
     if measured is not None:
         bn, warps, stages = measured
         return triton.Config({"BLOCK_N": bn}, num_warps=warps, num_stages=stages)
-    return configs_for(block_m, block_d, elem_bytes, backward, both, dir_s, arch)[0]
+    return configs_for(block_m, block_d, elem_bytes, backward, both, dir_s, arch, pair_mask)[0]
 
 
 @functools.lru_cache(maxsize=None)
-def _chosen(block_m, block_d, elem_bytes, backward, both, dir_s, arch) -> triton.Config:
+def _chosen(block_m, block_d, elem_bytes, backward, both, dir_s, arch, pair_mask=False) -> triton.Config:
     if INTERPRET:  # the smaller tile: the tests' small shapes still loop over several tiles
-        return configs_for(block_m, block_d, elem_bytes, backward, both, dir_s, arch)[-1]
-    return gpu_config(block_m, block_d, elem_bytes, backward, both, dir_s, arch)
+        return configs_for(block_m, block_d, elem_bytes, backward, both, dir_s, arch, pair_mask)[-1]
+    return gpu_config(block_m, block_d, elem_bytes, backward, both, dir_s, arch, pair_mask)
 
 
-def launch_meta(block_m, block_d, elem_bytes, backward, both, dir_s=True, arch=90) -> dict:
+def launch_meta(block_m, block_d, elem_bytes, backward, both, dir_s=True, arch=90, pair_mask=False) -> dict:
     """The launch keywords (BLOCK_N, num_warps, num_stages) of `launch_config`."""
     if _forced["bwd" if backward else "fwd"] is not None:
-        return _meta(launch_config(block_m, block_d, elem_bytes, backward, both, dir_s, arch))
-    return _chosen_meta(block_m, block_d, elem_bytes, backward, both, dir_s, arch)
+        return _meta(launch_config(block_m, block_d, elem_bytes, backward, both, dir_s, arch, pair_mask))
+    return _chosen_meta(block_m, block_d, elem_bytes, backward, both, dir_s, arch, pair_mask)
 
 
 @functools.lru_cache(maxsize=None)
-def _chosen_meta(block_m, block_d, elem_bytes, backward, both, dir_s, arch) -> dict:
-    return _meta(_chosen(block_m, block_d, elem_bytes, backward, both, dir_s, arch))
+def _chosen_meta(block_m, block_d, elem_bytes, backward, both, dir_s, arch, pair_mask=False) -> dict:
+    return _meta(_chosen(block_m, block_d, elem_bytes, backward, both, dir_s, arch, pair_mask))
 
 
 def _meta(config: triton.Config) -> dict:

@@ -74,7 +74,9 @@ from .common import (
     mask_args,
     multiple,
     online_max,
+    pair_mask_args,
     probs,
+    query_key_keep,
     program_head,
     reduce_splits,
     round_to,
@@ -98,9 +100,10 @@ from .wide import wide_head_bwd
 # ----------------------------------------------------------------------------------------
 @triton.jit
 def _scores(q, k, keep, sm_scale, DOT_PRECISION: tl.constexpr):
-    """Logits scale * q k^T of queries q [R, D] over keys k [C, D]; -inf for dropped keys."""
+    """Logits scale * q k^T of queries q [R, D] over keys k [C, D]; -inf where keep ([R, C] or
+    [1, C], `query_key_keep`) drops the pair."""
     s = dot(q, tl.trans(k), DOT_PRECISION) * sm_scale
-    return tl.where(keep[None, :], s, float("-inf"))
+    return tl.where(keep, s, float("-inf"))
 
 
 @triton.jit
@@ -155,6 +158,7 @@ def _bilateral_fwd_kernel(
     Q_X, K_X, V_X,  # [B, H, N, D] each, any strides
     IMAGE_MASK,  # [B, N] bool, keys of direction s (read only with HAS_IMAGE_MASK)
     SPATIAL_MASK,  # [B, M] bool, keys of direction x (read only with HAS_SPATIAL_MASK)
+    PAIR_MASK,  # [B, Lq, Lk] bool per-query mask of the one direction run (read only with HAS_PAIR_MASK)
     O_X,  # [B, H, N, D] contiguous, input dtype
     LSE_X,  # [B, H, N] contiguous float64
     PART_ACC,  # [B * H, SPLITS, M, D] fp32: unnormalised direction-s output per split
@@ -168,6 +172,7 @@ def _bilateral_fwd_kernel(
     stride_vx_b, stride_vx_h, stride_vx_n, stride_vx_d,
     stride_im_b, stride_im_n,
     stride_sm_b, stride_sm_m,
+    stride_pm_b, stride_pm_q, stride_pm_k,
     H, M, N, D, CHUNK, SPLITS,
     sm_scale,  # scale
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -176,8 +181,10 @@ def _bilateral_fwd_kernel(
     DOT_PRECISION: tl.constexpr,
     ALIGN: tl.constexpr,  # D and the row strides are multiples of this (common.row_alignment)
     ONE_M_PROGRAM: tl.constexpr = False,  # grid axis 2 is 1: direction x runs every tile here
+    HAS_PAIR_MASK: tl.constexpr = False,  # cross attention only: one direction runs
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
+    tl.static_assert(not (HAS_PAIR_MASK and DIR_S and DIR_X))
     D = multiple(D, ALIGN)
     pid_bh, b, h = program_head(H)
     split = tl.program_id(1)
@@ -221,6 +228,8 @@ def _bilateral_fwd_kernel(
                     offs_km = m0 + offs_blk
                     km_ok = offs_km < M
                     km_keep = key_keep(SPATIAL_MASK, b, offs_km, km_ok, stride_sm_b, stride_sm_m, HAS_SPATIAL_MASK)
+                    km_keep = query_key_keep(km_keep, PAIR_MASK, b, offs_n, n_ok, offs_km,
+                                             stride_pm_b, stride_pm_q, stride_pm_k, HAS_PAIR_MASK)
                     k_blk = load_rows(k_s_ptr, offs_km, offs_d, stride_ks_m, stride_ks_d, km_ok, d_ok, ALIGN=ALIGN)
                     v_blk = load_rows(v_s_ptr, offs_km, offs_d, stride_vs_m, stride_vs_d, km_ok, d_ok, ALIGN=ALIGN)
                     s_x = _scores(q_x, k_blk, km_keep, sm_scale, DOT_PRECISION)
@@ -236,6 +245,8 @@ def _bilateral_fwd_kernel(
         if DIR_S:
             # -- direction s: spatial queries over this tile of image keys, online softmax --
             keep_n = key_keep(IMAGE_MASK, b, offs_n, n_ok, stride_im_b, stride_im_n, HAS_IMAGE_MASK)
+            keep_n = query_key_keep(keep_n, PAIR_MASK, b, offs_qm, qm_ok, offs_n,
+                                    stride_pm_b, stride_pm_q, stride_pm_k, HAS_PAIR_MASK)
             k_x = load_rows(k_x_ptr, offs_n, offs_d, stride_kx_n, stride_kx_d, n_ok, d_ok, ALIGN=ALIGN)
             v_x = load_rows(v_x_ptr, offs_n, offs_d, stride_vx_n, stride_vx_d, n_ok, d_ok, ALIGN=ALIGN)
             s_s = _scores(q_s, k_x, keep_n, sm_scale, DOT_PRECISION)
@@ -337,6 +348,7 @@ def _bilateral_bwd_kernel(
     LSE_X,  # [B, H, N] contiguous float64
     IMAGE_MASK,  # [B, N] bool (read only with HAS_IMAGE_MASK)
     SPATIAL_MASK,  # [B, M] bool (read only with HAS_SPATIAL_MASK)
+    PAIR_MASK,  # [B, Lq, Lk] bool per-query mask of the one direction run (read only with HAS_PAIR_MASK)
     DQ_X, DK_X, DV_X,  # [B, H, N, D] contiguous, input dtype
     PART_DQ_S, PART_DK_S, PART_DV_S,  # [B * H, SPLITS, M, D] fp32 per-split partials
     stride_qs_b, stride_qs_h, stride_qs_m, stride_qs_d,
@@ -350,6 +362,7 @@ def _bilateral_bwd_kernel(
     stride_dox_b, stride_dox_h, stride_dox_n, stride_dox_d,
     stride_im_b, stride_im_n,
     stride_sm_b, stride_sm_m,
+    stride_pm_b, stride_pm_q, stride_pm_k,
     H, M, N, D, CHUNK, SPLITS,
     sm_scale,  # scale
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -358,8 +371,10 @@ def _bilateral_bwd_kernel(
     HAS_IMAGE_MASK: tl.constexpr, HAS_SPATIAL_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     ALIGN: tl.constexpr,  # D and the row strides are multiples of this (common.row_alignment)
+    HAS_PAIR_MASK: tl.constexpr = False,  # cross attention only: one direction runs
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
+    tl.static_assert(not (HAS_PAIR_MASK and DIR_S and DIR_X))
     D = multiple(D, ALIGN)
     pid_bh, b, h = program_head(H)
     split = tl.program_id(1)
@@ -422,15 +437,19 @@ def _bilateral_bwd_kernel(
 
         if M_ONE_BLOCK:
             if DIR_S:
+                keep_mn = query_key_keep(keep_n, PAIR_MASK, b, offs_blk, m_ok, offs_n,
+                                         stride_pm_b, stride_pm_q, stride_pm_k, HAS_PAIR_MASK)
                 dq_c, dk_c, dv_c = _attn_bwd_block(
-                    q_s, do_s, lse_hi_s, lse_lo_s, delta_s, k_x, v_x, keep_n, sm_scale, DOT_PRECISION
+                    q_s, do_s, lse_hi_s, lse_lo_s, delta_s, k_x, v_x, keep_mn, sm_scale, DOT_PRECISION
                 )
                 dq_s_acc += dq_c
                 dk_x += dk_c
                 dv_x += dv_c
             if DIR_X:
+                keep_nm = query_key_keep(ks_keep, PAIR_MASK, b, offs_n, n_ok, offs_blk,
+                                         stride_pm_b, stride_pm_q, stride_pm_k, HAS_PAIR_MASK)
                 dq_c, dk_c, dv_c = _attn_bwd_block(
-                    q_x, do_x, lse_hi_x, lse_lo_x, delta_x, k_s, v_s, ks_keep, sm_scale, DOT_PRECISION,
+                    q_x, do_x, lse_hi_x, lse_lo_x, delta_x, k_s, v_s, keep_nm, sm_scale, DOT_PRECISION,
                     DELTA_FROM_P=True,
                 )
                 dq_x += dq_c
@@ -450,8 +469,10 @@ def _bilateral_bwd_kernel(
                     do_s = load_rows(do_s_ptr, offs_m, offs_d, stride_dos_m, stride_dos_d, m_ok, d_ok, ALIGN=ALIGN)
                     delta_s = tl.load(DELTA_S + (pid_bh.to(tl.int64) * M + offs_m), mask=m_ok, other=0.0)
                     lse_hi_s, lse_lo_s = load_lse(lse_s_ptr, offs_m, m_ok)
+                    keep_mn = query_key_keep(keep_n, PAIR_MASK, b, offs_m, m_ok, offs_n,
+                                             stride_pm_b, stride_pm_q, stride_pm_k, HAS_PAIR_MASK)
                     dq_c, dk_c, dv_c = _attn_bwd_block(
-                        q_s, do_s, lse_hi_s, lse_lo_s, delta_s, k_x, v_x, keep_n, sm_scale, DOT_PRECISION
+                        q_s, do_s, lse_hi_s, lse_lo_s, delta_s, k_x, v_x, keep_mn, sm_scale, DOT_PRECISION
                     )
                     dk_x += dk_c
                     dv_x += dv_c
@@ -459,6 +480,8 @@ def _bilateral_bwd_kernel(
                     tl.store(PART_DQ_S + part_offsets, old + dq_c, mask=part_ok)
                 if DIR_X:
                     km_keep = key_keep(SPATIAL_MASK, b, offs_m, m_ok, stride_sm_b, stride_sm_m, HAS_SPATIAL_MASK)
+                    km_keep = query_key_keep(km_keep, PAIR_MASK, b, offs_n, n_ok, offs_m,
+                                             stride_pm_b, stride_pm_q, stride_pm_k, HAS_PAIR_MASK)
                     k_blk = load_rows(k_s_ptr, offs_m, offs_d, stride_ks_m, stride_ks_d, m_ok, d_ok, ALIGN=ALIGN)
                     v_blk = load_rows(v_s_ptr, offs_m, offs_d, stride_vs_m, stride_vs_d, m_ok, d_ok, ALIGN=ALIGN)
                     dq_c, dk_c, dv_c = _attn_bwd_block(
@@ -511,17 +534,22 @@ def _bwd_plan(B, H, M, N, D, elem, n_sm, run_s):
     return block_m, block_d, splits, chunk
 
 
-def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_mask=None, run_s=True, run_x=True):
+def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_mask=None, run_s=True, run_x=True,
+                  pair_mask=None):
     """Launch the forward; returns (o_s, o_x, lse_s, lse_x), None for a direction not run.
 
     q_s, k_s, v_s: [B, H, M, D]; q_x, k_x, v_x: [B, H, N, D]; image_mask: bool [B, N] on
     the keys of direction s; spatial_mask: bool [B, M] on the keys of direction x. run_s /
-    run_x switch direction s (o_s) / direction x (o_x) on or off.
+    run_x switch direction s (o_s) / direction x (o_x) on or off. pair_mask: bool
+    [B, queries, keys] of the one direction run (cross attention's attn_mask): [B, M, N] for
+    direction s, [B, N, M] for direction x.
     """
     B, H, M, D = q_s.shape
     N = q_x.shape[2]
     device, dtype = q_x.device, q_x.dtype
     elem = q_x.element_size()
+    if pair_mask is not None and run_s and run_x:
+        raise ValueError("a per-query mask belongs to one direction: run_s and run_x cannot both be set")
     if run_s and run_x and not fuse_directions(block_d_for(D), elem):
         o_s, _, lse_s, _ = attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask, spatial_mask, True, False)
         _, o_x, _, lse_x = attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask, spatial_mask, False, True)
@@ -532,7 +560,7 @@ def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_
         B, H, M, N, D, elem, sm_count(device), arch, run_s, run_x, align * elem >= 16
     )
     combine_grid, combine_m, combine_d, combine_warps, combine_align = combine
-    meta = launch_meta(block_m, block_d, elem, False, run_s and run_x, run_s, arch)
+    meta = launch_meta(block_m, block_d, elem, False, run_s and run_x, run_s, arch, pair_mask is not None)
     f32 = torch.float32
     o_x = lse_x = o_s = lse_s = None
     dummy = q_x  # stands in for pointers a disabled branch never touches
@@ -548,16 +576,18 @@ def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_
         lse_s = torch.empty((B, H, M), device=device, dtype=torch.float64)
     image_mask, stride_im_b, stride_im_n = mask_args(image_mask, dummy)
     spatial_mask, stride_sm_b, stride_sm_m = mask_args(spatial_mask, dummy)
+    pair_mask, *pair_strides = pair_mask_args(pair_mask, dummy)
     with device_guard(device):
         _bilateral_fwd_kernel[(B * H, splits, m_programs)](
-            q_s, k_s, v_s, q_x, k_x, v_x, image_mask, spatial_mask,
+            q_s, k_s, v_s, q_x, k_x, v_x, image_mask, spatial_mask, pair_mask,
             o_x if run_x else dummy, lse_x if run_x else dummy, part_acc, part_max, part_sum,
             *q_s.stride(), *k_s.stride(), *v_s.stride(), *q_x.stride(), *k_x.stride(), *v_x.stride(),
-            stride_im_b, stride_im_n, stride_sm_b, stride_sm_m,
+            stride_im_b, stride_im_n, stride_sm_b, stride_sm_m, *pair_strides,
             H, M, N, D, chunk, splits, scale,
             BLOCK_M=block_m, BLOCK_D=block_d, DIR_S=run_s, DIR_X=run_x,
             HAS_IMAGE_MASK=image_mask is not dummy, HAS_SPATIAL_MASK=spatial_mask is not dummy,
-            DOT_PRECISION=dot_precision(dtype), ALIGN=align, ONE_M_PROGRAM=m_programs == 1, **meta,
+            DOT_PRECISION=dot_precision(dtype), ALIGN=align, ONE_M_PROGRAM=m_programs == 1,
+            HAS_PAIR_MASK=pair_mask is not dummy, **meta,
         )
         if run_s:
             _bilateral_combine_kernel[combine_grid](
@@ -569,23 +599,25 @@ def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_
 
 def attention_bwd(
     do_s, do_x, q_s, k_s, v_s, q_x, k_x, v_x, o_s, o_x, lse_s, lse_x, scale,
-    image_mask=None, spatial_mask=None, run_s=True, run_x=True,
+    image_mask=None, spatial_mask=None, run_s=True, run_x=True, pair_mask=None,
 ):
     """Launch the backward; returns (dq_s, dk_s, dv_s, dq_x, dk_x, dv_x), None for the
     gradients of a direction not run (dq_s, dk_x, dv_x come from direction s; dq_x, dk_s,
-    dv_s from direction x). do_s, do_x: the output gradients. Inputs and run_s / run_x as in
-    `attention_fwd`; do_*/o_*/lse_* of a direction not run may be None."""
+    dv_s from direction x). do_s, do_x: the output gradients. Inputs, run_s / run_x and
+    pair_mask as in `attention_fwd`; do_*/o_*/lse_* of a direction not run may be None."""
     B, H, M, D = q_s.shape
     N = q_x.shape[2]
     device, dtype = q_x.device, q_x.dtype
     elem = q_x.element_size()
+    if pair_mask is not None and run_s and run_x:
+        raise ValueError("a per-query mask belongs to one direction: run_s and run_x cannot both be set")
     if not backward_supported(block_d_for(D), elem, M):
         # Wide heads: the head dim is split across programs (wide.py).
         dq_s = dk_s = dv_s = dq_x = dk_x = dv_x = None
         if run_s:
-            dq_s, dk_x, dv_x = wide_head_bwd(do_s, q_s, k_x, v_x, o_s, scale, image_mask, True)
+            dq_s, dk_x, dv_x = wide_head_bwd(do_s, q_s, k_x, v_x, o_s, scale, image_mask, True, pair_mask)
         if run_x:
-            dq_x, dk_s, dv_s = wide_head_bwd(do_x, q_x, k_s, v_s, o_x, scale, spatial_mask, False)
+            dq_x, dk_s, dv_s = wide_head_bwd(do_x, q_x, k_s, v_s, o_x, scale, spatial_mask, False, pair_mask)
         return dq_s, dk_s, dv_s, dq_x, dk_x, dv_x
     if run_s and run_x:
         args = (q_s, k_s, v_s, q_x, k_x, v_x, o_s, o_x, lse_s, lse_x, scale, image_mask, spatial_mask)
@@ -593,7 +625,7 @@ def attention_bwd(
         _, dk_s, dv_s, dq_x, _, _ = attention_bwd(None, do_x, *args, False, True)
         return dq_s, dk_s, dv_s, dq_x, dk_x, dv_x
     block_m, block_d, splits, chunk = _bwd_plan(B, H, M, N, D, elem, sm_count(device), run_s)
-    meta = launch_meta(block_m, block_d, elem, True, False, run_s, capability(device))
+    meta = launch_meta(block_m, block_d, elem, True, False, run_s, capability(device), pair_mask is not None)
     f32 = torch.float32
     dummy = q_x
     zero4 = (0, 0, 0, 0)
@@ -621,6 +653,7 @@ def attention_bwd(
         o_x_arg, do_x_arg, lse_s_arg, lse_x_arg, do_s_arg = o_x, do_x, dummy, lse_x, dummy
     image_mask, stride_im_b, stride_im_n = mask_args(image_mask, dummy)
     spatial_mask, stride_sm_b, stride_sm_m = mask_args(spatial_mask, dummy)
+    pair_mask, *pair_strides = pair_mask_args(pair_mask, dummy)
     if run_s:
         align = row_alignment(D, q_s, k_x, v_x, do_s, o_s)
     else:
@@ -633,15 +666,15 @@ def attention_bwd(
             )
         _bilateral_bwd_kernel[(B * H, splits)](
             q_s, k_s, v_s, do_s_arg, delta_s if run_s else dummy, q_x, k_x, v_x, o_x_arg, do_x_arg,
-            lse_s_arg, lse_x_arg, image_mask, spatial_mask,
+            lse_s_arg, lse_x_arg, image_mask, spatial_mask, pair_mask,
             *image_grads, *parts,
             *q_s.stride(), *k_s.stride(), *v_s.stride(), *strides_do_s,
             *q_x.stride(), *k_x.stride(), *v_x.stride(), *strides_o_x, *strides_do_x,
-            stride_im_b, stride_im_n, stride_sm_b, stride_sm_m,
+            stride_im_b, stride_im_n, stride_sm_b, stride_sm_m, *pair_strides,
             H, M, N, D, chunk, splits, scale,
             BLOCK_M=block_m, BLOCK_D=block_d, M_ONE_BLOCK=M <= block_m, DIR_S=run_s, DIR_X=run_x,
             HAS_IMAGE_MASK=image_mask is not dummy, HAS_SPATIAL_MASK=spatial_mask is not dummy,
-            DOT_PRECISION=dot_precision(dtype), ALIGN=align, **meta,
+            DOT_PRECISION=dot_precision(dtype), ALIGN=align, HAS_PAIR_MASK=pair_mask is not dummy, **meta,
         )
     if run_s:
         (dq_s,) = reduce_splits([part_dq_s], (B, H, M, D), dtype)

@@ -43,6 +43,13 @@ SHAPES = {
     "seg512-stage1": (8, 2, 64, 16384, 32),
     "det800x1344-stage1": (2, 2, 64, 67200, 32),
 }
+# (B, H, queries, keys, D): Mask2Former's masked cross-attention, 100 object queries over the
+# 1/8, 1/16 and 1/32 feature maps of a 512x512 image (as M, N: op cross_s with an attn_mask).
+MASKED_CROSS_SHAPES = {
+    "m2f512-s8": (2, 8, 100, 4096, 32),
+    "m2f512-s16": (2, 8, 100, 1024, 32),
+    "m2f512-s32": (2, 8, 100, 256, 32),
+}
 # Head dims compiled at cls224-stage1 besides D = 32 (D = 40: not a multiple of 16).
 EXTRA_HEAD_DIMS = (40, 64, 96, 128, 256)
 # bilateral; cross_attention with few queries over many keys (direction s: q [B,H,M,D] over
@@ -61,14 +68,23 @@ class Case:
     D: int
     dtype: str
     mask: bool
+    attn_mask: bool = False  # cross attention's per-query mask [B, Lq, Lk]
 
     @property
     def name(self) -> str:
-        return self.shape if self.D == SHAPES[self.shape][4] else f"{self.shape}-D{self.D}"
+        shapes = {**SHAPES, **MASKED_CROSS_SHAPES}
+        return self.shape if self.D == shapes[self.shape][4] else f"{self.shape}-D{self.D}"
 
     @property
     def label(self) -> str:
-        return f"{self.name} {self.op} {self.dtype}{' mask' if self.mask else ''}"
+        masks = (" mask" if self.mask else "") + (" attn_mask" if self.attn_mask else "")
+        return f"{self.name} {self.op} {self.dtype}{masks}"
+
+
+def masked_cross_cases(dtypes=("bf16",)) -> list:
+    """Mask2Former's masked cross-attention (op cross_s with a per-query attn_mask)."""
+    return [Case(shape, "cross_s", *MASKED_CROSS_SHAPES[shape], dt, False, attn_mask=True)
+            for shape in MASKED_CROSS_SHAPES for dt in dtypes]
 
 
 def all_cases(dtypes=tuple(DTYPES), ops=OPS, masks=(False, True), shapes=tuple(SHAPES), head_dims=EXTRA_HEAD_DIMS):
@@ -200,8 +216,9 @@ def case_tensors(case: Case):
     lq, lk = (M, N) if case.op == "cross_s" else (N, M)
     q, k, v = t(lq), t(lk), t(lk)
     mask = torch.empty(B, lk, dtype=torch.bool) if case.mask else None
-    fwd = (q, k, v, scale, mask)
-    bwd = (t(lq), q, k, v, t(lq), torch.empty(B, H, lq, dtype=torch.float64), scale, mask)
+    attn_mask = torch.empty(B, lq, lk, dtype=torch.bool) if case.attn_mask else None
+    fwd = (q, k, v, scale, mask, attn_mask)
+    bwd = (t(lq), q, k, v, t(lq), torch.empty(B, H, lq, dtype=torch.float64), scale, mask, attn_mask)
     return fwd, bwd
 
 

@@ -50,11 +50,12 @@ COVERAGE_HEAD_DIMS = (16,)  # BLOCK_D 16, compiled besides the issue's head dims
 
 
 def gate_cases():
-    return lr.all_cases(dtypes=("bf16",), masks=(True,), head_dims=lr.EXTRA_HEAD_DIMS + COVERAGE_HEAD_DIMS)
+    return (lr.all_cases(dtypes=("bf16",), masks=(True,), head_dims=lr.EXTRA_HEAD_DIMS + COVERAGE_HEAD_DIMS)
+            + lr.masked_cross_cases())
 
 
 def full_cases():
-    return lr.all_cases(head_dims=lr.EXTRA_HEAD_DIMS + COVERAGE_HEAD_DIMS)
+    return lr.all_cases(head_dims=lr.EXTRA_HEAD_DIMS + COVERAGE_HEAD_DIMS) + lr.masked_cross_cases(tuple(lr.DTYPES))
 
 
 def collect(cases, archs, torch_ops=False, every_config=False):
@@ -113,6 +114,8 @@ def variant_text(task) -> str:
         parts.append("s" if c["QUERIES_SPATIAL"] else "x")
     if c.get("HAS_IMAGE_MASK") or c.get("HAS_SPATIAL_MASK") or c.get("HAS_MASK"):
         parts.append("mask")
+    if c.get("HAS_PAIR_MASK"):
+        parts.append("pairmask")
     options = dict(task.options)
     parts.append(f"w{options['num_warps']}s{options['num_stages']}")
     dtype = next((ty[1:] for n, ty in task.signature if n in ("Q_X", "Q", "O_S", "PART_ACC", "O")), "?")
@@ -123,6 +126,11 @@ def variant_text(task) -> str:
 
 def _load_text(facts) -> str:
     return " ".join(f"{w}B:{n}" for w, n in facts["load_widths"].items()) or "-"
+
+
+def _mask_label(row: dict) -> str:
+    """The perf table's mask column: "y" for a key mask, "attn" for a per-query attn_mask."""
+    return "attn" if row.get("attn_mask") else ("y" if row["mask"] else "-")
 
 
 def gate_report(tasks, facts, out=sys.stdout) -> int:
@@ -176,7 +184,8 @@ def perf_rows(cases, passes, facts, gpu: pm.Gpu, arch: int, host: dict):
                                vector_loads=f["vector_loads"], narrow_loads=f["narrow_loads"],
                                load_widths=f["load_widths"], ptxas_warnings=f["ptxas_warnings"],
                                **{k: v for k, v in m.items()})
-                row.update(case=case.name, op=case.op, dtype=case.dtype, mask=case.mask, arch=arch, gpu=gpu.name,
+                row.update(case=case.name, op=case.op, dtype=case.dtype, mask=case.mask, attn_mask=case.attn_mask,
+                           arch=arch, gpu=gpu.name,
                            pass_="bwd" if backward else "fwd", launch=index, modelled=True)
                 rows.append(row)
                 total += row["modelled_us"]
@@ -194,8 +203,8 @@ def perf_rows(cases, passes, facts, gpu: pm.Gpu, arch: int, host: dict):
                 host_us = h["launcher_us"] + h["binder_us"] + ((hb["launcher_us"] + hb["binder_us"]) if backward_too and hb
                                                               else 0)
             rows.append(dict(
-                kernel="(pass)", case=case.name, op=case.op, dtype=case.dtype, mask=case.mask, arch=arch,
-                gpu=gpu.name, pass_=label, bytes=nbytes, bytes_moved=moved, roofline_us=nbytes / gpu.bandwidth * 1e6,
+                kernel="(pass)", case=case.name, op=case.op, dtype=case.dtype, mask=case.mask,
+                attn_mask=case.attn_mask, arch=arch, gpu=gpu.name, pass_=label, bytes=nbytes, bytes_moved=moved, roofline_us=nbytes / gpu.bandwidth * 1e6,
                 modelled_us=modelled, modelled_pct_roofline=100 * nbytes / gpu.bandwidth * 1e6 / modelled,
                 sdpa_modelled_us=sdpa, ratio_to_sdpa=(modelled / sdpa) if sdpa else None, host_us=host_us,
                 modelled=True,
@@ -218,7 +227,7 @@ def print_perf(rows, gpu, out=sys.stdout):
         pas = r["kernel"] == "(pass)"
         lp = r.get("loop_instr_per_64_tokens")
         ratio = r.get("ratio_to_sdpa")
-        print(f"{r['case']:<24} {r['op']:<9} {r['dtype']:<5} {'y' if r['mask'] else '-':<4} {r['pass']:<8} "
+        print(f"{r['case']:<24} {r['op']:<9} {r['dtype']:<5} {_mask_label(r):<4} {r['pass']:<8} "
               f"{r['kernel']:<28} {r.get('regs', ''):>4} {r.get('spills', ''):>5} {r.get('warps_per_sm', ''):>4} "
               f"{r.get('tensor_core_ops', ''):>4} {r.get('vector_loads', ''):>4} "
               f"{(f'{lp:.0f}' if lp else '-') if not pas else '':>6} {r['bytes'] / 1e6:>8.2f} {r['roofline_us']:>8.1f} "
@@ -280,6 +289,8 @@ def calibrate(args) -> int:
         if task.name not in ("_bilateral_fwd_kernel", "_bilateral_bwd_kernel") or facts[key]["ok"]:
             continue
         c = {lr_name(task, p): v for p, v in task.constexprs}
+        if c.get("HAS_PAIR_MASK"):
+            continue  # their tiles are capped by configs.PAIR_MASK_TILE, not by this table
         elem = 4 if c["DOT_PRECISION"] == "ieee" else 2
         spills.setdefault(task.arch, set()).add((task.name == "_bilateral_bwd_kernel", c["DIR_S"], c["DIR_X"],
                                                  c["BLOCK_M"], c["BLOCK_D"], elem, c["BLOCK_N"], task.num_warps))

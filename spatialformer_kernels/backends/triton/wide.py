@@ -62,6 +62,8 @@ from .common import (
     exp_shifted,
     head_base,
     key_keep,
+    pair_mask_args,
+    query_key_keep,
     load_lse,
     load_rows,
     mask_args,
@@ -143,8 +145,9 @@ def _chunked_logits(
 
 @triton.jit
 def _probs_and_dscores(s, dp, keep, lse_hi, lse_lo, delta, sm_scale):
-    """P = exp(scale * S - lse) and dS = P * (dP - delta) * scale, [R, C] fp32."""
-    s = tl.where(keep[None, :], s * sm_scale, float("-inf"))
+    """P = exp(scale * S - lse) and dS = P * (dP - delta) * scale, [R, C] fp32; keep [R, C] or
+    [1, C] (`query_key_keep`)."""
+    s = tl.where(keep, s * sm_scale, float("-inf"))
     p = probs(s, lse_hi, lse_lo)
     ds = p * (dp - delta[:, None]) * sm_scale
     return p, ds
@@ -155,15 +158,17 @@ def _bilateral_wide_lse_kernel(
     Q,  # [B, H, Lq, D] any strides: queries
     K,  # [B, H, Lk, D] any strides: keys
     KEY_MASK,  # [B, Lk] bool (read only with HAS_MASK)
+    PAIR_MASK,  # [B, Lq, Lk] bool (read only with HAS_PAIR_MASK)
     PART_MAX,  # [B * H, SPLITS, Lq] fp32 out: max logit over the split's keys
     PART_SUM,  # [B * H, SPLITS, Lq] fp32 out: sum of exp(logit - max) over them
     stride_q_b, stride_q_h, stride_q_l, stride_q_d,
     stride_k_b, stride_k_h, stride_k_l, stride_k_d,
     stride_mask_b, stride_mask_l,
+    stride_pm_b, stride_pm_q, stride_pm_k,
     H, LQ, LK, D, CHUNK, SPLITS,
     sm_scale,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DC: tl.constexpr,
-    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_PAIR_MASK: tl.constexpr = False,
 ):
     """Softmax statistics of BLOCK_R query rows over one split of the keys, from the S of
     `_chunked_logits` (grid (B*H, SPLITS, row blocks))."""
@@ -185,7 +190,9 @@ def _bilateral_wide_lse_kernel(
             stride_q_l, stride_q_d, stride_k_l, stride_k_d, stride_k_l, stride_k_d, stride_q_l, stride_q_d,
             D, BLOCK_R, BLOCK_C, BLOCK_DC, DOT_PRECISION, WITH_DP=False,
         )
-        s = tl.where(keep[None, :], s * sm_scale, float("-inf"))
+        keep_rk = query_key_keep(keep, PAIR_MASK, b, rows, rows_ok, keys, stride_pm_b, stride_pm_q, stride_pm_k,
+                                 HAS_PAIR_MASK)
+        s = tl.where(keep_rk, s * sm_scale, float("-inf"))
         m_i, shift, alpha = online_max(m_i, tl.max(s, 1))
         l_i = l_i * alpha + tl.sum(exp_shifted(s, shift[:, None]), 1)
     out = (pid_bh.to(tl.int64) * SPLITS + split) * LQ + rows
@@ -225,6 +232,7 @@ def _bilateral_wide_bwd_kernel(
     LSE,  # [B * H, Lq] float64 from the statistics pass (natural log, -inf: no kept key)
     DELTA,  # [B * H, Lq] fp32 from _bilateral_wide_delta_kernel
     KEY_MASK,  # [B, Lk] bool (read only with HAS_MASK)
+    PAIR_MASK,  # [B, Lq, Lk] bool (read only with HAS_PAIR_MASK)
     D_IMAGE_A, D_IMAGE_B,  # [B, H, N, D] contiguous, input dtype: dk_x, dv_x (s) or dq_x, unused (x)
     PART_A, PART_B,  # [B * H, SPLITS, M, D] fp32 partials: dq_s, unused (s) or dk_s, dv_s (x)
     stride_q_b, stride_q_h, stride_q_l, stride_q_d,
@@ -232,12 +240,14 @@ def _bilateral_wide_bwd_kernel(
     stride_k_b, stride_k_h, stride_k_l, stride_k_d,
     stride_v_b, stride_v_h, stride_v_l, stride_v_d,
     stride_mask_b, stride_mask_l,
+    stride_pm_b, stride_pm_q, stride_pm_k,
     H, M, N, D, CHUNK, SPLITS,
     sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DC: tl.constexpr,
     QUERIES_SPATIAL: tl.constexpr,  # True: direction s (Lq = M, Lk = N); False: direction x
     HAS_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HAS_PAIR_MASK: tl.constexpr = False,
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_DC >= 16)
     pid_bh, b, h = program_head(H)
@@ -288,7 +298,9 @@ def _bilateral_wide_bwd_kernel(
                 )
                 lse_hi_m, lse_lo_m = load_lse(lse_ptr, offs_m, m_ok)
                 delta_m = tl.load(delta_ptr + offs_m.to(tl.int64), mask=m_ok, other=0.0)
-                p, ds = _probs_and_dscores(s, dp, keep_n, lse_hi_m, lse_lo_m, delta_m, sm_scale)
+                keep_mn = query_key_keep(keep_n, PAIR_MASK, b, offs_m, m_ok, offs_n,
+                                         stride_pm_b, stride_pm_q, stride_pm_k, HAS_PAIR_MASK)
+                p, ds = _probs_and_dscores(s, dp, keep_mn, lse_hi_m, lse_lo_m, delta_m, sm_scale)
                 q_sp = load_rows(q_ptr, offs_m, offs_c, stride_q_l, stride_q_d, m_ok, c_ok)
                 do_sp = load_rows(do_ptr, offs_m, offs_c, stride_do_l, stride_do_d, m_ok, c_ok)
                 grad_a += dot(round_to(tl.trans(ds), dt), q_sp, DOT_PRECISION)  # dk_x
@@ -304,7 +316,9 @@ def _bilateral_wide_bwd_kernel(
                     stride_q_l, stride_q_d, stride_k_l, stride_k_d, stride_v_l, stride_v_d, stride_do_l, stride_do_d,
                     D, BLOCK_N, BLOCK_M, BLOCK_DC, DOT_PRECISION,
                 )
-                p, ds = _probs_and_dscores(s, dp, keep_m, lse_hi_n, lse_lo_n, delta_n, sm_scale)
+                keep_nm = query_key_keep(keep_m, PAIR_MASK, b, offs_n, n_ok, offs_m,
+                                         stride_pm_b, stride_pm_q, stride_pm_k, HAS_PAIR_MASK)
+                p, ds = _probs_and_dscores(s, dp, keep_nm, lse_hi_n, lse_lo_n, delta_n, sm_scale)
                 k_sp = load_rows(k_ptr, offs_m, offs_c, stride_k_l, stride_k_d, m_ok, c_ok)
                 grad_a += dot(round_to(ds, dt), k_sp, DOT_PRECISION)  # dq_x
                 dk_sp = dot(round_to(tl.trans(ds), dt), q_img, DOT_PRECISION)
@@ -325,13 +339,14 @@ def _bilateral_wide_bwd_kernel(
 # ----------------------------------------------------------------------------------------
 # Launcher
 # ----------------------------------------------------------------------------------------
-def wide_head_bwd(do, q, k, v, o, scale, key_mask, queries_are_spatial):
+def wide_head_bwd(do, q, k, v, o, scale, key_mask, queries_are_spatial, pair_mask=None):
     """Gradients (dq, dk, dv) of one direction, queries q over keys k, v, with the head dim
     split into column chunks (module docstring).
 
     queries_are_spatial=True (direction s): q, o, do [B, H, M, D]; k, v [B, H, N, D];
     key_mask bool [B, N] or None. False (direction x): q, o, do [B, H, N, D]; k, v
-    [B, H, M, D]; key_mask bool [B, M] or None. Any strides; the gradients come back
+    [B, H, M, D]; key_mask bool [B, M] or None. pair_mask: bool [B, Lq, Lk] or None (cross
+    attention's per-query mask). Any strides; the gradients come back
     contiguous in the inputs' dtype. The forward's LSE is not needed: it is recomputed
     from this backward's own logits (module docstring).
 
@@ -350,6 +365,8 @@ def wide_head_bwd(do, q, k, v, o, scale, key_mask, queries_are_spatial):
     q_blocks = triton.cdiv(Lq, block_q)
     key_mask, stride_mask_b, stride_mask_l = mask_args(key_mask, q)
     has_mask = key_mask is not q
+    pair_mask, *pair_strides = pair_mask_args(pair_mask, q)
+    has_pair_mask = pair_mask is not q
 
     # -- softmax statistics from the chunked logits: per-split partials, merged in order --
     if queries_are_spatial:
@@ -361,10 +378,10 @@ def wide_head_bwd(do, q, k, v, o, scale, key_mask, queries_are_spatial):
     delta = torch.empty((B * H, Lq), device=device, dtype=f32)
     with device_guard(device):
         _bilateral_wide_lse_kernel[(B * H, lse_splits, q_blocks)](
-            q, k, key_mask, part_max, part_sum, *q.stride(), *k.stride(), stride_mask_b, stride_mask_l,
-            H, Lq, Lk, D, lse_chunk, lse_splits, scale,
+            q, k, key_mask, pair_mask, part_max, part_sum, *q.stride(), *k.stride(), stride_mask_b, stride_mask_l,
+            *pair_strides, H, Lq, Lk, D, lse_chunk, lse_splits, scale,
             BLOCK_R=block_q, BLOCK_C=block_k, BLOCK_DC=cfg.BLOCK_DC, HAS_MASK=has_mask,
-            DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=1,
+            DOT_PRECISION=precision, HAS_PAIR_MASK=has_pair_mask, num_warps=cfg.num_warps, num_stages=1,
         )
         _bilateral_wide_delta_kernel[(B * H, q_blocks)](
             o, do, delta, *o.stride(), *do.stride(), H, Lq, D,
@@ -386,12 +403,12 @@ def wide_head_bwd(do, q, k, v, o, scale, key_mask, queries_are_spatial):
         image_b, part_b = image_a, torch.empty((B * H, splits, M, D), device=device, dtype=f32)
     with device_guard(device):
         _bilateral_wide_bwd_kernel[(B * H, splits, d_chunks)](
-            q, do, k, v, lse, delta, key_mask, image_a, image_b, part_a, part_b,
-            *q.stride(), *do.stride(), *k.stride(), *v.stride(), stride_mask_b, stride_mask_l,
+            q, do, k, v, lse, delta, key_mask, pair_mask, image_a, image_b, part_a, part_b,
+            *q.stride(), *do.stride(), *k.stride(), *v.stride(), stride_mask_b, stride_mask_l, *pair_strides,
             H, M, N, D, chunk, splits, scale,
             BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_DC=cfg.BLOCK_DC,
             QUERIES_SPATIAL=queries_are_spatial, HAS_MASK=has_mask,
-            DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=1,
+            DOT_PRECISION=precision, HAS_PAIR_MASK=has_pair_mask, num_warps=cfg.num_warps, num_stages=1,
         )
 
     if queries_are_spatial:

@@ -27,6 +27,24 @@
 // torch.set_num_threads and across runs.
 // Masks: a masked key gets logit -inf. A row with no kept key gets o = 0, lse = -inf and
 // zero gradients. Offsets are int64.
+// Per-query masks (cross attention's attn_mask, bool [B, Lq, Lk], any strides, the same for
+// every head; a key takes part for a query where key_mask and attn_mask both keep it): never
+// copied or expanded. Per (query block, key tile) build_block_keep reads the block's flags
+// from the mask's own bytes (pointing into it where a query's L flags are consecutive bytes
+// there; a stride-0 query axis shares one row) and sorts the tile into one of three paths:
+//   - no query of the block keeps a key of the tile: skipped. Exact for the online softmax
+//     (an unchanged max rescales by exactly 1 and the sum adds 0) and in the backward (the
+//     tile's P and dS are 0).
+//   - every query keeps every key: the unmasked column form above, bit for bit.
+//   - otherwise the row form (attend_tile_rows, attend_tile_rows_bwd): the block's active
+//     queries (those keeping at least one key of the tile) are gathered into dense rows,
+//     logits q k^T are formed with the queries on rows against the tile's k^T (packed per
+//     tile), each row's flags applied along it as bytes, and both GEMMs run over the active
+//     queries only. Blob-shaped masks (Mask2Former's masked cross attention: each query its
+//     own ~30% region of the feature map) leave no tile of a 64-query block empty but drop
+//     each query from 30-40% of the tiles, which the per-query gathering turns into skipped
+//     work where a per-block test would skip nothing. The state (m, l, acc per query) is shared with the column form.
+//   Extra memory: the [kQueryBlock, kTile] flags and row-form operands per worker.
 
 // Pick the widest vector ISA the compiler targets (the build uses -march=native), and give
 // ATen's vector headers a namespace of our own so nothing clashes with libtorch's copies.
@@ -311,9 +329,31 @@ inline CrossPlan plan_cross(int64_t BH, int64_t Lq, int64_t Lk) {
   return {q_blocks * kQueryBlock, ceil_div(nqb, q_blocks), k_tiles * kTile, ceil_div(nkt, k_tiles)};
 }
 
+// The backward's split, also from the shapes only. Unlike the forward's, neither direction is
+// free: a query split leaves dk and dv partials (2 Lk rows per split) to sum, a key split dq
+// partials (Lq rows). Where Lq < 2 Lk keys are split first: at Lq = 100, Lk = 4096 (B*H = 16)
+// the query-first plan's dk/dv partials were 33 MB per call, and allocating, zeroing and
+// summing them made the backward about 4.5x the forward.
+inline CrossPlan plan_cross_bwd(int64_t BH, int64_t Lq, int64_t Lk) {
+  if (Lq >= 2 * Lk) return plan_cross(BH, Lq, Lk);
+  const int64_t nqb = std::max<int64_t>(1, ceil_div(Lq, kQueryBlock));
+  const int64_t nkt = std::max<int64_t>(1, ceil_div(Lk, kTile));
+  int64_t nqs = 1, nks = 1;
+  while (BH * nqs * nks < kTargetItems) {
+    if (ceil_div(nkt, nks) >= 8)  // at least 4 tiles per key split, as plan_cross
+      nks *= 2;
+    else if (ceil_div(nqb, nqs) >= 2)
+      nqs *= 2;
+    else
+      break;
+  }
+  const int64_t q_blocks = ceil_div(nqb, nqs), k_tiles = ceil_div(nkt, nks);
+  return {q_blocks * kQueryBlock, ceil_div(nqb, q_blocks), k_tiles * kTile, ceil_div(nkt, k_tiles)};
+}
+
 template <typename acc_t>
 void cross_fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
-                    const MaskView& mask, OutPtr out, double* lse) {
+                    const MaskView& mask, const PairMaskView& attn, OutPtr out, double* lse) {
   const int64_t BH = q.size(0) * q.size(1), Lq = q.size(2), Lk = k.size(2), D = q.size(3);
   const int64_t Dp = round_up_vec<acc_t>(D), Tp = round_up_vec<acc_t>(kTile);
   const acc_t sc = static_cast<acc_t>(scale);
@@ -323,11 +363,19 @@ void cross_fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 
   // Column form (as direction s of the bilateral kernel): per query block q^T is packed once,
   // key tiles are read as rows (in place for fp32), softmax statistics per query column.
+  // With an attn_mask, a tile that some query of the block keeps only in part takes the row
+  // form over the block's active queries instead (attend_tile_rows; see the header comment).
   const int64_t Qp = round_up_vec<acc_t>(kQueryBlock);
   parallel_items(BH * plan.nqs * plan.nks, [&](const auto& next_item) {
     std::vector<acc_t> qt_b(D * Qp), k_t(kTile * Dp), v_t(kTile * Dp), s(kTile * Qp), shift(Qp);
     std::vector<acc_t> m(Qp), l(Qp), acc(kQueryBlock * Dp);
     std::unique_ptr<bool[]> keep(new bool[kTile]);
+    // the row form's operands: the block's q rows, the tile's k^T, the gathered active queries
+    const int64_t row_buffers = attn.ptr ? 1 : 0;
+    std::vector<acc_t> q_b(row_buffers * kQueryBlock * Dp), kt_t(row_buffers * D * Tp),
+        q_a(row_buffers * kQueryBlock * Dp), o_a(row_buffers * kQueryBlock * Dp), s_rows(row_buffers * kQueryBlock * Tp),
+        stat(row_buffers * 2 * Qp);
+    BlockKeep block_keep;
     for (int64_t item = next_item(); item >= 0; item = next_item()) {
       const int64_t bh = item / (plan.nqs * plan.nks);
       const int64_t qs = (item / plan.nks) % plan.nqs, ks = item % plan.nks;
@@ -335,16 +383,31 @@ void cross_fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       for (int64_t q0 = qs * plan.q_len; q0 < q_end; q0 += kQueryBlock) {
         const int64_t R = std::min(kQueryBlock, q_end - q0), Rp = round_up_vec<acc_t>(R);
         pack_transposed(qt_b.data(), Rp, Rp, qv, bh, q0, R, D, sc);
+        if (attn.ptr) pack_rows(q_b.data(), Dp, qv, bh, q0, R, D, sc);
         std::fill(m.begin(), m.end(), neg_inf<acc_t>());
         std::fill(l.begin(), l.end(), acc_t(0));
         std::fill(acc.begin(), acc.end(), acc_t(0));
         for (int64_t k0 = ks * plan.k_len; k0 < k_end; k0 += kTile) {
           const int64_t L = std::min(kTile, k_end - k0);
-          const acc_t* k_rows = direct_rows<acc_t>(kv, bh, k0, D, Dp);
           const acc_t* v_rows = direct_rows<acc_t>(vv, bh, k0, D, Dp);
+          if (attn.ptr) {
+            build_block_keep(block_keep, attn, mask, bh, q0, R, k0, L);
+            if (block_keep.active.empty()) continue;  // no query keeps a key here: no state changes
+            if (!block_keep.all_full) {
+              const int64_t Lp = round_up_vec<acc_t>(L);
+              pack_transposed(kt_t.data(), Lp, Lp, kv, bh, k0, L, D, acc_t(1));
+              if (!v_rows) pack_rows(v_t.data(), Dp, vv, bh, k0, L, D, acc_t(1));
+              attend_tile_rows(L, Lp, D, Dp, q_b.data(), kt_t.data(), v_rows ? v_rows : v_t.data(),
+                               v_rows ? vv.stride_l : Dp, block_keep, q_a.data(), o_a.data(), s_rows.data(),
+                               stat.data(), m.data(), l.data(), acc.data());
+              continue;
+            }
+            // every query keeps every key of the tile (key_mask included): the unmasked path
+          }
+          const acc_t* k_rows = direct_rows<acc_t>(kv, bh, k0, D, Dp);
           if (!k_rows) pack_rows(k_t.data(), Dp, kv, bh, k0, L, D, acc_t(1));
           if (!v_rows) pack_rows(v_t.data(), Dp, vv, bh, k0, L, D, acc_t(1));
-          const bool masked = tile_keep(keep.get(), mask, bh, k0, L);
+          const bool masked = !attn.ptr && tile_keep(keep.get(), mask, bh, k0, L);
           attend_tile_cols(L, R, Rp, D, Dp, k_rows ? k_rows : k_t.data(), k_rows ? kv.stride_l : Dp, qt_b.data(),
                            v_rows ? v_rows : v_t.data(), v_rows ? vv.stride_l : Dp, masked ? keep.get() : nullptr,
                            s.data(), shift.data(), m.data(), l.data(), acc.data());
@@ -368,14 +431,14 @@ void cross_fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 template <typename acc_t>
 void cross_bwd_impl(const at::Tensor& d_o, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     const at::Tensor& o, const at::Tensor& lse_in, double scale, const MaskView& mask,
-                    OutPtr dq, OutPtr dk, OutPtr dv) {
+                    const PairMaskView& attn, OutPtr dq, OutPtr dk, OutPtr dv) {
   const int64_t BH = q.size(0) * q.size(1), Lq = q.size(2), Lk = k.size(2), D = q.size(3);
   const int64_t Dp = round_up_vec<acc_t>(D), Tp = round_up_vec<acc_t>(kTile);
   const acc_t sc = static_cast<acc_t>(scale);
   const auto qv = view4(q), kv = view4(k), vv = view4(v);
   const auto dov = view4(d_o), ov = view4(o);
   const auto lv = view3<double>(lse_in);
-  const CrossPlan plan = plan_cross(BH, Lq, Lk);
+  const CrossPlan plan = plan_cross_bwd(BH, Lq, Lk);
   // dq partials per key split [nks, BH, Lq, Dp]; dk/dv partials per query split [nqs, BH, Lk, 2, Dp].
   std::vector<acc_t> dq_part(plan.nks > 1 ? plan.nks * BH * Lq * Dp : 0);
   std::vector<acc_t> dkv_part(plan.nqs > 1 ? plan.nqs * BH * Lk * 2 * Dp : 0);
@@ -385,9 +448,16 @@ void cross_bwd_impl(const at::Tensor& d_o, const at::Tensor& q, const at::Tensor
     // one query block: q (scaled) as rows and transposed, do as rows and transposed
     std::vector<acc_t> q_b(kQueryBlock * Dp), qt_b(D * Qp), do_b(kQueryBlock * Dp), dot_b(D * Qp),
         o_b(kQueryBlock * Dp), lse_hi(Qp), lse_lo(Qp), delta(Qp), delta_scratch(Qp), dq_b(kQueryBlock * Dp);
-    std::vector<acc_t> k_t(kTile * Dp), v_t(kTile * Dp), p(kTile * Qp), ds(kTile * Qp);
+    // P and dS: [kTile, Qp] in the column form, [active queries, Tp] in the row form
+    const int64_t p_size = std::max(kTile * Qp, kQueryBlock * Tp);
+    std::vector<acc_t> k_t(kTile * Dp), v_t(kTile * Dp), p(p_size), ds(p_size);
     std::unique_ptr<bool[]> keep(new bool[kTile]);
     std::vector<acc_t> dk_loc(plan.k_len * Dp), dv_loc(plan.k_len * Dp);
+    // the row form's operands (attn_mask): the tile's k^T and v^T, the gathered active queries
+    const int64_t row_buffers = attn.ptr ? 1 : 0;
+    std::vector<acc_t> kt_t(row_buffers * D * Tp), vt_t(row_buffers * D * Tp), q_a(row_buffers * kQueryBlock * Dp),
+        do_a(row_buffers * kQueryBlock * Dp), dq_a(row_buffers * kQueryBlock * Dp);
+    BlockKeep block_keep;
     for (int64_t item = next_item(); item >= 0; item = next_item()) {
       const int64_t bh = item / (plan.nqs * plan.nks);
       const int64_t qs = (item / plan.nks) % plan.nqs, ks = item % plan.nks;
@@ -409,10 +479,26 @@ void cross_bwd_impl(const at::Tensor& d_o, const at::Tensor& q, const at::Tensor
         for (int64_t k0 = k_begin; k0 < k_end; k0 += kTile) {
           const int64_t L = std::min(kTile, k_end - k0);
           const acc_t* k_rows = direct_rows<acc_t>(kv, bh, k0, D, Dp);
+          if (attn.ptr) {
+            build_block_keep(block_keep, attn, mask, bh, q0, R, k0, L);
+            if (block_keep.active.empty()) continue;  // no query keeps a key here: all gradients 0
+            if (!block_keep.all_full) {
+              const int64_t Lp = round_up_vec<acc_t>(L);
+              if (!k_rows) pack_rows(k_t.data(), Dp, kv, bh, k0, L, D, acc_t(1));
+              pack_transposed(kt_t.data(), Lp, Lp, kv, bh, k0, L, D, acc_t(1));
+              pack_transposed(vt_t.data(), Lp, Lp, vv, bh, k0, L, D, acc_t(1));
+              attend_tile_rows_bwd(L, Lp, D, Dp, q_b.data(), do_b.data(), lse_hi.data(), lse_lo.data(), delta.data(),
+                                   k_rows ? k_rows : k_t.data(), k_rows ? kv.stride_l : Dp, kt_t.data(), vt_t.data(),
+                                   block_keep, q_a.data(), do_a.data(), dq_a.data(), p.data(), ds.data(), dq_b.data(),
+                                   dk_loc.data() + (k0 - k_begin) * Dp, dv_loc.data() + (k0 - k_begin) * Dp);
+              continue;
+            }
+            // every query keeps every key of the tile (key_mask included): the unmasked path
+          }
           const acc_t* v_rows = direct_rows<acc_t>(vv, bh, k0, D, Dp);
           if (!k_rows) pack_rows(k_t.data(), Dp, kv, bh, k0, L, D, acc_t(1));
           if (!v_rows) pack_rows(v_t.data(), Dp, vv, bh, k0, L, D, acc_t(1));
-          const bool masked = tile_keep(keep.get(), mask, bh, k0, L);
+          const bool masked = !attn.ptr && tile_keep(keep.get(), mask, bh, k0, L);
           attend_tile_cols_bwd<true>(L, R, Rp, D, Dp, k_rows ? k_rows : k_t.data(), k_rows ? kv.stride_l : Dp,
                                      v_rows ? v_rows : v_t.data(), v_rows ? vv.stride_l : Dp, qt_b.data(), q_b.data(),
                                      dot_b.data(), do_b.data(), lse_hi.data(), lse_lo.data(), delta.data(),
@@ -502,6 +588,23 @@ MaskView check_mask(const c10::optional<at::Tensor>& mask, const char* name, int
   return view;
 }
 
+// attn_mask: bool [B, Lq, Lk] with any strides (a broadcast view is read as it is, never copied).
+PairMaskView check_attn_mask(const c10::optional<at::Tensor>& mask, int64_t B, int64_t Lq, int64_t Lk, int64_t H) {
+  PairMaskView view;
+  view.heads = H;
+  if (!mask.has_value()) return view;
+  const at::Tensor& m = *mask;
+  TORCH_CHECK(m.device().is_cpu(), "attn_mask must be a CPU tensor, got ", m.device());
+  TORCH_CHECK(m.scalar_type() == at::kBool, "attn_mask must have dtype bool, got ", m.scalar_type());
+  TORCH_CHECK(m.dim() == 3 && m.size(0) == B && m.size(1) == Lq && m.size(2) == Lk,
+              "attn_mask must have shape [B, Lq, Lk] = [", B, ", ", Lq, ", ", Lk, "], got ", m.sizes());
+  view.ptr = m.data_ptr<bool>();
+  view.stride_b = m.stride(0);
+  view.stride_q = m.stride(1);
+  view.stride_k = m.stride(2);
+  return view;
+}
+
 void check_scale(double scale) { TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale); }
 
 BilateralShape check_bilateral(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& v_s,
@@ -584,22 +687,25 @@ void check_cross(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) 
 }
 
 std::tuple<at::Tensor, at::Tensor> cross_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                             double scale, const c10::optional<at::Tensor>& key_mask) {
+                                             double scale, const c10::optional<at::Tensor>& key_mask,
+                                             const c10::optional<at::Tensor>& attn_mask) {
   check_cross(q, k, v);
   check_scale(scale);
   const MaskView mask = check_mask(key_mask, "key_mask", k.size(0), k.size(2), k.size(1));
+  const PairMaskView attn = check_attn_mask(attn_mask, q.size(0), q.size(2), k.size(2), q.size(1));
   auto o = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kDouble));
   if (q.scalar_type() == at::kDouble)
-    cross_fwd_impl<double>(q, k, v, scale, mask, out_ptr(o), lse.data_ptr<double>());
+    cross_fwd_impl<double>(q, k, v, scale, mask, attn, out_ptr(o), lse.data_ptr<double>());
   else
-    cross_fwd_impl<float>(q, k, v, scale, mask, out_ptr(o), lse.data_ptr<double>());
+    cross_fwd_impl<float>(q, k, v, scale, mask, attn, out_ptr(o), lse.data_ptr<double>());
   return {o, lse};
 }
 
 std::vector<at::Tensor> cross_bwd(const at::Tensor& d_o, const at::Tensor& q, const at::Tensor& k,
                                   const at::Tensor& v, const at::Tensor& o, const at::Tensor& lse, double scale,
-                                  const c10::optional<at::Tensor>& key_mask) {
+                                  const c10::optional<at::Tensor>& key_mask,
+                                  const c10::optional<at::Tensor>& attn_mask) {
   check_cross(q, k, v);
   check_scale(scale);
   check_input(d_o, "do", q);
@@ -608,14 +714,17 @@ std::vector<at::Tensor> cross_bwd(const at::Tensor& d_o, const at::Tensor& q, co
   check_shape(o, "o", q.sizes());
   check_lse(lse, "lse", {q.size(0), q.size(1), q.size(2)});
   const MaskView mask = check_mask(key_mask, "key_mask", k.size(0), k.size(2), k.size(1));
+  const PairMaskView attn = check_attn_mask(attn_mask, q.size(0), q.size(2), k.size(2), q.size(1));
   const auto contiguous = at::MemoryFormat::Contiguous;
   std::vector<at::Tensor> grads{at::empty(q.sizes(), q.options().memory_format(contiguous)),
                                 at::empty(k.sizes(), k.options().memory_format(contiguous)),
                                 at::empty(v.sizes(), v.options().memory_format(contiguous))};
   if (q.scalar_type() == at::kDouble)
-    cross_bwd_impl<double>(d_o, q, k, v, o, lse, scale, mask, out_ptr(grads[0]), out_ptr(grads[1]), out_ptr(grads[2]));
+    cross_bwd_impl<double>(d_o, q, k, v, o, lse, scale, mask, attn, out_ptr(grads[0]), out_ptr(grads[1]),
+                           out_ptr(grads[2]));
   else
-    cross_bwd_impl<float>(d_o, q, k, v, o, lse, scale, mask, out_ptr(grads[0]), out_ptr(grads[1]), out_ptr(grads[2]));
+    cross_bwd_impl<float>(d_o, q, k, v, o, lse, scale, mask, attn, out_ptr(grads[0]), out_ptr(grads[1]),
+                          out_ptr(grads[2]));
   return grads;
 }
 
@@ -649,11 +758,12 @@ SFK_TORCH_LIBRARY(SFK_OPS_NAMESPACE, m) {
       "bilateral_bwd(Tensor do_s, Tensor do_x, Tensor q_s, Tensor k_s, Tensor v_s, Tensor q_x, Tensor k_x, "
       "Tensor v_x, Tensor o_s, Tensor o_x, Tensor lse_s, Tensor lse_x, float scale, Tensor? image_mask) -> Tensor[]",
       &sfk::bilateral_bwd);
-  m.def("cross_fwd(Tensor q, Tensor k, Tensor v, float scale, Tensor? key_mask) -> (Tensor, Tensor)",
-        &sfk::cross_fwd);
   m.def(
-      "cross_bwd(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, float scale, Tensor? key_mask) "
-      "-> Tensor[]",
+      "cross_fwd(Tensor q, Tensor k, Tensor v, float scale, Tensor? key_mask, Tensor? attn_mask=None) -> (Tensor, Tensor)",
+      &sfk::cross_fwd);
+  m.def(
+      "cross_bwd(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, float scale, Tensor? key_mask, "
+      "Tensor? attn_mask=None) -> Tensor[]",
       &sfk::cross_bwd);
   m.def("vector_isa() -> str", &sfk::vector_isa);
 }
