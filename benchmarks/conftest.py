@@ -9,6 +9,11 @@ the device timings, with GB/s, % of roofline, TFLOP/s, speedup and peak memory i
 row's extra_info and the device, versions and commit in machine_info.
 
     pytest benchmarks/ --benchmark --benchmark-json=benchmarks/results/<hardware>.json  (hardware: measurement.hardware_slug, e.g. cpu-amd-epyc-2c, h100-80gb-hbm3)
+    pytest benchmarks/test_throughput.py --benchmark -k "attention_throughput and m2f512"   (masked cross-attention rows only)
+
+Kernel rows cover both ops of the harness (spatialformer_kernels.bench): bilateral attention
+at docs/design.md section 4's shapes and masked cross-attention at Mask2Former's (m2f512-*);
+each row's extra_info names its op ("op") and, for masked rows, the mask's kept fraction.
 """
 from __future__ import annotations
 

@@ -14,15 +14,20 @@
 #                        fullgraph), on 8 pytest-xdist workers when xdist is installed
 #   config_sweep         ours vs SDPA x2 timed eager, in a CUDA graph and pipelined, then every
 #                        candidate launch config (benchmarks/gpu_config_sweep.py) -> config-sweep-<gpu>.jsonl
-#   bench_kernels        pytest-benchmark at the benchmark shapes (bf16): ours and SDPA's
+#   bench_kernels        pytest-benchmark at the bilateral benchmark shapes (bf16): ours and SDPA's
 #                        flash / efficient / cuDNN backends and the reference -> bench-kernels-<gpu>.json
+#   bench_masked         masked cross-attention at Mask2Former's shapes (m2f512-s8/-s16/-s32;
+#                        bf16): ours, the reference, SDPA with the boolean mask (efficient,
+#                        cuDNN, math; flash takes no mask: skipped), torch.compile of the reference
+#                        and FlexAttention with a BlockMask -> bench-masked-<gpu>.json (its own step
+#                        and file, so a slow or cut run of it leaves bench_kernels' results whole)
 #   graph_check          determinism (two eager runs bitwise equal) and CUDA-graph capture of
 #                        forward + backward after warm-up (replay bitwise equal to eager), for
 #                        bilateral_attention and cross_attention (both directions), bf16 and fp32
 #                        -> graph_check.json
 #   bench_models         whole-model rows (SpatialFormer-T/S/B) -> bench-models-<gpu>.json
-#   bench_baselines      the baselines that compile per shape (torch.compile of the reference,
-#                        FlexAttention) and SDPA's math backend -> bench-baselines-<gpu>.json
+#   bench_baselines      at the bilateral shapes, the baselines that compile per shape (torch.compile
+#                        of the reference, FlexAttention) and SDPA's math backend -> bench-baselines-<gpu>.json
 #   static_model         the MODELLED table of the static check for the same GPU, to set against
 #                        the measured numbers -> static-model-<gpu>.json
 #   summary.json         each step's exit status and seconds
@@ -95,7 +100,11 @@ step tests 150 "$PY" -m pytest tests/test_kernel_parity.py tests/test_triton_bac
 step config_sweep 130 "$PY" benchmarks/gpu_config_sweep.py "$OUT/config-sweep-$MODEL_GPU.jsonl"
 
 step bench_kernels 120 "$PY" -m pytest benchmarks/test_throughput.py --benchmark --bench-dtypes bf16 -q \
-    -k "attention_throughput and not compile and not flex and not math" --benchmark-json="$OUT/bench-kernels-$MODEL_GPU.json"
+    -k "attention_throughput and not m2f512 and not compile and not flex and not math" \
+    --benchmark-json="$OUT/bench-kernels-$MODEL_GPU.json"
+
+step bench_masked 150 "$PY" -m pytest benchmarks/test_throughput.py --benchmark --bench-dtypes bf16 -q \
+    -k "attention_throughput and m2f512" --benchmark-json="$OUT/bench-masked-$MODEL_GPU.json"
 
 step graph_check 60 "$PY" - "$OUT/graph_check.json" <<'EOF'
 """Determinism and CUDA-graph capture of forward + backward after warm-up."""
@@ -158,7 +167,8 @@ step bench_models 90 "$PY" -m pytest benchmarks/test_throughput.py --benchmark -
     --benchmark-json="$OUT/bench-models-$MODEL_GPU.json"
 
 step bench_baselines 90 "$PY" -m pytest benchmarks/test_throughput.py --benchmark --bench-dtypes bf16 -q \
-    -k "attention_throughput and (compile or flex or math)" --benchmark-json="$OUT/bench-baselines-$MODEL_GPU.json"
+    -k "attention_throughput and not m2f512 and (compile or flex or math)" \
+    --benchmark-json="$OUT/bench-baselines-$MODEL_GPU.json"
 
 JOBS="$(nproc 2>/dev/null || echo 4)"
 step static_model 90 "$PY" -m spatialformer_kernels.backends.triton.static_check --perf --gpu "$MODEL_GPU" \

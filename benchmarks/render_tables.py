@@ -1,7 +1,8 @@
 """Regenerate the README's performance tables from the raw result files in benchmarks/results/.
 
 Each result file is the `--benchmark-json` output of `pytest benchmarks/ --benchmark`, named
-by hardware. A folder `gpu-check-*/` written by benchmarks/gpu_check.sh is one result: its
+by hardware. Kernel rows are tabled per op: bilateral attention, then (where a file has
+them: rows with op "masked_cross") masked cross-attention at Mask2Former's shapes. A folder `gpu-check-*/` written by benchmarks/gpu_check.sh is one result: its
 `bench-*.json` files (kernels, baselines, models: separate pytest runs) are merged into one
 section, each row keeping its own run's speedups; its provenance.json, when there is one,
 gives the commit that ran (over the files' own), the software and a timing note. This script
@@ -211,6 +212,18 @@ def kernel_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def masked_cross_heading(rows: list[dict]) -> str:
+    """The line above the masked cross-attention table: what it measures and the masks' kept fraction."""
+    kept = sorted({r["mask_fraction"] for r in rows if r.get("mask_fraction") is not None})
+    fraction = f"{100 * kept[0]:.1f}%" if len(kept) == 1 else f"{100 * kept[0]:.1f}-{100 * kept[-1]:.1f}%" if kept else "about 30%"
+    return (
+        "Masked cross-attention (Mask2Former's decoder layer: M queries over N keys, attn_mask bool "
+        f"[B, M, N] keeping {fraction} of the pairs, one blob per query; GB/s counts the mask's bytes, TFLOP/s the "
+        "dense op's FLOPs; SDPA with the boolean mask, FlexAttention with a BlockMask built outside the timed "
+        "calls), median time per call:"
+    )
+
+
 def model_table(rows: list[dict]) -> str:
     lines = ["| model | mode | batch, image, dtype | path | images/s | ms per step | vs reference path |", "|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["model"], r["mode"], r["backend"] == "reference", r["backend"])):
@@ -333,8 +346,12 @@ def render(results: list[dict], cpu_speed: list[dict] = ()) -> str:
             if mismatches:
                 parts.append(f"Where a baseline's time differs between the runs, the speedup is not its column's ratio: {'; '.join(mismatches)}.")
         parts.append("")
-        if result["kernels"]:
-            parts += ["Bilateral attention, median time per call:", "", kernel_table(result["kernels"]), ""]
+        bilateral = [r for r in result["kernels"] if r.get("op", "bilateral") == "bilateral"]
+        masked = [r for r in result["kernels"] if r.get("op") == "masked_cross"]
+        if bilateral:
+            parts += ["Bilateral attention, median time per call:", "", kernel_table(bilateral), ""]
+        if masked:
+            parts += [masked_cross_heading(masked), "", kernel_table(masked), ""]
         if result["models"]:
             parts += ["Whole model:", "", model_table(result["models"]), ""]
     if cpu_speed:

@@ -1,6 +1,8 @@
-"""Tests of the benchmark harness itself: arithmetic, roofline table, rows, the renderer, the CLI."""
+"""Tests of the benchmark harness itself: arithmetic, roofline table, rows, the renderer, the CLI
+(both ops: bilateral attention and masked cross-attention)."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -14,7 +16,7 @@ import torch
 
 from spatialformer_kernels import dispatch, testing
 from spatialformer_kernels.bench import cli, measurement, workload
-from spatialformer_kernels.reference import bilateral_attention_reference
+from spatialformer_kernels.reference import bilateral_attention_reference, cross_attention_reference
 
 _spec = importlib.util.spec_from_file_location("render_tables", Path(__file__).with_name("render_tables.py"))
 render_tables = importlib.util.module_from_spec(_spec)
@@ -86,9 +88,172 @@ def test_cpu_scaling_keeps_h_m_d_and_divides_b_n():
     assert shapes["det800x1344-stage1"].B == 1 and shapes["det800x1344-stage1"].N == 8400
     assert shapes["cls224-stage1"].label == "cls224-stage1/8"
     assert "divided by 8" in workload.scaling_note(list(shapes.values()))
-    assert workload.scaling_note(workload.shapes_for(CPU, scale=1)) == "full docs/design.md section 4 shapes"
+    bilateral = [s for s in workload.SHAPES if s.op == "bilateral"]
+    assert workload.scaling_note(workload.shapes_for(CPU, [s.name for s in bilateral], scale=1)) == "full docs/design.md section 4 shapes"
     with pytest.raises(ValueError, match="unknown shape"):
         workload.shapes_for(CPU, ["nope"])
+
+
+# ---------------------------------------------------------------------------- masked cross-attention
+
+M2F = {s.name: s for s in workload.SHAPES if s.op == "masked_cross"}
+
+
+def test_mask2former_shapes_are_never_scaled():
+    assert {name: (s.B, s.H, s.M, s.N, s.D) for name, s in M2F.items()} == {
+        "m2f512-s8": (2, 8, 100, 4096, 32), "m2f512-s16": (2, 8, 100, 1024, 32), "m2f512-s32": (2, 8, 100, 256, 32),
+    }  # fmt: skip
+    assert set(M2F) <= set(workload.SHAPE_NAMES) == set(cli._parse_args([]).shapes or workload.SHAPE_NAMES)
+    for scale in (None, 8, 32):  # the CPU default, and --quick's
+        shapes = {s.name: s for s in workload.shapes_for(CPU, scale=scale)}
+        assert all(shapes[name] == shape and shapes[name].label == name for name, shape in M2F.items())
+        assert shapes["cls224-stage1"].scale == (scale or 8)
+    note = workload.scaling_note(workload.shapes_for(CPU))
+    assert note.startswith("shapes scaled down for this device: B and N divided by 8")
+    assert note.endswith("masked cross-attention shapes (m2f512-s8, m2f512-s16, m2f512-s32: Mask2Former) at "
+                         "full size on every device (never scaled: small already)")  # fmt: skip
+    assert cli._parse_args(["--shapes", "m2f512-s8", "m2f512-s32"]).shapes == ["m2f512-s8", "m2f512-s32"]
+    with pytest.raises(ValueError, match="unknown op"):
+        workload.Shape("x", 1, 1, 1, 1, 1, op="nope")
+
+
+def test_bytes_and_flops_of_masked_cross():
+    shape = M2F["m2f512-s8"]
+    bhd = 2 * 8 * 32  # B*H*D
+    mask = 2 * 100 * 4096  # B*M*N bytes of the bool mask
+    fwd = (2 * 100 + 2 * 4096) * bhd * 4 + mask
+    bwd = (4 * 100 + 4 * 4096) * bhd * 4 + 4 * 2 * 8 * 100 + mask
+    assert (fwd, bwd) == (18_006_016, 35_199_232)
+    assert workload.bytes_moved(shape, torch.float32, "fwd") == fwd
+    assert workload.bytes_moved(shape, torch.float32, "bwd") == bwd
+    assert workload.bytes_moved(shape, torch.float32, "fwd_bwd") == fwd + bwd
+    assert workload.bytes_moved(shape, torch.bfloat16, "fwd") == (2 * 100 + 2 * 4096) * bhd * 2 + mask
+    unit = 2 * 8 * 100 * 4096 * 32
+    assert workload.flops(shape, "fwd") == 4 * unit == 838_860_800  # dense: masked pairs counted
+    assert workload.flops(shape, "bwd") == 10 * unit and workload.flops(shape, "fwd_bwd") == 14 * unit
+
+
+def _connected(mask: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
+    """Per query of mask [Q, N]: whether its kept keys form one 8-connected blob on the key grid."""
+    queries = mask.shape[0]
+    grid = torch.zeros(queries, rows * columns)
+    grid[:, : mask.shape[1]] = mask.float()
+    grown = torch.zeros_like(grid)
+    grown[torch.arange(queries), grid.argmax(-1)] = 1  # the first kept key
+    grid, grown = grid.view(queries, 1, rows, columns), grown.view(queries, 1, rows, columns)
+    while not torch.equal(more := torch.nn.functional.max_pool2d(grown, 3, 1, 1) * grid, grown):
+        grown = more
+    return (grown == grid).view(queries, -1).all(-1)
+
+
+@pytest.mark.parametrize("name", list(M2F))
+def test_masks_are_one_blob_per_query_and_keep_about_30_percent(name):
+    shape = M2F[name]
+    mask = workload.object_query_masks(shape.B, shape.M, shape.N)
+    assert mask.dtype == torch.bool and mask.shape == (2, 100, shape.N)
+    assert torch.equal(mask, workload.object_query_masks(shape.B, shape.M, shape.N))  # deterministic
+    assert not torch.equal(mask, workload.object_query_masks(shape.B, shape.M, shape.N, seed=1))
+    per_query = mask.double().mean(-1)
+    assert 0.28 <= mask.double().mean().item() <= 0.32
+    assert ((per_query == 0).sum(-1) == workload.MASK_EMPTY_QUERIES).all() and ((per_query == 1).sum(-1) == workload.MASK_FULL_QUERIES).all()
+    blob = (per_query > 0) & (per_query < 1)
+    assert ((per_query[blob] >= 0.195) & (per_query[blob] <= 0.405)).all()
+    rows, columns = workload.key_grid(shape.N)
+    assert rows * columns == shape.N and rows == columns == int(shape.N**0.5)
+    assert _connected(mask[blob][:40], rows, columns).all()  # spatially coherent: one blob each (40 of them, for time)
+    summary = workload.mask_summary(shape)
+    assert summary["kept"] == round(mask.double().mean().item(), 4) and summary["grid"] == f"{rows}x{columns}"
+    assert (summary["empty_queries"], summary["full_queries"]) == (4, 2)
+    note = workload.mask_note(shape)
+    assert note.startswith(f"{name} attn_mask: {100 * summary['kept']:.1f}% of (query, key) pairs kept") and "4 empty and 2 full" in note
+
+
+def test_masks_on_a_grid_that_is_not_square():
+    assert workload.key_grid(130) == (11, 12) and workload.key_grid(144) == (12, 12) and workload.key_grid(1) == (1, 1)
+    mask = workload.object_query_masks(1, 13, 130, seed=3)
+    kept = mask.double().mean(-1)
+    assert mask.shape == (1, 13, 130) and (kept == 0).sum() == 2 and (kept == 1).sum() == 1
+
+
+def test_masked_cross_case_carries_q_k_v_and_the_mask_as_a_constant():
+    shape = workload.Shape("tiny-masked", B=2, H=3, M=10, N=49, D=16, op="masked_cross")
+    case = workload.Case.make(shape, torch.float32, CPU)
+    q, k, v = case.inputs
+    (mask,) = case.extras
+    assert q.shape == (2, 3, 10, 16) and k.shape == v.shape == (2, 3, 49, 16) and case.grad_outputs[0].shape == q.shape
+    assert mask.dtype == torch.bool and torch.equal(mask, workload.object_query_masks(2, 10, 49))
+    assert len(case.leaves()) == 3 and case.op.result_names == testing.CROSS_RESULT_NAMES
+    same, exact = case.reference_forward
+    assert torch.allclose(same[0], cross_attention_reference(q, k, v, 0.25, attn_mask=mask))
+    assert exact[0].dtype == torch.float64 and len(case.reference_gradients[0]) == 4
+
+
+def test_masked_cross_skip_reasons():
+    cpu = {p.name: p for p in workload.providers_for(CPU)}
+    fp32 = torch.float32
+    for name in ("reference", "sdpa", "compile-reference", "flex", *(n for n in cpu if n.startswith("ours-"))):
+        assert "masked_cross" in cpu[name].builds, name
+    assert workload.skip_reason(cpu["flex"], fp32, "fwd", "masked_cross") is None
+    assert workload.skip_reason(cpu["flex"], fp32, "fwd_bwd", "masked_cross") == "flex has no backward on this device"
+    assert cpu["flex"].notes["masked_cross"] == workload.FLEX_MASK_NOTE and "outside the timed calls" in workload.FLEX_MASK_NOTE
+    # where the library is there (a CUDA machine), the op's own reason
+    flash = dataclasses.replace(cpu["flash-attn"], skip=None)
+    assert "no arbitrary attention mask" in workload.skip_reason(flash, torch.bfloat16, "fwd", "masked_cross")
+    assert workload.skip_reason(flash, torch.bfloat16, "fwd", "bilateral") is None
+    xformers = dataclasses.replace(cpu["xformers"], skip=None)
+    assert "additive float bias" in workload.skip_reason(xformers, fp32, "fwd", "masked_cross")
+    cuda = {p.name: p for p in workload.providers_for(torch.device("cuda"))}
+    assert workload.skip_reason(cuda["sdpa-flash"], torch.bfloat16, "fwd", "masked_cross") == (
+        "SDPA's FlashAttention backend takes no attn_mask (causal masking only)"
+    )
+    for label in ("efficient", "cudnn", "math"):
+        assert workload.skip_reason(cuda[f"sdpa-{label}"], torch.bfloat16, "fwd_bwd", "masked_cross") is None
+    bare = workload.Provider("bare", "baseline", "reference", lambda: None)
+    assert workload.skip_reason(bare, fp32, "fwd", "masked_cross") == "bare has no masked cross-attention here"
+
+
+def test_the_flex_block_mask_is_built_once_per_case_outside_the_timed_calls():
+    shape = workload.Shape("tiny-masked", B=1, H=2, M=8, N=36, D=16, op="masked_cross")
+    case = workload.Case.make(shape, torch.float32, CPU)
+    built, called = [], []
+
+    def prepare(c):
+        built.append(c)
+        return ("prepared",)
+
+    def build():
+        def run(q, k, v, constant, scale):
+            called.append(constant)
+            return (cross_attention_reference(q, k, v, scale, attn_mask=case.extras[0]),)
+
+        return run
+
+    provider = workload.Provider("counting", "baseline", "flex", builds={"masked_cross": build}, prepare={"masked_cross": prepare})
+    call = workload.make_callable(provider, case, "fwd")
+    for _ in range(5):
+        call()
+    assert len(built) == 1 and called == ["prepared"] * 5
+    assert workload.check_parity(provider, case, with_grads=True).passed and len(built) == 2
+
+
+def test_a_masked_row_carries_its_op_mask_fraction_and_speedups():
+    shape = workload.Shape("tiny-masked", B=1, H=2, M=12, N=64, D=16, op="masked_cross")
+    providers = [p for p in workload.providers_for(CPU) if p.name in ("reference", "sdpa")]
+    ignores_mask = workload.Provider("no-mask", "ours", "ours", builds={"masked_cross": lambda: lambda q, k, v, m, scale: (
+        cross_attention_reference(q, k, v, scale),)})  # fmt: skip
+    session = measurement.BenchSession(CPU, [*providers, ignores_mask], budget_s=0.01, measure_memory=False)
+    row = session.row(shape, torch.float32, "fwd_bwd", "reference")
+    assert row.status == "ok" and row.op == "masked_cross" and row.best_baseline in ("reference", "sdpa")
+    assert row.speedup_vs_sdpa is not None and row.mask_fraction == workload.mask_summary(shape)["kept"]
+    assert row.bytes == workload.bytes_moved(shape, torch.float32, "fwd_bwd") and row.flops == 14 * 2 * 12 * 64 * 16
+    assert row.metrics()["op"] == "masked_cross"
+    bad = session.row(shape, torch.float32, "fwd", "no-mask")  # a provider that ignores the mask fails parity
+    assert bad.status == "failed" and "no-mask B1 H2 M12 N64 D16 fp32 o: max abs err" in bad.note
+    table = cli.format_table(session.rows())
+    assert re.search(r"^tiny-masked +masked cross +B1 H2 M12 N64 D16 +fp32 +fwd_bwd +reference ", table, re.M)
+    checks = session.parity_checks()
+    assert {check.op for _, check in checks} == {"masked_cross"} and {check.tensor for _, check in checks} <= set(testing.CROSS_RESULT_NAMES)
+    assert re.search(r"^tiny-masked +B1 H2 M12 N64 D16 +fp32 +sdpa +.* pass$", cli.format_parity(checks), re.M)
 
 
 def _row(provider, kind, family, median_ms):
@@ -182,6 +347,26 @@ def test_renderer_without_gpu_file_says_not_yet_measured(tmp_path):
     assert "| spatialformer_tiny | inference | 2, 224x224, fp32 | cpu | 20.0 | 100.0 | 1.30x |" in text
     assert text.count("| not yet measured | no H100 or H200 result file |") == len(render_tables.TARGETS)
     assert " met " not in text
+
+
+def test_renderer_tables_masked_cross_rows_apart_with_their_speedups(tmp_path):
+    def masked(provider, kind, median_ms, **extra):
+        return {**_kernel("m2f512-s8", "fwd", provider, kind, median_ms, dtype="fp32"), "M": 100, "N": 4096, "H": 8,
+                "op": "masked_cross", "mask_fraction": 0.301, **extra}  # fmt: skip
+
+    _result_file(tmp_path / "cpu-x.json", "cpu", "AMD EPYC", [
+        _kernel("cls224-stage1/8", "fwd", "ours-cpu", "ours", 1.5, dtype="fp32"),
+        masked("ours-cpu", "ours", 2.0, speedup=3.0, speedup_vs_sdpa=2.5),
+        masked("sdpa", "baseline", 5.0),
+        masked("flex", "baseline", 6.0),
+    ])  # fmt: skip
+    text = render_tables.render(render_tables.load_results(tmp_path))
+    bilateral, masked_part = text.split("Masked cross-attention (Mask2Former's decoder layer")
+    assert "Bilateral attention, median time per call:" in bilateral and "m2f512" not in bilateral and "| flex |" not in bilateral
+    assert masked_part.startswith(": M queries over N keys, attn_mask bool [B, M, N] keeping 30.1% of the pairs")
+    assert "| shape | dtype | pass | ours-cpu | sdpa | flex | ours-cpu GB/s | ours-cpu TFLOP/s | ours-cpu vs best baseline | ours-cpu vs best SDPA |" in masked_part
+    assert "| m2f512-s8 (B2 H8 M100 N4096 D32) | fp32 | forward | 2.000 ms | 5.000 ms | 6.000 ms | 100.0 | 1.000 | 3.00x | 2.50x |" in masked_part
+    assert "cls224-stage1/8" not in masked_part
 
 
 def test_renderer_reports_targets_met_and_not_met_from_an_h100_file(tmp_path):
@@ -452,7 +637,9 @@ def test_header_of_a_gpu_run_names_its_roofline_and_no_cpu_load():
                  workload.Provider("xformers", "baseline", "xformers", None, skip="xformers is not installed")]  # fmt: skip
     lines = cli.header_lines(env, providers, workload.shapes_for(torch.device("cuda")), 0.25, "auto")
     assert lines[0].startswith("device: NVIDIA H200 (cuda, capability 9.0, 132 SMs)") and "commit: not a git checkout" in lines
-    assert "% roof: of 4800 GB/s (data sheet, H200)" in lines and "full docs/design.md section 4 shapes" in lines
+    assert "% roof: of 4800 GB/s (data sheet, H200)" in lines
+    assert "full docs/design.md section 4 shapes; masked cross-attention shapes (m2f512-s8, m2f512-s16, m2f512-s32" in "\n".join(lines)
+    assert any(line.startswith("m2f512-s8 attn_mask: ") for line in lines) and not any(line.startswith("flex on") for line in lines)
     assert any(line.startswith("speedup: the fastest baseline's median time (of sdpa-flash) on") for line in lines)
     assert not any(line.startswith(("threads:", "load:")) for line in lines)
 
@@ -481,10 +668,19 @@ def test_spatialformer_bench_quick_writes_table_json_and_plot(tmp_path, capsys, 
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # every provider's parity, both check kinds, on each shape: in results.json, table.txt and the console
     parity = result["parity"]
+    quick = workload.shapes_for(CPU, cli.QUICK_SHAPES, 32)
+    assert {s.label for s in quick} == {"cls224-stage1/32", "det800x1344-stage1/32", "m2f512-s32"}  # both ops; masked never scaled
     assert {(c["provider"], c["shape"], c["with_grads"]) for c in parity} == {
-        (p, s.label, g) for p in ("reference", "sdpa", *ours) for s in workload.shapes_for(CPU, ["cls224-stage1", "det800x1344-stage1"], 32) for g in (False, True)
+        (p, s.label, g) for p in ("reference", "sdpa", *ours) for s in quick for g in (False, True)
     }  # fmt: skip
-    assert all(c["passed"] and 0 <= c["max_err"] <= c["bound"] and c["tensor"] in testing.BILATERAL_RESULT_NAMES for c in parity)
+    names = {"bilateral": testing.BILATERAL_RESULT_NAMES, "masked_cross": testing.CROSS_RESULT_NAMES}
+    assert all(c["passed"] and 0 <= c["max_err"] <= c["bound"] and c["tensor"] in names[c["op"]] for c in parity)
+    # the op is in every row, the masks' kept fraction in every masked row, the table and the config
+    assert {r["op"] for r in ok if r["shape"] == "m2f512-s32"} == {"masked_cross"} and {r["op"] for r in ok} == set(names)
+    assert all(0.28 <= r["mask_fraction"] <= 0.32 for r in result["rows"] if r["op"] == "masked_cross")
+    assert result["config"]["masks"]["m2f512-s32"]["kept"] == workload.mask_summary(workload.shapes_for(CPU, ["m2f512-s32"])[0])["kept"]
+    assert re.search(r"^m2f512-s32 +masked cross +B2 H8 M100 N256 D32 +fp32 +fwd +reference ", table, re.M)
+    assert re.search(r"^m2f512-s32 attn_mask: (29|30|31)\.\d% of \(query, key\) pairs kept; one ellipse per query on the 16x16", table, re.M)
     for c in parity:
         line = rf"{re.escape(c['shape'])} +{c['dims']} +fp32 +{c['provider']} .*{c['max_err']:.1e} <= {c['bound']:.1e} \({c['tensor']}\).* pass$"
         assert re.search(line, table, re.M) and re.search(line, printed, re.M), line

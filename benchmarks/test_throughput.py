@@ -1,9 +1,12 @@
-"""Throughput suite (run with --benchmark): the op on docs/design.md section 4's shapes, and whole models.
+"""Throughput suite (run with --benchmark): the ops on their shapes, and whole models.
 
-Kernel rows: every provider x shape x dtype x pass; each row first asserts parity with the
+Kernel rows: every provider x shape x dtype x pass, over both ops of the harness: bilateral
+attention at docs/design.md section 4's shapes and masked cross-attention at Mask2Former's
+(m2f512-s8/-s16/-s32; `-k m2f512` selects them). Each row first asserts parity with the
 reference (outputs, and gradients for the passes with a backward), then is timed. A provider
-that cannot run here is skipped with the reason. On CPU the shapes are scaled down (B and N
-divided by spatialformer_kernels.bench.workload.CPU_SCALE).
+that cannot run here (or cannot run the row's op) is skipped with the reason. On CPU the
+bilateral shapes are scaled down (B and N divided by spatialformer_kernels.bench.workload.CPU_SCALE);
+the masked cross-attention shapes never are.
 
 Model rows: SpatialFormer-T/S/B images per second, inference and a training step, on each
 kernel path of the device and on the reference path; the kernel path first asserts that its

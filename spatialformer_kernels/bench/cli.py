@@ -5,6 +5,7 @@
     TRITON_INTERPRET=0 spatialformer-bench      # without CUDA: skip the Triton kernels' parity check
     spatialformer-bench --quick                 # a few seconds
     spatialformer-bench --shapes cls224-stage1 --passes fwd --dtypes bf16
+    spatialformer-bench --shapes m2f512-s8 m2f512-s16 m2f512-s32   # masked cross-attention only
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ from .workload import (
     CPU_SCALE,
     DTYPE_NAMES,
     DTYPES,
+    FLEX_MASK_NOTE,
+    MASKED_SHAPE_NAMES,
     PASS_LABELS,
     PASSES,
     SHAPE_NAMES,
@@ -43,6 +46,8 @@ from .workload import (
     Shape,
     default_provider_names,
     default_scale,
+    mask_note,
+    mask_summary,
     providers_for,
     scaling_note,
     shapes_for,
@@ -115,7 +120,22 @@ def header_lines(env: dict, providers: Sequence[Provider], shapes: Sequence[Shap
         f"% roof: of {roofline['peak_gbps']:g} GB/s ({roofline['source']})" if roofline["peak_gbps"]
         else f"% roof: empty: {roofline['source']}",
     ]  # fmt: skip
-    return lines
+    return lines + masked_cross_lines(shapes, providers)
+
+
+def masked_cross_lines(shapes: Sequence[Shape], providers: Sequence[Provider]) -> list[str]:
+    """What a masked cross-attention row measures, and each masked shape's masks (none without such shapes)."""
+    masked = [s for s in shapes if s.op == "masked_cross"]
+    if not masked:
+        return []
+    lines = [
+        "masked cross (op masked_cross): q [B,H,M,D] over k, v [B,H,N,D] (M queries, N keys) with attn_mask bool "
+        "[B,M,N] (True = attend, broadcast over the heads); its bytes include the mask's B*M*N, its FLOPs are the "
+        "dense op's (masked pairs counted); SDPA gets the mask as a [B, 1, M, N] view",
+    ]
+    if any(p.name == "flex" for p in providers):
+        lines.append(f"flex on masked cross: {FLEX_MASK_NOTE} (create_block_mask, its mask_mod reading the mask)")
+    return lines + [mask_note(s) for s in masked]
 
 
 def format_parity(checks: Sequence[tuple[Shape, ParityCheck]]) -> str:
@@ -141,18 +161,21 @@ def format_parity(checks: Sequence[tuple[Shape, ParityCheck]]) -> str:
     return "\n".join([rule, *(_columns(lines) if len(lines) > 1 else ["no provider was checked"])])
 
 
+OP_COLUMN = {"bilateral": "bilateral", "masked_cross": "masked cross"}
+
+
 def format_table(rows: Sequence[Row]) -> str:
     """Measured and failed rows as a table; untimed and skipped providers once each, with the reason, below it."""
-    lines = [("shape", "dims", "dtype", "pass", "provider", "median ms", "GB/s", "% roof", "TFLOP/s", "speedup", "vs SDPA", "peak MiB", "note")]
+    lines = [("shape", "op", "dims", "dtype", "pass", "provider", "median ms", "GB/s", "% roof", "TFLOP/s", "speedup", "vs SDPA", "peak MiB", "note")]
     for r in rows:
         if r.status in ("skipped", "untimed"):
             continue
         mem = None if r.peak_mem_bytes is None else r.peak_mem_bytes / 2**20
         lines.append((
-            r.shape, f"B{r.B} H{r.H} M{r.M} N{r.N} D{r.D}", r.dtype, r.pass_, r.provider,
+            r.shape, OP_COLUMN.get(r.op, r.op), f"B{r.B} H{r.H} M{r.M} N{r.N} D{r.D}", r.dtype, r.pass_, r.provider,
             _fmt(r.median_ms, ".3f"), _fmt(r.gbps, ".2f"), _fmt(r.pct_roofline, ".1f"), _fmt(r.tflops, ".3f"),
             _fmt(r.speedup, ".2f") + ("x" if r.speedup else ""), _fmt(r.speedup_vs_sdpa, ".2f") + ("x" if r.speedup_vs_sdpa else ""),
-            _fmt(mem, ".1f"), r.note if r.status != "ok" else "",
+            _fmt(mem, ".1f"), r.note,
         ))  # fmt: skip
     out = _columns(lines) if len(lines) > 1 else ["no row was timed"]
     below: dict = {}
@@ -182,6 +205,7 @@ def plot(rows: Sequence[Row], path: Path, title: str, peak_gbps: Optional[float]
     for ax, (pass_, dtype) in zip(axes[0], panels):
         subset = [r for r in ok if r.pass_ == pass_ and r.dtype == dtype]
         shapes = list(dict.fromkeys((r.shape, r.B, r.H, r.N) for r in subset))
+        ops = {r.shape: r.op for r in subset}
         providers = list(dict.fromkeys(r.provider for r in subset))
         width = 0.8 / len(providers)
         for i, provider in enumerate(providers):
@@ -192,8 +216,14 @@ def plot(rows: Sequence[Row], path: Path, title: str, peak_gbps: Optional[float]
                    label=provider, color=colors[provider], edgecolor="black" if ours else "none")  # fmt: skip
         if peak_gbps:
             ax.axhline(peak_gbps, color="black", linestyle=":", label=f"roofline {peak_gbps:g} GB/s")
-        ax.set_xticks(range(len(shapes)), [f"{name}\nB{b} H{h} N{n}" for name, b, h, n in shapes], fontsize=7)
         md = sorted({(r.M, r.D) for r in subset})
+        ms = {r.shape: r.M for r in subset}
+        ticks = [
+            f"{name}\n" + ("masked cross " if ops[name] == "masked_cross" else "")
+            + f"B{b} H{h}" + (f" M{ms[name]}" if len(md) > 1 else "") + f" N{n}"
+            for name, b, h, n in shapes
+        ]  # fmt: skip
+        ax.set_xticks(range(len(shapes)), ticks, fontsize=7)
         ax.set_xlabel("shape" + (f" (M {md[0][0]}, D {md[0][1]} in each)" if len(md) == 1 else ""))
         ax.set_ylabel("effective GB/s (higher is better)")
         ax.set_title(f"{PASS_LABELS[pass_]}, {dtype}")
@@ -211,21 +241,29 @@ def plot(rows: Sequence[Row], path: Path, title: str, peak_gbps: Optional[float]
 # ----------------------------------------------------------------------------------------
 
 
+QUICK_SHAPES = ("cls224-stage1", "det800x1344-stage1", "m2f512-s32")  # both ops
+
+
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="spatialformer-bench",
-        description="Benchmark bilateral cross-attention against the reference and every baseline "
+        description="Benchmark bilateral cross-attention, and masked cross-attention at Mask2Former's shapes "
+        f"({', '.join(MASKED_SHAPE_NAMES)}), against the reference and every baseline "
         "(parity first, then time). Writes table.txt, results.json and plot.png. Without CUDA, the "
         "Triton kernels' parity is checked in Triton's interpreter on reduced shapes (not timed); "
         "TRITON_INTERPRET=0 skips that.",
     )
     parser.add_argument("--out", type=Path, default=Path("bench-out"), help="output directory (default ./bench-out/)")
-    parser.add_argument("--quick", action="store_true", help="two small shapes, short timing, no torch.compile: seconds")
-    parser.add_argument("--shapes", nargs="+", choices=SHAPE_NAMES, help="docs/design.md section 4 shapes (default: all)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"shapes {', '.join(QUICK_SHAPES)} (on CPU the bilateral ones scaled down 32x), short timing, "
+                        "no torch.compile: seconds")
+    parser.add_argument("--shapes", nargs="+", choices=SHAPE_NAMES,
+                        help="docs/design.md section 4 shapes and the masked cross-attention m2f512-* shapes (default: all)")
     parser.add_argument("--passes", nargs="+", choices=PASSES, help="default: all three")
     parser.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--providers", nargs="+", help="provider names (default: all that run here)")
-    parser.add_argument("--scale", type=int, help=f"divide B and N by this (default {CPU_SCALE} on CPU, 1 on CUDA)")
+    parser.add_argument("--scale", type=int, help=f"divide B and N of the bilateral shapes by this (default {CPU_SCALE} on CPU, "
+                        "1 on CUDA; m2f512-* are never scaled)")
     parser.add_argument("--budget", type=float, help="timed seconds per row (default 0.25, --quick 0.05)")
     parser.add_argument("--peak-gbps", type=float, help="peak memory bandwidth for %% of roofline (overrides the table)")
     parser.add_argument("--measure-bandwidth", action="store_true", help="use a measured copy bandwidth as the roofline")
@@ -263,7 +301,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _main(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     if args.quick:
-        shape_names = args.shapes or ["cls224-stage1", "det800x1344-stage1"]
+        shape_names = args.shapes or list(QUICK_SHAPES)
         scale = args.scale or (4 * default_scale(device) if device.type == "cpu" else 1)
         budget = args.budget or 0.05
     else:
@@ -323,6 +361,8 @@ def _main(args: argparse.Namespace) -> int:
             "threads": args.threads,
             "timing": "triton.testing.do_bench, L2 flushed" if device.type == "cuda" else "perf_counter per call, median",
             "work_model": "bytes and FLOPs as in spatialformer_kernels.bench's docstring",
+            "ops": {s.label: s.op for s in shapes},
+            "masks": {s.label: mask_summary(s) for s in shapes if s.op == "masked_cross"},
             "speedup": SPEEDUP_NOTE.format(baselines=", ".join(p.name for p in providers if p.kind == "baseline" and not p.skip)),
         },
         "parity": [{"shape": shape.label, **check.metrics()} for shape, check in checks],

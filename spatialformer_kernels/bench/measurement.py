@@ -31,6 +31,7 @@ from .workload import (
     flops,
     gbps,
     make_callable,
+    mask_summary,
     pct_of_roofline,
     skip_reason,
 )
@@ -393,6 +394,7 @@ class Row:
     provider: str
     kind: str
     family: str
+    op: str = "bilateral"  # workload.OPS: "bilateral" or "masked_cross" (M queries over N keys)
     status: str = "ok"  # "ok", "untimed" (parity passed, not timed: provider.parity_only), "skipped", "failed"
     note: str = ""
     median_ms: Optional[float] = None
@@ -409,6 +411,7 @@ class Row:
     speedup_vs_sdpa: Optional[float] = None  # best SDPA backend time / this time
     peak_mem_bytes: Optional[int] = None
     peak_mem_method: str = ""
+    mask_fraction: Optional[float] = None  # masked_cross: the fraction of (query, key) pairs its attn_mask keeps
     samples_s: list = dataclasses.field(default_factory=list, repr=False)
 
     def metrics(self) -> dict:
@@ -475,10 +478,12 @@ class BenchSession:
     def _measure(self, shape: Shape, dtype: torch.dtype, pass_: str, provider: Provider) -> Row:
         row = Row(
             shape.label, shape.B, shape.H, shape.M, shape.N, shape.D, shape.scale, DTYPE_NAMES[dtype], pass_,
-            provider.name, provider.kind, provider.family,
+            provider.name, provider.kind, provider.family, shape.op,
             bytes=bytes_moved(shape, dtype, pass_), flops=flops(shape, pass_),
         )  # fmt: skip
-        reason = skip_reason(provider, dtype, pass_)
+        if shape.op == "masked_cross":
+            row.mask_fraction = mask_summary(shape)["kept"]
+        reason = skip_reason(provider, dtype, pass_, shape.op)
         if reason:
             row.status, row.note = "skipped", reason
             return row
@@ -508,6 +513,7 @@ class BenchSession:
         row.gbps = gbps(row.bytes, median)
         row.pct_roofline = pct_of_roofline(row.gbps, self.peak_gbps)
         row.tflops = row.flops / median / 1e12
+        row.note = provider.notes.get(shape.op, "")
         return row
 
     def row(self, shape: Shape, dtype: torch.dtype, pass_: str, provider_name: str, *, with_speedup: bool = True) -> Row:
