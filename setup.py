@@ -30,6 +30,7 @@ setup(
         "tqdm",
         "numpy",
         "safetensors",  # checkpoints (spatialformer.train)
+        "scipy",  # Hungarian matching of the segmentation loss (spatialformer.seg_loss)
         # torch.utils.cpp_extension builds the C++ CPU kernel on first use with ninja.
         "ninja",
     ],

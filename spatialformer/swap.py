@@ -14,8 +14,10 @@ from spatialformer_kernels import available_backends
 
 from .backend import check_backend_name
 from .layers import BilateralCrossAttention, JointSelfAttention
+from .segmentation import MaskedCrossAttention, QuerySelfAttention
 
-ATTENTION_LAYERS = (BilateralCrossAttention, JointSelfAttention)
+DECODER_LAYERS = (MaskedCrossAttention, QuerySelfAttention)  # the segmentation decoder's (segmentation.py)
+ATTENTION_LAYERS = (BilateralCrossAttention, JointSelfAttention) + DECODER_LAYERS
 
 
 @dataclass
@@ -25,17 +27,19 @@ class SwapSummary:
     backend: Optional[str]
     bilateral: list[str] = field(default_factory=list)
     joint: list[str] = field(default_factory=list)
+    decoder: list[str] = field(default_factory=list)  # a segmenter's masked cross- and query self-attention
     previous: dict[str, Optional[str]] = field(default_factory=dict)
 
     @property
     def num_swapped(self) -> int:
-        return len(self.bilateral) + len(self.joint)
+        return len(self.bilateral) + len(self.joint) + len(self.decoder)
 
     def __str__(self) -> str:
-        return (
+        text = (
             f"swapped {self.num_swapped} attention layers to backend={self.backend!r}: "
             f"{len(self.bilateral)} bilateral cross-attention, {len(self.joint)} joint self-attention"
         )
+        return text + (f", {len(self.decoder)} segmentation decoder attention" if self.decoder else "")
 
 
 def swap_attention(model: nn.Module, backend: Optional[str] = "auto") -> SwapSummary:
@@ -60,7 +64,12 @@ def swap_attention(model: nn.Module, backend: Optional[str] = "auto") -> SwapSum
         if isinstance(module, ATTENTION_LAYERS):
             summary.previous[name] = module.backend
             module.backend = backend
-            (summary.bilateral if isinstance(module, BilateralCrossAttention) else summary.joint).append(name)
+            if isinstance(module, BilateralCrossAttention):
+                summary.bilateral.append(name)
+            elif isinstance(module, DECODER_LAYERS):
+                summary.decoder.append(name)
+            else:
+                summary.joint.append(name)
     if summary.num_swapped == 0:
         raise ValueError(f"{type(model).__name__} has no SpatialFormer attention layer to swap")
     return summary
