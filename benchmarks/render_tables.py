@@ -215,7 +215,8 @@ def kernel_table(rows: list[dict]) -> str:
 def masked_cross_heading(rows: list[dict]) -> str:
     """The line above the masked cross-attention table: what it measures and the masks' kept fraction."""
     kept = sorted({r["mask_fraction"] for r in rows if r.get("mask_fraction") is not None})
-    fraction = f"{100 * kept[0]:.1f}%" if len(kept) == 1 else f"{100 * kept[0]:.1f}-{100 * kept[-1]:.1f}%" if kept else "about 30%"
+    low, high = (f"{100 * kept[0]:.1f}", f"{100 * kept[-1]:.1f}") if kept else (None, None)
+    fraction = "about 30%" if low is None else f"{low}%" if low == high else f"{low}-{high}%"
     return (
         "Masked cross-attention (Mask2Former's decoder layer: M queries over N keys, attn_mask bool "
         f"[B, M, N] keeping {fraction} of the pairs, one blob per query; GB/s counts the mask's bytes, TFLOP/s the "
