@@ -33,6 +33,17 @@ def test_cpu_kernel_memory_is_linear_in_tokens_not_m_times_n(run_script):
     assert reference["extra"] > 2 * reference["logits"], reference
 
 
+@pytest.mark.skipif("cpu" not in sk.runnable_backends("cpu"), reason="the C++ CPU kernel is not built here")
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc/self/clear_refs")
+def test_cpu_masked_cross_attention_memory_is_the_mask_and_linear_terms(run_script):
+    """cross_attention with a per-query mask [B, M, N]: the kernel reads the mask in place, so
+    forward + backward add O((M + N) * D) to the mask itself, never an M*N buffer (a combined
+    mask or a float bias would be 1x or 4x the mask's bytes per head)."""
+    (run,) = run_script("peak_memory.py", json.dumps([("cpu", 1, 2, 512, 70_000, 8, "attn_mask")]))
+    assert run["extra"] < 3 * run["inputs"], run
+    assert run["extra"] < 0.5 * run["mask"], run  # not even a bool copy of the mask
+
+
 @pytest.mark.skipif("triton" not in sk.available_backends(), reason="Triton is not installed")
 @pytest.mark.parametrize(
     "dtype,head_dim,n_image",
