@@ -245,16 +245,17 @@ def test_attn_mask_runs_are_bitwise_equal(kernel_backend, device):
 
 
 def test_torch_compile_fullgraph_traces_attn_mask(kernel_backend, device):
-    """cross_attention with a per-query mask (a stride-0 expand, as a decoder builds it) traces
-    as one node without a graph break and gives the eager results, forward and backward."""
+    """cross_attention with a per-query mask, dense and as a stride-0 expand of one query's row,
+    traces without a graph break and gives the eager results, forward and backward."""
     B, H, Lq, Lk, D = 2, 2, 10, 40, 16
     q = make_bilateral_inputs(B, H, 1, Lq, D, FP32, device=device, seed=24)[3].requires_grad_()
     k, v = (t.requires_grad_() for t in make_bilateral_inputs(B, H, 1, Lk, D, FP32, device=device, seed=25)[4:])
     blobs = make_attn_mask(B, Lq, Lk, "random", device=device)
 
     def step(q, k, v, mask):
-        o = sk.cross_attention(q, k, v, attn_mask=mask[:, :1].expand(B, Lq, Lk) | mask, backend=kernel_backend)
-        return o.square().sum()
+        o = sk.cross_attention(q, k, v, attn_mask=mask, backend=kernel_backend)
+        shared = sk.cross_attention(q, k, v, attn_mask=mask[:, 1:2].expand(B, Lq, Lk), backend=kernel_backend)
+        return o.square().sum() + shared.square().sum()
 
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")

@@ -59,7 +59,7 @@ def _(do, q, k, v, o, lse, scale, key_mask, backend, attn_mask=None):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, scale, key_mask, backend, attn_mask = inputs if len(inputs) == 7 else (*inputs, None)
+    q, k, v, scale, key_mask, backend, attn_mask = inputs  # the op passes its defaulted attn_mask too
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, key_mask, attn_mask)
     ctx.scale, ctx.backend = scale, backend
