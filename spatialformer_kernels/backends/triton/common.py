@@ -17,9 +17,8 @@ import triton.language as tl
 
 from .configs import CHUNK_ALIGN, INTERPRET, INTERPRETER_SM_COUNT, MIN_SPLIT_TOKENS
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = 0.6931471805599453
-_LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(LN2)
 
 # In the interpreter (only), dots run in float64 and round once to float32. numpy's matmul,
@@ -110,30 +109,59 @@ def query_key_keep(keys_keep, PAIR_MASK, b, queries, queries_ok, keys, stride_pm
 
 
 @triton.jit
-def online_max(m_run, m_new_part):
+def online_max(m_run, m_new_part, rate):
     """The rescale step of an online softmax: (m_new, shift, alpha) for a running max m_run
-    meeting a new block's (or split's) max. alpha = exp(m_run - m_new) rescales what was summed
-    so far; `shift` is m_new with -inf (no kept key yet) replaced by 0, so exp2((x - shift) *
-    log2(e)) stays 0 for x = -inf instead of NaN."""
+    meeting a new block's (or split's) max. alpha = exp2((m_run - m_new) * rate) rescales what
+    was summed so far; `shift` is m_new with -inf (no kept key yet) replaced by 0, so
+    exp2((x - shift) * rate) stays 0 for x = -inf instead of NaN (rate > 0)."""
     m_new = tl.maximum(m_run, m_new_part)
     shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.math.exp2((m_run - shift) * _LOG2E)
+    alpha = tl.math.exp2((m_run - shift) * rate)
     return m_new, shift, alpha
 
 
 @triton.jit
-def exp_shifted(x, shift):
-    """exp(x - shift) with log2(e) applied after the subtraction: the row max gives exactly 1."""
-    return tl.math.exp2((x - shift) * _LOG2E)
+def exp_shifted(x, shift, rate):
+    """exp2((x - shift) * rate), the rate (log2(e), or scale * log2(e) for raw dots) applied
+    after the subtraction: the row max gives exactly 1."""
+    return tl.math.exp2((x - shift) * rate)
 
 
 @triton.jit
-def lse_value(m, l):
+def lse_value(m, l, max_scale):
     """float64 LSE of a softmax state (fp32 max m, sum l); -inf for a row with no kept key.
-    The LSE is kept in float64 because an fp32 LSE is off by up to half an ulp, 5e-4 at
-    |logits| ~ 1e4, and P = exp(s - lse) would carry that as a relative error."""
-    lse = m.to(tl.float64) + (tl.math.log2(l) * _LN2).to(tl.float64)
+    max_scale turns the max into a logit: the scale where m is a raw dot, else 1. The product
+    is rounded to fp32 first, so a row's top logit is the same fp32 value scale * q.k that the
+    backward recomputes (a one-hot row gets exactly P = 1 there). The LSE is kept in float64
+    because an fp32 LSE is off by up to half an ulp, 5e-4 at |logits| ~ 1e4, and
+    P = exp(s - lse) would carry that as a relative error."""
+    lse = (m * max_scale).to(tl.float64) + (sum_log2(l) * _LN2).to(tl.float64)
     return tl.where(l > 0.0, lse, float("-inf"))
+
+
+@triton.jit
+def inverse_sum(l):
+    """1 / l of a softmax sum for normalising a row (1 where no key was kept, l = 0): one
+    rcp.approx (within 1 ulp) instead of a full-range division per row; exactly 1 at l = 1,
+    so a one-hot row's output is its value row bitwise."""
+    l = tl.where(l > 0.0, l, 1.0)
+    if _INTERPRETER_DOTS:
+        return 1.0 / l
+    inverse = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [l], dtype=tl.float32,
+                                        is_pure=True, pack=1)
+    return tl.where(l == 1.0, 1.0, inverse)
+
+
+@triton.jit
+def sum_log2(l):
+    """log2 of a softmax sum l (>= 1 where a key was kept, 0 where none was) on the special
+    function unit (lg2.approx: absolute error below 2^-22, against about 25 instructions for
+    libdevice's log2f), exactly 0 at l = 1, so a one-hot row's LSE is its top logit."""
+    if _INTERPRETER_DOTS:
+        return tl.math.log2(l)
+    log2_l = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [l], dtype=tl.float32,
+                                       is_pure=True, pack=1)
+    return tl.where(l == 1.0, 0.0, log2_l)
 
 
 @triton.jit
@@ -151,7 +179,7 @@ def load_lse(LSE, rows, rows_ok):
 def probs(s, lse_hi, lse_lo):
     """P = exp(s - lse) from the split LSE: s - hi is exact near the row max (a one-hot row
     gives exactly 1), then lo, then the conversion to base 2."""
-    return tl.math.exp2(((s - lse_hi[:, None]) - lse_lo[:, None]) * _LOG2E)
+    return tl.math.exp2(((s - lse_hi[:, None]) - lse_lo[:, None]) * LOG2E)
 
 
 @triton.jit
@@ -198,12 +226,23 @@ def split_plan(n_sm: int, programs_per_split: int, n_tokens: int) -> tuple[int, 
 
     programs_per_split is B * H (times the spatial blocks in the forward). A split holds at
     least MIN_SPLIT_TOKENS tokens and a multiple of CHUNK_ALIGN, so large batches get one or
-    a few splits and B = 2, N = 67,200 gets tens.
+    a few splits and B = 2, N = 67,200 gets tens. Among the split counts that reach two
+    programs per SM (less a 1/16 slack: 256 programs on 132 SMs count), or the most there can
+    be, the one whose busiest SM walks the fewest CHUNK_ALIGN tiles wins, the fewer splits on a
+    tie (each split adds partials, and more than one adds a combine or reduction launch).
     """
-    wanted = triton.cdiv(2 * n_sm, max(1, programs_per_split))
-    splits = max(1, min(wanted, triton.cdiv(n_tokens, MIN_SPLIT_TOKENS)))
-    chunk = triton.cdiv(triton.cdiv(n_tokens, splits), CHUNK_ALIGN) * CHUNK_ALIGN
-    return triton.cdiv(n_tokens, chunk), chunk
+    programs = max(1, programs_per_split)
+    most = max(1, min(triton.cdiv(2 * n_sm, programs), triton.cdiv(n_tokens, MIN_SPLIT_TOKENS)))
+    best = None
+    for wanted in range(1, most + 1):
+        chunk = triton.cdiv(triton.cdiv(n_tokens, wanted), CHUNK_ALIGN) * CHUNK_ALIGN
+        splits = triton.cdiv(n_tokens, chunk)
+        if programs * splits < 2 * n_sm - n_sm // 16 and wanted < most:
+            continue  # too few programs to keep the SMs busy
+        busiest = triton.cdiv(programs * splits, n_sm) * (chunk // CHUNK_ALIGN)
+        if best is None or busiest < best[0]:
+            best = (busiest, splits, chunk)
+    return best[1], best[2]
 
 
 def dot_precision(dtype: torch.dtype) -> str:

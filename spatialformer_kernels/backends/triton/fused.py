@@ -60,6 +60,7 @@ import triton
 import triton.language as tl
 
 from .common import (
+    LOG2E,
     capability,
     device_guard,
     diagonal,
@@ -67,6 +68,7 @@ from .common import (
     dot_precision,
     exp_shifted,
     head_base,
+    inverse_sum,
     key_keep,
     load_lse,
     load_rows,
@@ -107,10 +109,11 @@ def _scores(q, k, keep, sm_scale, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
-    """Fold one block of logits s [R, C] and values v [C, D] into (max, sum, acc)."""
-    m_new, shift, alpha = online_max(m_i, tl.max(s, 1))
-    p = exp_shifted(s, shift[:, None])
+def _online_softmax_step(s, v, m_i, l_i, acc, rate, DOT_PRECISION: tl.constexpr):
+    """Fold one block of logits s [R, C] and values v [C, D] into (max, sum, acc); exp(logit - max)
+    is exp2((s - max) * rate) (`_logits`)."""
+    m_new, shift, alpha = online_max(m_i, tl.max(s, 1), rate)
+    p = exp_shifted(s, shift[:, None], rate)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + dot(round_to(p, v.dtype), v, DOT_PRECISION)
     return m_new, l_i, acc
@@ -152,6 +155,127 @@ def _attn_bwd_block(q, do, lse_hi, lse_lo, delta, k, v, keep, sm_scale, DOT_PREC
 # ----------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------
+@triton.jit
+def _logits(q, k, sm_scale, DOT_PRECISION: tl.constexpr, RAW_LOGITS: tl.constexpr):
+    """Forward logits of queries q [R, D] over keys k [C, D]: the raw dots q k^T where the
+    scale is positive (RAW_LOGITS: the scale is folded into the exponent's rate), else
+    scale * q k^T (a zero or negative scale keeps the backward's domain, where max is max)."""
+    s = dot(q, tl.trans(k), DOT_PRECISION)
+    if not RAW_LOGITS:
+        s = s * sm_scale
+    return s
+
+
+@triton.jit
+def _tile_ptrs(base, stride_row, stride_col, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr):
+    """Pointers to rows 0..BLOCK_R-1 of a [rows, D] head (int64 offsets); a tile at row r0 is
+    these plus r0 rows (`_load_tile`), one add per vector instead of a row-offset product."""
+    rows = tl.arange(0, BLOCK_R).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D).to(tl.int64)
+    return base + rows[:, None] * multiple(stride_row, ALIGN) + cols[None, :] * stride_col
+
+
+@triton.jit
+def _load_tile(tile_ptrs, r0, stride_row, rows_ok, cols_ok,
+               ROWS_MASKED: tl.constexpr, COLS_MASKED: tl.constexpr, ALIGN: tl.constexpr):
+    """Load the tile of rows r0.. from `_tile_ptrs`, zeros outside the masks, with only the
+    bounds checks the tile needs: a full tile of a D = BLOCK_D head has no predicate at all."""
+    ptrs = tile_ptrs + tl.cast(r0, tl.int64) * multiple(stride_row, ALIGN)
+    if ROWS_MASKED and COLS_MASKED:
+        return tl.load(ptrs, mask=rows_ok[:, None] & cols_ok[None, :], other=0.0)
+    elif ROWS_MASKED:
+        return tl.load(ptrs, mask=rows_ok[:, None], other=0.0)
+    elif COLS_MASKED:
+        return tl.load(ptrs, mask=cols_ok[None, :], other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _fwd_tile(
+    n0, n_end, pid_m, m_programs, b, row_base,
+    offs_d, d_ok, D, M,
+    q_x_tile, stride_qx_n, k_x_tile, stride_kx_n, v_x_tile, stride_vx_n,  # `_tile_ptrs` of the image tensors
+    k_s_ptr, stride_ks_m, stride_ks_d,
+    v_s_ptr, stride_vs_m, stride_vs_d,
+    IMAGE_MASK, stride_im_b, stride_im_n,
+    SPATIAL_MASK, stride_sm_b, stride_sm_m,
+    PAIR_MASK, stride_pm_b, stride_pm_q, stride_pm_k,
+    O_X, LSE_X, o_x_tile,  # o_x_tile: `_tile_ptrs` of this head's O_X rows
+    q_s, offs_qm, qm_ok, m_s, l_s, acc_s,  # direction s: its queries and online-softmax state
+    k_once, v_once, keep_once,  # direction x with ONE_KEY_BLOCK: the spatial keys, loaded once
+    sm_scale, rate,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DIR_S: tl.constexpr, DIR_X: tl.constexpr,
+    HAS_IMAGE_MASK: tl.constexpr, HAS_SPATIAL_MASK: tl.constexpr, HAS_PAIR_MASK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr, ONE_M_PROGRAM: tl.constexpr,
+    ONE_KEY_BLOCK: tl.constexpr, X_KEYS_MASKED: tl.constexpr, D_MASKED: tl.constexpr,
+    RAW_LOGITS: tl.constexpr, TAIL: tl.constexpr,
+):
+    """One BLOCK_N tile of image tokens [n0, n0 + BLOCK_N): direction x's queries (complete,
+    written here) and direction s's keys (folded into (m_s, l_s, acc_s), returned). TAIL: the
+    tile may run past n_end, so its rows are bounds-checked and direction s masks its keys;
+    a full tile of an unmasked launch carries no per-score mask at all."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < n_end
+    if DIR_X:
+        if ONE_M_PROGRAM or (n0 // BLOCK_N) % m_programs == pid_m:
+            # -- direction x: this tile of image queries over all spatial keys --
+            q_x = _load_tile(q_x_tile, n0, stride_qx_n, n_ok, d_ok, TAIL, D_MASKED, ALIGN)
+            if ONE_KEY_BLOCK:
+                # every key in one block: a plain softmax, no running rescale
+                s_x = _logits(q_x, k_once, sm_scale, DOT_PRECISION, RAW_LOGITS)
+                if X_KEYS_MASKED:
+                    keep_x = query_key_keep(keep_once, PAIR_MASK, b, offs_n, n_ok, tl.arange(0, BLOCK_M),
+                                            stride_pm_b, stride_pm_q, stride_pm_k, HAS_PAIR_MASK)
+                    s_x = tl.where(keep_x, s_x, float("-inf"))
+                m_x = tl.max(s_x, 1)
+                p_x = exp_shifted(s_x, tl.where(m_x == float("-inf"), 0.0, m_x)[:, None], rate)
+                l_x = tl.sum(p_x, 1)
+                acc_x = dot(round_to(p_x, v_once.dtype), v_once, DOT_PRECISION)
+            else:
+                m_x = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+                l_x = tl.zeros([BLOCK_N], dtype=tl.float32)
+                acc_x = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+                # Spatial keys are re-read per tile (they stay in L1/L2): any M, one code path.
+                for m0 in range(0, M, BLOCK_M):
+                    offs_km = m0 + tl.arange(0, BLOCK_M)
+                    km_ok = offs_km < M
+                    km_keep = key_keep(SPATIAL_MASK, b, offs_km, km_ok, stride_sm_b, stride_sm_m, HAS_SPATIAL_MASK)
+                    km_keep = query_key_keep(km_keep, PAIR_MASK, b, offs_n, n_ok, offs_km,
+                                             stride_pm_b, stride_pm_q, stride_pm_k, HAS_PAIR_MASK)
+                    k_blk = load_rows(k_s_ptr, offs_km, offs_d, stride_ks_m, stride_ks_d, km_ok, d_ok, ALIGN=ALIGN)
+                    v_blk = load_rows(v_s_ptr, offs_km, offs_d, stride_vs_m, stride_vs_d, km_ok, d_ok, ALIGN=ALIGN)
+                    s_x = tl.where(km_keep, _logits(q_x, k_blk, sm_scale, DOT_PRECISION, RAW_LOGITS), float("-inf"))
+                    m_x, l_x, acc_x = _online_softmax_step(s_x, v_blk, m_x, l_x, acc_x, rate, DOT_PRECISION)
+            # -- normalise and write o_x, lse_x (rows with no kept key: 0 and -inf) --
+            o_x = acc_x * inverse_sum(l_x)[:, None]
+            lse_x = lse_value(m_x, l_x, sm_scale if RAW_LOGITS else 1.0)
+            rows = row_base + offs_n
+            o_ptrs = o_x_tile + tl.cast(n0, tl.int64) * D
+            if TAIL:
+                tl.store(o_ptrs, round_to(o_x, O_X.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
+                tl.store(LSE_X + rows, lse_x, mask=n_ok)
+            elif D_MASKED:
+                tl.store(o_ptrs, round_to(o_x, O_X.dtype.element_ty), mask=d_ok[None, :])
+                tl.store(LSE_X + rows, lse_x)
+            else:
+                tl.store(o_ptrs, round_to(o_x, O_X.dtype.element_ty))
+                tl.store(LSE_X + rows, lse_x)
+    if DIR_S:
+        # -- direction s: spatial queries over this tile of image keys, online softmax --
+        k_x = _load_tile(k_x_tile, n0, stride_kx_n, n_ok, d_ok, TAIL, D_MASKED, ALIGN)
+        v_x = _load_tile(v_x_tile, n0, stride_vx_n, n_ok, d_ok, TAIL, D_MASKED, ALIGN)
+        s_s = _logits(q_s, k_x, sm_scale, DOT_PRECISION, RAW_LOGITS)
+        if TAIL or HAS_IMAGE_MASK or HAS_PAIR_MASK:
+            keep_n = key_keep(IMAGE_MASK, b, offs_n, n_ok, stride_im_b, stride_im_n, HAS_IMAGE_MASK)
+            keep_n = query_key_keep(keep_n, PAIR_MASK, b, offs_qm, qm_ok, offs_n,
+                                    stride_pm_b, stride_pm_q, stride_pm_k, HAS_PAIR_MASK)
+            s_s = tl.where(keep_n, s_s, float("-inf"))
+        m_s, l_s, acc_s = _online_softmax_step(s_s, v_x, m_s, l_s, acc_s, rate, DOT_PRECISION)
+    return m_s, l_s, acc_s
+
+
 @triton.jit(do_not_specialize=["M", "N", "CHUNK", "SPLITS"])
 def _bilateral_fwd_kernel(
     Q_S, K_S, V_S,  # [B, H, M, D] each, any strides
@@ -161,8 +285,10 @@ def _bilateral_fwd_kernel(
     PAIR_MASK,  # [B, Lq, Lk] bool per-query mask of the one direction run (read only with HAS_PAIR_MASK)
     O_X,  # [B, H, N, D] contiguous, input dtype
     LSE_X,  # [B, H, N] contiguous float64
+    O_S,  # [B, H, M, D] contiguous, input dtype (written here only with ONE_SPLIT)
+    LSE_S,  # [B, H, M] contiguous float64 (written here only with ONE_SPLIT)
     PART_ACC,  # [B * H, SPLITS, M, D] fp32: unnormalised direction-s output per split
-    PART_MAX,  # [B * H, SPLITS, M] fp32: running max logit per split
+    PART_MAX,  # [B * H, SPLITS, M] fp32: running max logit per split (raw dots with RAW_LOGITS)
     PART_SUM,  # [B * H, SPLITS, M] fp32: running sum of exp(s - max) per split
     stride_qs_b, stride_qs_h, stride_qs_m, stride_qs_d,
     stride_ks_b, stride_ks_h, stride_ks_m, stride_ks_d,
@@ -182,6 +308,12 @@ def _bilateral_fwd_kernel(
     ALIGN: tl.constexpr,  # D and the row strides are multiples of this (common.row_alignment)
     ONE_M_PROGRAM: tl.constexpr = False,  # grid axis 2 is 1: direction x runs every tile here
     HAS_PAIR_MASK: tl.constexpr = False,  # cross attention only: one direction runs
+    ONE_KEY_BLOCK: tl.constexpr = False,  # M <= BLOCK_M: direction x's keys are loaded once
+    FULL_KEY_BLOCK: tl.constexpr = False,  # M == BLOCK_M: no padded key in that block
+    RAW_LOGITS: tl.constexpr = False,  # scale > 0: logits stay raw dots, the scale is in `rate`
+    D_MASKED: tl.constexpr = True,  # D < BLOCK_D: head columns are bounds-checked
+    HAS_TAIL: tl.constexpr = True,  # N % BLOCK_N != 0: the last split ends in a partial tile
+    ONE_SPLIT: tl.constexpr = False,  # SPLITS == 1: direction s is complete here, no combine
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
     tl.static_assert(not (HAS_PAIR_MASK and DIR_S and DIR_X))
@@ -202,57 +334,63 @@ def _bilateral_fwd_kernel(
     offs_blk = tl.arange(0, BLOCK_M)
     n_start = split * CHUNK
     n_end = tl.minimum(n_start + CHUNK, N)
+    n_full_end = n_start + (n_end - n_start) // BLOCK_N * BLOCK_N
+    # exp(logit - max) = exp2((s - max) * rate): s - max first, so the row max gives exactly 1
+    rate = sm_scale * LOG2E if RAW_LOGITS else LOG2E
 
+    offs_qm = pid_m * BLOCK_M + offs_blk
+    qm_ok = offs_qm < M
+    m_s = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_s = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_s = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    q_s = 0.0
     if DIR_S:
-        offs_qm = pid_m * BLOCK_M + offs_blk
-        qm_ok = offs_qm < M
         q_s = load_rows(q_s_ptr, offs_qm, offs_d, stride_qs_m, stride_qs_d, qm_ok, d_ok, ALIGN=ALIGN)
-        m_s = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_s = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc_s = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    k_once = 0.0
+    v_once = 0.0
+    keep_once = 0
+    if DIR_X and ONE_KEY_BLOCK:
+        k_once = load_rows(k_s_ptr, offs_blk, offs_d, stride_ks_m, stride_ks_d, offs_blk < M, d_ok, ALIGN=ALIGN)
+        v_once = load_rows(v_s_ptr, offs_blk, offs_d, stride_vs_m, stride_vs_d, offs_blk < M, d_ok, ALIGN=ALIGN)
+        keep_once = key_keep(SPATIAL_MASK, b, offs_blk, offs_blk < M, stride_sm_b, stride_sm_m, HAS_SPATIAL_MASK)
+    X_KEYS_MASKED: tl.constexpr = not FULL_KEY_BLOCK or HAS_SPATIAL_MASK or HAS_PAIR_MASK
+    q_x_tile = _tile_ptrs(q_x_ptr, stride_qx_n, stride_qx_d, BLOCK_N, BLOCK_D, ALIGN)
+    k_x_tile = _tile_ptrs(k_x_ptr, stride_kx_n, stride_kx_d, BLOCK_N, BLOCK_D, ALIGN)
+    v_x_tile = _tile_ptrs(v_x_ptr, stride_vx_n, stride_vx_d, BLOCK_N, BLOCK_D, ALIGN)
+    o_x_tile = _tile_ptrs(O_X + row_base * D, D, 1, BLOCK_N, BLOCK_D, ALIGN)
 
-    for n0 in range(n_start, n_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < n_end
-        if DIR_X:
-            if ONE_M_PROGRAM or (n0 // BLOCK_N) % m_programs == pid_m:
-                # -- direction x: this tile of image queries over all spatial keys --
-                q_x = load_rows(q_x_ptr, offs_n, offs_d, stride_qx_n, stride_qx_d, n_ok, d_ok, ALIGN=ALIGN)
-                m_x = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
-                l_x = tl.zeros([BLOCK_N], dtype=tl.float32)
-                acc_x = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-                # Spatial keys are re-read per tile (they stay in L1/L2) rather than held
-                # across the tile loop: one code path serves any M, and holding them did
-                # not lower register use in the static check.
-                for m0 in range(0, M, BLOCK_M):
-                    offs_km = m0 + offs_blk
-                    km_ok = offs_km < M
-                    km_keep = key_keep(SPATIAL_MASK, b, offs_km, km_ok, stride_sm_b, stride_sm_m, HAS_SPATIAL_MASK)
-                    km_keep = query_key_keep(km_keep, PAIR_MASK, b, offs_n, n_ok, offs_km,
-                                             stride_pm_b, stride_pm_q, stride_pm_k, HAS_PAIR_MASK)
-                    k_blk = load_rows(k_s_ptr, offs_km, offs_d, stride_ks_m, stride_ks_d, km_ok, d_ok, ALIGN=ALIGN)
-                    v_blk = load_rows(v_s_ptr, offs_km, offs_d, stride_vs_m, stride_vs_d, km_ok, d_ok, ALIGN=ALIGN)
-                    s_x = _scores(q_x, k_blk, km_keep, sm_scale, DOT_PRECISION)
-                    m_x, l_x, acc_x = _online_softmax_step(s_x, v_blk, m_x, l_x, acc_x, DOT_PRECISION)
-                # -- normalise and write o_x, lse_x (rows with no kept key: 0 and -inf) --
-                has_key = l_x > 0.0
-                o_x = acc_x / tl.where(has_key, l_x, 1.0)[:, None]
-                lse_x = lse_value(m_x, l_x)
-                rows = row_base + offs_n
-                o_ptrs = O_X + rows[:, None] * D + offs_d[None, :]
-                tl.store(o_ptrs, round_to(o_x, O_X.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
-                tl.store(LSE_X + rows, lse_x, mask=n_ok)
-        if DIR_S:
-            # -- direction s: spatial queries over this tile of image keys, online softmax --
-            keep_n = key_keep(IMAGE_MASK, b, offs_n, n_ok, stride_im_b, stride_im_n, HAS_IMAGE_MASK)
-            keep_n = query_key_keep(keep_n, PAIR_MASK, b, offs_qm, qm_ok, offs_n,
-                                    stride_pm_b, stride_pm_q, stride_pm_k, HAS_PAIR_MASK)
-            k_x = load_rows(k_x_ptr, offs_n, offs_d, stride_kx_n, stride_kx_d, n_ok, d_ok, ALIGN=ALIGN)
-            v_x = load_rows(v_x_ptr, offs_n, offs_d, stride_vx_n, stride_vx_d, n_ok, d_ok, ALIGN=ALIGN)
-            s_s = _scores(q_s, k_x, keep_n, sm_scale, DOT_PRECISION)
-            m_s, l_s, acc_s = _online_softmax_step(s_s, v_x, m_s, l_s, acc_s, DOT_PRECISION)
+    for n0 in range(n_start, n_full_end, BLOCK_N):
+        m_s, l_s, acc_s = _fwd_tile(
+            n0, n_end, pid_m, m_programs, b, row_base, offs_d, d_ok, D, M,
+            q_x_tile, stride_qx_n, k_x_tile, stride_kx_n, v_x_tile, stride_vx_n,
+            k_s_ptr, stride_ks_m, stride_ks_d, v_s_ptr, stride_vs_m, stride_vs_d,
+            IMAGE_MASK, stride_im_b, stride_im_n, SPATIAL_MASK, stride_sm_b, stride_sm_m,
+            PAIR_MASK, stride_pm_b, stride_pm_q, stride_pm_k, O_X, LSE_X, o_x_tile,
+            q_s, offs_qm, qm_ok, m_s, l_s, acc_s, k_once, v_once, keep_once, sm_scale, rate,
+            BLOCK_M, BLOCK_N, BLOCK_D, DIR_S, DIR_X, HAS_IMAGE_MASK, HAS_SPATIAL_MASK, HAS_PAIR_MASK,
+            DOT_PRECISION, ALIGN, ONE_M_PROGRAM, ONE_KEY_BLOCK, X_KEYS_MASKED, D_MASKED, RAW_LOGITS, TAIL=False,
+        )
+    if HAS_TAIL:
+        if n_full_end < n_end:
+            m_s, l_s, acc_s = _fwd_tile(
+                n_full_end, n_end, pid_m, m_programs, b, row_base, offs_d, d_ok, D, M,
+                q_x_tile, stride_qx_n, k_x_tile, stride_kx_n, v_x_tile, stride_vx_n,
+                k_s_ptr, stride_ks_m, stride_ks_d, v_s_ptr, stride_vs_m, stride_vs_d,
+                IMAGE_MASK, stride_im_b, stride_im_n, SPATIAL_MASK, stride_sm_b, stride_sm_m,
+                PAIR_MASK, stride_pm_b, stride_pm_q, stride_pm_k, O_X, LSE_X, o_x_tile,
+                q_s, offs_qm, qm_ok, m_s, l_s, acc_s, k_once, v_once, keep_once, sm_scale, rate,
+                BLOCK_M, BLOCK_N, BLOCK_D, DIR_S, DIR_X, HAS_IMAGE_MASK, HAS_SPATIAL_MASK, HAS_PAIR_MASK,
+                DOT_PRECISION, ALIGN, ONE_M_PROGRAM, ONE_KEY_BLOCK, X_KEYS_MASKED, D_MASKED, RAW_LOGITS, TAIL=True,
+            )
 
-    if DIR_S:
+    if DIR_S and ONE_SPLIT:
+        # -- one split holds every image key: normalise and write o_s, lse_s here --
+        out_rows = pid_bh.to(tl.int64) * M + offs_qm
+        o_s = acc_s * inverse_sum(l_s)[:, None]
+        tl.store(O_S + out_rows[:, None] * D + offs_d[None, :], round_to(o_s, O_S.dtype.element_ty),
+                 mask=qm_ok[:, None] & d_ok[None, :])
+        tl.store(LSE_S + out_rows, lse_value(m_s, l_s, sm_scale if RAW_LOGITS else 1.0), mask=qm_ok)
+    elif DIR_S:
         # -- this split's partial (max, sum, acc), merged by the combine kernel --
         part_rows = (pid_bh.to(tl.int64) * SPLITS + split) * M + offs_qm
         tl.store(PART_MAX + part_rows, m_s, mask=qm_ok)
@@ -269,46 +407,61 @@ def _bilateral_combine_kernel(
     O_S,  # [B, H, M, D] contiguous, input dtype
     LSE_S,  # [B, H, M] contiguous float64
     M, D, SPLITS,
+    sm_scale,  # scale
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
+    RAW_LOGITS: tl.constexpr = False,  # the partial maxima are raw dots (the forward's RAW_LOGITS)
+    BLOCK_S: tl.constexpr = 2,  # splits merged per step, side by side
 ):
-    """Merge the split partials of direction s in split order, weighted by their LSEs. Grid
-    (B*H, M blocks, D blocks): programs of one row block repeat the (cheap) max and sum
-    recurrence for their own columns; the first column block writes the LSE."""
+    """Merge the split partials of direction s, weighted by their LSEs. Grid (B*H, M blocks,
+    D blocks); each step takes BLOCK_S splits at once (their max by a reduction, then their
+    rescaled sums and accumulators summed over the split axis), so 66 splits cost a few steps,
+    not 66 dependent ones. The reductions have a fixed shape: bitwise reproducible. Programs of
+    one row block repeat the (cheap) max and sum for their own columns; the first column block
+    writes the LSE."""
     D = multiple(D, ALIGN)
+    rate = sm_scale * LOG2E if RAW_LOGITS else LOG2E
     pid_bh = tl.program_id(0)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.program_id(2).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     m_ok = offs_m < M
-    tile_ok = m_ok[:, None] & (offs_d < D)[None, :]
+    d_ok = offs_d < D
     m_run = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_run = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for split in range(0, SPLITS):
-        rows = (pid_bh.to(tl.int64) * SPLITS + split) * M + offs_m
-        m_k = tl.load(PART_MAX + rows, mask=m_ok, other=float("-inf"))
-        l_k = tl.load(PART_SUM + rows, mask=m_ok, other=0.0)
-        acc_k = tl.load(PART_ACC + rows[:, None] * D + offs_d[None, :], mask=tile_ok, other=0.0)
-        m_run, shift, alpha = online_max(m_run, m_k)
-        beta = exp_shifted(m_k, shift)
-        l_run = l_run * alpha + l_k * beta
-        acc = acc * alpha[:, None] + acc_k * beta[:, None]
-    has_key = l_run > 0.0
-    o = acc / tl.where(has_key, l_run, 1.0)[:, None]
-    lse = lse_value(m_run, l_run)
+    for s0 in range(0, SPLITS, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        ok = (offs_s < SPLITS)[:, None] & m_ok[None, :]  # [S, M]
+        rows = (pid_bh.to(tl.int64) * SPLITS + offs_s)[:, None] * M + offs_m[None, :]  # [S, M]
+        m_k = tl.load(PART_MAX + rows, mask=ok, other=float("-inf"))
+        l_k = tl.load(PART_SUM + rows, mask=ok, other=0.0)
+        acc_k = tl.load(PART_ACC + rows[:, :, None] * D + offs_d[None, None, :],
+                        mask=ok[:, :, None] & d_ok[None, None, :], other=0.0)  # [S, M, D]
+        m_run, shift, alpha = online_max(m_run, tl.max(m_k, 0), rate)
+        beta = exp_shifted(m_k, shift[None, :], rate)  # [S, M]; 0 for padding (-inf)
+        l_run = l_run * alpha + tl.sum(l_k * beta, 0)
+        acc = acc * alpha[:, None] + tl.sum(acc_k * beta[:, :, None], 0)
+    o = acc * inverse_sum(l_run)[:, None]
+    lse = lse_value(m_run, l_run, sm_scale if RAW_LOGITS else 1.0)
     out_rows = pid_bh.to(tl.int64) * M + offs_m
-    tl.store(O_S + out_rows[:, None] * D + offs_d[None, :], round_to(o, O_S.dtype.element_ty), mask=tile_ok)
+    tl.store(O_S + out_rows[:, None] * D + offs_d[None, :], round_to(o, O_S.dtype.element_ty),
+             mask=m_ok[:, None] & d_ok[None, :])
     tl.store(LSE_S + out_rows, lse, mask=m_ok & (tl.program_id(2) == 0))
 
 
-def combine_shape(bh: int, m: int, block_d: int, n_sm: int) -> tuple:
-    """(grid, BLOCK_M, BLOCK_D, num_warps) of the combine: 32 x BLOCK_D tiles on 4 warps when
-    there are enough rows to fill the GPU, else tiles of 8 rows x 16 columns on one warp, so that
-    a few samples with many splits (B*H = 4, 66 splits) still spread over many SMs."""
+COMBINE_TILE = 4096  # most partial elements (splits x rows x columns) a combine step holds
+
+
+def combine_shape(bh: int, m: int, block_d: int, n_sm: int, splits: int) -> tuple:
+    """(grid, BLOCK_M, BLOCK_D, num_warps, BLOCK_S) of the combine: 32 x BLOCK_D tiles on 4 warps
+    when there are enough rows to fill the GPU, else tiles of 8 rows x 16 columns on 8 warps, so
+    that a few samples with many splits (B*H = 4, 66 splits) still spread over many SMs; each
+    step merges as many splits as fit in COMBINE_TILE elements."""
     if bh * triton.cdiv(m, 32) >= n_sm:
         rows, cols, warps = (16, block_d, 4) if block_d >= 128 else (32, block_d, 4)
     else:
-        rows, cols, warps = 8, 16, 1
-    return (bh, triton.cdiv(m, rows), triton.cdiv(block_d, cols)), rows, cols, warps
+        rows, cols, warps = 8, 16, 8  # few programs: more warps each, to issue from
+    block_s = max(2, min(triton.next_power_of_2(splits), COMBINE_TILE // (rows * cols)))
+    return (bh, triton.cdiv(m, rows), triton.cdiv(block_d, cols)), rows, cols, warps, block_s
 
 
 # ----------------------------------------------------------------------------------------
@@ -522,7 +675,7 @@ def _fwd_plan(B, H, M, N, D, elem, n_sm, arch, run_s, run_x, vector_rows):
     block_m = block_m_for(block_d, elem, backward=False, vector_rows=vector_rows, arch=arch)
     m_programs = triton.cdiv(M, block_m) if run_s else 1
     splits, chunk = split_plan(n_sm, B * H * m_programs, N)
-    combine = (*combine_shape(B * H, M, block_d, n_sm), row_alignment(D))  # its partials are contiguous
+    combine = (*combine_shape(B * H, M, block_d, n_sm, splits), row_alignment(D))  # its partials are contiguous
     return block_m, block_d, m_programs, splits, chunk, combine
 
 
@@ -559,8 +712,9 @@ def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_
     block_m, block_d, m_programs, splits, chunk, combine = _fwd_plan(
         B, H, M, N, D, elem, sm_count(device), arch, run_s, run_x, align * elem >= 16
     )
-    combine_grid, combine_m, combine_d, combine_warps, combine_align = combine
+    combine_grid, combine_m, combine_d, combine_warps, combine_splits, combine_align = combine
     meta = launch_meta(block_m, block_d, elem, False, run_s and run_x, run_s, arch, pair_mask is not None)
+    raw_logits = scale > 0  # the scale goes into the exponent; the max of raw dots is the logits' max
     f32 = torch.float32
     o_x = lse_x = o_s = lse_s = None
     dummy = q_x  # stands in for pointers a disabled branch never touches
@@ -569,30 +723,34 @@ def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_
         o_x = torch.empty((B, H, N, D), device=device, dtype=dtype)
         lse_x = torch.empty((B, H, N), device=device, dtype=torch.float64)
     if run_s:
-        part_acc = torch.empty((B * H, splits, M, D), device=device, dtype=f32)
-        part_max = torch.empty((B * H, splits, M), device=device, dtype=f32)
-        part_sum = torch.empty((B * H, splits, M), device=device, dtype=f32)
         o_s = torch.empty((B, H, M, D), device=device, dtype=dtype)
         lse_s = torch.empty((B, H, M), device=device, dtype=torch.float64)
+        if splits > 1:
+            part_acc = torch.empty((B * H, splits, M, D), device=device, dtype=f32)
+            part_max = torch.empty((B * H, splits, M), device=device, dtype=f32)
+            part_sum = torch.empty((B * H, splits, M), device=device, dtype=f32)
     image_mask, stride_im_b, stride_im_n = mask_args(image_mask, dummy)
     spatial_mask, stride_sm_b, stride_sm_m = mask_args(spatial_mask, dummy)
     pair_mask, *pair_strides = pair_mask_args(pair_mask, dummy)
     with device_guard(device):
         _bilateral_fwd_kernel[(B * H, splits, m_programs)](
             q_s, k_s, v_s, q_x, k_x, v_x, image_mask, spatial_mask, pair_mask,
-            o_x if run_x else dummy, lse_x if run_x else dummy, part_acc, part_max, part_sum,
+            o_x if run_x else dummy, lse_x if run_x else dummy, o_s if run_s else dummy, lse_s if run_s else dummy,
+            part_acc, part_max, part_sum,
             *q_s.stride(), *k_s.stride(), *v_s.stride(), *q_x.stride(), *k_x.stride(), *v_x.stride(),
             stride_im_b, stride_im_n, stride_sm_b, stride_sm_m, *pair_strides,
             H, M, N, D, chunk, splits, scale,
             BLOCK_M=block_m, BLOCK_D=block_d, DIR_S=run_s, DIR_X=run_x,
             HAS_IMAGE_MASK=image_mask is not dummy, HAS_SPATIAL_MASK=spatial_mask is not dummy,
             DOT_PRECISION=dot_precision(dtype), ALIGN=align, ONE_M_PROGRAM=m_programs == 1,
-            HAS_PAIR_MASK=pair_mask is not dummy, **meta,
+            HAS_PAIR_MASK=pair_mask is not dummy, ONE_KEY_BLOCK=M <= block_m, FULL_KEY_BLOCK=M == block_m,
+            RAW_LOGITS=raw_logits, D_MASKED=D != block_d, HAS_TAIL=N % meta["BLOCK_N"] != 0,
+            ONE_SPLIT=splits == 1, **meta,
         )
-        if run_s:
+        if run_s and splits > 1:
             _bilateral_combine_kernel[combine_grid](
-                part_acc, part_max, part_sum, o_s, lse_s, M, D, splits, BLOCK_M=combine_m, BLOCK_D=combine_d,
-                ALIGN=combine_align, num_warps=combine_warps,
+                part_acc, part_max, part_sum, o_s, lse_s, M, D, splits, scale, BLOCK_M=combine_m, BLOCK_D=combine_d,
+                ALIGN=combine_align, RAW_LOGITS=raw_logits, BLOCK_S=combine_splits, num_warps=combine_warps,
             )
     return o_s, o_x, lse_s, lse_x
 

@@ -79,7 +79,11 @@ USAGE = {
         "IMAGE_MASK": lambda c: c["HAS_IMAGE_MASK"], "SPATIAL_MASK": lambda c: c["HAS_SPATIAL_MASK"],
         "PAIR_MASK": lambda c: c.get("HAS_PAIR_MASK", False),
         "O_X": lambda c: c["DIR_X"], "LSE_X": lambda c: c["DIR_X"],
-        "PART_ACC": lambda c: c["DIR_S"], "PART_MAX": lambda c: c["DIR_S"], "PART_SUM": lambda c: c["DIR_S"],
+        "O_S": lambda c: c["DIR_S"] and c.get("ONE_SPLIT", False),
+        "LSE_S": lambda c: c["DIR_S"] and c.get("ONE_SPLIT", False),
+        "PART_ACC": lambda c: c["DIR_S"] and not c.get("ONE_SPLIT", False),
+        "PART_MAX": lambda c: c["DIR_S"] and not c.get("ONE_SPLIT", False),
+        "PART_SUM": lambda c: c["DIR_S"] and not c.get("ONE_SPLIT", False),
     },
     "_bilateral_combine_kernel": {n: _ALWAYS for n in ("PART_ACC", "PART_MAX", "PART_SUM", "O_S", "LSE_S")},
     "_spatial_delta_kernel": {n: _ALWAYS for n in ("O_S", "DO_S", "DELTA_S")},
@@ -140,7 +144,10 @@ def loop_shape(launch: KernelLaunch, config: dict) -> tuple[int, int, float]:
             inner = cdiv(a["M"], k["BLOCK_M"]) * cdiv(a["D"], k["BLOCK_DC"])
         return max(per_split), sum(per_split) * others, max(1.0, inner)
     ctas = grid[0] * grid[1] * grid[2]
-    if n in ("_bilateral_combine_kernel", "_reduce_splits_kernel"):
+    if n == "_bilateral_combine_kernel":
+        trips = cdiv(a["SPLITS"], k["BLOCK_S"])
+        return trips, trips * ctas, 1.0
+    if n == "_reduce_splits_kernel":
         return a["SPLITS"], a["SPLITS"] * ctas, 1.0
     if n == "_bilateral_wide_delta_kernel":
         trips = cdiv(a["D"], k["BLOCK_DC"])
@@ -168,8 +175,20 @@ def launch_flops(launch: KernelLaunch, config: dict) -> float:
     return 0.0
 
 
-def model_kernel(launch: KernelLaunch, config: dict, facts: dict, gpu: Gpu) -> dict:
-    """Modelled time of one kernel launch at one config, from its compile facts."""
+def longest_cta(launch: KernelLaunch, config: dict, loop: float, prologue: int, tail_code: int) -> float:
+    """Instructions per warp of the forward's longest CTA when its partial last tile is compiled
+    apart (HAS_TAIL): each split runs its full tiles in the main loop and, where it ends in a
+    partial tile, the tail code once (`tail_code`: the instructions a HAS_TAIL=False twin lacks)."""
+    a, block = launch.named(), {**launch.kwargs, **config}["BLOCK_N"]
+    chunk, splits, n = a["CHUNK"], a["SPLITS"], a["N"]
+    lengths = [min(chunk, n - s * chunk) for s in range(splits)]
+    return prologue + max(length // block * loop + (tail_code if length % block else 0) for length in lengths)
+
+
+def model_kernel(launch: KernelLaunch, config: dict, facts: dict, gpu: Gpu, no_tail_facts: dict | None = None) -> dict:
+    """Modelled time of one kernel launch at one config, from its compile facts. no_tail_facts:
+    for a forward with a partial-tile branch (HAS_TAIL), the facts of its twin compiled without
+    it, so the tail code counts only in the splits that run it (`longest_cta`)."""
     grid = launch.grid + (1,) * (3 - len(launch.grid))
     ctas = grid[0] * grid[1] * grid[2]
     warps = config["num_warps"]
@@ -180,7 +199,11 @@ def model_kernel(launch: KernelLaunch, config: dict, facts: dict, gpu: Gpu) -> d
     max_trips, total_trips, inner = loop_shape(launch, config)
     loop = facts["loop_dynamic"] + facts["loop_per_inner_trip"] * (inner - 1)
     prologue = facts["instructions"] - facts["loop_static"]
-    per_cta = (prologue + max_trips * loop) * warps
+    if no_tail_facts is not None:
+        base = no_tail_facts["instructions"] - no_tail_facts["loop_static"]
+        per_cta = longest_cta(launch, config, loop, base, max(0, prologue - base)) * warps
+    else:
+        per_cta = (prologue + max_trips * loop) * warps
     resident = max(1, min(facts["ctas_per_sm"], per_sm)) * warps
     ipc = min(IPC, WARP_IPC * resident)
     issue_us = per_sm * per_cta / (gpu.clock * ipc) * 1e6

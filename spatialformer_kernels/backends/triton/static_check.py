@@ -31,6 +31,7 @@ and prints the spilling ones as MEASURED_SPILLS entries.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -84,9 +85,21 @@ def collect(cases, archs, torch_ops=False, every_config=False):
                         task = lr.bind(event, config, arch)
                         tasks.setdefault(task.key(), task)
                         pairs.append((config, task.key()))
+                        twin = tail_twin(event, config, arch)
+                        if twin is not None:
+                            tasks.setdefault(twin.key(), twin)
                     bound.append((event, pairs))
                 passes[(case, backward, arch)] = bound
     return passes, tasks
+
+
+def tail_twin(event, config, arch):
+    """The same forward launch compiled without its partial-tile code (HAS_TAIL=False), or None:
+    the perf model takes the tail tile's code size from the difference (pm.model_kernel), since it
+    runs only in the split that ends in a partial tile."""
+    if event.name != "_bilateral_fwd_kernel" or not event.kwargs.get("HAS_TAIL"):
+        return None
+    return lr.bind(dataclasses.replace(event, kwargs={**event.kwargs, "HAS_TAIL": False}), config, arch)
 
 
 def compile_all(tasks: dict, jobs: int) -> dict:
@@ -174,7 +187,8 @@ def perf_rows(cases, passes, facts, gpu: pm.Gpu, arch: int, host: dict):
                 else:
                     best = None
                     for config, key in pairs:
-                        m = pm.model_kernel(event, config, facts[key], gpu)
+                        twin = tail_twin(event, config, arch)
+                        m = pm.model_kernel(event, config, facts[key], gpu, facts[twin.key()] if twin else None)
                         if best is None or m["modelled_us"] < best[1]["modelled_us"]:
                             best = (config, m, facts[key])
                     config, m, f = best

@@ -55,6 +55,7 @@ import triton
 import triton.language as tl
 
 from .common import (
+    LOG2E,
     device_guard,
     diagonal,
     dot,
@@ -193,8 +194,8 @@ def _bilateral_wide_lse_kernel(
         keep_rk = query_key_keep(keep, PAIR_MASK, b, rows, rows_ok, keys, stride_pm_b, stride_pm_q, stride_pm_k,
                                  HAS_PAIR_MASK)
         s = tl.where(keep_rk, s * sm_scale, float("-inf"))
-        m_i, shift, alpha = online_max(m_i, tl.max(s, 1))
-        l_i = l_i * alpha + tl.sum(exp_shifted(s, shift[:, None]), 1)
+        m_i, shift, alpha = online_max(m_i, tl.max(s, 1), LOG2E)
+        l_i = l_i * alpha + tl.sum(exp_shifted(s, shift[:, None], LOG2E), 1)
     out = (pid_bh.to(tl.int64) * SPLITS + split) * LQ + rows
     tl.store(PART_MAX + out, m_i, mask=rows_ok)
     tl.store(PART_SUM + out, l_i, mask=rows_ok)
