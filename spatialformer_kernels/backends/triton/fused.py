@@ -5,15 +5,19 @@ Direction s: spatial queries q_s over image keys k_x, v_x (image_mask drops keys
 Direction x: image queries q_x over spatial keys k_s, v_s -> o_x.
 
 Forward, one launch, grid (B*H, SPLITS, M_PROGRAMS): each program owns CHUNK image tokens
-and walks them in BLOCK_N tiles.
+and walks them in BLOCK_N tiles (`_fwd_tile`). The main loop runs the full tiles with no
+bounds check and, without a mask, no per-score select; a partial last tile (only where
+N % BLOCK_N != 0, `HAS_TAIL`) is a second, bounds-checked copy after the loop.
   - Direction s is an online softmax over the tiles (running max, sum and an fp32
-    accumulator for its BLOCK_M spatial queries); at the end of the chunk the program writes
-    its (max, sum, acc) partial, and `_bilateral_combine_kernel` merges the SPLITS partials
-    in a fixed order with LSE weights (flash-decoding style split-K).
-  - Direction x is complete per tile: each tile of image queries sees all M spatial keys
-    (a loop over BLOCK_M key blocks with online softmax; one block for the usual M = 64),
-    so o_x and lse_x are written at once. With M_PROGRAMS > 1 (M > BLOCK_M), tile t's
-    direction x is done by program t % M_PROGRAMS.
+    accumulator for its BLOCK_M spatial queries). With one split the program normalises
+    and writes o_s itself; else it writes its (max, sum, acc) partial and
+    `_bilateral_combine_kernel` merges the SPLITS partials with LSE weights, several splits
+    per step, by fixed-shape reductions (flash-decoding style split-K).
+  - Direction x is complete per tile: each tile of image queries sees all M spatial keys,
+    so o_x and lse_x are written at once. For M <= BLOCK_M (the usual M = 64) the spatial
+    keys are loaded once per program and the softmax is a plain one (`ONE_KEY_BLOCK`); a
+    larger M loops over BLOCK_M key blocks with an online softmax, and with M_PROGRAMS > 1
+    tile t's direction x is done by program t % M_PROGRAMS.
   The two directions read disjoint image tensors (s: k_x, v_x; x: q_x); at large D they
   run as two launches of the same kernel to stay in registers (`fuse_directions`).
 Backward, deterministic (no atomics), grid (B*H, SPLITS), one launch per direction (fused,
@@ -30,12 +34,16 @@ cross_attention uses the same kernels with one direction switched off: few queri
 keys is direction s only (q -> q_s, k, v -> k_x, v_x, key_mask -> image_mask); many queries
 over few keys is direction x only (q -> q_x, k, v -> k_s, v_s, key_mask on the M axis).
 
-Numerics: logits stay in the natural-log domain (scale * q.k, the same fp32 value in the
-forward and the backward) and are exponentiated as exp2((s - max) * log2(e)): log2(e) is
-applied after the max is subtracted, so the top logit gives exactly exp2(0) = 1 and the
-backward's exp2((s - lse) * log2(e)) reproduces a one-hot softmax exactly even at
-|logits| ~ 1e4 (folding log2(e) into the scale would round the logits and the LSE in two
-domains, off by ~1e-3 there). Accumulation in
+Numerics: the backward's logits are scale * q.k in fp32, exponentiated as
+exp2((s - lse) * log2(e)). The forward keeps the raw dots q.k where the scale is positive
+(`RAW_LOGITS`; a zero or negative scale uses scale * q.k as the backward does) and
+exponentiates exp2((s - max) * rate) with rate = scale * log2(e): the max is subtracted
+first, so the top logit gives exactly exp2(0) = 1, and the LSE rounds scale * max to fp32
+before adding log(sum), so a one-hot row's LSE is bitwise the top logit the backward
+recomputes and its P is exactly 1 there even at |logits| ~ 1e4 (folding the rate into the
+dots, one FMA per score, would leave the top logit off by up to half an ulp of 1e4). This
+saves the per-score multiply by the scale: besides the exp, a full tile issues about 4.5
+instructions per score (subtract, rate, max, sum, half a bf16 conversion). Accumulation in
 fp32; fp32 inputs use IEEE dots (PyTorch's default matmul is not TF32). LSEs are natural-log
 float64 (`lse_value`, `load_lse` in common.py), -inf for a query with no kept key (its output and
 gradients are 0). Offsets are int64.
