@@ -92,13 +92,18 @@ def _check_head_dim(name: str, tensor: torch.Tensor) -> None:
         )
 
 
+def _check_bool_tensor(name: str, mask: torch.Tensor, true_means: str) -> None:
+    """The type checks every optional boolean mask shares (its shape and device are the caller's)."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must have dtype torch.bool (True = {true_means}), got {mask.dtype}")
+
+
 def _check_mask(mask_name: str, mask: Optional[torch.Tensor], keys_name: str, keys: torch.Tensor) -> None:
     if mask is None:
         return
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{mask_name} must be a torch.Tensor or None, got {type(mask).__name__}")
-    if mask.dtype != torch.bool:
-        raise TypeError(f"{mask_name} must have dtype torch.bool (True = real token), got {mask.dtype}")
+    _check_bool_tensor(mask_name, mask, "real token")
     expected = (keys.shape[0], keys.shape[2])
     if tuple(mask.shape) != expected:
         raise ValueError(
@@ -166,10 +171,7 @@ def validate_bilateral(q_s, k_s, v_s, q_x, k_x, v_x, image_mask) -> None:
 def _check_attn_mask(attn_mask: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor) -> None:
     if attn_mask is None:
         return
-    if not isinstance(attn_mask, torch.Tensor):
-        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
-    if attn_mask.dtype != torch.bool:
-        raise TypeError(f"attn_mask must have dtype torch.bool (True = attend), got {attn_mask.dtype}")
+    _check_bool_tensor("attn_mask", attn_mask, "attend")
     expected = (q.shape[0], q.shape[2], k.shape[2])
     if tuple(attn_mask.shape) != expected:
         shape, hint = tuple(attn_mask.shape), ""

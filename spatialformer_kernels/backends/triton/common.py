@@ -121,6 +121,16 @@ def online_max(m_run, m_new_part, rate):
 
 
 @triton.jit
+def logit_rates(sm_scale, RAW_LOGITS: tl.constexpr):
+    """(rate, max_scale) of a launch's logits s: exp(logit - max) = exp2((s - max) * rate), and
+    the max as a logit is max * max_scale (`lse_value`). Raw dots (RAW_LOGITS, scale > 0):
+    scale * log2(e) and the scale; logits already scaled: log2(e) and 1."""
+    if RAW_LOGITS:
+        return sm_scale * LOG2E, sm_scale
+    return tl.full([], LOG2E, tl.float32), tl.full([], 1.0, tl.float32)
+
+
+@triton.jit
 def exp_shifted(x, shift, rate):
     """exp2((x - shift) * rate), the rate (log2(e), or scale * log2(e) for raw dots) applied
     after the subtraction: the row max gives exactly 1."""

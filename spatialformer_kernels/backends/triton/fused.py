@@ -68,7 +68,6 @@ import triton
 import triton.language as tl
 
 from .common import (
-    LOG2E,
     capability,
     device_guard,
     diagonal,
@@ -80,6 +79,7 @@ from .common import (
     key_keep,
     load_lse,
     load_rows,
+    logit_rates,
     lse_value,
     mask_args,
     multiple,
@@ -212,7 +212,7 @@ def _fwd_tile(
     O_X, LSE_X, o_x_tile,  # o_x_tile: `_tile_ptrs` of this head's O_X rows
     q_s, offs_qm, qm_ok, m_s, l_s, acc_s,  # direction s: its queries and online-softmax state
     k_once, v_once, keep_once,  # direction x with ONE_KEY_BLOCK: the spatial keys, loaded once
-    sm_scale, rate,
+    sm_scale, rate, max_scale,  # `logit_rates`
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DIR_S: tl.constexpr, DIR_X: tl.constexpr,
     HAS_IMAGE_MASK: tl.constexpr, HAS_SPATIAL_MASK: tl.constexpr, HAS_PAIR_MASK: tl.constexpr,
@@ -258,7 +258,7 @@ def _fwd_tile(
                     m_x, l_x, acc_x = _online_softmax_step(s_x, v_blk, m_x, l_x, acc_x, rate, DOT_PRECISION)
             # -- normalise and write o_x, lse_x (rows with no kept key: 0 and -inf) --
             o_x = acc_x * inverse_sum(l_x)[:, None]
-            lse_x = lse_value(m_x, l_x, sm_scale if RAW_LOGITS else 1.0)
+            lse_x = lse_value(m_x, l_x, max_scale)
             rows = row_base + offs_n
             o_ptrs = o_x_tile + tl.cast(n0, tl.int64) * D
             if TAIL:
@@ -344,7 +344,7 @@ def _bilateral_fwd_kernel(
     n_end = tl.minimum(n_start + CHUNK, N)
     n_full_end = n_start + (n_end - n_start) // BLOCK_N * BLOCK_N
     # exp(logit - max) = exp2((s - max) * rate): s - max first, so the row max gives exactly 1
-    rate = sm_scale * LOG2E if RAW_LOGITS else LOG2E
+    rate, max_scale = logit_rates(sm_scale, RAW_LOGITS)
 
     offs_qm = pid_m * BLOCK_M + offs_blk
     qm_ok = offs_qm < M
@@ -374,7 +374,7 @@ def _bilateral_fwd_kernel(
             k_s_ptr, stride_ks_m, stride_ks_d, v_s_ptr, stride_vs_m, stride_vs_d,
             IMAGE_MASK, stride_im_b, stride_im_n, SPATIAL_MASK, stride_sm_b, stride_sm_m,
             PAIR_MASK, stride_pm_b, stride_pm_q, stride_pm_k, O_X, LSE_X, o_x_tile,
-            q_s, offs_qm, qm_ok, m_s, l_s, acc_s, k_once, v_once, keep_once, sm_scale, rate,
+            q_s, offs_qm, qm_ok, m_s, l_s, acc_s, k_once, v_once, keep_once, sm_scale, rate, max_scale,
             BLOCK_M, BLOCK_N, BLOCK_D, DIR_S, DIR_X, HAS_IMAGE_MASK, HAS_SPATIAL_MASK, HAS_PAIR_MASK,
             DOT_PRECISION, ALIGN, ONE_M_PROGRAM, ONE_KEY_BLOCK, X_KEYS_MASKED, D_MASKED, RAW_LOGITS, TAIL=False,
         )
@@ -386,7 +386,7 @@ def _bilateral_fwd_kernel(
                 k_s_ptr, stride_ks_m, stride_ks_d, v_s_ptr, stride_vs_m, stride_vs_d,
                 IMAGE_MASK, stride_im_b, stride_im_n, SPATIAL_MASK, stride_sm_b, stride_sm_m,
                 PAIR_MASK, stride_pm_b, stride_pm_q, stride_pm_k, O_X, LSE_X, o_x_tile,
-                q_s, offs_qm, qm_ok, m_s, l_s, acc_s, k_once, v_once, keep_once, sm_scale, rate,
+                q_s, offs_qm, qm_ok, m_s, l_s, acc_s, k_once, v_once, keep_once, sm_scale, rate, max_scale,
                 BLOCK_M, BLOCK_N, BLOCK_D, DIR_S, DIR_X, HAS_IMAGE_MASK, HAS_SPATIAL_MASK, HAS_PAIR_MASK,
                 DOT_PRECISION, ALIGN, ONE_M_PROGRAM, ONE_KEY_BLOCK, X_KEYS_MASKED, D_MASKED, RAW_LOGITS, TAIL=True,
             )
@@ -397,7 +397,7 @@ def _bilateral_fwd_kernel(
         o_s = acc_s * inverse_sum(l_s)[:, None]
         tl.store(O_S + out_rows[:, None] * D + offs_d[None, :], round_to(o_s, O_S.dtype.element_ty),
                  mask=qm_ok[:, None] & d_ok[None, :])
-        tl.store(LSE_S + out_rows, lse_value(m_s, l_s, sm_scale if RAW_LOGITS else 1.0), mask=qm_ok)
+        tl.store(LSE_S + out_rows, lse_value(m_s, l_s, max_scale), mask=qm_ok)
     elif DIR_S:
         # -- this split's partial (max, sum, acc), merged by the combine kernel --
         part_rows = (pid_bh.to(tl.int64) * SPLITS + split) * M + offs_qm
@@ -427,7 +427,7 @@ def _bilateral_combine_kernel(
     one row block repeat the (cheap) max and sum for their own columns; the first column block
     writes the LSE."""
     D = multiple(D, ALIGN)
-    rate = sm_scale * LOG2E if RAW_LOGITS else LOG2E
+    rate, max_scale = logit_rates(sm_scale, RAW_LOGITS)
     pid_bh = tl.program_id(0)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.program_id(2).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -449,7 +449,7 @@ def _bilateral_combine_kernel(
         l_run = l_run * alpha + tl.sum(l_k * beta, 0)
         acc = acc * alpha[:, None] + tl.sum(acc_k * beta[:, :, None], 0)
     o = acc * inverse_sum(l_run)[:, None]
-    lse = lse_value(m_run, l_run, sm_scale if RAW_LOGITS else 1.0)
+    lse = lse_value(m_run, l_run, max_scale)
     out_rows = pid_bh.to(tl.int64) * M + offs_m
     tl.store(O_S + out_rows[:, None] * D + offs_d[None, :], round_to(o, O_S.dtype.element_ty),
              mask=m_ok[:, None] & d_ok[None, :])
