@@ -239,9 +239,12 @@ def test_the_flex_block_mask_is_built_once_per_case_outside_the_timed_calls():
 def test_a_masked_row_carries_its_op_mask_fraction_and_speedups():
     shape = workload.Shape("tiny-masked", B=1, H=2, M=12, N=64, D=16, op="masked_cross")
     providers = [p for p in workload.providers_for(CPU) if p.name in ("reference", "sdpa")]
-    ignores_mask = workload.Provider("no-mask", "ours", "ours", builds={"masked_cross": lambda: lambda q, k, v, m, scale: (
-        cross_attention_reference(q, k, v, scale),)})  # fmt: skip
-    session = measurement.BenchSession(CPU, [*providers, ignores_mask], budget_s=0.01, measure_memory=False)
+    def ignores_mask(name, kind):
+        return workload.Provider(name, kind, kind, builds={"masked_cross": lambda: lambda q, k, v, m, scale: (
+            cross_attention_reference(q, k, v, scale),)})  # fmt: skip
+
+    session = measurement.BenchSession(CPU, [*providers, ignores_mask("no-mask", "ours"), ignores_mask("wrong-baseline", "baseline")],
+                                       budget_s=0.01, measure_memory=False)
     row = session.row(shape, torch.float32, "fwd_bwd", "reference")
     assert row.status == "ok" and row.op == "masked_cross" and row.best_baseline in ("reference", "sdpa")
     assert row.speedup_vs_sdpa is not None and row.mask_fraction == workload.mask_summary(shape)["kept"]
@@ -249,7 +252,13 @@ def test_a_masked_row_carries_its_op_mask_fraction_and_speedups():
     assert row.metrics()["op"] == "masked_cross"
     bad = session.row(shape, torch.float32, "fwd", "no-mask")  # a provider that ignores the mask fails parity
     assert bad.status == "failed" and "no-mask B1 H2 M12 N64 D16 fp32 o: max abs err" in bad.note
+    # A baseline that fails parity is reported as wrong, left untimed and out of the speedups; the run goes on.
+    wrong = session.row(shape, torch.float32, "fwd", "wrong-baseline")
+    assert wrong.status == "wrong" and wrong.median_ms is None and "wrong-baseline B1 H2 M12 N64 D16 fp32 o: max abs err" in wrong.note
+    assert session.row(shape, torch.float32, "fwd", "reference").best_baseline != "wrong-baseline"
     table = cli.format_table(session.rows())
+    assert re.search(r"^wrong results, not timed: wrong-baseline \(fwd\): parity: ", table, re.M)
+    assert not re.search(r"^tiny-masked .* wrong-baseline ", table, re.M)
     assert re.search(r"^tiny-masked +masked cross +B1 H2 M12 N64 D16 +fp32 +fwd_bwd +reference ", table, re.M)
     checks = session.parity_checks()
     assert {check.op for _, check in checks} == {"masked_cross"} and {check.tensor for _, check in checks} <= set(testing.CROSS_RESULT_NAMES)

@@ -78,19 +78,23 @@ def test_cross_attention_with_no_kept_key(any_backend, few_queries):
 @pytest.mark.parametrize("few_queries", [True, False], ids=["few-queries", "many-queries"])
 def test_attn_mask_edge_values(any_backend, few_queries):
     """A per-query mask that keeps nothing gives zeros and zero gradients everywhere (finite);
-    one that keeps everything gives the results of the call without it bit for bit (a fully
-    kept tile takes the unmasked path); one that repeats the key mask on every query gives the
-    key mask's results under the tolerance rule (the C++ kernel may take its row form for
-    partly kept tiles, which sums in another order)."""
+    one that keeps everything gives the results of the call without it: bit for bit on the
+    reference and the C++ kernel (a fully kept tile takes its unmasked path), under the
+    tolerance rule on Triton, whose masked launch is a kernel compiled apart (on an H200 its
+    fp32 results differed from the unmasked kernel's in the last bits); one that repeats the
+    key mask on every query gives the key mask's results under the tolerance rule (the C++
+    kernel may take its row form for partly kept tiles, which sums in another order)."""
     lq, lk = (M, N) if few_queries else (N, M)
     q, k, v = (torch.randn(B, H, length, D, device=DEVICE) for length in (lq, lk, lk))
     grad = torch.randn(B, H, lq, D, device=DEVICE)
     nothing = torch.zeros(B, lq, lk, dtype=torch.bool, device=DEVICE)
     for name, t in zip(CROSS_RESULT_NAMES, cross_results(q, k, v, grad, any_backend, attn_mask=nothing)):
         assert torch.isfinite(t).all() and torch.count_nonzero(t) == 0, name
-    for name, a, e in zip(CROSS_RESULT_NAMES, cross_results(q, k, v, grad, any_backend, attn_mask=~nothing),
-                          cross_results(q, k, v, grad, any_backend)):
-        assert torch.equal(a, e), name
+    kept = cross_results(q, k, v, grad, any_backend, attn_mask=~nothing)
+    if any_backend in ("reference", "cpu"):
+        for name, a, e in zip(CROSS_RESULT_NAMES, kept, cross_results(q, k, v, grad, any_backend)):
+            assert torch.equal(a, e), name
+    assert_results_close(kept, *reference_cross_results(q, k, v, grad), FP32, CROSS_RESULT_NAMES, "all kept")
     key_mask = torch.rand(B, lk, device=DEVICE) < 0.6
     key_mask[:, 0] = True
     same, exact = reference_cross_results(q, k, v, grad, key_mask=key_mask)

@@ -162,13 +162,16 @@ def format_parity(checks: Sequence[tuple[Shape, ParityCheck]]) -> str:
 
 
 OP_COLUMN = {"bilateral": "bilateral", "masked_cross": "masked cross"}
+# Row statuses listed below the table (provider and reason once), with their label there.
+BELOW_TABLE = {"untimed": "not timed", "skipped": "skipped", "wrong": "wrong results, not timed:"}
 
 
 def format_table(rows: Sequence[Row]) -> str:
-    """Measured and failed rows as a table; untimed and skipped providers once each, with the reason, below it."""
+    """Measured and failed rows as a table; untimed, skipped and wrong (a baseline failing parity)
+    providers once each, with the reason, below it."""
     lines = [("shape", "op", "dims", "dtype", "pass", "provider", "median ms", "GB/s", "% roof", "TFLOP/s", "speedup", "vs SDPA", "peak MiB", "note")]
     for r in rows:
-        if r.status in ("skipped", "untimed"):
+        if r.status in BELOW_TABLE:
             continue
         mem = None if r.peak_mem_bytes is None else r.peak_mem_bytes / 2**20
         lines.append((
@@ -180,10 +183,10 @@ def format_table(rows: Sequence[Row]) -> str:
     out = _columns(lines) if len(lines) > 1 else ["no row was timed"]
     below: dict = {}
     for r in rows:
-        if r.status in ("skipped", "untimed"):
+        if r.status in BELOW_TABLE:
             below.setdefault((r.status, r.provider, r.note), set()).add(r.pass_)
     for (status, provider, note), passes in below.items():
-        label = "not timed" if status == "untimed" else "skipped"
+        label = BELOW_TABLE[status]
         out.append(f"{label} {provider} ({', '.join(p for p in PASSES if p in passes)}): {note}")
     return "\n".join(out)
 

@@ -395,7 +395,10 @@ class Row:
     kind: str
     family: str
     op: str = "bilateral"  # workload.OPS: "bilateral" or "masked_cross" (M queries over N keys)
-    status: str = "ok"  # "ok", "untimed" (parity passed, not timed: provider.parity_only), "skipped", "failed"
+    # "ok"; "untimed" (parity passed, not timed: provider.parity_only); "skipped" (cannot run
+    # here); "wrong" (a baseline whose results fail parity: not timed, not a competitor);
+    # "failed" (ours failed parity or raised: the run fails)
+    status: str = "ok"
     note: str = ""
     median_ms: Optional[float] = None
     min_ms: Optional[float] = None
@@ -490,7 +493,7 @@ class BenchSession:
         try:
             failure = self.parity(provider, shape, dtype, with_grads=pass_ != "fwd")
             if failure:
-                row.status, row.note = "failed", failure
+                row.status, row.note = ("failed", failure) if provider.kind == "ours" else ("wrong", failure)
                 return row
             if provider.parity_only:
                 row.status, row.note = "untimed", provider.parity_only
