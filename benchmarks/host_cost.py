@@ -9,8 +9,9 @@ it is measured on its own, on any machine, without a GPU:
   the torch.library op or the eager path, and autograd: an inference call (no_grad) and a
   forward + backward (torch.autograd.grad);
 - Triton launcher: the static check's host-cost model (perf_model.host_cost) for the
-  bilateral bf16 cls224-stage1 forward and backward: the launchers' own work on meta tensors
-  and Triton's argument binding per launch (the driver's launch call not included).
+  bilateral bf16 cls224-stage1 forward and backward: the launchers' own work on meta tensors,
+  Triton's argument binding per launch (the first call of a signature) and the direct launch
+  path's signatures (every later call; triton/launch.py); the driver's launch call not included.
 Prints median microseconds per call.
 """
 from __future__ import annotations
@@ -75,6 +76,7 @@ def triton_launchers() -> dict:
         cost = pm.host_cost(case, backward)
         out[f"Triton {label} launcher (cls224-stage1 bf16)"] = cost["launcher_us"]
         out[f"Triton {label} argument binding, {cost['launches']} launches"] = cost["binder_us"]
+        out[f"Triton {label} direct-launch signatures, {cost['launches']} launches"] = cost["direct_us"]
     return out
 
 

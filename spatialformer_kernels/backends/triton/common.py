@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .configs import CHUNK_ALIGN, INTERPRET, INTERPRETER_SM_COUNT, MIN_SPLIT_TOKENS
+from .launch import launch
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = 0.6931471805599453
@@ -342,7 +343,7 @@ def reduce_splits(parts: list, shape, dtype: torch.dtype) -> list:
     while block > REDUCE_MIN_BLOCK and bh * triton.cdiv(size, block) < 2 * sm_count(parts[0].device):
         block //= 2
     with device_guard(parts[0].device):
-        _reduce_splits_kernel[(bh, triton.cdiv(size, block))](
+        launch(_reduce_splits_kernel, (bh, triton.cdiv(size, block)), parts[0].device,
             parts[0], outs[0], parts[-1], outs[-1], splits, size, BLOCK=block, HAS_B=len(parts) == 2,
             num_warps=max(1, min(4, block // 256)),
         )

@@ -103,6 +103,7 @@ from .configs import (
     launch_meta,
 )
 from .wide import wide_head_bwd
+from .launch import launch
 
 
 # ----------------------------------------------------------------------------------------
@@ -741,7 +742,7 @@ def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_
     spatial_mask, stride_sm_b, stride_sm_m = mask_args(spatial_mask, dummy)
     pair_mask, *pair_strides = pair_mask_args(pair_mask, dummy)
     with device_guard(device):
-        _bilateral_fwd_kernel[(B * H, splits, m_programs)](
+        launch(_bilateral_fwd_kernel, (B * H, splits, m_programs), device,
             q_s, k_s, v_s, q_x, k_x, v_x, image_mask, spatial_mask, pair_mask,
             o_x if run_x else dummy, lse_x if run_x else dummy, o_s if run_s else dummy, lse_s if run_s else dummy,
             part_acc, part_max, part_sum,
@@ -756,7 +757,7 @@ def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_
             ONE_SPLIT=splits == 1, **meta,
         )
         if run_s and splits > 1:
-            _bilateral_combine_kernel[combine_grid](
+            launch(_bilateral_combine_kernel, combine_grid, device,
                 part_acc, part_max, part_sum, o_s, lse_s, M, D, splits, scale, BLOCK_M=combine_m, BLOCK_D=combine_d,
                 ALIGN=combine_align, RAW_LOGITS=raw_logits, BLOCK_S=combine_splits, num_warps=combine_warps,
             )
@@ -826,11 +827,11 @@ def attention_bwd(
         align = row_alignment(D, q_x, k_s, v_s, do_x, o_x)
     with device_guard(device):
         if run_s:
-            _spatial_delta_kernel[(B * H, triton.cdiv(M, DELTA_BLOCK_M))](
+            launch(_spatial_delta_kernel, (B * H, triton.cdiv(M, DELTA_BLOCK_M)), device,
                 o_s, do_s, delta_s, *o_s.stride(), *do_s.stride(), H, M, D,
                 BLOCK_M=DELTA_BLOCK_M, BLOCK_D=block_d, DOT_PRECISION=dot_precision(dtype), ALIGN=align,
             )
-        _bilateral_bwd_kernel[(B * H, splits)](
+        launch(_bilateral_bwd_kernel, (B * H, splits), device,
             q_s, k_s, v_s, do_s_arg, delta_s if run_s else dummy, q_x, k_x, v_x, o_x_arg, do_x_arg,
             lse_s_arg, lse_x_arg, image_mask, spatial_mask, pair_mask,
             *image_grads, *parts,

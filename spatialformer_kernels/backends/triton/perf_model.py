@@ -333,10 +333,14 @@ def sdpa_pass(case: Case, gpu: Gpu, backward: bool) -> float | None:
 def host_cost(case: Case, backward: bool, n_sm: int = 132, repeats: int = 30) -> dict:
     """Median microseconds per call on this CPU: the launcher's own Python work with every kernel
     replaced by a no-op (`launcher_us`; its tensors on the meta device, so torch.empty and the
-    split reductions cost their dispatch, not CPU arithmetic), and Triton's binder + cache key
+    split reductions cost their dispatch, not CPU arithmetic), Triton's binder + cache key
     for each of its launches (`binder_us`: what `JITFunction.run` does before launching a
-    cached kernel). Not included: the driver's launch call."""
+    cached kernel, the first call of a signature), and the direct path's signature for each
+    (`direct_us`: what launch.launch does instead on every later call). Not included: the
+    driver's launch call."""
     from triton.runtime.jit import compute_cache_key
+
+    from .launch import signature
 
     def on_meta(x):
         return x.to("meta") if isinstance(x, torch.Tensor) else x
@@ -377,8 +381,14 @@ def host_cost(case: Case, backward: bool, n_sm: int = 132, repeats: int = 30) ->
             _, spec, options = binder(*launch.args, **launch.kwargs, **launch.configs[0])
             compute_cache_key(key_caches.setdefault(id(jit), {}), spec, options)  # steady state: cached
         bind_times.append(time.perf_counter() - start)
+    gpu, direct_times = torch.device("cuda", 0), []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for launch in launches:
+            signature(gpu, launch.args, {**launch.kwargs, **launch.configs[0]})
+        direct_times.append(time.perf_counter() - start)
     return dict(launcher_us=statistics.median(times) * 1e6, binder_us=statistics.median(bind_times) * 1e6,
-                launches=len(launches))
+                direct_us=statistics.median(direct_times) * 1e6, launches=len(launches))
 
 
 __all__ = ["GPUS", "Gpu", "ASSUMPTIONS", "model_kernel", "model_torch_op", "op_bytes", "sdpa_pass", "host_cost",

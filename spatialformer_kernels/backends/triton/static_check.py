@@ -214,7 +214,8 @@ def perf_rows(cases, passes, facts, gpu: pm.Gpu, arch: int, host: dict):
             hb = host.get((case, True), {})
             host_us = None
             if h:
-                host_us = h["launcher_us"] + h["binder_us"] + ((hb["launcher_us"] + hb["binder_us"]) if backward_too and hb
+                # steady state: every launch after a signature's first takes the direct path
+                host_us = h["launcher_us"] + h["direct_us"] + ((hb["launcher_us"] + hb["direct_us"]) if backward_too and hb
                                                               else 0)
             rows.append(dict(
                 kernel="(pass)", case=case.name, op=case.op, dtype=case.dtype, mask=case.mask,
