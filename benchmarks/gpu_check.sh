@@ -27,6 +27,9 @@
 #                        -> graph_check.json
 #   host_cost            Python cost per call with the kernels stubbed (benchmarks/host_cost.py) on this
 #                        machine's CPU -> host_cost.log
+#   host_profile         eager calls of ours and SDPA: pipelined, synced and CUDA-graph time per call,
+#                        allocator segments, and profiler tables of ours (benchmarks/host_profile.py)
+#                        -> host-profile/
 #   bench_models         whole-model rows (SpatialFormer-T/S/B) -> bench-models-<gpu>.json
 #   bench_baselines      at the bilateral shapes, the baselines that compile per shape (torch.compile
 #                        of the reference, FlexAttention) and SDPA's math backend -> bench-baselines-<gpu>.json
@@ -166,6 +169,8 @@ sys.exit(0 if all(r["deterministic"] and r["graph_replay_equal"] for r in result
 EOF
 
 step host_cost 60 "$PY" benchmarks/host_cost.py --calls 300
+
+step host_profile 120 "$PY" benchmarks/host_profile.py "$OUT/host-profile" --shapes cls224-stage1,cls224-stage2,det800x1344-stage1
 
 step bench_models 90 "$PY" -m pytest benchmarks/test_throughput.py --benchmark -q -k model_throughput \
     --benchmark-json="$OUT/bench-models-$MODEL_GPU.json"

@@ -228,8 +228,16 @@ def configs_for(block_m, block_d, elem_bytes, backward, both, dir_s=True, arch=9
 
 # (arch, backward, DIR_S, DIR_X, BLOCK_M, BLOCK_D, element bytes) -> (BLOCK_N, num_warps,
 # num_stages), measured best on a GPU of that architecture by benchmarks/gpu_config_sweep.py
-# (see benchmarks/results/). Each entry is compiled by the static check like any launch.
-MEASURED_CONFIGS: dict = {}
+# (benchmarks/results/gpu-check-h200/config-sweep-h200.jsonl: an H200, bf16, CUDA-graph time
+# at cls224-stage1 / cls224-stage2 / det800x1344-stage1; fp16 shares the 2-byte buckets). Each
+# entry is compiled by the static check like any launch.
+MEASURED_CONFIGS: dict = {
+    # bilateral forward, D = 32: a third stage, 41 / 26 / 33 us against 49 / 30 / 39 us for the
+    # first candidate (128-token tiles on 4 warps, 2 stages); bitwise the same outputs
+    (90, False, True, True, 64, 32, 2): (128, 4, 3),
+    # direction-x backward, D = 32: one stage, 60 / 33 / 45 us against 67 / 36 / 49 us
+    (90, True, False, True, 64, 32, 2): (64, 4, 1),
+}
 
 _forced: dict = {"fwd": None, "bwd": None}
 
