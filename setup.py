@@ -37,7 +37,7 @@ setup(
     extras_require={
         # python -m spatialformer.train: its data set (digits) ships inside scikit-learn
         "train": TRAIN_REQUIRES,
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib"] + TRAIN_REQUIRES,
+        "test": ["pytest>=8", "pytest-xdist>=3", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib"] + TRAIN_REQUIRES,
         "bench": ["matplotlib", "pytest-benchmark>=4"],
     },
     entry_points={

@@ -309,6 +309,15 @@ def test_measure_on_cpu_warms_up_then_repeats():
 def test_replay_clock_feeds_measured_samples_to_pytest_benchmark(benchmark, record, pytestconfig):
     if pytestconfig.getoption("--benchmark"):
         pytest.skip("keeps synthetic samples out of --benchmark result files")
+    if benchmark.disabled:  # pytest-benchmark turns itself off under pytest-xdist: run this test alone
+        assert "SPATIALFORMER_REPLAY_ALONE" not in os.environ, "pytest-benchmark is disabled even when run alone"
+        node = f"{__file__}::test_replay_clock_feeds_measured_samples_to_pytest_benchmark"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}  # else it is "a worker" too
+        env["SPATIALFORMER_REPLAY_ALONE"] = "1"
+        alone = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "-q", node],
+                               capture_output=True, text=True, cwd=pytestconfig.rootpath, env=env, timeout=300)
+        assert alone.returncode == 0 and "1 passed" in alone.stdout, alone.stdout[-3000:] + alone.stderr[-3000:]
+        return
     row = _row("ours-x", "ours", "ours", 2.0)
     row.samples_s = [0.003, 0.001, 0.002]
     record(row, "harness self-test")

@@ -69,14 +69,14 @@ def test_provider_matches_reference(session, provider, shape, dtype, with_grads)
 
 
 def test_parity_catches_a_wrong_provider(session):
-    """A provider with a wrong scale must be reported as failed, never timed."""
+    """A baseline with a wrong scale must be reported as wrong, never timed (ours would fail the run)."""
     wrong = workload.Provider(
         "wrong-scale", "baseline", "reference",
         lambda: lambda q_s, k_s, v_s, q_x, k_x, v_x, scale: bilateral_attention_reference(q_s, k_s, v_s, q_x, k_x, v_x, 1.1 * scale),
     )  # fmt: skip
     wrong_session = measurement.BenchSession(DEVICE, [wrong], measure_memory=False)
     row = wrong_session.row(SMALL, torch.float32, "fwd", "wrong-scale")
-    assert row.status == "failed" and "parity" in row.note and row.median_ms is None
+    assert row.status == "wrong" and "parity" in row.note and row.median_ms is None
     failure = wrong_session.parity(wrong, SMALL, torch.float32, with_grads=True)
     assert failure is not None and "max abs err" in failure
 
@@ -91,7 +91,7 @@ def test_parity_catches_a_provider_that_ignores_the_mask(session):
     wrong_session = measurement.BenchSession(DEVICE, [unmasked, any_key], measure_memory=False)
     for name in ("unmasked", "empty-rows-attend"):
         row = wrong_session.row(MASKED, torch.float32, "fwd", name)
-        assert row.status == "failed" and f"{name} B2 H2 M20 N144 D32 fp32 o: max abs err" in row.note, row.note
+        assert row.status == "wrong" and f"{name} B2 H2 M20 N144 D32 fp32 o: max abs err" in row.note, row.note
 
 
 def test_a_crashing_kernel_fails_its_row_and_a_crashing_baseline_is_skipped():

@@ -239,12 +239,13 @@ MEASURED_CONFIGS: dict = {
     (90, True, False, True, 64, 32, 2): (64, 4, 1),
 }
 
-_forced: dict = {"fwd": None, "bwd": None}
+_forced: dict = {"fwd": None, "bwd": None, "bwd_s": None, "bwd_x": None}
 
 
 @contextlib.contextmanager
 def forced_config(pass_: str, config: triton.Config):
-    """Make every `pass_` ("fwd" or "bwd") launch use `config` (benchmarks/gpu_config_sweep.py)."""
+    """Make every `pass_` launch use `config` (benchmarks/gpu_config_sweep.py, tests): "fwd", "bwd"
+    (both backward directions), or "bwd_s" / "bwd_x" (one direction, before "bwd")."""
     saved = _forced[pass_]
     _forced[pass_] = config
     try:
@@ -253,10 +254,16 @@ def forced_config(pass_: str, config: triton.Config):
         _forced[pass_] = saved
 
 
+def _forced_for(backward: bool, dir_s: bool):
+    if not backward:
+        return _forced["fwd"]
+    return _forced["bwd_s" if dir_s else "bwd_x"] or _forced["bwd"]
+
+
 def launch_config(block_m, block_d, elem_bytes, backward, both, dir_s=True, arch=90, pair_mask=False) -> triton.Config:
     """The config a launch of one shape bucket uses on `arch`: a forced one (forced_config),
     else the measured table's entry, else the first candidate (the interpreter: the last)."""
-    forced = _forced["bwd" if backward else "fwd"]
+    forced = _forced_for(backward, dir_s)
     if forced is not None:
         return forced
     return _chosen(block_m, block_d, elem_bytes, backward, both, dir_s, arch, pair_mask)
@@ -281,7 +288,7 @@ def _chosen(block_m, block_d, elem_bytes, backward, both, dir_s, arch, pair_mask
 
 def launch_meta(block_m, block_d, elem_bytes, backward, both, dir_s=True, arch=90, pair_mask=False) -> dict:
     """The launch keywords (BLOCK_N, num_warps, num_stages) of `launch_config`."""
-    if _forced["bwd" if backward else "fwd"] is not None:
+    if _forced_for(backward, dir_s) is not None:
         return _meta(launch_config(block_m, block_d, elem_bytes, backward, both, dir_s, arch, pair_mask))
     return _chosen_meta(block_m, block_d, elem_bytes, backward, both, dir_s, arch, pair_mask)
 
