@@ -23,6 +23,17 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
 
 
+def test_host_cdiv_and_next_power_of_2_agree_with_triton():
+    """The launchers' host arithmetic (triton.cdiv and triton.next_power_of_2 are constexpr
+    functions, slow to call from Python) gives Triton's values."""
+    import triton
+
+    from spatialformer_kernels.backends.triton import configs
+
+    assert all(configs.next_power_of_2(n) == triton.next_power_of_2(n) for n in range(1, 5000))
+    assert all(configs.cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 600) for b in (1, 2, 3, 16, 32, 128, 257))
+
+
 def test_split_plan_fills_the_gpu_without_over_splitting():
     from spatialformer_kernels.backends.triton.common import split_plan
 

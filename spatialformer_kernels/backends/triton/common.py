@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import CHUNK_ALIGN, INTERPRET, INTERPRETER_SM_COUNT, MIN_SPLIT_TOKENS
+from .configs import CHUNK_ALIGN, INTERPRET, INTERPRETER_SM_COUNT, MIN_SPLIT_TOKENS, cdiv
 from .launch import launch
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -243,14 +243,14 @@ def split_plan(n_sm: int, programs_per_split: int, n_tokens: int) -> tuple[int, 
     tie (each split adds partials, and more than one adds a combine or reduction launch).
     """
     programs = max(1, programs_per_split)
-    most = max(1, min(triton.cdiv(2 * n_sm, programs), triton.cdiv(n_tokens, MIN_SPLIT_TOKENS)))
+    most = max(1, min(cdiv(2 * n_sm, programs), cdiv(n_tokens, MIN_SPLIT_TOKENS)))
     best = None
     for wanted in range(1, most + 1):
-        chunk = triton.cdiv(triton.cdiv(n_tokens, wanted), CHUNK_ALIGN) * CHUNK_ALIGN
-        splits = triton.cdiv(n_tokens, chunk)
+        chunk = cdiv(cdiv(n_tokens, wanted), CHUNK_ALIGN) * CHUNK_ALIGN
+        splits = cdiv(n_tokens, chunk)
         if programs * splits < 2 * n_sm - n_sm // 16 and wanted < most:
             continue  # too few programs to keep the SMs busy
-        busiest = triton.cdiv(programs * splits, n_sm) * (chunk // CHUNK_ALIGN)
+        busiest = cdiv(programs * splits, n_sm) * (chunk // CHUNK_ALIGN)
         if best is None or busiest < best[0]:
             best = (busiest, splits, chunk)
     return best[1], best[2]
@@ -340,10 +340,10 @@ def reduce_splits(parts: list, shape, dtype: torch.dtype) -> list:
     bh, splits, m, d = parts[0].shape
     size = m * d
     block = REDUCE_BLOCK
-    while block > REDUCE_MIN_BLOCK and bh * triton.cdiv(size, block) < 2 * sm_count(parts[0].device):
+    while block > REDUCE_MIN_BLOCK and bh * cdiv(size, block) < 2 * sm_count(parts[0].device):
         block //= 2
     with device_guard(parts[0].device):
-        launch(_reduce_splits_kernel, (bh, triton.cdiv(size, block)), parts[0].device,
+        launch(_reduce_splits_kernel, (bh, cdiv(size, block)), parts[0].device,
             parts[0], outs[0], parts[-1], outs[-1], splits, size, BLOCK=block, HAS_B=len(parts) == 2,
             num_warps=max(1, min(4, block // 256)),
         )

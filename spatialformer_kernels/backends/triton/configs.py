@@ -56,9 +56,19 @@ REGISTER_BUDGET = 96
 REGISTER_BUDGET_4_WARPS = 64
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) of host ints (triton.cdiv is a constexpr function: microseconds per host call)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n >= 1, on the host (as cdiv)."""
+    return 1 << (n - 1).bit_length()
+
+
 def block_d_for(head_dim: int) -> int:
     """Head dim padded to a power of two >= 16 (tl.dot needs >= 16)."""
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 def num_stages_for(block_d: int) -> int:

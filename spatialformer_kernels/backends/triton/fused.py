@@ -99,8 +99,10 @@ from .configs import (
     backward_supported,
     block_d_for,
     block_m_for,
+    cdiv,
     fuse_directions,
     launch_meta,
+    next_power_of_2,
 )
 from .wide import wide_head_bwd
 from .launch import launch
@@ -465,12 +467,12 @@ def combine_shape(bh: int, m: int, block_d: int, n_sm: int, splits: int) -> tupl
     when there are enough rows to fill the GPU, else tiles of 8 rows x 16 columns on 8 warps, so
     that a few samples with many splits (B*H = 4, 66 splits) still spread over many SMs; each
     step merges as many splits as fit in COMBINE_TILE elements."""
-    if bh * triton.cdiv(m, 32) >= n_sm:
+    if bh * cdiv(m, 32) >= n_sm:
         rows, cols, warps = (16, block_d, 4) if block_d >= 128 else (32, block_d, 4)
     else:
         rows, cols, warps = 8, 16, 8  # few programs: more warps each, to issue from
-    block_s = max(2, min(triton.next_power_of_2(splits), COMBINE_TILE // (rows * cols)))
-    return (bh, triton.cdiv(m, rows), triton.cdiv(block_d, cols)), rows, cols, warps, block_s
+    block_s = max(2, min(next_power_of_2(splits), COMBINE_TILE // (rows * cols)))
+    return (bh, cdiv(m, rows), cdiv(block_d, cols)), rows, cols, warps, block_s
 
 
 # ----------------------------------------------------------------------------------------
@@ -682,7 +684,7 @@ def _bilateral_bwd_kernel(
 def _fwd_plan(B, H, M, N, D, elem, n_sm, arch, run_s, run_x, vector_rows):
     block_d = block_d_for(D)
     block_m = block_m_for(block_d, elem, backward=False, vector_rows=vector_rows, arch=arch)
-    m_programs = triton.cdiv(M, block_m) if run_s else 1
+    m_programs = cdiv(M, block_m) if run_s else 1
     splits, chunk = split_plan(n_sm, B * H * m_programs, N)
     combine = (*combine_shape(B * H, M, block_d, n_sm, splits), row_alignment(D))  # its partials are contiguous
     return block_m, block_d, m_programs, splits, chunk, combine
@@ -827,7 +829,7 @@ def attention_bwd(
         align = row_alignment(D, q_x, k_s, v_s, do_x, o_x)
     with device_guard(device):
         if run_s:
-            launch(_spatial_delta_kernel, (B * H, triton.cdiv(M, DELTA_BLOCK_M)), device,
+            launch(_spatial_delta_kernel, (B * H, cdiv(M, DELTA_BLOCK_M)), device,
                 o_s, do_s, delta_s, *o_s.stride(), *do_s.stride(), H, M, D,
                 BLOCK_M=DELTA_BLOCK_M, BLOCK_D=block_d, DOT_PRECISION=dot_precision(dtype), ALIGN=align,
             )

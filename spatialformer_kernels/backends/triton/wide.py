@@ -76,7 +76,7 @@ from .common import (
     sm_count,
     split_plan,
 )
-from .configs import block_d_for
+from .configs import block_d_for, cdiv
 from .launch import launch
 
 
@@ -364,7 +364,7 @@ def wide_head_bwd(do, q, k, v, o, scale, key_mask, queries_are_spatial, pair_mas
     f32 = torch.float32
     # the query and key blocks of the gradient kernel, which the other passes repeat
     block_q, block_k = (cfg.BLOCK_M, cfg.BLOCK_N) if queries_are_spatial else (cfg.BLOCK_N, cfg.BLOCK_M)
-    q_blocks = triton.cdiv(Lq, block_q)
+    q_blocks = cdiv(Lq, block_q)
     key_mask, stride_mask_b, stride_mask_l = mask_args(key_mask, q)
     has_mask = key_mask is not q
     pair_mask, *pair_strides = pair_mask_args(pair_mask, q)
@@ -395,7 +395,7 @@ def wide_head_bwd(do, q, k, v, o, scale, key_mask, queries_are_spatial, pair_mas
     lse = torch.where(part_sum > 0, terms, float("-inf")).logsumexp(dim=1)
 
     # -- gradients, one column chunk per program --
-    d_chunks = triton.cdiv(D, cfg.BLOCK_DC)
+    d_chunks = cdiv(D, cfg.BLOCK_DC)
     splits, chunk = split_plan(n_sm, B * H * d_chunks, N)
     image_a = torch.empty((B, H, N, D), device=device, dtype=dtype)
     part_a = torch.empty((B * H, splits, M, D), device=device, dtype=f32)
