@@ -26,6 +26,7 @@ def test_rerun_with_the_real_triton_jit():
     assert " passed" in result.stdout and " failed" not in result.stdout, result.stdout[-3000:]
 
 from spatialformer_kernels.backends.triton import launch_record as lr  # noqa: E402
+from spatialformer_kernels.backends.triton.configs import cdiv  # noqa: E402
 from spatialformer_kernels.backends.triton import perf_model as pm  # noqa: E402
 from spatialformer_kernels.backends.triton import sass  # noqa: E402
 
@@ -155,7 +156,7 @@ def test_op_bytes_and_sdpa_model():
     assert pm.op_bytes(case, True) == bwd
     gpu = pm.GPUS["h100"]
     # few queries over many keys: FA2 splits the keys; plenty of query blocks: it does not
-    assert pm._fa2_splits(B * H, 2 * gpu.sms, triton_cdiv(N, 256)) > 1
+    assert pm._fa2_splits(B * H, 2 * gpu.sms, cdiv(N, 256)) > 1
     assert pm._fa2_splits(B * H * 49, 2 * gpu.sms, 1) == 1
     assert pm.sdpa_pass(_case(mask=True), gpu, False) is None  # the flash backend takes no mask
     fwd_us, both_us = pm.sdpa_pass(case, gpu, False), pm.sdpa_pass(case, gpu, True)
@@ -163,9 +164,6 @@ def test_op_bytes_and_sdpa_model():
     assert fwd_us > pm.op_bytes(case, False) / gpu.bandwidth * 1e6 * 0.9  # never under its own bytes' time
     assert pm.sdpa_pass(case, pm.GPUS["h200"], False) < fwd_us  # more bandwidth, less time
 
-
-def triton_cdiv(a, b):
-    return -(-a // b)
 
 
 @needs_jit

@@ -28,8 +28,8 @@ import statistics
 import time
 
 import torch
-import triton
 
+from .configs import cdiv, next_power_of_2
 from .launch_record import Case, KernelLaunch, TorchOp, bind, binder_for, case_tensors, facade, kernel_fn, \
     record, stubbed_kernels
 
@@ -127,7 +127,6 @@ def loop_shape(launch: KernelLaunch, config: dict) -> tuple[int, int, float]:
     a, k = launch.named(), {**launch.kwargs, **config}
     grid = launch.grid + (1,) * (3 - len(launch.grid))
     n = launch.name
-    cdiv = triton.cdiv
     if n in ("_bilateral_fwd_kernel", "_bilateral_bwd_kernel", "_bilateral_wide_lse_kernel",
              "_bilateral_wide_bwd_kernel"):
         chunk, splits = a["CHUNK"], a["SPLITS"]
@@ -159,7 +158,7 @@ def launch_flops(launch: KernelLaunch, config: dict) -> float:
     """Multiply-add FLOPs of the padded dot tiles (tensor-core work) of one launch."""
     a, k = launch.named(), {**launch.kwargs, **config}
     bh = launch.grid[0]
-    pad = lambda x, b: triton.cdiv(x, b) * b  # noqa: E731
+    pad = lambda x, b: cdiv(x, b) * b  # noqa: E731
     n = launch.name
     if n == "_bilateral_fwd_kernel":
         dirs = int(k["DIR_S"]) + int(k["DIR_X"])
@@ -168,7 +167,7 @@ def launch_flops(launch: KernelLaunch, config: dict) -> float:
         extra = 0.0 if k["M_ONE_BLOCK"] or not k["DIR_X"] else 1.0  # delta as a dot
         return 2 * (5 + extra) * bh * pad(a["M"], k["BLOCK_M"]) * pad(a["N"], k["BLOCK_N"]) * k["BLOCK_D"]
     if n == "_bilateral_wide_bwd_kernel":
-        chunks = triton.cdiv(a["D"], k["BLOCK_DC"])
+        chunks = cdiv(a["D"], k["BLOCK_DC"])
         return 2 * (2 * chunks + 3) * bh * pad(a["M"], k["BLOCK_M"]) * pad(a["N"], k["BLOCK_N"]) * k["BLOCK_DC"] * chunks
     if n == "_bilateral_wide_lse_kernel":
         return 2 * bh * pad(a["LQ"], k["BLOCK_R"]) * pad(a["LK"], k["BLOCK_C"]) * pad(a["D"], k["BLOCK_DC"])
@@ -303,27 +302,27 @@ def sdpa_pass(case: Case, gpu: Gpu, backward: bool) -> float | None:
     if e == 4:
         return None  # the flash backend takes 16-bit inputs only
     bh, d = case.B * case.H, case.D
-    d_pad = max(16, triton.next_power_of_2(d)) if d <= 64 else triton.cdiv(d, 32) * 32
+    d_pad = max(16, next_power_of_2(d)) if d <= 64 else cdiv(d, 32) * 32
     total = 0.0
     for lq, lk, _ in directions(case):
         logits = bh * lq * lk
-        fwd_flops = 4 * bh * triton.cdiv(lq, 64) * 64 * triton.cdiv(lk, 128) * 128 * d_pad
+        fwd_flops = 4 * bh * cdiv(lq, 64) * 64 * cdiv(lk, 128) * 128 * d_pad
         io = (2 * lq + 2 * lk) * bh * d * e + bh * lq * 4
         block_n = 256 if d <= 64 else (128 if d <= 128 else 64)
-        splits = _fa2_splits(bh * triton.cdiv(lq, 64), 2 * gpu.sms, triton.cdiv(lk, block_n))
+        splits = _fa2_splits(bh * cdiv(lq, 64), 2 * gpu.sms, cdiv(lk, block_n))
         if splits == 1:
-            total += _fa2_launch(gpu, triton.cdiv(lq, 128) * bh, io, logits, fwd_flops, 5)
+            total += _fa2_launch(gpu, cdiv(lq, 128) * bh, io, logits, fwd_flops, 5)
         else:
             part = splits * bh * lq * (d + 1) * 4
-            total += _fa2_launch(gpu, triton.cdiv(lq, 64) * splits * bh, io - bh * lq * (d * e + 4) + part,
+            total += _fa2_launch(gpu, cdiv(lq, 64) * splits * bh, io - bh * lq * (d * e + 4) + part,
                                  logits, fwd_flops, 5)
-            total += _fa2_launch(gpu, max(1, bh * triton.cdiv(lq, 16)), part + bh * lq * (d * e + 4), 0, 0, 0)
+            total += _fa2_launch(gpu, max(1, bh * cdiv(lq, 16)), part + bh * lq * (d * e + 4), 0, 0, 0)
         if backward:
             q_side = bh * lq * d
-            total += _fa2_launch(gpu, triton.cdiv(lq, 128) * bh, 2 * q_side * e + bh * lq * 4 + q_side * 4, 0, 0, 0)
+            total += _fa2_launch(gpu, cdiv(lq, 128) * bh, 2 * q_side * e + bh * lq * 4 + q_side * 4, 0, 0, 0)
             main_bytes = (2 * lq + 4 * lk) * bh * d * e + bh * lq * 8 + 2 * q_side * 4
-            total += _fa2_launch(gpu, triton.cdiv(lk, 128) * bh, main_bytes, logits, 2.5 * fwd_flops, 8)
-            total += _fa2_launch(gpu, triton.cdiv(lq, 128) * bh, q_side * (4 + e), 0, 0, 0)
+            total += _fa2_launch(gpu, cdiv(lk, 128) * bh, main_bytes, logits, 2.5 * fwd_flops, 8)
+            total += _fa2_launch(gpu, cdiv(lq, 128) * bh, q_side * (4 + e), 0, 0, 0)
     return total
 
 
