@@ -1,6 +1,7 @@
 """Time every candidate launch config of the fused Triton kernels on a CUDA GPU.
 
     python benchmarks/gpu_config_sweep.py OUT.jsonl [--shapes cls224-stage1,...] [--dtype bf16]
+    python benchmarks/gpu_config_sweep.py OUT.jsonl --shapes "" --compare "" --head-dims 64 --bwd-block-m 32,64
 
 First, at the --compare shapes: ours against SDPA (two calls; cuDNN and FlashAttention
 backends) through the public functions, forward and forward + backward. Then, for each
@@ -8,7 +9,9 @@ benchmark shape (docs/design.md section 4) and each config in a grid wider than 
 candidates (tile BLOCK_N x warps x stages, the static check's filters not applied), it forces
 that one config on the forward or backward launcher (configs.forced_config) and times the
 launcher; the default config (configs.launch_config) is timed too. Before the grid, at
-cls224-stage1 with each of --head-dims, only the default is timed. Each measurement is one JSON line appended to OUT.jsonl as it
+cls224-stage1 with each of --head-dims, only the default is timed, unless --bwd-block-m names
+spatial block sizes: then both backward directions at those head dims also run the backward
+grid at each BLOCK_M (rows labelled m<BLOCK_M>n<BLOCK_N>w<warps>s<stages>). Each measurement is one JSON line appended to OUT.jsonl as it
 goes (a cut run keeps what it measured): shape, pass (fwd = forward launcher, combine
 included; bwd_s / bwd_x = one backward direction, its delta kernel and split reduction
 included), config, the largest difference of its outputs from the default config's
@@ -149,6 +152,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", default="cls224-stage1,cls224-stage2,det800x1344-stage1")
     parser.add_argument("--head-dims", default="32,40,64,96,128",
                         help="before the grid: the default configs only, at cls224-stage1 with these head dims")
+    parser.add_argument("--bwd-block-m", default="",
+                        help="at the --head-dims: the backward grid at each of these spatial block sizes too")
     parser.add_argument("--dtype", default="bf16", choices=sorted(workload.DTYPES))
     parser.add_argument("--rep-ms", type=float, default=40.0)
     parser.add_argument("--compare", default="cls224-stage1,cls224-stage2,det800x1344-stage1,seg512-stage1",
@@ -175,9 +180,10 @@ def main(argv=None) -> int:
         print(json.dumps(row), flush=True)
 
     (base,) = workload.shapes_for(device, ["cls224-stage1"])
-    jobs = [(dataclasses.replace(base, name=f"cls224-stage1-D{d}", D=int(d)), False)
+    block_ms = [int(m) for m in args.bwd_block_m.split(",") if m]
+    jobs = [(dataclasses.replace(base, name=f"cls224-stage1-D{d}", D=int(d)), "bwd_block_m" if block_ms else None)
             for d in args.head_dims.split(",") if d]
-    jobs += [(workload.shapes_for(device, [name])[0], True) for name in args.shapes.split(",") if name]
+    jobs += [(workload.shapes_for(device, [name])[0], "configs") for name in args.shapes.split(",") if name]
     for name in args.compare.split(","):
         if name:
             compare(workload.shapes_for(device, [name])[0], dtype, emit)
@@ -209,12 +215,19 @@ def main(argv=None) -> int:
         }
         default_outputs = {}
         for pass_name, (fn, kind, grid) in passes.items():
-            for config in [None] + (grid if sweep else []):
+            if sweep == "configs":
+                grid = [(None, *config) for config in grid]
+            elif sweep == "bwd_block_m" and kind == "bwd":
+                grid = [(bm, *config) for bm in block_ms for config in BWD_GRID]
+            else:
+                grid = []
+            for config in [None] + grid:
                 label, forced = "default", contextlib.nullcontext()
                 if config is not None:
-                    bn, w, s = config
-                    label = f"n{bn}w{w}s{s}"
-                    forced = configs.forced_config(kind, triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s))
+                    bm, bn, w, s = config
+                    label = (f"m{bm}" if bm else "") + f"n{bn}w{w}s{s}"
+                    kwargs = {"BLOCK_N": bn} if bm is None else {"BLOCK_M": bm, "BLOCK_N": bn}
+                    forced = configs.forced_config(kind, triton.Config(kwargs, num_warps=w, num_stages=s))
                 before = _snapshot(jit_fns)
                 row = {"shape": shape.label, "dims": shape.dims, "dtype": args.dtype, "pass": pass_name, "config": label}
                 start = time.time()

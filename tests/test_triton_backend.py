@@ -54,8 +54,9 @@ def test_launch_config_is_looked_up_never_tuned_and_can_be_forced():
     candidates = [configs._meta(c) for c in configs.configs_for(**bucket)]
     chosen = configs.launch_config(**bucket)
     # the interpreter runs the smallest candidate tile (multi-tile loops on small shapes), a GPU
-    # the measured table's entry or else the first
-    measured = configs.MEASURED_CONFIGS.get((False, True, True, 64, 32, 2))
+    # the measured table's entry for its arch (launch_config's default: 90) or else the first
+    measured = configs.MEASURED_CONFIGS.get((90, False, True, True, 64, 32, 2))
+    assert measured is not None  # the table's D = 32 forward entry, keyed (arch, backward, DIR_S, DIR_X, ...)
     if configs.INTERPRET:
         assert configs._meta(chosen) == candidates[-1]
     elif measured:
@@ -125,7 +126,7 @@ def test_the_configs_a_gpu_launches_compute_the_op(arch, dtype, D):
     elem = torch.tensor([], dtype=dtype).element_size()
     block_d = configs.block_d_for(D)
     fwd_m = configs.block_m_for(block_d, elem, backward=False, arch=arch)
-    bwd_m = configs.block_m_for(block_d, elem, backward=True, n_spatial=64)
+    bwd_m = configs.block_m_for(block_d, elem, backward=True, n_spatial=64, arch=arch)
     both = configs.fuse_directions(block_d, elem)
     fwd = configs.gpu_config(fwd_m, block_d, elem, False, both, True, arch)
     bwd_s = configs.gpu_config(bwd_m, block_d, elem, True, False, True, arch)
@@ -137,6 +138,39 @@ def test_the_configs_a_gpu_launches_compute_the_op(arch, dtype, D):
     same, exact = reference_bilateral_results(inputs, grads)
     label = f"sm_{arch} {configs._meta(fwd)} / {configs._meta(bwd_s)} / {configs._meta(bwd_x)}"
     assert_results_close(got, same, exact, dtype, BILATERAL_RESULT_NAMES, label)
+
+
+@needs_triton
+def test_a_forced_backward_config_sets_the_spatial_block(monkeypatch):
+    """benchmarks/gpu_config_sweep.py --bwd-block-m forces BLOCK_M with the tile: the backward
+    launches with it (M = 40 over 16-row blocks: the looped path) and still computes the op."""
+    import triton
+
+    from spatialformer_kernels.backends.triton import configs, fused
+    from spatialformer_kernels.testing import (
+        BILATERAL_RESULT_NAMES,
+        assert_results_close,
+        bilateral_results,
+        reference_bilateral_results,
+    )
+
+    launched = []
+    real_launch = fused.launch
+
+    def recording_launch(kernel, grid, device, *args, **kwargs):
+        if kernel is fused._bilateral_bwd_kernel:
+            launched.append((kwargs["BLOCK_M"], kwargs["M_ONE_BLOCK"], kwargs["BLOCK_N"]))
+        return real_launch(kernel, grid, device, *args, **kwargs)
+
+    monkeypatch.setattr(fused, "launch", recording_launch)
+    inputs = make_bilateral_inputs(1, 2, 40, 70, 32, BF16, device=DEVICE, seed=40)
+    grads = [torch.randn(1, 2, L, 32, dtype=BF16, device=DEVICE) for L in (40, 70)]
+    forced = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)
+    with configs.forced_config("bwd", forced):
+        got = bilateral_results(inputs, grads, "triton")
+    assert launched == [(16, False, 16), (16, False, 16)]  # direction s, then direction x
+    same, exact = reference_bilateral_results(inputs, grads)
+    assert_results_close(got, same, exact, BF16, BILATERAL_RESULT_NAMES, "forced BLOCK_M 16")
 
 
 @needs_triton

@@ -87,6 +87,12 @@ def block_m_for(block_d: int, elem_bytes: int, backward: bool, n_spatial: int = 
         # 4x (D = 40 to 128). Rows loaded 2 bytes at a time need more registers, and on
         # sm_80 the 64-row fused tiles spill: those keep 32 rows.
         cap = 64
+    if block_d == 64 and elem_bytes == 2 and backward and vector_rows and arch >= 90:
+        # 64 spatial rows on 4 warps (`whole_rows`) compile without spills for sm_90 at D = 64
+        # (169-215 registers; on sm_80 they spill). With 32 rows, M = 64 looped over 16-row
+        # blocks on 8 warps (8x duplicated rows, the partials re-read per image tile): on an
+        # H200 4x the D = 32 backward's time for 2x its bytes.
+        cap = 64
     if elem_bytes == 4:
         cap //= 2
     if backward and n_spatial > cap:
@@ -255,7 +261,8 @@ _forced: dict = {"fwd": None, "bwd": None, "bwd_s": None, "bwd_x": None}
 @contextlib.contextmanager
 def forced_config(pass_: str, config: triton.Config):
     """Make every `pass_` launch use `config` (benchmarks/gpu_config_sweep.py, tests): "fwd", "bwd"
-    (both backward directions), or "bwd_s" / "bwd_x" (one direction, before "bwd")."""
+    (both backward directions), or "bwd_s" / "bwd_x" (one direction, before "bwd"). A backward
+    config may also set BLOCK_M, the spatial rows per block (M <= BLOCK_M: one block)."""
     saved = _forced[pass_]
     _forced[pass_] = config
     try:

@@ -49,8 +49,9 @@ float64 (`lse_value`, `load_lse` in common.py), -inf for a query with no kept ke
 gradients are 0). Offsets are int64.
 
 Limits: D in 8..256 (BLOCK_D is the next power of two >= 16, masked); any M, N >= 1 (one
-spatial block holds M <= 64 at D <= 32 in 16-bit, see `block_m_for`; larger M loops over
-blocks, and the backward then keeps its spatial partials in global memory); any strides
+spatial block holds M <= 64 at D <= 32 in 16-bit, D <= 64 in the backward, see
+`block_m_for`; larger M loops over blocks, and the backward then keeps its spatial partials
+in global memory); any strides
 (nothing is copied). Where the fused backward would spill (fp32 at D > 64; 16-bit at
 D = 256 with M > 16: `backward_supported`), the backward splits the head dim across
 programs instead (wide.py, which recomputes S and dP once per
@@ -691,9 +692,9 @@ def _fwd_plan(B, H, M, N, D, elem, n_sm, arch, run_s, run_x, vector_rows):
 
 
 @functools.lru_cache(maxsize=1024)
-def _bwd_plan(B, H, M, N, D, elem, n_sm, run_s):
+def _bwd_plan(B, H, M, N, D, elem, n_sm, arch, vector_rows):
     block_d = block_d_for(D)
-    block_m = block_m_for(block_d, elem, backward=True, n_spatial=M)
+    block_m = block_m_for(block_d, elem, backward=True, n_spatial=M, vector_rows=vector_rows, arch=arch)
     splits, chunk = split_plan(n_sm, B * H, N)
     return block_m, block_d, splits, chunk
 
@@ -793,8 +794,16 @@ def attention_bwd(
         dq_s, _, _, _, dk_x, dv_x = attention_bwd(do_s, None, *args, True, False)
         _, dk_s, dv_s, dq_x, _, _ = attention_bwd(None, do_x, *args, False, True)
         return dq_s, dk_s, dv_s, dq_x, dk_x, dv_x
-    block_m, block_d, splits, chunk = _bwd_plan(B, H, M, N, D, elem, sm_count(device), run_s)
-    meta = launch_meta(block_m, block_d, elem, True, False, run_s, capability(device), pair_mask is not None)
+    if run_s:
+        align = row_alignment(D, q_s, k_x, v_x, do_s, o_s)
+    else:
+        align = row_alignment(D, q_x, k_s, v_s, do_x, o_x)
+    arch = capability(device)
+    block_m, block_d, splits, chunk = _bwd_plan(B, H, M, N, D, elem, sm_count(device), arch, align * elem >= 16)
+    meta = launch_meta(block_m, block_d, elem, True, False, run_s, arch, pair_mask is not None)
+    if "BLOCK_M" in meta:  # a forced config that sets the spatial block too (gpu_config_sweep.py)
+        meta = dict(meta)
+        block_m = meta.pop("BLOCK_M")
     f32 = torch.float32
     dummy = q_x
     zero4 = (0, 0, 0, 0)
@@ -823,10 +832,6 @@ def attention_bwd(
     image_mask, stride_im_b, stride_im_n = mask_args(image_mask, dummy)
     spatial_mask, stride_sm_b, stride_sm_m = mask_args(spatial_mask, dummy)
     pair_mask, *pair_strides = pair_mask_args(pair_mask, dummy)
-    if run_s:
-        align = row_alignment(D, q_s, k_x, v_x, do_s, o_s)
-    else:
-        align = row_alignment(D, q_x, k_s, v_s, do_x, o_x)
     with device_guard(device):
         if run_s:
             launch(_spatial_delta_kernel, (B * H, cdiv(M, DELTA_BLOCK_M)), device,
