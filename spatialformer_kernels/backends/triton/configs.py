@@ -82,16 +82,14 @@ def block_m_for(block_d: int, elem_bytes: int, backward: bool, n_spatial: int = 
     loops over blocks of half the size (the loop also carries the image-side gradients).
     vector_rows: the rows load 16 bytes at a time (common.row_alignment)."""
     cap = {16: 64, 32: 64, 64: 32, 128: 32, 256: 16}[block_d]
-    if block_d in (64, 128) and elem_bytes == 2 and not backward and vector_rows and arch >= 90:
+    if block_d in (64, 128) and elem_bytes == 2 and vector_rows and arch >= 90 and (not backward or n_spatial <= 64):
         # 4 warps each own 16 of 64 rows (`whole_rows`); 32 rows left 8 warps duplicating
         # 4x (D = 40 to 128). Rows loaded 2 bytes at a time need more registers, and on
-        # sm_80 the 64-row fused tiles spill: those keep 32 rows.
-        cap = 64
-    if block_d == 64 and elem_bytes == 2 and backward and vector_rows and arch >= 90:
-        # 64 spatial rows on 4 warps (`whole_rows`) compile without spills for sm_90 at D = 64
-        # (169-215 registers; on sm_80 they spill). With 32 rows, M = 64 looped over 16-row
-        # blocks on 8 warps (8x duplicated rows, the partials re-read per image tile): on an
-        # H200 4x the D = 32 backward's time for 2x its bytes.
+        # sm_80 the 64-row tiles spill: those keep 32 rows. The backward takes 64 rows when M
+        # fits in one block (the looped blocks of a larger M are not in the static gate):
+        # with 32, M = 64 looped over 16-row blocks on 8 warps (8x duplicated rows, the
+        # partials re-read per image tile), on an H200 3-5x slower at D = 40 to 96
+        # (benchmarks/results/gpu-check-h200/bwd-block-m-h200.jsonl).
         cap = 64
     if elem_bytes == 4:
         cap //= 2
@@ -145,6 +143,10 @@ MEASURED_SPILLS = frozenset({
     (True, True, False, 32, 64, 2, 64, 8),
     (False, True, False, 32, 128, 2, 64, 8),
     (True, True, False, 16, 256, 2, 32, 8),
+    # the backward's 64-row blocks at D = 96 / 128 on 64-token tiles and 4 warps: 18-60 bytes
+    # on the H200 (Triton 3.6), 172-484 bytes in the static gate (Triton 3.8)
+    (True, True, False, 64, 128, 2, 64, 4),
+    (True, False, True, 64, 128, 2, 64, 4),
     (True, False, True, 16, 256, 2, 32, 8),
     (False, True, False, 32, 32, 4, 32, 8),
     (True, True, False, 16, 64, 4, 32, 8),
@@ -253,6 +255,14 @@ MEASURED_CONFIGS: dict = {
     (90, False, True, True, 64, 32, 2): (128, 4, 3),
     # direction-x backward, D = 32: one stage, 60 / 33 / 45 us against 67 / 36 / 49 us
     (90, True, False, True, 64, 32, 2): (64, 4, 1),
+    # direction-x backward, D = 40 to 64: one stage, 79.7 us against 84.2 us at cls224-stage1, D = 64
+    (90, True, False, True, 64, 64, 2): (64, 4, 1),
+    # the backward at D = 72 to 128, 64-row blocks: 64-token tiles on 8 warps, two stages, at
+    # cls224-stage1, D = 96: direction s 204 us, direction x 217 us (16-row blocks on 8 warps
+    # before: 614 / 963 us). 32-token tiles on 4 warps ran faster there (171 / 188 us) but
+    # spill with a mask in the static gate (16-56 bytes)
+    (90, True, True, False, 64, 128, 2): (64, 8, 2),
+    (90, True, False, True, 64, 128, 2): (64, 8, 2),
 }
 
 _forced: dict = {"fwd": None, "bwd": None, "bwd_s": None, "bwd_x": None}
