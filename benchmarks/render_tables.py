@@ -251,8 +251,9 @@ def _is_h100(result: dict) -> bool:
 
 
 def targets_section(results: list[dict]) -> str:
-    """Met / not met for each issue-5 target, from the first H100 result, else the first H200 one."""
-    measured_on = [r for r in results if _target_gpu(r)]
+    """Met / not met for each issue-5 target, from the first H100 result with bilateral rows,
+    else the first such H200 one."""
+    measured_on = [r for r in results if _target_gpu(r) and any(k.get("op", "bilateral") == "bilateral" for k in r["kernels"])]
     chosen = min(measured_on, key=lambda r: TARGET_GPUS.index(_target_gpu(r))) if measured_on else None
     if chosen is None:
         lines = ["**Targets (H100, bf16; ours vs the best PyTorch SDPA backend):**", ""]

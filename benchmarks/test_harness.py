@@ -504,6 +504,20 @@ def test_targets_accept_an_h200_result_and_name_it(tmp_path):
     assert "no H100" not in text
 
 
+def test_targets_skip_a_gpu_result_without_bilateral_rows(tmp_path):
+    _gpu_check_folder(tmp_path)
+    masked_only = tmp_path / "gpu-check-h200-masked"  # sorts before gpu-check-h200/
+    masked_only.mkdir()
+    _result_file(masked_only / "bench-masked-h200.json", "cuda", "NVIDIA H200", [
+        {**_kernel("m2f512-s8", "fwd", "ours-triton", "ours", 0.1, speedup_vs_sdpa=2.0), "op": "masked_cross"},
+    ], roofline=4800.0)  # fmt: skip
+    loaded = render_tables.load_results(tmp_path)
+    assert [r["file"] for r in loaded] == ["gpu-check-h200-masked/", "gpu-check-h200/"]
+    text = render_tables.render(loaded)
+    assert "**Targets (bf16; measured on NVIDIA H200, `benchmarks/results/gpu-check-h200/`;" in text
+    assert "ours-triton 0.500 ms, 0.80x SDPA" in text
+
+
 def test_targets_prefer_an_h100_result_to_an_h200_one(tmp_path):
     _gpu_check_folder(tmp_path)
     _result_file(tmp_path / "z-h100.json", "cuda", "NVIDIA H100 80GB HBM3", [
