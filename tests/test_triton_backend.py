@@ -34,6 +34,37 @@ def test_host_cdiv_and_next_power_of_2_agree_with_triton():
     assert all(configs.cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 600) for b in (1, 2, 3, 16, 32, 128, 257))
 
 
+def test_row_alignment_is_the_largest_of_8_4_2_dividing_d_and_every_row_stride():
+    import random
+
+    from spatialformer_kernels.backends.triton.common import row_alignment
+
+    def by_definition(head_dim, tensors):
+        present = [t for t in tensors if t is not None]
+        if any(t.element_size() != 2 for t in present):
+            return 1
+        for align in (8, 4, 2):
+            if head_dim % align == 0 and all(
+                t.stride(3) == 1 and all(t.stride(i) % align == 0 for i in range(3)) for t in present
+            ):
+                return align
+        return 1
+
+    rng = random.Random(0)
+    storage = {dt: torch.empty(4096, dtype=dt) for dt in (BF16, FP16, FP32)}
+    for _ in range(500):
+        head_dim = rng.randint(1, 80)
+        tensors = []
+        for _ in range(rng.randint(0, 4)):
+            dtype = rng.choice((BF16, BF16, FP16, FP32))
+            last = 1 if rng.random() < 0.9 else rng.choice((0, 2))
+            strides = (rng.randint(0, 40) * rng.choice((1, 2, 8)), rng.randint(0, 40), rng.randint(0, 40), last)
+            tensors.append(storage[dtype].as_strided((1, 1, 1, 1), strides))
+        if rng.random() < 0.3:
+            tensors.insert(rng.randint(0, len(tensors)), None)
+        assert row_alignment(head_dim, *tensors) == by_definition(head_dim, tensors), (head_dim, tensors)
+
+
 def test_split_plan_fills_the_gpu_without_over_splitting():
     from spatialformer_kernels.backends.triton.common import split_plan
 

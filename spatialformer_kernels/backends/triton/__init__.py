@@ -20,10 +20,17 @@ def is_available() -> bool:
     return True
 
 
-def _kernels():
-    from . import fused
+_fused = None
 
-    return fused
+
+def _kernels():
+    """fused.py, imported on first use (it defines the Triton kernels) and kept."""
+    global _fused
+    if _fused is None:
+        from . import fused
+
+        _fused = fused
+    return _fused
 
 
 def bilateral_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask):

@@ -274,13 +274,18 @@ def row_alignment(head_dim: int, *tensors) -> int:
     of the given 16-bit tensors, else 1: the kernels' ALIGN (`multiple`), so 16-bit rows of any
     D that is a multiple of 8 load 16 bytes at a time. fp32 gets 1: its fused tiles at BLOCK_D =
     64 run at the register limit, and wider loads made them spill on sm_90."""
-    if any(t is not None and t.element_size() != 2 for t in tensors):
-        return 1
+    bits = head_dim  # a power of two divides every value exactly when it divides their OR
+    for t in tensors:
+        if t is None:
+            continue
+        if t.element_size() != 2:
+            return 1
+        strides = t.stride()
+        if strides[-1] != 1:
+            return 1
+        bits |= strides[0] | strides[1] | strides[2]
     for align in (8, 4, 2):
-        if head_dim % align == 0 and all(
-            t.stride(-1) == 1 and t.stride(0) % align == 0 and t.stride(1) % align == 0 and t.stride(2) % align == 0
-            for t in tensors if t is not None
-        ):
+        if bits % align == 0:
             return align
     return 1
 
