@@ -1,0 +1,134 @@
+"""Set the performance model's constants against GPU measurements of the same launches.
+
+    python benchmarks/fit_perf_model.py MODEL.json SWEEP.jsonl [SWEEP.jsonl ...] [--exclude CASE:PASS ...] [--json OUT]
+
+MODEL.json: rows of `static_check --perf --gpu h200 --json` (perf_model.py, MODELLED). SWEEP.jsonl:
+lines of benchmarks/gpu_config_sweep.py run on that GPU (MEASURED: CUDA-graph time per launcher
+pass). A measured pass is matched to the model's launches of the same case with the same
+configs: `fwd` = every launch of the forward (the kernel, once per direction where they run
+apart, and the combine), `bwd_s` = the
+backward's direction-s launches (its delta kernel, the fused kernel, its split reduction),
+`bwd_x` = the direction-x ones. Rows of a forced config are used where it is the config the
+model's launch runs; a later file's row replaces an earlier one's. A `default` row is the
+default of the commit that ran the sweep: `--exclude` leaves out passes whose default has
+changed since (e.g. `cls224-stage1-D128:bwd_s`).
+
+For every combination of the model's four constants on a grid (IPC, WARP_IPC, PER_SM_BW,
+LAUNCH_US; perf_model.py) the script re-times each launch from the quantities the model stored
+(bytes, CTAs, residency, issue cycles, tensor time) and scores the combination by the mean
+squared log ratio of modelled to measured time. It prints each pass's measured time, its time
+under the current constants and under the best ones, and the best constants; it changes nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import sys
+
+SMS = 132
+CLOCK = 1.83e9  # perf_model.GPUS["h200"].clock
+PASS_LAUNCHES = {"fwd": ("fwd", None), "bwd_s": ("bwd", (0, 1, 2)), "bwd_x": ("bwd", (3, 4))}  # None: every launch
+GRID = {
+    "ipc": [0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0],
+    "warp_ipc": [0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5],
+    "per_sm_bw": [e * 1e9 for e in (10, 12.5, 15, 17.5, 20, 22.5, 25, 30, 35, 40, 50, 60, 80)],
+    "launch_us": [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0],
+}
+
+
+def _config_label(config: dict) -> str:
+    return f"n{config['BLOCK_N']}w{config['num_warps']}s{config['num_stages']}"
+
+
+def model_launches(model: dict) -> dict:
+    """(case, pass) -> the launch rows of bilateral bf16 without a mask, keyed as in PASS_LAUNCHES."""
+    by_pass: dict = {}
+    for row in model["rows"]:
+        if row.get("kernel") == "(pass)" or row.get("op") != "bilateral" or row.get("dtype") != "bf16" or row.get("mask"):
+            continue
+        by_pass.setdefault((row["case"], row["pass"]), {})[row["launch"]] = row
+    out = {}
+    for (case, model_pass), launches in by_pass.items():
+        for name, (wanted, indices) in PASS_LAUNCHES.items():
+            if indices is None:
+                indices = sorted(launches)
+            if wanted == model_pass and all(i in launches for i in indices):
+                out[(case, name)] = [launches[i] for i in indices]
+    return out
+
+
+def measured_passes(paths: list[str], launches: dict) -> dict:
+    """(case, pass) -> measured CUDA-graph us, for rows run at the config the model launches."""
+    out = {}
+    for path in paths:
+        for line in open(path, encoding="utf-8"):
+            row = json.loads(line)
+            if "config" not in row or row.get("dtype") != "bf16" or not row.get("graph_us"):
+                continue
+            key = (row["shape"], row["pass"])
+            if key not in launches:
+                continue
+            main = next(r for r in launches[key] if r["kernel"] in ("_bilateral_fwd_kernel", "_bilateral_bwd_kernel"))
+            if row["config"] in ("default", _config_label(main["config"])) or row["config"] == "m64" + _config_label(main["config"]):
+                out[key] = row["graph_us"]
+    return out
+
+
+def launch_us(row: dict, ipc: float, warp_ipc: float, per_sm_bw: float, launch_cost: float) -> float:
+    """perf_model.model_kernel's time of one launch, re-timed from its stored quantities."""
+    ctas, nbytes = row["ctas"], row["bytes"]
+    per_sm = math.ceil(ctas / SMS)
+    bandwidth = nbytes / row["roofline_us"] * 1e6 if row["roofline_us"] else 1.0
+    mem = max(nbytes / bandwidth, nbytes * per_sm / ctas / per_sm_bw) * 1e6
+    cycles = row["issue_us"] * 1e-6 * CLOCK * row["ipc"]  # busiest SM's warp-instructions
+    resident = max(1, min(row["ctas_per_sm"], per_sm)) * row["config"]["num_warps"]
+    issue = cycles / (CLOCK * min(ipc, warp_ipc * resident)) * 1e6
+    return max(mem, issue, row["tensor_us"]) + launch_cost
+
+
+def pass_us(rows: list, constants: tuple) -> float:
+    return sum(launch_us(r, *constants) for r in rows)
+
+
+def score(points: list, constants: tuple) -> float:
+    return sum(math.log(pass_us(rows, constants) / measured) ** 2 for _, rows, measured in points) / len(points)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("sweeps", nargs="+")
+    parser.add_argument("--exclude", nargs="*", default=[], help="CASE:PASS pairs to leave out")
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    model = json.load(open(args.model, encoding="utf-8"))
+    launches = model_launches(model)
+    measured = measured_passes(args.sweeps, launches)
+    excluded = {tuple(item.rsplit(":", 1)) for item in args.exclude}
+    points = [(key, launches[key], measured[key]) for key in sorted(measured) if key not in excluded]
+    if not points:
+        print("fit_perf_model: no measured pass matches a modelled one", file=sys.stderr)
+        return 1
+    current = (model["ipc"], 0.25, model["per_sm_bw"], model["launch_us"])
+    best = min(itertools.product(*GRID.values()), key=lambda c: score(points, c))
+    print(f"{len(points)} passes; constants (IPC, WARP_IPC, PER_SM_BW GB/s, LAUNCH_US)")
+    print(f"  current {current[0]}, {current[1]}, {current[2] / 1e9:g}, {current[3]}: "
+          f"rms log error {math.sqrt(score(points, current)):.3f}")
+    print(f"  best    {best[0]}, {best[1]}, {best[2] / 1e9:g}, {best[3]}: rms log error {math.sqrt(score(points, best)):.3f}")
+    print(f"{'case':<24} {'pass':<6} {'measured':>9} {'current':>9} {'best':>9}  (us; model / measured)")
+    table = []
+    for (case, name), rows, us in points:
+        now, fitted = pass_us(rows, current), pass_us(rows, best)
+        print(f"{case:<24} {name:<6} {us:9.1f} {now:9.1f} {fitted:9.1f}  ({now / us:.2f}, {fitted / us:.2f})")
+        table.append(dict(case=case, pass_=name, measured_us=us, current_us=now, best_us=fitted))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(dict(model=args.model, sweeps=args.sweeps, current=current, best=best, grid=GRID, passes=table),
+                      handle, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
