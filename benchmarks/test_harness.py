@@ -765,3 +765,46 @@ def test_host_cost_script_times_the_op_layers_and_the_triton_launchers():
         expected += ["Triton forward launcher (cls224-stage1 bf16)", "Triton backward launcher (cls224-stage1 bf16)"]
     for name in expected:
         assert float(times[name]) > 0, result.stdout
+
+
+# ---------------------------------------------------------------------------- model fit
+
+_fit_spec = importlib.util.spec_from_file_location("fit_perf_model", Path(__file__).with_name("fit_perf_model.py"))
+fit_perf_model = importlib.util.module_from_spec(_fit_spec)
+_fit_spec.loader.exec_module(fit_perf_model)
+
+
+def test_model_fit_recovers_the_constants_that_timed_the_measurements(tmp_path):
+    """Launches whose 'measured' times come from known constants: the grid's best is those
+    constants, and the current ones are scored against the same passes."""
+    truth = (1.25, 0.3, 20e9, 1.5)
+
+    def launch(kernel, ctas, nbytes, issue_us, ctas_per_sm, warps, stages=2):
+        return {"kernel": kernel, "ctas": ctas, "bytes": nbytes, "roofline_us": nbytes / 4.8e12 * 1e6, "issue_us": issue_us,
+                "ipc": 2.0, "ctas_per_sm": ctas_per_sm, "tensor_us": 0.0,
+                "config": {"BLOCK_N": 64, "num_warps": warps, "num_stages": stages}}  # fmt: skip
+
+    cases = {  # memory-bound with few CTAs, issue-bound with few warps, and with many, small launches
+        "a": [launch("_bilateral_fwd_kernel", 64, 100e6, 20.0, 2, 4), launch("_bilateral_combine_kernel", 256, 1e6, 1.0, 8, 4)],
+        "b": [launch("_bilateral_fwd_kernel", 132, 10e6, 60.0, 1, 4), launch("_bilateral_combine_kernel", 256, 1e6, 1.0, 8, 4)],
+        "c": [launch("_bilateral_fwd_kernel", 528, 50e6, 90.0, 4, 8), launch("_bilateral_combine_kernel", 132, 1e5, 0.2, 8, 2)],
+        "d": [launch("_bilateral_fwd_kernel", 264, 30e6, 40.0, 2, 8), launch("_bilateral_combine_kernel", 132, 1e5, 0.1, 8, 4)],
+        "e": [launch("_bilateral_fwd_kernel", 1320, 400e6, 30.0, 3, 4), launch("_bilateral_combine_kernel", 528, 4e6, 0.5, 8, 4)],
+    }
+    rows = [{**row, "case": case, "op": "bilateral", "dtype": "bf16", "mask": False, "pass": "fwd", "launch": i}
+            for case, launches in cases.items() for i, row in enumerate(launches)]
+    (tmp_path / "model.json").write_text(json.dumps({"ipc": 2.0, "per_sm_bw": 60e9, "launch_us": 2.0, "rows": rows}))
+    with open(tmp_path / "sweep.jsonl", "w") as sweep:
+        for case, launches in cases.items():
+            us = fit_perf_model.pass_us(launches, truth)
+            sweep.write(json.dumps({"shape": case, "pass": "fwd", "dtype": "bf16", "config": "default", "graph_us": us}) + "\n")
+            sweep.write(json.dumps({"shape": case, "pass": "fwd", "dtype": "fp16", "config": "default", "graph_us": 1.0}) + "\n")
+    out = tmp_path / "fit.json"
+    assert fit_perf_model.main([str(tmp_path / "model.json"), str(tmp_path / "sweep.jsonl"), "--json", str(out)]) == 0
+    fit = json.loads(out.read_text())
+    assert tuple(fit["best"]) == truth and fit["current"] == [2.0, 0.25, 60e9, 2.0]
+    assert len(fit["passes"]) == 5 and all(p["best_us"] == pytest.approx(p["measured_us"]) for p in fit["passes"])
+    assert any(abs(p["current_us"] / p["measured_us"] - 1) > 0.2 for p in fit["passes"])
+    excluded = tmp_path / "fit-excluded.json"
+    fit_perf_model.main([str(tmp_path / "model.json"), str(tmp_path / "sweep.jsonl"), "--exclude", "a:fwd", "--json", str(excluded)])
+    assert [p["case"] for p in json.loads(excluded.read_text())["passes"]] == ["b", "c", "d", "e"]
