@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     if not points:
         print("fit_perf_model: no measured pass matches a modelled one", file=sys.stderr)
         return 1
-    current = (model["ipc"], 0.25, model["per_sm_bw"], model["launch_us"])
+    current = (model["ipc"], model.get("warp_ipc", 0.25), model["per_sm_bw"], model["launch_us"])  # files before warp_ipc: 0.25
     best = min(itertools.product(*GRID.values()), key=lambda c: score(points, c))
     print(f"{len(points)} passes; constants (IPC, WARP_IPC, PER_SM_BW GB/s, LAUNCH_US)")
     print(f"  current {current[0]}, {current[1]}, {current[2] / 1e9:g}, {current[3]}: "

@@ -284,7 +284,7 @@ def run_perf(args) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as handle:
             json.dump(dict(modelled=True, gpu=args.gpu, assumptions=pm.ASSUMPTIONS, ipc=pm.IPC,
-                           per_sm_bw=pm.PER_SM_BW, launch_us=pm.LAUNCH_US, rows=rows), handle, indent=1, default=str)
+                           warp_ipc=pm.WARP_IPC, per_sm_bw=pm.PER_SM_BW, launch_us=pm.LAUNCH_US, rows=rows), handle, indent=1, default=str)
     return 0
 
 
