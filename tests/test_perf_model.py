@@ -147,7 +147,7 @@ def test_sass_loop_analysis():
 
 
 @needs_jit
-def test_op_bytes_and_sdpa_model():
+def test_op_bytes_and_sdpa_model(monkeypatch):
     case = _case()
     B, H, M, N, D = 64, 2, 64, 3136, 32
     fwd = (3 * M + 3 * N) * B * H * D * 2 + (M + N) * B * H * D * 2 + (M + N) * B * H * 8
@@ -162,12 +162,15 @@ def test_op_bytes_and_sdpa_model():
     fwd_us, both_us = pm.sdpa_pass(case, gpu, False), pm.sdpa_pass(case, gpu, True)
     assert 0 < fwd_us < both_us
     assert fwd_us > pm.op_bytes(case, False) / gpu.bandwidth * 1e6 * 0.9  # never under its own bytes' time
-    assert pm.sdpa_pass(case, pm.GPUS["h200"], False) < fwd_us  # more bandwidth, less time
+    # more HBM bandwidth never costs time; it saves time where HBM, not the per-SM bandwidth, binds
+    assert pm.sdpa_pass(case, pm.GPUS["h200"], False) <= fwd_us
+    monkeypatch.setattr(pm, "PER_SM_BW", 1e15)
+    assert pm.sdpa_pass(case, pm.GPUS["h200"], False) < pm.sdpa_pass(case, gpu, False)
 
 
 
 @needs_jit
-def test_kernel_model_bounds():
+def test_kernel_model_bounds(monkeypatch):
     launch = _launches(_case())[0]
     facts = dict(regs=128, ctas_per_sm=2, warps_per_sm=16, instructions=1400, loop_static=1000, loop_dynamic=1000,
                  loop_per_inner_trip=400, tensor_core_ops=16, hgmma=16)
@@ -176,7 +179,15 @@ def test_kernel_model_bounds():
     h200 = pm.model_kernel(launch, config, facts, pm.GPUS["h200"])
     assert h100["bytes"] == h200["bytes"] > 0
     assert h100["modelled_us"] >= max(h100["mem_us"], h100["issue_us"], h100["tensor_us"])
-    assert h200["mem_us"] < h100["mem_us"] and h200["issue_us"] == h100["issue_us"]
+    assert h200["mem_us"] <= h100["mem_us"] and h200["issue_us"] == h100["issue_us"]
+    # 256 CTAs on 132 SMs: the busiest SM's bytes at PER_SM_BW bind before either GPU's HBM
+    per_sm_us = h100["bytes"] * 2 / 256 / pm.PER_SM_BW * 1e6
+    assert h100["mem_us"] == pytest.approx(per_sm_us) and per_sm_us > h100["bytes"] / pm.GPUS["h100"].bandwidth * 1e6
+    monkeypatch.setattr(pm, "PER_SM_BW", 1e15)  # HBM-bound: more bandwidth, less time
+    hbm_h100 = pm.model_kernel(launch, config, facts, pm.GPUS["h100"])
+    hbm_h200 = pm.model_kernel(launch, config, facts, pm.GPUS["h200"])
+    assert hbm_h200["mem_us"] < hbm_h100["mem_us"] == pytest.approx(h100["bytes"] / pm.GPUS["h100"].bandwidth * 1e6)
+    monkeypatch.undo()
     lighter = pm.model_kernel(launch, config, dict(facts, loop_dynamic=100, loop_static=100), pm.GPUS["h100"])
     assert lighter["issue_us"] < h100["issue_us"]
     assert h100["loop_instr_per_64_tokens"] == pytest.approx(1000 * 64 / config["BLOCK_N"])
