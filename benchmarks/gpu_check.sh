@@ -5,8 +5,8 @@
 # default python), every step below writes its log to OUTDIR/<step>.log. The whole check has
 # a budget of GPU_CHECK_BUDGET_S seconds (default 470, under 8 minutes on an H100/H200): each
 # step's limit is cut to what is left of it, so a slow step shortens the ones after it rather
-# than the check overrunning. Steps run in order of value; each runs even if an earlier one
-# failed; GPU_CHECK_SKIP (space-separated step names) leaves steps out.
+# than the check overrunning. Steps run in order of value, the short ones before the long
+# pytest-benchmark tables; each runs even if an earlier one failed; GPU_CHECK_SKIP (space-separated step names) leaves steps out.
 #   env.txt              nvidia-smi, torch / triton versions, the GPU the model is picked for
 #   build                import the package (first-use build of the C++ CPU kernel, once)
 #   tests (.log/.xml)    the CUDA tests that matter: parity of every kernel path, numerics, edge
@@ -14,13 +14,6 @@
 #                        fullgraph), on 8 pytest-xdist workers when xdist is installed
 #   config_sweep         ours vs SDPA x2 timed eager, in a CUDA graph and pipelined, then every
 #                        candidate launch config (benchmarks/gpu_config_sweep.py) -> config-sweep-<gpu>.jsonl
-#   bench_kernels        pytest-benchmark at the bilateral benchmark shapes (bf16): ours and SDPA's
-#                        flash / efficient / cuDNN backends and the reference -> bench-kernels-<gpu>.json
-#   bench_masked         masked cross-attention at Mask2Former's shapes (m2f512-s8/-s16/-s32;
-#                        bf16): ours, the reference, SDPA with the boolean mask (efficient,
-#                        cuDNN, math; flash takes no mask: skipped), torch.compile of the reference
-#                        and FlexAttention with a BlockMask -> bench-masked-<gpu>.json (its own step
-#                        and file, so a slow or cut run of it leaves bench_kernels' results whole)
 #   graph_check          determinism (two eager runs bitwise equal) and CUDA-graph capture of
 #                        forward + backward after warm-up (replay bitwise equal to eager), for
 #                        bilateral_attention and cross_attention (both directions), bf16 and fp32
@@ -31,6 +24,13 @@
 #                        allocator segments, and profiler tables of ours (benchmarks/host_profile.py)
 #                        -> host-profile/
 #   bench_models         whole-model rows (SpatialFormer-T/S/B) -> bench-models-<gpu>.json
+#   bench_kernels        pytest-benchmark at the bilateral benchmark shapes (bf16): ours and SDPA's
+#                        flash / efficient / cuDNN backends and the reference -> bench-kernels-<gpu>.json
+#   bench_masked         masked cross-attention at Mask2Former's shapes (m2f512-s8/-s16/-s32;
+#                        bf16): ours, the reference, SDPA with the boolean mask (efficient,
+#                        cuDNN, math; flash takes no mask: skipped), torch.compile of the reference
+#                        and FlexAttention with a BlockMask -> bench-masked-<gpu>.json (its own step
+#                        and file, so a slow or cut run of it leaves bench_kernels' results whole)
 #   bench_baselines      at the bilateral shapes, the baselines that compile per shape (torch.compile
 #                        of the reference, FlexAttention) and SDPA's math backend -> bench-baselines-<gpu>.json
 #   static_model         the MODELLED table of the static check for the same GPU, to set against
@@ -104,13 +104,6 @@ step tests 150 "$PY" -m pytest tests/test_kernel_parity.py tests/test_triton_bac
 
 step config_sweep 130 "$PY" benchmarks/gpu_config_sweep.py "$OUT/config-sweep-$MODEL_GPU.jsonl"
 
-step bench_kernels 120 "$PY" -m pytest benchmarks/test_throughput.py --benchmark --bench-dtypes bf16 -q \
-    -k "attention_throughput and not m2f512 and not compile and not flex and not math" \
-    --benchmark-json="$OUT/bench-kernels-$MODEL_GPU.json"
-
-step bench_masked 150 "$PY" -m pytest benchmarks/test_throughput.py --benchmark --bench-dtypes bf16 -q \
-    -k "attention_throughput and m2f512" --benchmark-json="$OUT/bench-masked-$MODEL_GPU.json"
-
 step graph_check 60 "$PY" - "$OUT/graph_check.json" <<'EOF'
 """Determinism and CUDA-graph capture of forward + backward after warm-up."""
 import json, sys
@@ -174,6 +167,13 @@ step host_profile 120 "$PY" benchmarks/host_profile.py "$OUT/host-profile" --sha
 
 step bench_models 90 "$PY" -m pytest benchmarks/test_throughput.py --benchmark -q -k model_throughput \
     --benchmark-json="$OUT/bench-models-$MODEL_GPU.json"
+
+step bench_kernels 120 "$PY" -m pytest benchmarks/test_throughput.py --benchmark --bench-dtypes bf16 -q \
+    -k "attention_throughput and not m2f512 and not compile and not flex and not math" \
+    --benchmark-json="$OUT/bench-kernels-$MODEL_GPU.json"
+
+step bench_masked 150 "$PY" -m pytest benchmarks/test_throughput.py --benchmark --bench-dtypes bf16 -q \
+    -k "attention_throughput and m2f512" --benchmark-json="$OUT/bench-masked-$MODEL_GPU.json"
 
 step bench_baselines 90 "$PY" -m pytest benchmarks/test_throughput.py --benchmark --bench-dtypes bf16 -q \
     -k "attention_throughput and not m2f512 and (compile or flex or math)" \
