@@ -27,8 +27,8 @@ import json
 import math
 import sys
 
-SMS = 132
-CLOCK = 1.83e9  # perf_model.GPUS["h200"].clock
+from spatialformer_kernels.backends.triton import perf_model as pm
+
 PASS_LAUNCHES = {"fwd": ("fwd", None), "bwd_s": ("bwd", (0, 1, 2)), "bwd_x": ("bwd", (3, 4))}  # None: every launch
 GRID = {
     "ipc": [0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0],
@@ -76,24 +76,22 @@ def measured_passes(paths: list[str], launches: dict) -> dict:
     return out
 
 
-def launch_us(row: dict, ipc: float, warp_ipc: float, per_sm_bw: float, launch_cost: float) -> float:
-    """perf_model.model_kernel's time of one launch, re-timed from its stored quantities."""
-    ctas, nbytes = row["ctas"], row["bytes"]
-    per_sm = math.ceil(ctas / SMS)
-    bandwidth = nbytes / row["roofline_us"] * 1e6 if row["roofline_us"] else 1.0
-    mem = max(nbytes / bandwidth, nbytes * per_sm / ctas / per_sm_bw) * 1e6
-    cycles = row["issue_us"] * 1e-6 * CLOCK * row["ipc"]  # busiest SM's warp-instructions
-    resident = max(1, min(row["ctas_per_sm"], per_sm)) * row["config"]["num_warps"]
-    issue = cycles / (CLOCK * min(ipc, warp_ipc * resident)) * 1e6
-    return max(mem, issue, row["tensor_us"]) + launch_cost
+def launch_us(row: dict, constants: tuple, gpu: pm.Gpu) -> float:
+    """perf_model.model_kernel's time of one launch under `constants` (IPC, WARP_IPC, PER_SM_BW,
+    LAUNCH_US), re-timed from the quantities the model stored for it."""
+    ipc, warp_ipc, per_sm_bw, launch_cost = constants
+    ctas, warps = row["ctas"], row["config"]["num_warps"]
+    cycles = row["issue_us"] * 1e-6 * gpu.clock * row["ipc"]  # the busiest SM's warp-instructions
+    issue = cycles / (gpu.clock * pm.sustained_ipc(ctas, row["ctas_per_sm"], warps, gpu, ipc, warp_ipc)) * 1e6
+    return max(pm.memory_us(row["bytes"], ctas, gpu, per_sm_bw), issue, row["tensor_us"]) + launch_cost
 
 
-def pass_us(rows: list, constants: tuple) -> float:
-    return sum(launch_us(r, *constants) for r in rows)
+def pass_us(rows: list, constants: tuple, gpu: pm.Gpu) -> float:
+    return sum(launch_us(r, constants, gpu) for r in rows)
 
 
-def score(points: list, constants: tuple) -> float:
-    return sum(math.log(pass_us(rows, constants) / measured) ** 2 for _, rows, measured in points) / len(points)
+def score(points: list, constants: tuple, gpu: pm.Gpu) -> float:
+    return sum(math.log(pass_us(rows, constants, gpu) / measured) ** 2 for _, rows, measured in points) / len(points)
 
 
 def main(argv=None) -> int:
@@ -104,6 +102,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     model = json.load(open(args.model, encoding="utf-8"))
+    gpu = pm.GPUS[model["gpu"]]
     launches = model_launches(model)
     measured = measured_passes(args.sweeps, launches)
     excluded = {tuple(item.rsplit(":", 1)) for item in args.exclude}
@@ -112,15 +111,15 @@ def main(argv=None) -> int:
         print("fit_perf_model: no measured pass matches a modelled one", file=sys.stderr)
         return 1
     current = (model["ipc"], model.get("warp_ipc", 0.25), model["per_sm_bw"], model["launch_us"])  # files before warp_ipc: 0.25
-    best = min(itertools.product(*GRID.values()), key=lambda c: score(points, c))
+    best = min(itertools.product(*GRID.values()), key=lambda c: score(points, c, gpu))
     print(f"{len(points)} passes; constants (IPC, WARP_IPC, PER_SM_BW GB/s, LAUNCH_US)")
     print(f"  current {current[0]}, {current[1]}, {current[2] / 1e9:g}, {current[3]}: "
-          f"rms log error {math.sqrt(score(points, current)):.3f}")
-    print(f"  best    {best[0]}, {best[1]}, {best[2] / 1e9:g}, {best[3]}: rms log error {math.sqrt(score(points, best)):.3f}")
+          f"rms log error {math.sqrt(score(points, current, gpu)):.3f}")
+    print(f"  best    {best[0]}, {best[1]}, {best[2] / 1e9:g}, {best[3]}: rms log error {math.sqrt(score(points, best, gpu)):.3f}")
     print(f"{'case':<24} {'pass':<6} {'measured':>9} {'current':>9} {'best':>9}  (us; model / measured)")
     table = []
     for (case, name), rows, us in points:
-        now, fitted = pass_us(rows, current), pass_us(rows, best)
+        now, fitted = pass_us(rows, current, gpu), pass_us(rows, best, gpu)
         print(f"{case:<24} {name:<6} {us:9.1f} {now:9.1f} {fitted:9.1f}  ({now / us:.2f}, {fitted / us:.2f})")
         table.append(dict(case=case, pass_=name, measured_us=us, current_us=now, best_us=fitted))
     if args.json:

@@ -6,7 +6,8 @@
 # a budget of GPU_CHECK_BUDGET_S seconds (default 470, under 8 minutes on an H100/H200): each
 # step's limit is cut to what is left of it, so a slow step shortens the ones after it rather
 # than the check overrunning. Steps run in order of value, the short ones before the long
-# pytest-benchmark tables; each runs even if an earlier one failed; GPU_CHECK_SKIP (space-separated step names) leaves steps out.
+# pytest-benchmark tables; each runs even if an earlier one failed; GPU_CHECK_SKIP
+# (space-separated step names) leaves steps out.
 #   env.txt              nvidia-smi, torch / triton versions, the GPU the model is picked for
 #   build                import the package (first-use build of the C++ CPU kernel, once)
 #   tests (.log/.xml)    the CUDA tests that matter: parity of every kernel path, numerics, edge

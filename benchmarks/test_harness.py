@@ -793,10 +793,12 @@ def test_model_fit_recovers_the_constants_that_timed_the_measurements(tmp_path):
     }
     rows = [{**row, "case": case, "op": "bilateral", "dtype": "bf16", "mask": False, "pass": "fwd", "launch": i}
             for case, launches in cases.items() for i, row in enumerate(launches)]
-    (tmp_path / "model.json").write_text(json.dumps({"ipc": 2.0, "per_sm_bw": 60e9, "launch_us": 2.0, "rows": rows}))
+    model = {"gpu": "h200", "ipc": 2.0, "per_sm_bw": 60e9, "launch_us": 2.0, "rows": rows}
+    (tmp_path / "model.json").write_text(json.dumps(model))
+    gpu = fit_perf_model.pm.GPUS["h200"]
     with open(tmp_path / "sweep.jsonl", "w") as sweep:
         for case, launches in cases.items():
-            us = fit_perf_model.pass_us(launches, truth)
+            us = fit_perf_model.pass_us(launches, truth, gpu)
             sweep.write(json.dumps({"shape": case, "pass": "fwd", "dtype": "bf16", "config": "default", "graph_us": us}) + "\n")
             sweep.write(json.dumps({"shape": case, "pass": "fwd", "dtype": "fp16", "config": "default", "graph_us": 1.0}) + "\n")
     out = tmp_path / "fit.json"

@@ -188,6 +188,21 @@ def longest_cta(launch: KernelLaunch, config: dict, loop: float, prologue: int, 
     return prologue + max(length // block * loop + (tail_code if length % block else 0) for length in lengths)
 
 
+def memory_us(nbytes: float, ctas: int, gpu: Gpu, per_sm_bw: float | None = None) -> float:
+    """A launch's memory time: the larger of its bytes at HBM bandwidth and its busiest SM's
+    bytes at `per_sm_bw` (default PER_SM_BW)."""
+    per_sm_bw = PER_SM_BW if per_sm_bw is None else per_sm_bw
+    return max(nbytes / gpu.bandwidth, nbytes * math.ceil(ctas / gpu.sms) / ctas / per_sm_bw) * 1e6
+
+
+def sustained_ipc(ctas: int, ctas_per_sm: int, warps: int, gpu: Gpu, ipc: float | None = None,
+                  warp_ipc: float | None = None) -> float:
+    """Warp-instructions per clock the busiest SM sustains: `ipc` (default IPC), or less with few
+    resident warps (`warp_ipc` each, default WARP_IPC)."""
+    resident = max(1, min(ctas_per_sm, math.ceil(ctas / gpu.sms))) * warps
+    return min(IPC if ipc is None else ipc, (WARP_IPC if warp_ipc is None else warp_ipc) * resident)
+
+
 def model_kernel(launch: KernelLaunch, config: dict, facts: dict, gpu: Gpu, no_tail_facts: dict | None = None) -> dict:
     """Modelled time of one kernel launch at one config, from its compile facts. no_tail_facts:
     for a forward with a partial-tile branch (HAS_TAIL), the facts of its twin compiled without
@@ -198,7 +213,7 @@ def model_kernel(launch: KernelLaunch, config: dict, facts: dict, gpu: Gpu, no_t
     per_sm = math.ceil(ctas / gpu.sms)
     tail = per_sm * gpu.sms / ctas
     nbytes = launch_bytes(launch)
-    mem_us = max(nbytes / gpu.bandwidth, nbytes * per_sm / ctas / PER_SM_BW) * 1e6
+    mem_us = memory_us(nbytes, ctas, gpu)
     max_trips, total_trips, inner = loop_shape(launch, config)
     loop = facts["loop_dynamic"] + facts["loop_per_inner_trip"] * (inner - 1)
     prologue = facts["instructions"] - facts["loop_static"]
@@ -207,8 +222,7 @@ def model_kernel(launch: KernelLaunch, config: dict, facts: dict, gpu: Gpu, no_t
         per_cta = longest_cta(launch, config, loop, base, max(0, prologue - base)) * warps
     else:
         per_cta = (prologue + max_trips * loop) * warps
-    resident = max(1, min(facts["ctas_per_sm"], per_sm)) * warps
-    ipc = min(IPC, WARP_IPC * resident)
+    ipc = sustained_ipc(ctas, facts["ctas_per_sm"], warps, gpu)
     issue_us = per_sm * per_cta / (gpu.clock * ipc) * 1e6
     tensor_us = 0.0
     if facts["tensor_core_ops"]:
@@ -279,11 +293,10 @@ def _fa2_splits(work: int, slots: int, n_blocks: int, max_splits: int = 128) -> 
 
 def _fa2_launch(gpu, ctas, nbytes, logits, flops, softmax_ops):
     per_sm = math.ceil(ctas / gpu.sms)
-    mem = max(nbytes / gpu.bandwidth, nbytes * per_sm / ctas / PER_SM_BW)
     tc_per_clk = gpu.tensor_flops / gpu.clock / gpu.sms * gpu.hmma_fraction * 0.8
     cycles_per_cta = logits / ctas * (1 / 16 + softmax_ops / gpu.fp32_per_clk) + flops / ctas / tc_per_clk
-    compute = per_sm * cycles_per_cta / gpu.clock
-    return max(mem, compute) * 1e6 + LAUNCH_US
+    compute_us = per_sm * cycles_per_cta / gpu.clock * 1e6
+    return max(memory_us(nbytes, ctas, gpu), compute_us) + LAUNCH_US
 
 
 def sdpa_pass(case: Case, gpu: Gpu, backward: bool) -> float | None:
@@ -394,5 +407,5 @@ def host_cost(case: Case, backward: bool, n_sm: int = 132, repeats: int = 30) ->
                 direct_us=statistics.median(direct_times) * 1e6, launches=len(launches))
 
 
-__all__ = ["GPUS", "Gpu", "ASSUMPTIONS", "model_kernel", "model_torch_op", "op_bytes", "sdpa_pass", "host_cost",
+__all__ = ["GPUS", "Gpu", "ASSUMPTIONS", "memory_us", "sustained_ipc", "model_kernel", "model_torch_op", "op_bytes", "sdpa_pass", "host_cost",
            "launch_bytes", "bind"]
