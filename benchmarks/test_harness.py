@@ -762,7 +762,8 @@ def test_host_cost_script_times_the_op_layers_and_the_triton_launchers():
     times = dict(re.findall(r"^(.+?)\s+([0-9.]+) us$", result.stdout, re.M))
     expected = ["op layers, inference call", "op layers, forward + backward"]
     if "triton" in dispatch.available_backends():
-        expected += ["Triton forward launcher (cls224-stage1 bf16)", "Triton backward launcher (cls224-stage1 bf16)"]
+        expected += [f"Triton {p} {what} (cls224-stage1 bf16)" for p in ("forward", "backward")
+                     for what in ("call on its launch plan", "launcher")]
     for name in expected:
         assert float(times[name]) > 0, result.stdout
 

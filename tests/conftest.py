@@ -62,6 +62,21 @@ def _seed_torch():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_launch_plans():
+    """Every test makes its own Triton launch plans (backends/triton/launch.py): a test that
+    replaces what a launcher depends on (the SM count, a kernel) must not run a plan made
+    before, nor leave one behind."""
+    try:
+        from spatialformer_kernels.backends.triton.launch import clear
+    except ImportError:  # no Triton
+        yield
+        return
+    clear()
+    yield
+    clear()
+
+
 @pytest.fixture
 def device() -> str:
     """Where the backends' tests run: CUDA when there is a GPU, else the CPU."""

@@ -188,10 +188,10 @@ def test_a_forced_backward_config_sets_the_spatial_block(monkeypatch):
     launched = []
     real_launch = fused.launch
 
-    def recording_launch(kernel, grid, device, *args, **kwargs):
+    def recording_launch(kernel, grid, *args, **kwargs):
         if kernel is fused._bilateral_bwd_kernel:
             launched.append((kwargs["BLOCK_M"], kwargs["M_ONE_BLOCK"], kwargs["BLOCK_N"]))
-        return real_launch(kernel, grid, device, *args, **kwargs)
+        return real_launch(kernel, grid, *args, **kwargs)
 
     monkeypatch.setattr(fused, "launch", recording_launch)
     inputs = make_bilateral_inputs(1, 2, 40, 70, 32, BF16, device=DEVICE, seed=40)
@@ -308,3 +308,68 @@ def test_address_arithmetic_is_int64(run_script):
     assert expected <= set(report["kernels"]), report["kernels"]
     assert report["addptr"] > 100
     assert report["unsafe"] == [], "\n".join(report["unsafe"])
+
+
+# ----------------------------------------------------------------------------------------
+# Launch plans (backends/triton/launch.py): later calls of a signature run its plan
+# ----------------------------------------------------------------------------------------
+# (op, B, H, Lq or M, Lk or N, D, dtype, layout, key mask, attn_mask kind). Bilateral: the fused
+# forward with split partials and their combine (bf16; the interpreter pretends 8 SMs), the
+# unfused fp32 forward (one launch per direction), both backward directions; cross attention in
+# both directions with a per-query mask; self-attention (q is k is v on the first call); the
+# wide-head backward, which has no plan (torch operations between its launches).
+PLAN_CASES = [
+    ("bilateral", 1, 2, 64, 300, 32, BF16, "bnhd", "mask", None),
+    ("bilateral", 2, 1, 49, 97, 40, FP32, "strided", "empty", None),
+    ("cross", 1, 2, 7, 130, 40, FP16, "strided", "mask", "random"),
+    ("cross", 1, 1, 130, 20, 16, BF16, "bnhd", None, "empty_rows"),
+    ("self", 2, 1, 33, 33, 32, BF16, "contiguous", None, None),
+    ("cross", 1, 1, 20, 70, 256, BF16, "bnhd", "mask", None),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("case", PLAN_CASES, ids=lambda c: "-".join(str(x) for x in c[:6]) + f"-{c[6]}".replace("torch.", ""))
+def test_later_calls_of_a_signature_run_its_plan_on_their_own_tensors(monkeypatch, case):
+    from spatialformer_kernels.backends.triton import fused, launch
+    from spatialformer_kernels.testing import (
+        BILATERAL_RESULT_NAMES,
+        assert_results_close,
+        bilateral_results,
+        cross_results,
+        make_attn_mask,
+        reference_bilateral_results,
+    )
+
+    op, B, H, Lq, Lk, D, dtype, layout, mask_kind, attn_kind = case
+    launcher_runs = []
+    for name in ("attention_fwd", "attention_bwd"):
+        real = getattr(fused, name)
+        monkeypatch.setattr(fused, name, lambda *a, _real=real, _name=name, **k: launcher_runs.append(_name) or _real(*a, **k))
+    wide_backward = D > 128
+
+    for call, seed in enumerate((21, 31)):  # the same signature, other values (masks included)
+        launcher_runs.clear()
+        mask = mask_for_case(B, Lk, mask_kind, device=DEVICE, seed=seed)
+        if op == "bilateral":
+            inputs = make_bilateral_inputs(B, H, Lq, Lk, D, dtype, device=DEVICE, layout=layout, seed=seed)
+            grads = [transposed_grad((B, H, L, D), dtype, seed + i, DEVICE) for i, L in enumerate((Lq, Lk))]
+            got = bilateral_results(inputs, grads, "triton", 0.3, mask)
+            same, exact = reference_bilateral_results(inputs, grads, 0.3, mask)
+            names = BILATERAL_RESULT_NAMES
+        else:
+            q = make_bilateral_inputs(B, H, 1, Lq, D, dtype, device=DEVICE, layout=layout, seed=seed)[3]
+            k, v = make_bilateral_inputs(B, H, 1, Lk, D, dtype, device=DEVICE, layout=layout, seed=seed + 1)[4:]
+            if op == "self" and call == 0:
+                k = v = q  # one tensor in three arguments
+            attn_mask = make_attn_mask(B, Lq, Lk, attn_kind, device=DEVICE, seed=seed) if attn_kind else None
+            grad = transposed_grad((B, H, Lq, D), dtype, seed, DEVICE)
+            got = cross_results(q, k, v, grad, "triton", 0.3, mask, attn_mask)
+            same, exact = reference_cross_results(q, k, v, grad, 0.3, mask, attn_mask)
+            names = CROSS_RESULT_NAMES
+        assert_results_close(got, same, exact, dtype, names, f"call {call}")
+        if call == 0:
+            assert "attention_fwd" in launcher_runs and "attention_bwd" in launcher_runs
+        else:  # from the plans; the wide-head backward runs its launcher every time
+            assert launcher_runs == (["attention_bwd"] if wide_backward else []), launcher_runs
+    assert any(plan is not None for plan in launch._plans.values())

@@ -1,5 +1,8 @@
-"""The direct launch path (spatialformer_kernels/backends/triton/launch.py), without a GPU: a
-JITFunction whose `run` hands out a stand-in compiled kernel that records its launches.
+"""Launch plans (spatialformer_kernels/backends/triton/launch.py), without a GPU: launchers over
+a JITFunction whose `run` hands out a stand-in compiled kernel that records its launches, on
+CPU tensors standing in for a GPU's (DIRECT_DEVICE_TYPES). The plans of the real launchers are
+checked against the reference in tests/test_kernel_parity.py (the interpreter runs every
+plan's launches) and below.
 
 What a GPU must confirm (benchmarks/gpu_check.sh runs the CUDA tests and the host profile): the
 compiled kernel's launcher accepts the arguments as `JITFunction.run` passes them.
@@ -8,9 +11,7 @@ import pytest
 import torch
 from triton.runtime.jit import JITFunction
 
-from spatialformer_kernels.backends.triton import launch as direct
-
-CUDA0 = torch.device("cuda", 0)
+from spatialformer_kernels.backends.triton import launch as plans
 
 
 def _body(X, Y, n, scale, BLOCK: "tl.constexpr", FLAG: "tl.constexpr" = False, LAST: "tl.constexpr" = 7):  # noqa: F821
@@ -41,58 +42,118 @@ class FakeJIT(JITFunction):
 
 @pytest.fixture
 def kernel(monkeypatch):
-    monkeypatch.setattr(direct, "ENABLED", True)
-    monkeypatch.setattr(direct, "_current_stream", lambda index: 1000 + index)
-    monkeypatch.setattr(direct, "_signatures", {})
-    return FakeJIT()
+    monkeypatch.setattr(plans, "ENABLED", True)
+    monkeypatch.setattr(plans, "INTERPRET", False)
+    monkeypatch.setattr(plans, "DIRECT_DEVICE_TYPES", ("cpu",))
+    monkeypatch.setattr(plans, "_current_stream", lambda index: 1000)
+    plans.clear()
+    yield FakeJIT()
+    plans.clear()
 
 
-def test_a_repeated_signature_calls_the_compiled_kernel_with_the_bound_arguments(kernel):
-    x, y = torch.zeros(64), torch.zeros(64, dtype=torch.float16)
-    direct.launch(kernel, (4, 2), CUDA0, x, y, 10, 0.5, BLOCK=32, num_warps=4)
-    assert len(kernel.plain_calls) == 1 and kernel.compiled.launches == []  # first call: Triton's own path
-    assert kernel.plain_calls[0] == ((4, 2), (x, y, 10, 0.5), {"BLOCK": 32, "num_warps": 4})
-    direct.launch(kernel, (4, 2), CUDA0, x, y, 10, 0.5, BLOCK=32, num_warps=4)
-    assert len(kernel.plain_calls) == 1
-    # run's own call: grid padded to 3D, the stream, handles, no launch metadata or hooks, then every
+class Launcher:
+    """A launcher as fused.py writes them: sizes -> an allocation and a launch; counts its runs."""
+
+    def __init__(self, kernel):
+        self.kernel, self.runs = kernel, 0
+
+    def __call__(self, x, y, scale, flag):
+        self.runs += 1
+        out = torch.empty((x.shape[0], 2), dtype=torch.float16, device=x.device)
+        plans.launch(self.kernel, (x.shape[0] // 4,), x, out, x.shape[0], scale, BLOCK=y.shape[0],
+                     FLAG=flag, num_warps=4)
+        return out, None
+
+
+def test_a_repeated_signature_allocates_and_launches_from_its_plan(kernel):
+    launcher = Launcher(kernel)
+    x, y = torch.zeros(64), torch.zeros(16, dtype=torch.float16)
+    out, none = plans.run(launcher, (x, y, 0.5, True))
+    assert none is None and out.shape == (64, 2) and out.dtype == torch.float16
+    assert launcher.runs == 1 and len(kernel.plain_calls) == 1 and kernel.compiled.launches == []
+    assert kernel.plain_calls[0] == ((16, 1, 1), (x, out, 64, 0.5), {"BLOCK": 16, "FLAG": True, "num_warps": 4})
+    other = torch.ones(64)  # another tensor of the same signature
+    out2, _ = plans.run(launcher, (other, y, 0.5, True))
+    assert launcher.runs == 1 and len(kernel.plain_calls) == 1
+    assert out2 is not out and out2.shape == (64, 2)  # a new allocation per call
+    # run's own call: the grid in 3D, the stream, handles, no launch metadata or hooks, then every
     # parameter in order (keywords in place, defaults filled in); options such as num_warps are not parameters
-    assert kernel.compiled.launches == [
-        (4, 2, 1, 1000, "function-handle", "packed-metadata", None, None, None, x, y, 10, 0.5, 32, False, 7)]
-    other = torch.ones(64)  # another tensor of the same dtype and alignment: same signature
-    direct.launch(kernel, (8,), CUDA0, other, y, 10, 0.5, BLOCK=32, num_warps=4)
-    assert len(kernel.plain_calls) == 1 and kernel.compiled.launches[-1][:3] == (8, 1, 1)
-    assert kernel.compiled.launches[-1][9] is other
+    (launched,) = kernel.compiled.launches
+    assert launched == (16, 1, 1, 1000, "function-handle", "packed-metadata", None, None, None,
+                        other, out2, 64, 0.5, 16, True, 7)
+    assert launched[9] is other and launched[10] is out2
 
 
-@pytest.mark.parametrize("change", ["misaligned", "dtype", "int", "float", "constexpr", "option", "default", "device"])
-def test_anything_triton_specialises_on_is_a_new_signature(kernel, change):
-    x, y = torch.zeros(64), torch.zeros(64, dtype=torch.float16)
-    args, kwargs, device = [x, y, 16, 0.5], {"BLOCK": 32, "num_warps": 4}, CUDA0
-    direct.launch(kernel, (1,), device, *args, **kwargs)
+@pytest.mark.parametrize("change", ["misaligned", "dtype", "shape", "stride", "float", "int", "flag"])
+def test_anything_a_launcher_or_triton_specialises_on_is_a_new_signature(kernel, change):
+    launcher = Launcher(kernel)
+    args = [torch.zeros(64), torch.zeros(16), 1.0, False]
+    plans.run(launcher, tuple(args))
     if change == "misaligned":
-        args[0] = x[1:]  # 4 bytes past a 16-byte boundary
+        args[0] = torch.zeros(65)[1:]  # 4 bytes past a 16-byte boundary
     elif change == "dtype":
-        args[0] = x.to(torch.float64)
-    elif change == "int":
-        args[2] = 1  # Triton makes an int of 1 a constant
+        args[0] = args[0].double()
+    elif change == "shape":
+        args[1] = torch.zeros(32)  # decides BLOCK
+    elif change == "stride":
+        args[0] = torch.zeros(128)[::2]
     elif change == "float":
-        args[3] = 0.25
-    elif change == "constexpr":
-        kwargs["BLOCK"] = 64
-    elif change == "option":
-        kwargs["num_warps"] = 8
-    elif change == "default":
-        kwargs["LAST"] = 7  # the default's value, but passed: Triton's key differs, so does ours
-    elif change == "device":
-        device = torch.device("cuda", 1)
-    direct.launch(kernel, (1,), device, *args, **kwargs)
+        args[2] = 0.25
+    elif change == "int":
+        args[2] = 1  # equal to 1.0, but Triton makes an int of 1 a constant
+    elif change == "flag":
+        args[3] = True
+    plans.run(launcher, tuple(args))
+    assert launcher.runs == 2 and len(kernel.plain_calls) == 2 and kernel.compiled.launches == []
+
+
+def test_one_tensor_passed_twice_maps_to_its_argument_not_the_other(kernel):
+    """Cross attention passes q as k when keys are queries: the recording tells them apart."""
+    def launcher(q, k):
+        plans.launch(kernel, (1,), q, k, 1, 1.0, BLOCK=16)
+        return ()
+
+    q = torch.zeros(16)
+    plans.run(launcher, (q, q))
+    q2, k2 = torch.zeros(16), torch.ones(16)
+    plans.run(launcher, (q2, k2))
+    (launched,) = kernel.compiled.launches
+    assert launched[9] is q2 and launched[10] is k2
+
+
+def test_a_launcher_with_other_torch_operations_runs_every_time(kernel):
+    runs = []
+
+    def launcher(x):
+        runs.append(x)
+        total = x.sum()  # between launches, as the wide-head backward does
+        plans.launch(kernel, (1,), x, x, 1, float(total), BLOCK=16)
+        return (x + 1,)
+
+    for value in (1.0, 2.0):
+        (out,) = plans.run(launcher, (torch.full((16,), value),))
+        assert torch.equal(out, torch.full((16,), value + 1))
+    # the recording stopped at the sum (nothing launched); then it ran as it is, twice
+    assert len(runs) == 3 and len(kernel.plain_calls) == 2 and kernel.compiled.launches == []
+    assert [call[1][3] for call in kernel.plain_calls] == [16.0, 32.0]
+
+
+def test_a_result_that_is_neither_an_argument_nor_an_allocation_gets_no_plan(kernel):
+    def launcher(x):
+        out = torch.empty((4, 4), device=x.device)
+        plans.launch(kernel, (1,), x, out, 1, 1.0, BLOCK=16)
+        return (out.view(16),)
+
+    for _ in range(2):
+        (out,) = plans.run(launcher, (torch.zeros(16),))
+        assert out.shape == (16,)
     assert len(kernel.plain_calls) == 2 and kernel.compiled.launches == []
 
 
-def test_plain_path_for_recorders_hooks_cpu_and_when_disabled(kernel, monkeypatch):
+def test_plain_launches_for_other_kernels_hooks_the_interpreter_and_when_disabled(kernel, monkeypatch):
     import triton
 
-    class Recorder:
+    class Recorder:  # the static check's stand-ins for kernels
         def __init__(self):
             self.calls = []
 
@@ -100,34 +161,57 @@ def test_plain_path_for_recorders_hooks_cpu_and_when_disabled(kernel, monkeypatc
             return lambda *args, **kwargs: self.calls.append((grid, args, kwargs))
 
     recorder = Recorder()
-    direct.launch(recorder, (2,), CUDA0, 1, BLOCK=4)
-    assert recorder.calls == [((2,), (1,), {"BLOCK": 4})]
     x = torch.zeros(16)
     for _ in range(2):
-        direct.launch(kernel, (1,), torch.device("cpu"), x, x, 3, 1.0, BLOCK=16)
+        plans.run(Launcher(recorder), (x, x, 1.0, False))
+    assert len(recorder.calls) == 2 and recorder.calls[1][1][0] is x
+    launcher = Launcher(kernel)
     hook = lambda metadata: None  # noqa: E731 - a profiler's launch hook
     triton.knobs.runtime.launch_enter_hook.add(hook)
     try:
         for _ in range(2):
-            direct.launch(kernel, (1,), CUDA0, x, x, 3, 1.0, BLOCK=16)
+            plans.run(launcher, (x, x, 1.0, False))
     finally:
         triton.knobs.runtime.launch_enter_hook.remove(hook)
-    monkeypatch.setattr(direct, "ENABLED", False)
+    assert launcher.runs == 1 and len(kernel.plain_calls) == 2  # planned, but launched through Triton
+    monkeypatch.setattr(plans, "INTERPRET", True)
+    plans.clear()
     for _ in range(2):
-        direct.launch(kernel, (1,), CUDA0, x, x, 3, 1.0, BLOCK=16)
-    assert len(kernel.plain_calls) == 6 and kernel.compiled.launches == []
+        plans.run(launcher, (x, x, 1.0, False))
+    assert launcher.runs == 2 and len(kernel.plain_calls) == 4
+    monkeypatch.setattr(plans, "ENABLED", False)
+    for _ in range(2):
+        plans.run(launcher, (x, x, 1.0, False))
+    assert launcher.runs == 4 and len(kernel.plain_calls) == 6 and kernel.compiled.launches == []
 
 
-def test_a_missing_parameter_is_never_cached(kernel):
+def test_a_missing_parameter_is_never_launched_directly(kernel):
+    def launcher(x):
+        plans.launch(kernel, (1,), x, x, 3, 1.0)  # BLOCK has no default: Triton raises on a GPU
+        return ()
+
     x = torch.zeros(16)
     for _ in range(2):
-        direct.launch(kernel, (1,), CUDA0, x, x, 3, 1.0)  # BLOCK has no default: Triton raises on a GPU
-    assert len(kernel.plain_calls) == 2 and direct._signatures[kernel] == {}
+        plans.run(launcher, (x,))
+    assert len(kernel.plain_calls) == 2 and kernel.compiled.launches == []
+
+
+def test_a_forced_config_drops_the_plans(kernel):
+    import triton
+
+    from spatialformer_kernels.backends.triton import configs
+
+    plans.run(Launcher(kernel), (torch.zeros(16), torch.zeros(16), 1.0, False))
+    assert plans._plans
+    with configs.forced_config("fwd", triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)):
+        assert not plans._plans
+        plans.run(Launcher(kernel), (torch.zeros(16), torch.zeros(16), 1.0, False))
+    assert not plans._plans
 
 
 def test_the_cache_starts_over_when_full(kernel, monkeypatch):
-    monkeypatch.setattr(direct, "MAX_SIGNATURES", 3)
-    x = torch.zeros(16)
+    monkeypatch.setattr(plans, "MAX_PLANS", 3)
+    launcher = Launcher(kernel)
     for n in range(5):
-        direct.launch(kernel, (1,), CUDA0, x, x, n, 1.0, BLOCK=16)
-    assert len(direct._signatures[kernel]) == 2  # cleared at the fourth, then two new ones
+        plans.run(launcher, (torch.zeros(16 * (n + 1)), torch.zeros(16), 1.0, False))
+    assert len(plans._plans) == 2  # cleared at the fourth, then two new ones

@@ -8,7 +8,6 @@ Offsets are int64. LSEs are natural-log float64, -inf for a row with no kept key
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
@@ -16,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .configs import CHUNK_ALIGN, INTERPRET, INTERPRETER_SM_COUNT, MIN_SPLIT_TOKENS, cdiv
-from .launch import launch
+from .launch import device_guard, launch
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = 0.6931471805599453
@@ -261,14 +260,6 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def device_guard(device: torch.device):
-    """Launch on the inputs' GPU even when another one is current (no device switch, and no
-    cost beyond one query, when it already is)."""
-    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
-        return contextlib.nullcontext()
-    return torch.cuda.device(device)
-
-
 def row_alignment(head_dim: int, *tensors) -> int:
     """The largest of 8, 4, 2 elements dividing D and every stride but the last (which must be 1)
     of the given 16-bit tensors, else 1: the kernels' ALIGN (`multiple`), so 16-bit rows of any
@@ -348,7 +339,7 @@ def reduce_splits(parts: list, shape, dtype: torch.dtype) -> list:
     while block > REDUCE_MIN_BLOCK and bh * cdiv(size, block) < 2 * sm_count(parts[0].device):
         block //= 2
     with device_guard(parts[0].device):
-        launch(_reduce_splits_kernel, (bh, cdiv(size, block)), parts[0].device,
+        launch(_reduce_splits_kernel, (bh, cdiv(size, block)),
             parts[0], outs[0], parts[-1], outs[-1], splits, size, BLOCK=block, HAS_B=len(parts) == 2,
             num_warps=max(1, min(4, block // 256)),
         )

@@ -272,13 +272,18 @@ _forced: dict = {"fwd": None, "bwd": None, "bwd_s": None, "bwd_x": None}
 def forced_config(pass_: str, config: triton.Config):
     """Make every `pass_` launch use `config` (benchmarks/gpu_config_sweep.py, tests): "fwd", "bwd"
     (both backward directions), or "bwd_s" / "bwd_x" (one direction, before "bwd"). A backward
-    config may also set BLOCK_M, the spatial rows per block (M <= BLOCK_M: one block)."""
+    config may also set BLOCK_M, the spatial rows per block (M <= BLOCK_M: one block). The
+    launch plans made before and during it are dropped (launch.py)."""
+    from .launch import clear
+
     saved = _forced[pass_]
     _forced[pass_] = config
+    clear()
     try:
         yield
     finally:
         _forced[pass_] = saved
+        clear()
 
 
 def _forced_for(backward: bool, dir_s: bool):

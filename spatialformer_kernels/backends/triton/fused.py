@@ -70,7 +70,6 @@ import triton.language as tl
 
 from .common import (
     capability,
-    device_guard,
     diagonal,
     dot,
     dot_precision,
@@ -106,7 +105,7 @@ from .configs import (
     next_power_of_2,
 )
 from .wide import wide_head_bwd
-from .launch import launch
+from .launch import device_guard, launch
 
 
 # ----------------------------------------------------------------------------------------
@@ -288,6 +287,17 @@ def _fwd_tile(
     return m_s, l_s, acc_s
 
 
+@triton.jit
+def partials_layout(PART, SPLITS, M, D):
+    """(maxima, sums) pointers of the forward's split partials: one fp32 buffer of B * H *
+    SPLITS * M rows (B * H is the grid's first axis in both kernels that use it) holding the
+    unnormalised outputs [rows, D], then the running max logit per row (raw dots with
+    RAW_LOGITS), then the running sum of exp(logit - max) per row. One buffer is one
+    allocation per call (launch.py: each costs 2-3 us of host time)."""
+    rows = tl.num_programs(0).to(tl.int64) * SPLITS * M
+    return PART + rows * D, PART + rows * (D + 1)
+
+
 @triton.jit(do_not_specialize=["M", "N", "CHUNK", "SPLITS"])
 def _bilateral_fwd_kernel(
     Q_S, K_S, V_S,  # [B, H, M, D] each, any strides
@@ -299,9 +309,7 @@ def _bilateral_fwd_kernel(
     LSE_X,  # [B, H, N] contiguous float64
     O_S,  # [B, H, M, D] contiguous, input dtype (written here only with ONE_SPLIT)
     LSE_S,  # [B, H, M] contiguous float64 (written here only with ONE_SPLIT)
-    PART_ACC,  # [B * H, SPLITS, M, D] fp32: unnormalised direction-s output per split
-    PART_MAX,  # [B * H, SPLITS, M] fp32: running max logit per split (raw dots with RAW_LOGITS)
-    PART_SUM,  # [B * H, SPLITS, M] fp32: running sum of exp(s - max) per split
+    PART,  # fp32 partials of direction s per split, one buffer (partials_layout)
     stride_qs_b, stride_qs_h, stride_qs_m, stride_qs_d,
     stride_ks_b, stride_ks_h, stride_ks_m, stride_ks_d,
     stride_vs_b, stride_vs_h, stride_vs_m, stride_vs_d,
@@ -405,17 +413,16 @@ def _bilateral_fwd_kernel(
     elif DIR_S:
         # -- this split's partial (max, sum, acc), merged by the combine kernel --
         part_rows = (pid_bh.to(tl.int64) * SPLITS + split) * M + offs_qm
-        tl.store(PART_MAX + part_rows, m_s, mask=qm_ok)
-        tl.store(PART_SUM + part_rows, l_s, mask=qm_ok)
-        acc_ptrs = PART_ACC + part_rows[:, None] * D + offs_d[None, :]
+        part_max, part_sum = partials_layout(PART, SPLITS, M, D)
+        tl.store(part_max + part_rows, m_s, mask=qm_ok)
+        tl.store(part_sum + part_rows, l_s, mask=qm_ok)
+        acc_ptrs = PART + part_rows[:, None] * D + offs_d[None, :]
         tl.store(acc_ptrs, acc_s, mask=qm_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
 def _bilateral_combine_kernel(
-    PART_ACC,  # [B * H, SPLITS, M, D] fp32
-    PART_MAX,  # [B * H, SPLITS, M] fp32
-    PART_SUM,  # [B * H, SPLITS, M] fp32
+    PART,  # fp32 partials of direction s per split (partials_layout)
     O_S,  # [B, H, M, D] contiguous, input dtype
     LSE_S,  # [B, H, M] contiguous float64
     M, D, SPLITS,
@@ -437,6 +444,7 @@ def _bilateral_combine_kernel(
     offs_d = tl.program_id(2).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     m_ok = offs_m < M
     d_ok = offs_d < D
+    part_max, part_sum = partials_layout(PART, SPLITS, M, D)
     m_run = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_run = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -444,9 +452,9 @@ def _bilateral_combine_kernel(
         offs_s = s0 + tl.arange(0, BLOCK_S)
         ok = (offs_s < SPLITS)[:, None] & m_ok[None, :]  # [S, M]
         rows = (pid_bh.to(tl.int64) * SPLITS + offs_s)[:, None] * M + offs_m[None, :]  # [S, M]
-        m_k = tl.load(PART_MAX + rows, mask=ok, other=float("-inf"))
-        l_k = tl.load(PART_SUM + rows, mask=ok, other=0.0)
-        acc_k = tl.load(PART_ACC + rows[:, :, None] * D + offs_d[None, None, :],
+        m_k = tl.load(part_max + rows, mask=ok, other=float("-inf"))
+        l_k = tl.load(part_sum + rows, mask=ok, other=0.0)
+        acc_k = tl.load(PART + rows[:, :, None] * D + offs_d[None, None, :],
                         mask=ok[:, :, None] & d_ok[None, None, :], other=0.0)  # [S, M, D]
         m_run, shift, alpha = online_max(m_run, tl.max(m_k, 0), rate)
         beta = exp_shifted(m_k, shift[None, :], rate)  # [S, M]; 0 for padding (-inf)
@@ -678,9 +686,10 @@ def _bilateral_bwd_kernel(
 # ----------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------
-# Launch plans depend only on sizes, the element size, the SM count and the directions, so
-# they are computed once per such signature; configs.launch_meta caches the launch config per
-# bucket. The per-call Python work is then the tensor allocations and the launches.
+# The blocks and splits depend only on sizes, the element size, the SM count and the
+# directions (cached here; configs.launch_meta caches the launch config per bucket). A call
+# after a signature's first does not run these launchers at all: launch.run replays what
+# they recorded.
 @functools.lru_cache(maxsize=1024)
 def _fwd_plan(B, H, M, N, D, elem, n_sm, arch, run_s, run_x, vector_rows):
     block_d = block_d_for(D)
@@ -730,7 +739,7 @@ def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_
     f32 = torch.float32
     o_x = lse_x = o_s = lse_s = None
     dummy = q_x  # stands in for pointers a disabled branch never touches
-    part_acc = part_max = part_sum = dummy
+    part = dummy
     if run_x:
         o_x = torch.empty((B, H, N, D), device=device, dtype=dtype)
         lse_x = torch.empty((B, H, N), device=device, dtype=torch.float64)
@@ -738,17 +747,15 @@ def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_
         o_s = torch.empty((B, H, M, D), device=device, dtype=dtype)
         lse_s = torch.empty((B, H, M), device=device, dtype=torch.float64)
         if splits > 1:
-            part_acc = torch.empty((B * H, splits, M, D), device=device, dtype=f32)
-            part_max = torch.empty((B * H, splits, M), device=device, dtype=f32)
-            part_sum = torch.empty((B * H, splits, M), device=device, dtype=f32)
+            part = torch.empty((B * H * splits * M * (D + 2),), device=device, dtype=f32)  # partials_layout
     image_mask, stride_im_b, stride_im_n = mask_args(image_mask, dummy)
     spatial_mask, stride_sm_b, stride_sm_m = mask_args(spatial_mask, dummy)
     pair_mask, *pair_strides = pair_mask_args(pair_mask, dummy)
     with device_guard(device):
-        launch(_bilateral_fwd_kernel, (B * H, splits, m_programs), device,
+        launch(_bilateral_fwd_kernel, (B * H, splits, m_programs),
             q_s, k_s, v_s, q_x, k_x, v_x, image_mask, spatial_mask, pair_mask,
             o_x if run_x else dummy, lse_x if run_x else dummy, o_s if run_s else dummy, lse_s if run_s else dummy,
-            part_acc, part_max, part_sum,
+            part,
             *q_s.stride(), *k_s.stride(), *v_s.stride(), *q_x.stride(), *k_x.stride(), *v_x.stride(),
             stride_im_b, stride_im_n, stride_sm_b, stride_sm_m, *pair_strides,
             H, M, N, D, chunk, splits, scale,
@@ -760,8 +767,8 @@ def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_
             ONE_SPLIT=splits == 1, **meta,
         )
         if run_s and splits > 1:
-            launch(_bilateral_combine_kernel, combine_grid, device,
-                part_acc, part_max, part_sum, o_s, lse_s, M, D, splits, scale, BLOCK_M=combine_m, BLOCK_D=combine_d,
+            launch(_bilateral_combine_kernel, combine_grid,
+                part, o_s, lse_s, M, D, splits, scale, BLOCK_M=combine_m, BLOCK_D=combine_d,
                 ALIGN=combine_align, RAW_LOGITS=raw_logits, BLOCK_S=combine_splits, num_warps=combine_warps,
             )
     return o_s, o_x, lse_s, lse_x
@@ -834,11 +841,11 @@ def attention_bwd(
     pair_mask, *pair_strides = pair_mask_args(pair_mask, dummy)
     with device_guard(device):
         if run_s:
-            launch(_spatial_delta_kernel, (B * H, cdiv(M, DELTA_BLOCK_M)), device,
+            launch(_spatial_delta_kernel, (B * H, cdiv(M, DELTA_BLOCK_M)),
                 o_s, do_s, delta_s, *o_s.stride(), *do_s.stride(), H, M, D,
                 BLOCK_M=DELTA_BLOCK_M, BLOCK_D=block_d, DOT_PRECISION=dot_precision(dtype), ALIGN=align,
             )
-        launch(_bilateral_bwd_kernel, (B * H, splits), device,
+        launch(_bilateral_bwd_kernel, (B * H, splits),
             q_s, k_s, v_s, do_s_arg, delta_s if run_s else dummy, q_x, k_x, v_x, o_x_arg, do_x_arg,
             lse_s_arg, lse_x_arg, image_mask, spatial_mask, pair_mask,
             *image_grads, *parts,

@@ -1,64 +1,130 @@
-"""Launch a Triton kernel with less host work than `kernel[grid](...)` on repeated calls.
+"""Launch plans: the Triton backend's host work per call, done once per call signature.
 
-`JITFunction.run` binds and specialises every argument, builds the cache key and looks the
-compiled kernel up on every call: on the H200 machine's CPU, 50 to 70 us per launch, more
-than the GPU time of most launches at the benchmark shapes (seven launches per forward +
-backward; benchmarks/results/gpu-check-h200/host-profile/). `launch` does that once per
-*call signature* and then calls the compiled kernel's launcher directly, as `run` itself
-does after its lookup.
+A launcher (fused.attention_fwd and _bwd, common.reduce_splits) turns its arguments into
+allocations and kernel launches by arithmetic on sizes, strides, dtypes and flags, and
+Triton's `kernel[grid](...)` then binds and specialises every argument and looks the
+compiled kernel up. On a 2-core CPU that was 46 us of launcher and 19 us of per-launch
+signatures per cls224-stage1 forward call before plans (perf_model.host_cost, commit c7b0ad1),
+more than the GPU time of most launches.
 
-A call signature determines Triton's specialisation of the call: the keyword arguments
-(constexprs and launch options) with their values, every scalar argument by value (Triton
-specialises ints on == 1, divisibility by 16 and width), every tensor by dtype and 16-byte
-alignment of its data pointer (Triton's "D" attribute), and the device. A signature seen
-before reuses that call's compiled kernel, with the parameters left to their defaults
-filled in as `run` binds them.
+`run(launcher, args)` records the launcher's work on the first call of a signature as a
+plan: the allocations (shape and dtype: `torch.empty` is the only torch operation a
+plannable launcher may run) and, per launch, the kernel, the grid, the keyword arguments
+and where each positional argument comes from (an argument of the call, an allocation or a
+constant). It then executes the plan. Later calls of the signature allocate and launch
+from the plan, calling each kernel's compiled launcher directly as `JITFunction.run` does
+after its lookup.
 
-The first call of a signature, a launch hook (a profiler's), the interpreter and anything
-that is not a JITFunction (the static check's recorders) take the plain path.
+The signature is the device and, per argument, a tensor's shape, strides, dtype and the
+16-byte alignment of its data pointer (Triton's "D" attribute), or a non-tensor's type and
+value.
+It determines everything a launcher computes (its integers come from sizes and strides)
+and every specialisation Triton makes (fresh allocations are 16-byte aligned). What else
+a launch depends on is cleared with the plans: a forced config (configs.forced_config)
+and the static check's stubbed kernels.
+
+A launcher that runs other torch operations (the wide-head backward reduces its softmax
+statistics with torch between launches) gets no plan: it runs as it is on every call. So
+do all launches with SPATIALFORMER_TRITON_DIRECT_LAUNCH=0. Launch hooks (a profiler's) and
+the interpreter take `kernel[grid](...)` with the plan's arguments.
 """
 from __future__ import annotations
 
+import contextlib
+import operator
 import os
+import threading
 
 import torch
 import triton
+from torch.utils._python_dispatch import TorchDispatchMode
 from triton.runtime.jit import JITFunction
 
 from .configs import INTERPRET
 
-# SPATIALFORMER_TRITON_DIRECT_LAUNCH=0 sends every launch through `kernel[grid](...)`.
-ENABLED = not INTERPRET and os.environ.get("SPATIALFORMER_TRITON_DIRECT_LAUNCH", "1") != "0"
-# Signatures kept per kernel (scalar values are part of a signature: one per shape); the
-# cache starts over when it fills.
-MAX_SIGNATURES = 1024
-_SCALARS = (int, float, bool, str, type(None))
+# SPATIALFORMER_TRITON_DIRECT_LAUNCH=0: no plans; every launcher runs and every launch
+# goes through `kernel[grid](...)`.
+ENABLED = os.environ.get("SPATIALFORMER_TRITON_DIRECT_LAUNCH", "1") != "0"
+# Plans kept (one per signature: shapes are part of it); the cache starts over when full.
+MAX_PLANS = 1024
+
+# Devices whose compiled kernels are launched directly (perf_model.host_cost adds "meta").
+DIRECT_DEVICE_TYPES = ("cuda",)
+
+_plans: dict = {}
+_state = threading.local()  # .recording: the _Recording of a launcher being recorded, if any
 
 
-class _Compiled:
-    """A compiled kernel and the trailing parameters (after the positional ones) in bound order."""
-
-    __slots__ = ("kernel", "tail")
-
-    def __init__(self, kernel, tail: tuple):
-        self.kernel, self.tail = kernel, tail
+def clear() -> None:
+    """Forget every plan (their launch configs or kernels may have changed)."""
+    _plans.clear()
 
 
-_signatures: dict = {}  # JITFunction -> {signature: _Compiled}
+class _NotPlannable(Exception):
+    pass
 
 
-def signature(device: torch.device, args: tuple, kwargs: dict) -> tuple:
-    """What decides Triton's specialisation of a call (module docstring)."""
-    return (
-        device.index,
-        tuple(kwargs.items()),
-        tuple(a if type(a) in _SCALARS else (a.dtype, a.data_ptr() % 16 == 0) for a in args),
-    )
+class _Recording(TorchDispatchMode):
+    """Collects a launcher's allocations (torch.empty, contiguous) and launches; any other
+    torch operation ends the recording (_NotPlannable)."""
+
+    def __init__(self):
+        super().__init__()
+        self.allocations: list = []
+        self.launches: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten.detach.default and self.allocations and args[0] is self.allocations[-1]:
+            # a factory function's result comes back through the mode detached: the launcher
+            # holds the detached tensor
+            self.allocations[-1] = func(*args, **kwargs)
+            return self.allocations[-1]
+        if func is not torch.ops.aten.empty.memory_format or kwargs.get("memory_format") not in (
+                None, torch.contiguous_format):
+            raise _NotPlannable(str(func))
+        out = func(*args, **kwargs)
+        self.allocations.append(out)
+        return out
+
+
+def launch(kernel, grid: tuple, *args, **kwargs) -> None:
+    """kernel[grid](*args, **kwargs) on the current device and stream, or a step of the plan
+    being recorded (it runs when the plan does)."""
+    recording = getattr(_state, "recording", None)
+    if recording is not None:
+        recording.launches.append((kernel, grid, args, kwargs))
+        return
+    kernel[grid](*args, **kwargs)
+
+
+def _signature(launcher, args: tuple) -> tuple:
+    """What decides a launcher's work and Triton's specialisation of its launches (module docstring)."""
+    key, device = [launcher], None
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if device is None:
+                device = a.device
+            key.append((a.shape, a.stride(), a.dtype, a.data_ptr() % 16 == 0))
+        else:
+            key.append((type(a), a))  # 1 and 1.0 are equal keys, not the same specialisation
+    key.append(device)
+    return tuple(key)
+
+
+def _picker(indices: list):
+    """values -> tuple(values[i] for i in indices), in C."""
+    if not indices:
+        return lambda values: ()
+    if len(indices) == 1:
+        index = indices[0]
+        return lambda values: (values[index],)
+    return operator.itemgetter(*indices)
 
 
 def _trailing(kernel: JITFunction, n_positional: int, kwargs: dict):
-    """The parameters after the positional ones, in order: passed by keyword or defaulted; None
-    when one has neither (the plain path then raises Triton's own error)."""
+    """The parameters after the positional ones, in order: passed by keyword or defaulted;
+    None when one has neither (Triton's own path then raises its error)."""
     tail = []
     for param in kernel.params[n_positional:]:
         if param.name in kwargs:
@@ -77,29 +143,156 @@ def _current_stream(device_index: int) -> int:
 def _hooked() -> bool:
     """Whether a launch hook is registered (Triton keeps them in HookChains, empty by default)."""
     runtime = triton.knobs.runtime
-    return any(hook is not None and bool(getattr(hook, "calls", True))
-               for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook))
+    for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return True
+    return False
 
 
-def launch(kernel, grid: tuple, device: torch.device, *args, **kwargs) -> None:
-    """kernel[grid](*args, **kwargs) on `device`'s current stream; see the module docstring."""
-    if not ENABLED or not isinstance(kernel, JITFunction) or device.type != "cuda" or _hooked():
-        kernel[grid](*args, **kwargs)
-        return
-    known = _signatures.setdefault(kernel, {})
-    key = signature(device, args, kwargs)
-    hit = known.get(key)
-    if hit is None:
-        compiled = kernel[grid](*args, **kwargs)
-        tail = _trailing(kernel, len(args), kwargs)
-        if tail is not None and all(hasattr(compiled, name) for name in ("run", "function", "packed_metadata")):
-            if len(known) >= MAX_SIGNATURES:
-                known.clear()
-            known[key] = _Compiled(compiled, tail)
-        return
-    compiled = hit.kernel
-    grid_1 = grid[1] if len(grid) > 1 else 1
-    grid_2 = grid[2] if len(grid) > 2 else 1
-    stream = _current_stream(device.index)
-    compiled.run(grid[0], grid_1, grid_2, stream, compiled.function, compiled.packed_metadata, None, None, None,
-                 *args, *hit.tail)
+class _Step:
+    """One launch of a plan: `kernel[grid](*args, **kwargs)` with its positional arguments
+    picked from the call's values; once Triton has returned its compiled kernel, that
+    kernel's launcher with every parameter picked (`pick_params`: the positional arguments,
+    then the later parameters passed by keyword or defaulted; None when a JITFunction's
+    parameter has neither, or for another kernel object)."""
+
+    __slots__ = ("kernel", "grid", "pick_args", "kwargs", "pick_params", "compiled")
+
+    def __init__(self, kernel, grid: tuple, arg_indices: list, kwargs: dict, param_indices: list | None):
+        self.kernel, self.grid, self.kwargs = kernel, grid, kwargs
+        self.pick_args = _picker(arg_indices)
+        self.pick_params = None if param_indices is None else _picker(param_indices)
+        self.compiled = None
+
+    def keep(self, compiled) -> None:
+        """Launch directly from now on, when Triton returned a compiled kernel of the shape
+        JITFunction.run uses."""
+        if INTERPRET or self.pick_params is None:
+            return
+        if all(hasattr(compiled, name) for name in ("run", "function", "packed_metadata")):
+            self.compiled = compiled
+
+
+class Plan:
+    """A launcher's allocations and launches for one signature (module docstring). The values
+    of a call: its arguments, then the allocations, then the plan's constants."""
+
+    __slots__ = ("allocations", "steps", "constants", "pick_result", "device", "direct_device")
+
+    def __init__(self, allocations: tuple, steps: tuple, constants: tuple, pick_result, device: torch.device):
+        self.allocations, self.steps, self.constants = allocations, steps, constants
+        self.pick_result, self.device = pick_result, device
+        self.direct_device = device.type in DIRECT_DEVICE_TYPES
+
+    def execute(self, args: tuple, allocated: list | None = None):
+        """The launches on `args` (the recording's allocations on the first call); returns the
+        launcher's result."""
+        device = self.device
+        if allocated is None:
+            # sizes as separate arguments: torch's argument parser takes them faster than a tuple
+            allocated = [torch.empty(*shape, dtype=dtype, device=device) for shape, dtype in self.allocations]
+        values = [*args, *allocated, *self.constants]
+        if device.type == "cuda" and device.index != torch.cuda.current_device():
+            with torch.cuda.device(device):  # launch on the arguments' GPU
+                self._launch(values)
+        else:
+            self._launch(values)
+        return self.pick_result(values)
+
+    def _launch(self, values: list) -> None:
+        direct = ENABLED and self.direct_device and not _hooked()
+        stream = _current_stream(self.device.index) if direct else None
+        for step in self.steps:
+            compiled = step.compiled
+            if direct and compiled is not None:
+                grid = step.grid
+                compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata,
+                             None, None, None, *step.pick_params(values))
+                continue
+            compiled = step.kernel[step.grid](*step.pick_args(values), **step.kwargs)
+            if direct and compiled is not None and step.compiled is None:
+                step.keep(compiled)
+
+
+_MISSING = object()
+
+
+def run(launcher, args: tuple):
+    """launcher(*args), from the plan of the call's signature (module docstring)."""
+    if not ENABLED:
+        return launcher(*args)
+    key = _signature(launcher, args)
+    plan = _plans.get(key, _MISSING)
+    if plan is _MISSING:
+        plan, allocated = _record(launcher, args)
+        if len(_plans) >= MAX_PLANS:
+            _plans.clear()
+        _plans[key] = plan
+        if plan is not None:
+            return plan.execute(args, allocated)
+    if plan is None:
+        return launcher(*args)
+    return plan.execute(args)
+
+
+def _record(launcher, args: tuple):
+    """(plan, its allocations) of launcher(*args), or (None, None) when it is not plannable."""
+    # a distinct tensor object per argument, so that each tensor a launch gets maps to one
+    # argument even when the caller passed one tensor twice (cross attention: q is k)
+    proxies = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+    recording = _Recording()
+    _state.recording = recording
+    try:
+        with recording:
+            result = launcher(*proxies)
+        return _plan_of(recording, proxies, result, device), recording.allocations
+    except _NotPlannable:
+        return None, None
+    finally:
+        _state.recording = None
+
+
+def _plan_of(recording: _Recording, proxies: tuple, result, device: torch.device) -> Plan:
+    """The recorded launches with every tensor replaced by the index of its value; raises
+    _NotPlannable for a tensor that is neither an argument nor an allocation."""
+    index = {id(a): i for i, a in enumerate(proxies) if isinstance(a, torch.Tensor)}
+    for j, t in enumerate(recording.allocations):
+        if t.device != device:
+            raise _NotPlannable(f"an allocation on {t.device}")
+        index[id(t)] = len(proxies) + j
+    n_fixed = len(proxies) + len(recording.allocations)
+    constants: list = []
+
+    def value_index(value) -> int:
+        if isinstance(value, torch.Tensor):
+            if id(value) not in index:
+                raise _NotPlannable("a tensor that is neither an argument nor an allocation")
+            return index[id(value)]
+        constants.append(value)
+        return n_fixed + len(constants) - 1
+
+    steps = []
+    for kernel, grid, args, kwargs in recording.launches:
+        if not isinstance(grid, (tuple, list)) or not all(type(g) is int for g in grid) or any(
+                isinstance(v, torch.Tensor) for v in kwargs.values()):
+            raise _NotPlannable("a grid or keyword argument that is not a constant")
+        arg_indices = [value_index(a) for a in args]
+        tail = _trailing(kernel, len(args), kwargs) if isinstance(kernel, JITFunction) else None
+        param_indices = None if tail is None else arg_indices + [value_index(c) for c in tail]
+        steps.append(_Step(kernel, (*grid, 1, 1)[:3], arg_indices, kwargs, param_indices))
+    if not isinstance(result, (tuple, list)):
+        raise _NotPlannable("a result that is not a tuple")
+    pick_result = _picker([value_index(r) for r in result])
+    allocations = tuple((tuple(t.shape), t.dtype) for t in recording.allocations)
+    if any(not shape for shape, _ in allocations):
+        raise _NotPlannable("a zero-dimensional allocation")
+    return Plan(allocations, tuple(steps), tuple(constants), pick_result, device)
+
+
+def device_guard(device: torch.device):
+    """Launch on the arguments' GPU even when another one is current (no device switch, and
+    no cost beyond one query, when it already is)."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)

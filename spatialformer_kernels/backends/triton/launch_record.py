@@ -34,6 +34,7 @@ from triton.compiler import make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 from . import common, fused, wide  # noqa: E402
+from .launch import clear as clear_plans  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # (B, H, M, N, D): the benchmark shapes (spatial tokens M, image tokens N).
@@ -180,8 +181,10 @@ def _kernel_objects():
 @contextlib.contextmanager
 def stubbed_kernels(n_sm: int, events: list, arch: int = 90):
     """Replace every launchable kernel object of fused.py / wide.py by a recorder appending to
-    `events`, and the SM count by `n_sm`; restores them on exit."""
+    `events`, and the SM count by `n_sm`; restores them on exit. Launch plans made with the
+    stand-ins are dropped on exit (and those made before, on entry)."""
     saved = []
+    clear_plans()
     try:
         for module, name, obj in list(_kernel_objects()):
             saved.append((module, name, obj))
@@ -195,6 +198,7 @@ def stubbed_kernels(n_sm: int, events: list, arch: int = 90):
     finally:
         for module, name, obj in reversed(saved):
             setattr(module, name, obj)
+        clear_plans()
 
 
 def case_tensors(case: Case):

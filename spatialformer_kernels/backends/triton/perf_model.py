@@ -31,7 +31,7 @@ import torch
 
 from .configs import cdiv, next_power_of_2
 from .launch_record import Case, KernelLaunch, TorchOp, bind, binder_for, case_tensors, facade, kernel_fn, \
-    record, stubbed_kernels
+    record
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,11 +85,9 @@ USAGE = {
         "O_X": lambda c: c["DIR_X"], "LSE_X": lambda c: c["DIR_X"],
         "O_S": lambda c: c["DIR_S"] and c.get("ONE_SPLIT", False),
         "LSE_S": lambda c: c["DIR_S"] and c.get("ONE_SPLIT", False),
-        "PART_ACC": lambda c: c["DIR_S"] and not c.get("ONE_SPLIT", False),
-        "PART_MAX": lambda c: c["DIR_S"] and not c.get("ONE_SPLIT", False),
-        "PART_SUM": lambda c: c["DIR_S"] and not c.get("ONE_SPLIT", False),
+        "PART": lambda c: c["DIR_S"] and not c.get("ONE_SPLIT", False),
     },
-    "_bilateral_combine_kernel": {n: _ALWAYS for n in ("PART_ACC", "PART_MAX", "PART_SUM", "O_S", "LSE_S")},
+    "_bilateral_combine_kernel": {n: _ALWAYS for n in ("PART", "O_S", "LSE_S")},
     "_spatial_delta_kernel": {n: _ALWAYS for n in ("O_S", "DO_S", "DELTA_S")},
     "_reduce_splits_kernel": {"PART_A": _ALWAYS, "OUT_A": _ALWAYS, "PART_B": lambda c: c["HAS_B"],
                               "OUT_B": lambda c: c["HAS_B"]},
@@ -347,16 +345,19 @@ def sdpa_pass(case: Case, gpu: Gpu, backward: bool) -> float | None:
 # Host cost (the CPU side of a launch, kernels stubbed)
 # ----------------------------------------------------------------------------------------
 def host_cost(case: Case, backward: bool, n_sm: int = 132, repeats: int = 30) -> dict:
-    """Median microseconds per call on this CPU: the launcher's own Python work with every kernel
-    replaced by a no-op (`launcher_us`; its tensors on the meta device, so torch.empty and the
-    split reductions cost their dispatch, not CPU arithmetic), Triton's binder + cache key
-    for each of its launches (`binder_us`: what `JITFunction.run` does before launching a
-    cached kernel, the first call of a signature), and the direct path's signature for each
-    (`direct_us`: what launch.launch does instead on every later call). Not included: the
-    driver's launch call."""
+    """Median microseconds per call on this CPU, its tensors on the meta device (torch.empty
+    costs its dispatch, not CPU work), the driver's launch call not included:
+    - `planned_us`: a call with a launch plan (every call after a signature's first,
+      launch.py): the signature, the allocations and each compiled kernel's launcher, whose
+      `run` is a no-op;
+    - `launcher_us`: the launchers' own Python with every kernel replaced by a no-op (a
+      signature's first call, or every call with SPATIALFORMER_TRITON_DIRECT_LAUNCH=0);
+    - `binder_us`: Triton's binding and cache key for the same launches, what
+      `JITFunction.run` adds to `launcher_us` before launching a cached kernel."""
     from triton.runtime.jit import compute_cache_key
 
-    from .launch import signature
+    from . import common, fused, launch, wide
+    from .launch_record import _kernel_objects
 
     def on_meta(x):
         return x.to("meta") if isinstance(x, torch.Tensor) else x
@@ -365,46 +366,67 @@ def host_cost(case: Case, backward: bool, n_sm: int = 132, repeats: int = 30) ->
     args = [on_meta(x) for x in (bwd_args if backward else fwd_args)]
     fn = facade(case, backward)
 
+    def median_us(call) -> float:
+        call()  # warm-up (and, planned, the plan's first call)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1e6
+
     class NoLaunch:
         def __getitem__(self, grid):
             return lambda *a, **k: None
 
-    events: list = []
-    with stubbed_kernels(n_sm, events):
-        from . import common, fused, wide
+    class CompiledStub:
+        function = packed_metadata = None
 
-        saved = [(m, n, getattr(m, n)) for m in (common, fused, wide) for n, o in vars(m).items()
-                 if type(o).__name__ == "_Recorder"]
-        for module, name, _ in saved:
+        def run(self, *args):
+            pass
+
+    stub = CompiledStub()
+    saved = [(m, n, getattr(m, n)) for m in (common, fused, wide) for n in ("sm_count",)]
+    saved += [(fused, "capability", fused.capability), (launch, "ENABLED", launch.ENABLED),
+              (launch, "DIRECT_DEVICE_TYPES", launch.DIRECT_DEVICE_TYPES),
+              (launch, "_current_stream", launch._current_stream)]
+    kernels = list(_kernel_objects())
+    try:
+        for module in (common, fused, wide):
+            module.sm_count = lambda device: n_sm
+        fused.capability = lambda device: 90
+        launch.clear()
+        # planned: Triton's own JITFunction objects, their `run` handing out the stub
+        launch.ENABLED, launch.DIRECT_DEVICE_TYPES = True, ("meta",)
+        launch._current_stream = lambda index: 0
+        for _, _, jit in kernels:
+            jit.run = lambda *a, grid, warmup, **k: stub
+        planned = median_us(lambda: fn(*args))
+        for _, _, jit in kernels:
+            del jit.run
+        # the launchers alone
+        launch.ENABLED = False
+        for module, name, _ in kernels:
             setattr(module, name, NoLaunch())
-        try:
-            fn(*args)  # warm-up
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                fn(*args)
-                times.append(time.perf_counter() - start)
-        finally:
-            for module, name, obj in saved:
-                setattr(module, name, obj)
+        launcher = median_us(lambda: fn(*args))
+    finally:
+        for module, name, obj in kernels:
+            setattr(module, name, obj)
+            obj.__dict__.pop("run", None)
+        for module, name, obj in saved:
+            setattr(module, name, obj)
+        launch.clear()
     launches = [e for e in record(case, n_sm, backward, torch_ops=False) if isinstance(e, KernelLaunch)]
-    bind_times, key_caches = [], {}
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for launch in launches:
-            jit = kernel_fn(launch.module, launch.name)
+    key_caches: dict = {}
+
+    def bind_all():
+        for event in launches:
+            jit = kernel_fn(event.module, event.name)
             _, binder = binder_for(jit, 90)
-            _, spec, options = binder(*launch.args, **launch.kwargs, **launch.configs[0])
+            _, spec, options = binder(*event.args, **event.kwargs, **event.configs[0])
             compute_cache_key(key_caches.setdefault(id(jit), {}), spec, options)  # steady state: cached
-        bind_times.append(time.perf_counter() - start)
-    gpu, direct_times = torch.device("cuda", 0), []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for launch in launches:
-            signature(gpu, launch.args, {**launch.kwargs, **launch.configs[0]})
-        direct_times.append(time.perf_counter() - start)
-    return dict(launcher_us=statistics.median(times) * 1e6, binder_us=statistics.median(bind_times) * 1e6,
-                direct_us=statistics.median(direct_times) * 1e6, launches=len(launches))
+
+    return dict(planned_us=planned, launcher_us=launcher, binder_us=median_us(bind_all), launches=len(launches))
 
 
 __all__ = ["GPUS", "Gpu", "ASSUMPTIONS", "memory_us", "sustained_ipc", "model_kernel", "model_torch_op", "op_bytes", "sdpa_pass", "host_cost",

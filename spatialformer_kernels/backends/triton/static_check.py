@@ -131,9 +131,7 @@ def variant_text(task) -> str:
         parts.append("pairmask")
     options = dict(task.options)
     parts.append(f"w{options['num_warps']}s{options['num_stages']}")
-    dtype = next((ty[1:] for n, ty in task.signature if n in ("Q_X", "Q", "O_S", "PART_ACC", "O")), "?")
-    if task.name == "_bilateral_combine_kernel":
-        dtype = dict(task.signature)["O_S"][1:]
+    dtype = next((ty[1:] for n, ty in task.signature if n in ("Q_X", "Q", "O_S", "O")), "?")
     return f"{dtype:<4} " + " ".join(parts)
 
 
@@ -214,9 +212,8 @@ def perf_rows(cases, passes, facts, gpu: pm.Gpu, arch: int, host: dict):
             hb = host.get((case, True), {})
             host_us = None
             if h:
-                # steady state: every launch after a signature's first takes the direct path
-                host_us = h["launcher_us"] + h["direct_us"] + ((hb["launcher_us"] + hb["direct_us"]) if backward_too and hb
-                                                              else 0)
+                # steady state: every call after a signature's first runs on its launch plan
+                host_us = h["planned_us"] + (hb["planned_us"] if backward_too and hb else 0)
             rows.append(dict(
                 kernel="(pass)", case=case.name, op=case.op, dtype=case.dtype, mask=case.mask,
                 attn_mask=case.attn_mask, arch=arch, gpu=gpu.name, pass_=label, bytes=nbytes, bytes_moved=moved, roofline_us=nbytes / gpu.bandwidth * 1e6,

@@ -56,7 +56,6 @@ import triton.language as tl
 
 from .common import (
     LOG2E,
-    device_guard,
     diagonal,
     dot,
     dot_precision,
@@ -77,7 +76,7 @@ from .common import (
     split_plan,
 )
 from .configs import block_d_for, cdiv
-from .launch import launch
+from .launch import device_guard, launch
 
 
 # ----------------------------------------------------------------------------------------
@@ -379,13 +378,13 @@ def wide_head_bwd(do, q, k, v, o, scale, key_mask, queries_are_spatial, pair_mas
     part_sum = torch.empty((B * H, lse_splits, Lq), device=device, dtype=f32)
     delta = torch.empty((B * H, Lq), device=device, dtype=f32)
     with device_guard(device):
-        launch(_bilateral_wide_lse_kernel, (B * H, lse_splits, q_blocks), device,
+        launch(_bilateral_wide_lse_kernel, (B * H, lse_splits, q_blocks),
             q, k, key_mask, pair_mask, part_max, part_sum, *q.stride(), *k.stride(), stride_mask_b, stride_mask_l,
             *pair_strides, H, Lq, Lk, D, lse_chunk, lse_splits, scale,
             BLOCK_R=block_q, BLOCK_C=block_k, BLOCK_DC=cfg.BLOCK_DC, HAS_MASK=has_mask,
             DOT_PRECISION=precision, HAS_PAIR_MASK=has_pair_mask, num_warps=cfg.num_warps, num_stages=1,
         )
-        launch(_bilateral_wide_delta_kernel, (B * H, q_blocks), device,
+        launch(_bilateral_wide_delta_kernel, (B * H, q_blocks),
             o, do, delta, *o.stride(), *do.stride(), H, Lq, D,
             BLOCK_R=block_q, BLOCK_DC=cfg.BLOCK_DC, DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=1,
         )
@@ -404,7 +403,7 @@ def wide_head_bwd(do, q, k, v, o, scale, key_mask, queries_are_spatial, pair_mas
     else:
         image_b, part_b = image_a, torch.empty((B * H, splits, M, D), device=device, dtype=f32)
     with device_guard(device):
-        launch(_bilateral_wide_bwd_kernel, (B * H, splits, d_chunks), device,
+        launch(_bilateral_wide_bwd_kernel, (B * H, splits, d_chunks),
             q, do, k, v, lse, delta, key_mask, pair_mask, image_a, image_b, part_a, part_b,
             *q.stride(), *do.stride(), *k.stride(), *v.stride(), stride_mask_b, stride_mask_l, *pair_strides,
             H, M, N, D, chunk, splits, scale,
