@@ -18,6 +18,10 @@ LAUNCH_US; perf_model.py) the script re-times each launch from the quantities th
 (bytes, CTAs, residency, issue cycles, tensor time) and scores the combination by the mean
 squared log ratio of modelled to measured time. It prints each pass's measured time, its time
 under the current constants and under the best ones, and the best constants; it changes nothing.
+
+SDPA's model (perf_model.sdpa_pass, FlashAttention-2) is fitted the same way on its own two
+constants (FA2_PER_SM_BW, FA2_MMA_EFFICIENCY) against the sweeps' `sdpa-flash` rows (two
+calls, one per direction; rows without a dtype ran at the sweep's default, bf16).
 """
 from __future__ import annotations
 
@@ -36,6 +40,12 @@ GRID = {
     "per_sm_bw": [e * 1e9 for e in (10, 12.5, 15, 17.5, 20, 22.5, 25, 30, 35, 40, 50, 60, 80)],
     "launch_us": [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0],
 }
+
+FA2_GRID = {
+    "per_sm_bw": [e * 1e9 for e in (5, 6, 7, 8, 9, 10, 11, 12.5, 15, 17.5, 20, 25, 30)],
+    "mma_efficiency": [0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0],
+}
+SDPA_PASSES = {"fwd": False, "fwd_bwd": True}  # sweep pass -> sdpa_pass's `backward`
 
 
 def _config_label(config: dict) -> str:
@@ -74,6 +84,44 @@ def measured_passes(paths: list[str], launches: dict) -> dict:
             if row["config"] in ("default", _config_label(main["config"])) or row["config"] == "m64" + _config_label(main["config"]):
                 out[key] = row["graph_us"]
     return out
+
+
+def measured_sdpa(paths: list[str]) -> dict:
+    """(shape, pass) -> (its bilateral bf16 Case, measured CUDA-graph us) of SDPA's flash backend."""
+    out = {}
+    for path in paths:
+        for line in open(path, encoding="utf-8"):
+            row = json.loads(line)
+            if (row.get("compare") != "sdpa-flash" or row.get("dtype", "bf16") != "bf16" or not row.get("graph_us")
+                    or row.get("pass") not in SDPA_PASSES):
+                continue
+            dims = {part[0]: int(part[1:]) for part in row["dims"].split()}
+            case = pm.Case(row["shape"], "bilateral", dims["B"], dims["H"], dims["M"], dims["N"], dims["D"], "bf16", False)
+            out[(row["shape"], row["pass"])] = (case, row["graph_us"])
+    return out
+
+
+def sdpa_score(points: list, fa2: tuple, gpu: pm.Gpu) -> float:
+    return sum(math.log(pm.sdpa_pass(case, gpu, SDPA_PASSES[name], fa2) / measured) ** 2
+               for (_, name), case, measured in points) / len(points)
+
+
+def fit_sdpa(paths: list[str], gpu: pm.Gpu) -> dict | None:
+    """The FA2 constants' fit (module docstring), printed; None without sdpa-flash rows."""
+    points = [(key, case, us) for key, (case, us) in sorted(measured_sdpa(paths).items())]
+    if not points:
+        return None
+    current = (pm.FA2_PER_SM_BW, pm.FA2_MMA_EFFICIENCY)
+    best = min(itertools.product(*FA2_GRID.values()), key=lambda c: sdpa_score(points, c, gpu))
+    print(f"SDPA (FlashAttention-2), {len(points)} passes; constants (FA2_PER_SM_BW GB/s, FA2_MMA_EFFICIENCY)")
+    for label, fa2 in (("current", current), ("best", best)):
+        print(f"  {label:<7} {fa2[0] / 1e9:g}, {fa2[1]:g}: rms log error {math.sqrt(sdpa_score(points, fa2, gpu)):.3f}")
+    table = []
+    for (shape, name), case, us in points:
+        now, fitted = (pm.sdpa_pass(case, gpu, SDPA_PASSES[name], fa2) for fa2 in (current, best))
+        print(f"{shape:<24} {name:<8} {us:9.1f} {now:9.1f} {fitted:9.1f}  ({now / us:.2f}, {fitted / us:.2f})")
+        table.append(dict(case=shape, pass_=name, measured_us=us, current_us=now, best_us=fitted))
+    return dict(current=current, best=best, grid=FA2_GRID, passes=table)
 
 
 def launch_us(row: dict, constants: tuple, gpu: pm.Gpu) -> float:
@@ -122,10 +170,11 @@ def main(argv=None) -> int:
         now, fitted = pass_us(rows, current, gpu), pass_us(rows, best, gpu)
         print(f"{case:<24} {name:<6} {us:9.1f} {now:9.1f} {fitted:9.1f}  ({now / us:.2f}, {fitted / us:.2f})")
         table.append(dict(case=case, pass_=name, measured_us=us, current_us=now, best_us=fitted))
+    sdpa = fit_sdpa(args.sweeps, gpu)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(dict(model=args.model, sweeps=args.sweeps, current=current, best=best, grid=GRID, passes=table),
-                      handle, indent=1)
+            json.dump(dict(model=args.model, sweeps=args.sweeps, current=current, best=best, grid=GRID, passes=table,
+                           sdpa=sdpa), handle, indent=1)
     return 0
 
 

@@ -130,7 +130,8 @@ def compare(shape, dtype, emit) -> None:
     providers = [p for p in workload.providers_for(torch.device("cuda")) if p.name in COMPARED]
     for provider in providers:
         for pass_name in ("fwd", "fwd_bwd"):
-            row = {"compare": provider.name, "shape": shape.label, "dims": shape.dims, "pass": pass_name}
+            row = {"compare": provider.name, "shape": shape.label, "dims": shape.dims, "pass": pass_name,
+                   "dtype": workload.DTYPE_NAMES[dtype]}
             try:
                 with provider.context():
                     call = workload.make_callable(provider, case, pass_name)

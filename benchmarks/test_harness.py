@@ -808,6 +808,27 @@ def test_model_fit_recovers_the_constants_that_timed_the_measurements(tmp_path):
     assert tuple(fit["best"]) == truth and fit["current"] == [2.0, 0.25, 60e9, 2.0]
     assert len(fit["passes"]) == 5 and all(p["best_us"] == pytest.approx(p["measured_us"]) for p in fit["passes"])
     assert any(abs(p["current_us"] / p["measured_us"] - 1) > 0.2 for p in fit["passes"])
+    assert fit["sdpa"] is None  # no sdpa-flash rows
     excluded = tmp_path / "fit-excluded.json"
     fit_perf_model.main([str(tmp_path / "model.json"), str(tmp_path / "sweep.jsonl"), "--exclude", "a:fwd", "--json", str(excluded)])
     assert [p["case"] for p in json.loads(excluded.read_text())["passes"]] == ["b", "c", "d", "e"]
+
+
+def test_sdpa_fit_recovers_the_constants_that_timed_the_measurements(tmp_path):
+    """SDPA's flash rows whose 'measured' times come from known FA2 constants (memory-bound and
+    compute-bound shapes, forward and forward + backward): the grid's best is those constants;
+    other providers' rows and other dtypes are not fitted."""
+    pm = fit_perf_model.pm
+    gpu, truth = pm.GPUS["h200"], (12.5e9, 0.35)
+    shapes = {"small-d": (64, 2, 64, 3136, 32), "long": (2, 2, 64, 67200, 32), "wide": (8, 4, 64, 4096, 128)}
+    with open(tmp_path / "sweep.jsonl", "w") as sweep:
+        for label, (B, H, M, N, D) in shapes.items():
+            case = pm.Case(label, "bilateral", B, H, M, N, D, "bf16", False)
+            for name, backward in fit_perf_model.SDPA_PASSES.items():
+                row = {"shape": label, "dims": f"B{B} H{H} M{M} N{N} D{D}", "pass": name}
+                sweep.write(json.dumps({**row, "compare": "sdpa-flash", "graph_us": pm.sdpa_pass(case, gpu, backward, truth)}) + "\n")
+                sweep.write(json.dumps({**row, "compare": "sdpa-cudnn", "graph_us": 1.0}) + "\n")
+                sweep.write(json.dumps({**row, "compare": "sdpa-flash", "dtype": "fp16", "graph_us": 1.0}) + "\n")
+    fit = fit_perf_model.fit_sdpa([str(tmp_path / "sweep.jsonl")], gpu)
+    assert tuple(fit["best"]) == truth and tuple(fit["current"]) == (pm.FA2_PER_SM_BW, pm.FA2_MMA_EFFICIENCY)
+    assert len(fit["passes"]) == 6 and all(p["best_us"] == pytest.approx(p["measured_us"]) for p in fit["passes"])

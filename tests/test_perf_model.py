@@ -164,8 +164,13 @@ def test_op_bytes_and_sdpa_model(monkeypatch):
     assert fwd_us > pm.op_bytes(case, False) / gpu.bandwidth * 1e6 * 0.9  # never under its own bytes' time
     # more HBM bandwidth never costs time; it saves time where HBM, not the per-SM bandwidth, binds
     assert pm.sdpa_pass(case, pm.GPUS["h200"], False) <= fwd_us
-    monkeypatch.setattr(pm, "PER_SM_BW", 1e15)
+    monkeypatch.setattr(pm, "FA2_PER_SM_BW", 1e15)
     assert pm.sdpa_pass(case, pm.GPUS["h200"], False) < pm.sdpa_pass(case, gpu, False)
+    # its own constants, or those given (the fit's): a slower SM or slower dots never save time
+    fitted = (pm.FA2_PER_SM_BW, pm.FA2_MMA_EFFICIENCY)
+    assert pm.sdpa_pass(case, gpu, True, fitted) == pm.sdpa_pass(case, gpu, True)
+    assert pm.sdpa_pass(case, gpu, True, (5e9, pm.FA2_MMA_EFFICIENCY)) > pm.sdpa_pass(case, gpu, True)
+    assert pm.sdpa_pass(case, gpu, True, (pm.FA2_PER_SM_BW, 0.05)) > pm.sdpa_pass(case, gpu, True)
 
 
 

@@ -65,13 +65,20 @@ IPC = 1.25  # sustained warp-instructions per cycle per SM (peak 4: MMA, MUFU.EX
 WARP_IPC = 0.3  # one warp issues at most about one instruction per 3 cycles (dependent-issue latency)
 PER_SM_BW = 20e9  # bytes/s one SM sustains from HBM (bounded bytes in flight / loaded latency)
 LAUNCH_US = 1.5  # fixed cost per kernel launch on the GPU (back-to-back gap, ramp and drain)
+# FlashAttention-2 (SDPA's flash backend, `sdpa_pass`): its own two constants, the best of a
+# grid against its 8 passes measured on the H200 (fit-h200.json's "sdpa"): rms log error 0.15,
+# 0.78x to 1.30x the measured time; the first guesses (our kernels' 20 GB/s per SM, dots at
+# 80%) modelled every pass 1.5-2.4x too fast (rms log error 0.67).
+FA2_PER_SM_BW = 10e9  # bytes/s one SM sustains in its kernels
+FA2_MMA_EFFICIENCY = 0.3  # share of the mma.sync (HMMA) rate its dots reach
 ASSUMPTIONS = (
     f"MODELLED, not measured. IPC {IPC} warp-instr/clk/SM sustained (peak 4), at most {WARP_IPC} per resident warp; "
     f"one SM sustains at most {PER_SM_BW / 1e9:.0f} GB/s; {LAUNCH_US} us fixed per launch; memory time counts "
     "each tensor once (shared re-reads are L2 hits); main-loop instructions are the static SASS body with nested "
     "loops scaled by their trips and every branch inside taken; 16-bit tensor time at the dense peak; "
     "each launch is modelled with the config it launches with (configs.launch_config). SDPA: FlashAttention-2 launch "
-    "heuristics (see perf_model.sdpa_pass)."
+    f"heuristics (see perf_model.sdpa_pass), {FA2_PER_SM_BW / 1e9:g} GB/s per SM, dots at {FA2_MMA_EFFICIENCY:g} of "
+    "the mma.sync rate (fitted)."
 )
 
 # Which pointer arguments a launch reads or writes, by kernel, as a predicate on its constexprs.
@@ -289,15 +296,16 @@ def _fa2_splits(work: int, slots: int, n_blocks: int, max_splits: int = 128) -> 
     return next(s for s in range(1, top + 1) if eligible(s) and efficiency(s) >= 0.85 * best)
 
 
-def _fa2_launch(gpu, ctas, nbytes, logits, flops, softmax_ops):
+def _fa2_launch(gpu, ctas, nbytes, logits, flops, softmax_ops, fa2: tuple):
+    per_sm_bw, mma_efficiency = fa2
     per_sm = math.ceil(ctas / gpu.sms)
-    tc_per_clk = gpu.tensor_flops / gpu.clock / gpu.sms * gpu.hmma_fraction * 0.8
+    tc_per_clk = gpu.tensor_flops / gpu.clock / gpu.sms * gpu.hmma_fraction * mma_efficiency
     cycles_per_cta = logits / ctas * (1 / 16 + softmax_ops / gpu.fp32_per_clk) + flops / ctas / tc_per_clk
     compute_us = per_sm * cycles_per_cta / gpu.clock * 1e6
-    return max(memory_us(nbytes, ctas, gpu), compute_us) + LAUNCH_US
+    return max(memory_us(nbytes, ctas, gpu, per_sm_bw), compute_us) + LAUNCH_US
 
 
-def sdpa_pass(case: Case, gpu: Gpu, backward: bool) -> float | None:
+def sdpa_pass(case: Case, gpu: Gpu, backward: bool, fa2: tuple | None = None) -> float | None:
     """Modelled time of torch SDPA on the FlashAttention-2 backend, one call per direction
     (None with a mask: that backend takes none). Assumptions (FA2's public launch code as
     PyTorch ships it, described here, not measured):
@@ -309,13 +317,16 @@ def sdpa_pass(case: Case, gpu: Gpu, backward: bool) -> float | None:
       dq accumulated in fp32 through L2 atomics, read and written once in HBM), then the dq
       conversion.
     - compute per logit: one MUFU.EX2 (16/clk/SM) plus 5 (forward) or 8 (backward) FP32 ops;
-      dots on mma.sync at 80% of the HMMA rate (`Gpu.hmma_fraction` of the dense peak).
+      dots on mma.sync at FA2_MMA_EFFICIENCY of the HMMA rate (`Gpu.hmma_fraction` of the
+      dense peak); memory as ours (`memory_us`) at FA2_PER_SM_BW per SM.
+    fa2: (per-SM bytes/s, MMA efficiency) in place of the fitted constants (fit_perf_model.py).
     """
     if case.mask:
         return None
     e = 4 if case.dtype == "fp32" else 2
     if e == 4:
         return None  # the flash backend takes 16-bit inputs only
+    fa2 = (FA2_PER_SM_BW, FA2_MMA_EFFICIENCY) if fa2 is None else fa2
     bh, d = case.B * case.H, case.D
     d_pad = max(16, next_power_of_2(d)) if d <= 64 else cdiv(d, 32) * 32
     total = 0.0
@@ -326,18 +337,18 @@ def sdpa_pass(case: Case, gpu: Gpu, backward: bool) -> float | None:
         block_n = 256 if d <= 64 else (128 if d <= 128 else 64)
         splits = _fa2_splits(bh * cdiv(lq, 64), 2 * gpu.sms, cdiv(lk, block_n))
         if splits == 1:
-            total += _fa2_launch(gpu, cdiv(lq, 128) * bh, io, logits, fwd_flops, 5)
+            total += _fa2_launch(gpu, cdiv(lq, 128) * bh, io, logits, fwd_flops, 5, fa2)
         else:
             part = splits * bh * lq * (d + 1) * 4
             total += _fa2_launch(gpu, cdiv(lq, 64) * splits * bh, io - bh * lq * (d * e + 4) + part,
-                                 logits, fwd_flops, 5)
-            total += _fa2_launch(gpu, max(1, bh * cdiv(lq, 16)), part + bh * lq * (d * e + 4), 0, 0, 0)
+                                 logits, fwd_flops, 5, fa2)
+            total += _fa2_launch(gpu, max(1, bh * cdiv(lq, 16)), part + bh * lq * (d * e + 4), 0, 0, 0, fa2)
         if backward:
             q_side = bh * lq * d
-            total += _fa2_launch(gpu, cdiv(lq, 128) * bh, 2 * q_side * e + bh * lq * 4 + q_side * 4, 0, 0, 0)
+            total += _fa2_launch(gpu, cdiv(lq, 128) * bh, 2 * q_side * e + bh * lq * 4 + q_side * 4, 0, 0, 0, fa2)
             main_bytes = (2 * lq + 4 * lk) * bh * d * e + bh * lq * 8 + 2 * q_side * 4
-            total += _fa2_launch(gpu, cdiv(lk, 128) * bh, main_bytes, logits, 2.5 * fwd_flops, 8)
-            total += _fa2_launch(gpu, cdiv(lq, 128) * bh, q_side * (4 + e), 0, 0, 0)
+            total += _fa2_launch(gpu, cdiv(lk, 128) * bh, main_bytes, logits, 2.5 * fwd_flops, 8, fa2)
+            total += _fa2_launch(gpu, cdiv(lq, 128) * bh, q_side * (4 + e), 0, 0, 0, fa2)
     return total
 
 
