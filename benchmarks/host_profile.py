@@ -5,6 +5,8 @@
 For each shape, pass (fwd, bwd, fwd_bwd: the benchmark harness's callables) and provider
 (ours-triton, sdpa-cudnn), one JSON line in OUTDIR/host-profile.jsonl:
   pipelined_us  wall time per call of back-to-back calls (what a training loop sees);
+  pipelined_plain_us  (ours) the same with launch plans off (SPATIALFORMER_TRITON_DIRECT_LAUNCH=0:
+                every call runs the launchers and Triton's own launch path);
   synced_us     wall time per call with a synchronize after each (host and GPU in series);
   graph_us      GPU time per call in a CUDA graph (no host in the way);
   segments      cudaMalloc'd segments the caching allocator added during the timed calls
@@ -41,6 +43,17 @@ def synced_us(fn, calls: int = 30) -> float:
         torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e6)
     return sorted(times)[len(times) // 2]
+
+
+def without_plans(measure):
+    """measure() with the Triton backend's launch plans off (backends/triton/launch.py)."""
+    from spatialformer_kernels.backends.triton import launch
+
+    saved, launch.ENABLED = launch.ENABLED, False
+    try:
+        return measure()
+    finally:
+        launch.ENABLED = saved
 
 
 def segments() -> int:
@@ -100,6 +113,8 @@ def main(argv=None) -> int:
                             row["pipelined_us"] = round(pipelined_us(fn), 1)
                             row["synced_us"] = round(synced_us(fn), 1)
                             row["segments"] = segments() - before
+                            if provider.name == "ours-triton":
+                                row["pipelined_plain_us"] = round(without_plans(lambda: pipelined_us(fn)), 1)
                             if provider.name == "ours-triton" and pass_ == "fwd_bwd":
                                 (args.out / f"profile-{shape.label}.txt").write_text(profile_tables(fn))
                             row["graph_us"] = round(graph_us(fn), 1)

@@ -209,6 +209,73 @@ def test_a_forced_config_drops_the_plans(kernel):
     assert not plans._plans
 
 
+def test_a_launcher_called_while_another_is_recorded_joins_its_plan(kernel):
+    def inner(x):
+        plans.launch(kernel, (2,), x, x, 2, 1.0, BLOCK=16)
+        return ()
+
+    def outer(x):
+        plans.launch(kernel, (1,), x, x, 1, 1.0, BLOCK=16)
+        plans.run(inner, (x,))
+        return ()
+
+    for value in (0.0, 1.0):
+        plans.run(outer, (torch.full((16,), value),))
+    assert [call[0] for call in kernel.plain_calls] == [(1, 1, 1), (2, 1, 1)]  # in order, from the outer plan
+    assert [launch[:3] for launch in kernel.compiled.launches] == [(1, 1, 1), (2, 1, 1)]
+    assert list(plans._plans) and all(key[0] is outer for key in plans._plans)
+
+
+def test_arguments_a_plan_cannot_keep_mean_no_plan(kernel):
+    """A container could hold the first call's tensors; unhashable arguments have no signature."""
+    def launcher(x, parts):
+        plans.launch(kernel, (1,), x, parts, 1, 1.0, BLOCK=16)
+        return ()
+
+    x = torch.zeros(16)
+    for _ in range(2):
+        plans.run(launcher, (x, (x, x)))
+        plans.run(launcher, (x, [x]))
+    assert len(kernel.plain_calls) == 4 and kernel.compiled.launches == []
+
+
+def test_allocations_live_from_their_first_launch_to_their_last(kernel):
+    """As in the launchers themselves: a workspace is made when first used and dropped after its
+    last launch, before the next launch's workspace is made; outputs stay."""
+    def launcher(x):
+        work_a = torch.empty((64,), device=x.device)
+        plans.launch(kernel, (1,), x, work_a, 1, 1.0, BLOCK=16)
+        out = torch.empty((16,), device=x.device)
+        work_b = torch.empty((64,), device=x.device)
+        plans.launch(kernel, (1,), work_b, out, 2, 1.0, BLOCK=16)
+        return (out,)
+
+    x = torch.zeros(16)
+    for _ in range(2):
+        (out,) = plans.run(launcher, (x,))
+        assert out.shape == (16,)
+    (plan,) = plans._plans.values()
+    first, second = plan.steps
+    assert [a[0] for a in first.allocate] == [1] and first.release == (1,)
+    assert sorted(a[0] for a in second.allocate) == [2, 3] and second.release == (3,)
+    assert kernel.compiled.launches[-1][10] is out
+
+
+def test_no_plan_without_python_dispatch_or_with_a_pre_run_hook(kernel):
+    from torch.utils._mode_utils import no_dispatch
+
+    launcher = Launcher(kernel)
+    x = torch.zeros(16)
+    with no_dispatch():  # the recording could not see the launcher's torch operations
+        for _ in range(2):
+            plans.run(launcher, (x, x, 1.0, False))
+    assert launcher.runs == 2 and not plans._plans
+    kernel.pre_run_hooks.append(lambda *args, **kwargs: None)  # only Triton's own path calls it
+    for _ in range(2):
+        plans.run(launcher, (x, x, 1.0, False))
+    assert launcher.runs == 3 and len(kernel.plain_calls) == 4 and kernel.compiled.launches == []
+
+
 def test_the_cache_starts_over_when_full(kernel, monkeypatch):
     monkeypatch.setattr(plans, "MAX_PLANS", 3)
     launcher = Launcher(kernel)

@@ -25,8 +25,17 @@ and the static check's stubbed kernels.
 
 A launcher that runs other torch operations (the wide-head backward reduces its softmax
 statistics with torch between launches) gets no plan: it runs as it is on every call. So
-do all launches with SPATIALFORMER_TRITON_DIRECT_LAUNCH=0. Launch hooks (a profiler's) and
-the interpreter take `kernel[grid](...)` with the plan's arguments.
+does one called under `no_dispatch()` (a recording would not see its operations) and one
+whose launches take anything but tensors and plain constants. So do all launches with
+SPATIALFORMER_TRITON_DIRECT_LAUNCH=0. Launch hooks (a profiler's), kernels with pre-run
+hooks and the interpreter take `kernel[grid](...)` with the plan's arguments.
+
+A plan makes each allocation at the launch that first uses it and drops a workspace after
+the last, so peak memory is the launcher's own. Its limits: a float argument is part of the
+signature, so a softmax scale that changes on every call records a plan on every call; and
+a plan assumes that fresh allocations are 16-byte aligned, as those of PyTorch's CUDA
+allocators are (a custom allocator that breaks this gets a misaligned-address error, not a
+wrong result).
 """
 from __future__ import annotations
 
@@ -154,20 +163,24 @@ class _Step:
     picked from the call's values; once Triton has returned its compiled kernel, that
     kernel's launcher with every parameter picked (`pick_params`: the positional arguments,
     then the later parameters passed by keyword or defaulted; None when a JITFunction's
-    parameter has neither, or for another kernel object)."""
+    parameter has neither, or for another kernel object). `allocate`: the (value index,
+    shape, dtype) of the allocations first used here; `release`: the value indices last used
+    here and not returned, dropped after it (peak memory as the launcher's own)."""
 
-    __slots__ = ("kernel", "grid", "pick_args", "kwargs", "pick_params", "compiled")
+    __slots__ = ("kernel", "grid", "pick_args", "kwargs", "pick_params", "compiled", "allocate", "release")
 
     def __init__(self, kernel, grid: tuple, arg_indices: list, kwargs: dict, param_indices: list | None):
         self.kernel, self.grid, self.kwargs = kernel, grid, kwargs
         self.pick_args = _picker(arg_indices)
         self.pick_params = None if param_indices is None else _picker(param_indices)
         self.compiled = None
+        self.allocate = self.release = ()
 
     def keep(self, compiled) -> None:
         """Launch directly from now on, when Triton returned a compiled kernel of the shape
-        JITFunction.run uses."""
-        if INTERPRET or self.pick_params is None:
+        JITFunction.run uses and the kernel has no pre-run hook (which only Triton's own
+        path calls)."""
+        if INTERPRET or self.pick_params is None or getattr(self.kernel, "pre_run_hooks", None):
             return
         if all(hasattr(compiled, name) for name in ("run", "function", "packed_metadata")):
             self.compiled = compiled
@@ -175,12 +188,14 @@ class _Step:
 
 class Plan:
     """A launcher's allocations and launches for one signature (module docstring). The values
-    of a call: its arguments, then the allocations, then the plan's constants."""
+    of a call: its arguments, then the allocations (made by the steps that first use them),
+    then the plan's constants."""
 
-    __slots__ = ("allocations", "steps", "constants", "pick_result", "device", "direct_device")
+    __slots__ = ("n_args", "n_allocations", "steps", "constants", "pick_result", "device", "direct_device")
 
-    def __init__(self, allocations: tuple, steps: tuple, constants: tuple, pick_result, device: torch.device):
-        self.allocations, self.steps, self.constants = allocations, steps, constants
+    def __init__(self, n_args: int, n_allocations: int, steps: tuple, constants: tuple, pick_result,
+                 device: torch.device):
+        self.n_args, self.n_allocations, self.steps, self.constants = n_args, n_allocations, steps, constants
         self.pick_result, self.device = pick_result, device
         self.direct_device = device.type in DIRECT_DEVICE_TYPES
 
@@ -188,42 +203,54 @@ class Plan:
         """The launches on `args` (the recording's allocations on the first call); returns the
         launcher's result."""
         device = self.device
-        if allocated is None:
-            # sizes as separate arguments: torch's argument parser takes them faster than a tuple
-            allocated = [torch.empty(*shape, dtype=dtype, device=device) for shape, dtype in self.allocations]
-        values = [*args, *allocated, *self.constants]
+        fresh = allocated is None
+        values = [*args, *(allocated or (None,) * self.n_allocations), *self.constants]
         if device.type == "cuda" and device.index != torch.cuda.current_device():
             with torch.cuda.device(device):  # launch on the arguments' GPU
-                self._launch(values)
+                self._launch(values, fresh)
         else:
-            self._launch(values)
+            self._launch(values, fresh)
         return self.pick_result(values)
 
-    def _launch(self, values: list) -> None:
+    def _launch(self, values: list, fresh: bool) -> None:
+        device = self.device
         direct = ENABLED and self.direct_device and not _hooked()
-        stream = _current_stream(self.device.index) if direct else None
+        stream = _current_stream(device.index) if direct else None
         for step in self.steps:
+            if fresh:
+                # sizes as separate arguments: torch's argument parser takes them faster than a tuple
+                for index, shape, dtype in step.allocate:
+                    values[index] = torch.empty(*shape, dtype=dtype, device=device)
             compiled = step.compiled
             if direct and compiled is not None:
                 grid = step.grid
                 compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata,
                              None, None, None, *step.pick_params(values))
-                continue
-            compiled = step.kernel[step.grid](*step.pick_args(values), **step.kwargs)
-            if direct and compiled is not None and step.compiled is None:
-                step.keep(compiled)
+            else:
+                compiled = step.kernel[step.grid](*step.pick_args(values), **step.kwargs)
+                if direct and compiled is not None and step.compiled is None:
+                    step.keep(compiled)
+            for index in step.release:
+                values[index] = None
 
 
 _MISSING = object()
+_python_dispatch_excluded, _PYTHON_KEY = torch._C._dispatch_tls_is_dispatch_key_excluded, torch._C.DispatchKey.Python
+_CONSTANTS = (int, float, bool, str, type(None), torch.dtype)  # what a plan may keep from its first call
 
 
 def run(launcher, args: tuple):
     """launcher(*args), from the plan of the call's signature (module docstring)."""
-    if not ENABLED:
-        return launcher(*args)
+    if not ENABLED or getattr(_state, "recording", None) is not None:
+        return launcher(*args)  # called from a launcher being recorded: part of its plan
     key = _signature(launcher, args)
-    plan = _plans.get(key, _MISSING)
+    try:
+        plan = _plans.get(key, _MISSING)
+    except TypeError:  # an unhashable argument: no plan
+        return launcher(*args)
     if plan is _MISSING:
+        if _python_dispatch_excluded(_PYTHON_KEY):
+            return launcher(*args)  # no_dispatch(): a recording would not see the launcher's torch operations
         plan, allocated = _record(launcher, args)
         if len(_plans) >= MAX_PLANS:
             _plans.clear()
@@ -257,11 +284,12 @@ def _plan_of(recording: _Recording, proxies: tuple, result, device: torch.device
     """The recorded launches with every tensor replaced by the index of its value; raises
     _NotPlannable for a tensor that is neither an argument nor an allocation."""
     index = {id(a): i for i, a in enumerate(proxies) if isinstance(a, torch.Tensor)}
+    first = len(proxies)  # the allocations' first value index
     for j, t in enumerate(recording.allocations):
-        if t.device != device:
-            raise _NotPlannable(f"an allocation on {t.device}")
-        index[id(t)] = len(proxies) + j
-    n_fixed = len(proxies) + len(recording.allocations)
+        if t.device != device or t.dim() == 0:
+            raise _NotPlannable(f"a {t.dim()}-dimensional allocation on {t.device}")
+        index[id(t)] = first + j
+    n_fixed = first + len(recording.allocations)
     constants: list = []
 
     def value_index(value) -> int:
@@ -269,25 +297,37 @@ def _plan_of(recording: _Recording, proxies: tuple, result, device: torch.device
             if id(value) not in index:
                 raise _NotPlannable("a tensor that is neither an argument nor an allocation")
             return index[id(value)]
+        if not isinstance(value, _CONSTANTS):  # a container could hold the first call's tensors
+            raise _NotPlannable(f"a {type(value).__name__} argument")
         constants.append(value)
         return n_fixed + len(constants) - 1
 
-    steps = []
+    steps, used = [], []
     for kernel, grid, args, kwargs in recording.launches:
-        if not isinstance(grid, (tuple, list)) or not all(type(g) is int for g in grid) or any(
-                isinstance(v, torch.Tensor) for v in kwargs.values()):
+        if not isinstance(grid, (tuple, list)) or not all(type(g) is int for g in grid) or not all(
+                isinstance(v, _CONSTANTS) for v in kwargs.values()):
             raise _NotPlannable("a grid or keyword argument that is not a constant")
         arg_indices = [value_index(a) for a in args]
         tail = _trailing(kernel, len(args), kwargs) if isinstance(kernel, JITFunction) else None
         param_indices = None if tail is None else arg_indices + [value_index(c) for c in tail]
         steps.append(_Step(kernel, (*grid, 1, 1)[:3], arg_indices, kwargs, param_indices))
+        used.append({i for i in arg_indices if first <= i < n_fixed})
     if not isinstance(result, (tuple, list)):
         raise _NotPlannable("a result that is not a tuple")
-    pick_result = _picker([value_index(r) for r in result])
-    allocations = tuple((tuple(t.shape), t.dtype) for t in recording.allocations)
-    if any(not shape for shape, _ in allocations):
-        raise _NotPlannable("a zero-dimensional allocation")
-    return Plan(allocations, tuple(steps), tuple(constants), pick_result, device)
+    result_indices = [value_index(r) for r in result]
+    returned = {i for i in result_indices if first <= i < n_fixed}
+    if not steps or returned - set().union(*used):
+        raise _NotPlannable("an allocation returned without a launch writing it")
+    # each allocation is made by the step that first uses it and dropped after the last
+    for j, t in enumerate(recording.allocations):
+        steps_using = [k for k, indices in enumerate(used) if first + j in indices]
+        if steps_using:
+            step = steps[steps_using[0]]
+            step.allocate = (*step.allocate, (first + j, tuple(t.shape), t.dtype))
+            if first + j not in returned:
+                last = steps[steps_using[-1]]
+                last.release = (*last.release, first + j)
+    return Plan(first, len(recording.allocations), tuple(steps), tuple(constants), _picker(result_indices), device)
 
 
 def device_guard(device: torch.device):
