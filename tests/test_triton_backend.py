@@ -100,8 +100,13 @@ def test_launch_config_is_looked_up_never_tuned_and_can_be_forced():
         assert configs.launch_meta(**bucket) == {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3}
         assert configs.launch_meta(**{**bucket, "backward": True}) != {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3}
     assert configs.launch_meta(**bucket)["BLOCK_N"] == chosen.kwargs["BLOCK_N"]
-    for key, (bn, warps, stages) in configs.MEASURED_CONFIGS.items():  # a measured entry is a real config
-        assert bn in (16, 32, 64, 128) and warps in (4, 8) and stages in (1, 2, 3), key
+    for key, (bn, warps, stages) in [*configs.MEASURED_CONFIGS.items(), *configs.UNMASKED_MEASURED_CONFIGS.items()]:
+        assert bn in (16, 32, 64, 128) and warps in (4, 8) and stages in (1, 2, 3), key  # a real config
+    # without a key mask the unmasked entry, with one the entry that does not spill with it
+    d96_s = dict(block_m=64, block_d=128, elem_bytes=2, backward=True, both=False, dir_s=True, arch=90)
+    assert configs.gpu_config(**d96_s).kwargs["BLOCK_N"] == configs.UNMASKED_MEASURED_CONFIGS[(90, True, True, False, 64, 128, 2)][0]
+    assert configs.gpu_config(**d96_s, key_mask=True).kwargs["BLOCK_N"] == configs.MEASURED_CONFIGS[(90, True, True, False, 64, 128, 2)][0]
+    assert configs.gpu_config(**d96_s, pair_mask=True).kwargs == configs.configs_for(**d96_s, pair_mask=True)[0].kwargs
 
 
 @pytest.mark.parametrize("major,minor,arch", [(8, 0, 80), (8, 6, 80), (8, 9, 80), (9, 0, 90), (10, 0, 90)])
@@ -140,12 +145,14 @@ def test_split_reduction_sums_in_split_order_and_rounds_once(dtype, pair):
 
 @needs_triton
 @pytest.mark.parametrize("arch", [90, 80], ids=["sm90", "sm80"])
-@pytest.mark.parametrize("dtype,D", [(BF16, 32), (BF16, 40), (BF16, 96), (FP32, 32)],
-                         ids=["bf16-D32", "bf16-D40", "bf16-D96", "fp32-D32"])
-def test_the_configs_a_gpu_launches_compute_the_op(arch, dtype, D):
+@pytest.mark.parametrize("dtype,D,masked", [(BF16, 32, False), (BF16, 40, False), (BF16, 96, False), (BF16, 96, True),
+                                            (FP32, 32, False)],
+                         ids=["bf16-D32", "bf16-D40", "bf16-D96", "bf16-D96-mask", "fp32-D32"])
+def test_the_configs_a_gpu_launches_compute_the_op(arch, dtype, D, masked):
     """The interpreter runs each bucket's last candidate; a GPU runs its first (or a measured
-    entry). Force the GPU's configs for the forward and backward buckets of the benchmark
-    layout (M = 64 spatial tokens) and check every result against the reference."""
+    entry, which may differ with a key mask). Force the GPU's configs for the forward and
+    backward buckets of the benchmark layout (M = 64 spatial tokens) and check every result
+    against the reference."""
     from spatialformer_kernels.backends.triton import configs
     from spatialformer_kernels.testing import (
         BILATERAL_RESULT_NAMES,
@@ -159,14 +166,15 @@ def test_the_configs_a_gpu_launches_compute_the_op(arch, dtype, D):
     fwd_m = configs.block_m_for(block_d, elem, backward=False, arch=arch)
     bwd_m = configs.block_m_for(block_d, elem, backward=True, n_spatial=64, arch=arch)
     both = configs.fuse_directions(block_d, elem)
-    fwd = configs.gpu_config(fwd_m, block_d, elem, False, both, True, arch)
-    bwd_s = configs.gpu_config(bwd_m, block_d, elem, True, False, True, arch)
-    bwd_x = configs.gpu_config(bwd_m, block_d, elem, True, False, False, arch)
+    fwd = configs.gpu_config(fwd_m, block_d, elem, False, both, True, arch, key_mask=masked)
+    bwd_s = configs.gpu_config(bwd_m, block_d, elem, True, False, True, arch, key_mask=masked)
+    bwd_x = configs.gpu_config(bwd_m, block_d, elem, True, False, False, arch, key_mask=False)  # no spatial mask
     inputs = make_bilateral_inputs(1, 2, 64, 300, D, dtype, device=DEVICE, seed=D)
     grads = [torch.randn(1, 2, L, D, dtype=dtype, device=DEVICE) for L in (64, 300)]
+    mask = mask_for_case(1, 300, "mask" if masked else None, device=DEVICE)
     with configs.forced_config("fwd", fwd), configs.forced_config("bwd_s", bwd_s), configs.forced_config("bwd_x", bwd_x):
-        got = bilateral_results(inputs, grads, "triton")
-    same, exact = reference_bilateral_results(inputs, grads)
+        got = bilateral_results(inputs, grads, "triton", image_mask=mask)
+    same, exact = reference_bilateral_results(inputs, grads, image_mask=mask)
     label = f"sm_{arch} {configs._meta(fwd)} / {configs._meta(bwd_s)} / {configs._meta(bwd_x)}"
     assert_results_close(got, same, exact, dtype, BILATERAL_RESULT_NAMES, label)
 

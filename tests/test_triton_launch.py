@@ -201,12 +201,16 @@ def test_a_forced_config_drops_the_plans(kernel):
 
     from spatialformer_kernels.backends.triton import configs
 
-    plans.run(Launcher(kernel), (torch.zeros(16), torch.zeros(16), 1.0, False))
-    assert plans._plans
+    launcher, args = Launcher(kernel), (torch.zeros(16), torch.zeros(16), 1.0, False)
+    for _ in range(2):
+        plans.run(launcher, args)
+    assert launcher.runs == 1
     with configs.forced_config("fwd", triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)):
-        assert not plans._plans
-        plans.run(Launcher(kernel), (torch.zeros(16), torch.zeros(16), 1.0, False))
-    assert not plans._plans
+        for _ in range(2):
+            plans.run(launcher, args)  # a new plan under the forced config
+    assert launcher.runs == 2
+    plans.run(launcher, args)  # and another without it
+    assert launcher.runs == 3 and len(plans._plans) == 1
 
 
 def test_a_launcher_called_while_another_is_recorded_joins_its_plan(kernel):

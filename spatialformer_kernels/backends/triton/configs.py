@@ -265,25 +265,35 @@ MEASURED_CONFIGS: dict = {
     (90, True, False, True, 64, 128, 2): (64, 8, 2),
 }
 
+# Like MEASURED_CONFIGS, for launches that read no key mask (nor a per-query mask), looked up
+# first: configs measured faster that spill only when the mask code is compiled in.
+UNMASKED_MEASURED_CONFIGS: dict = {
+    # the backward at D = 72 to 128 (bwd-block-m-h200.jsonl, cls224-stage1, D = 96): 32-token
+    # tiles on 4 warps, direction s on one stage 171 us, direction x on two 172 us, against
+    # 204 / 217 us for the entries above; with a key mask they spill (16-56 bytes)
+    (90, True, True, False, 64, 128, 2): (32, 4, 1),
+    (90, True, False, True, 64, 128, 2): (32, 4, 2),
+}
+
 _forced: dict = {"fwd": None, "bwd": None, "bwd_s": None, "bwd_x": None}
+generation = 0  # counts the changes of _forced (launch.py drops its plans when it moves)
 
 
 @contextlib.contextmanager
 def forced_config(pass_: str, config: triton.Config):
     """Make every `pass_` launch use `config` (benchmarks/gpu_config_sweep.py, tests): "fwd", "bwd"
     (both backward directions), or "bwd_s" / "bwd_x" (one direction, before "bwd"). A backward
-    config may also set BLOCK_M, the spatial rows per block (M <= BLOCK_M: one block). The
-    launch plans made before and during it are dropped (launch.py)."""
-    from .launch import clear
-
+    config may also set BLOCK_M, the spatial rows per block (M <= BLOCK_M: one block). Entry
+    and exit count as config changes (`generation`: launch plans made before are dropped)."""
+    global generation
     saved = _forced[pass_]
     _forced[pass_] = config
-    clear()
+    generation += 1
     try:
         yield
     finally:
         _forced[pass_] = saved
-        clear()
+        generation += 1
 
 
 def _forced_for(backward: bool, dir_s: bool):
@@ -292,19 +302,26 @@ def _forced_for(backward: bool, dir_s: bool):
     return _forced["bwd_s" if dir_s else "bwd_x"] or _forced["bwd"]
 
 
-def launch_config(block_m, block_d, elem_bytes, backward, both, dir_s=True, arch=90, pair_mask=False) -> triton.Config:
+def launch_config(block_m, block_d, elem_bytes, backward, both, dir_s=True, arch=90, pair_mask=False,
+                  key_mask=False) -> triton.Config:
     """The config a launch of one shape bucket uses on `arch`: a forced one (forced_config),
-    else the measured table's entry, else the first candidate (the interpreter: the last)."""
+    else the measured tables' entry, else the first candidate (the interpreter: the last).
+    pair_mask / key_mask: the launch reads a per-query mask / a key mask."""
     forced = _forced_for(backward, dir_s)
     if forced is not None:
         return forced
-    return _chosen(block_m, block_d, elem_bytes, backward, both, dir_s, arch, pair_mask)
+    return _chosen(block_m, block_d, elem_bytes, backward, both, dir_s, arch, pair_mask, key_mask)
 
 
-def gpu_config(block_m, block_d, elem_bytes, backward, both, dir_s=True, arch=90, pair_mask=False) -> triton.Config:
-    """The config a GPU of `arch` launches for a bucket: the measured entry, else the first candidate."""
+def gpu_config(block_m, block_d, elem_bytes, backward, both, dir_s=True, arch=90, pair_mask=False,
+               key_mask=False) -> triton.Config:
+    """The config a GPU of `arch` launches for a bucket: the measured entry (without any mask,
+    UNMASKED_MEASURED_CONFIGS first), else the first candidate."""
     dirs = (True, True) if both else (dir_s, not dir_s)
-    measured = None if pair_mask else MEASURED_CONFIGS.get((arch, backward, *dirs, block_m, block_d, elem_bytes))
+    key = (arch, backward, *dirs, block_m, block_d, elem_bytes)
+    measured = None
+    if not pair_mask:
+        measured = (None if key_mask else UNMASKED_MEASURED_CONFIGS.get(key)) or MEASURED_CONFIGS.get(key)
     if measured is not None:
         bn, warps, stages = measured
         return triton.Config({"BLOCK_N": bn}, num_warps=warps, num_stages=stages)
@@ -312,22 +329,23 @@ def gpu_config(block_m, block_d, elem_bytes, backward, both, dir_s=True, arch=90
 
 
 @functools.lru_cache(maxsize=None)
-def _chosen(block_m, block_d, elem_bytes, backward, both, dir_s, arch, pair_mask=False) -> triton.Config:
+def _chosen(block_m, block_d, elem_bytes, backward, both, dir_s, arch, pair_mask=False, key_mask=False) -> triton.Config:
     if INTERPRET:  # the smaller tile: the tests' small shapes still loop over several tiles
         return configs_for(block_m, block_d, elem_bytes, backward, both, dir_s, arch, pair_mask)[-1]
-    return gpu_config(block_m, block_d, elem_bytes, backward, both, dir_s, arch, pair_mask)
+    return gpu_config(block_m, block_d, elem_bytes, backward, both, dir_s, arch, pair_mask, key_mask)
 
 
-def launch_meta(block_m, block_d, elem_bytes, backward, both, dir_s=True, arch=90, pair_mask=False) -> dict:
+def launch_meta(block_m, block_d, elem_bytes, backward, both, dir_s=True, arch=90, pair_mask=False,
+                key_mask=False) -> dict:
     """The launch keywords (BLOCK_N, num_warps, num_stages) of `launch_config`."""
     if _forced_for(backward, dir_s) is not None:
-        return _meta(launch_config(block_m, block_d, elem_bytes, backward, both, dir_s, arch, pair_mask))
-    return _chosen_meta(block_m, block_d, elem_bytes, backward, both, dir_s, arch, pair_mask)
+        return _meta(launch_config(block_m, block_d, elem_bytes, backward, both, dir_s, arch, pair_mask, key_mask))
+    return _chosen_meta(block_m, block_d, elem_bytes, backward, both, dir_s, arch, pair_mask, key_mask)
 
 
 @functools.lru_cache(maxsize=None)
-def _chosen_meta(block_m, block_d, elem_bytes, backward, both, dir_s, arch, pair_mask=False) -> dict:
-    return _meta(_chosen(block_m, block_d, elem_bytes, backward, both, dir_s, arch, pair_mask))
+def _chosen_meta(block_m, block_d, elem_bytes, backward, both, dir_s, arch, pair_mask=False, key_mask=False) -> dict:
+    return _meta(_chosen(block_m, block_d, elem_bytes, backward, both, dir_s, arch, pair_mask, key_mask))
 
 
 def _meta(config: triton.Config) -> dict:

@@ -734,7 +734,8 @@ def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_
         B, H, M, N, D, elem, sm_count(device), arch, run_s, run_x, align * elem >= 16
     )
     combine_grid, combine_m, combine_d, combine_warps, combine_splits, combine_align = combine
-    meta = launch_meta(block_m, block_d, elem, False, run_s and run_x, run_s, arch, pair_mask is not None)
+    key_mask = (run_s and image_mask is not None) or (run_x and spatial_mask is not None)
+    meta = launch_meta(block_m, block_d, elem, False, run_s and run_x, run_s, arch, pair_mask is not None, key_mask)
     raw_logits = scale > 0  # the scale goes into the exponent; the max of raw dots is the logits' max
     f32 = torch.float32
     o_x = lse_x = o_s = lse_s = None
@@ -807,7 +808,8 @@ def attention_bwd(
         align = row_alignment(D, q_x, k_s, v_s, do_x, o_x)
     arch = capability(device)
     block_m, block_d, splits, chunk = _bwd_plan(B, H, M, N, D, elem, sm_count(device), arch, align * elem >= 16)
-    meta = launch_meta(block_m, block_d, elem, True, False, run_s, arch, pair_mask is not None)
+    key_mask = (image_mask if run_s else spatial_mask) is not None
+    meta = launch_meta(block_m, block_d, elem, True, False, run_s, arch, pair_mask is not None, key_mask)
     if "BLOCK_M" in meta:  # a forced config that sets the spatial block too (gpu_config_sweep.py)
         meta = dict(meta)
         block_m = meta.pop("BLOCK_M")

@@ -20,8 +20,8 @@ The signature is the device and, per argument, a tensor's shape, strides, dtype 
 value.
 It determines everything a launcher computes (its integers come from sizes and strides)
 and every specialisation Triton makes (fresh allocations are 16-byte aligned). What else
-a launch depends on is cleared with the plans: a forced config (configs.forced_config)
-and the static check's stubbed kernels.
+a launch depends on drops the plans: a forced config (configs.forced_config, counted by
+configs.generation) and the static check's stubbed kernels.
 
 A launcher that runs other torch operations (the wide-head backward reduces its softmax
 statistics with torch between launches) gets no plan: it runs as it is on every call. So
@@ -49,6 +49,7 @@ import triton
 from torch.utils._python_dispatch import TorchDispatchMode
 from triton.runtime.jit import JITFunction
 
+from . import configs
 from .configs import INTERPRET
 
 # SPATIALFORMER_TRITON_DIRECT_LAUNCH=0: no plans; every launcher runs and every launch
@@ -61,6 +62,7 @@ MAX_PLANS = 1024
 DIRECT_DEVICE_TYPES = ("cuda",)
 
 _plans: dict = {}
+_configs_generation = configs.generation  # the forced configs the plans were made under
 _state = threading.local()  # .recording: the _Recording of a launcher being recorded, if any
 
 
@@ -241,8 +243,12 @@ _CONSTANTS = (int, float, bool, str, type(None), torch.dtype)  # what a plan may
 
 def run(launcher, args: tuple):
     """launcher(*args), from the plan of the call's signature (module docstring)."""
+    global _configs_generation
     if not ENABLED or getattr(_state, "recording", None) is not None:
         return launcher(*args)  # called from a launcher being recorded: part of its plan
+    if configs.generation != _configs_generation:  # a forced config came or went
+        _plans.clear()
+        _configs_generation = configs.generation
     key = _signature(launcher, args)
     try:
         plan = _plans.get(key, _MISSING)

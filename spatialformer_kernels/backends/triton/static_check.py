@@ -51,8 +51,16 @@ COVERAGE_HEAD_DIMS = (16,)  # BLOCK_D 16, compiled besides the issue's head dims
 
 
 def gate_cases():
-    return (lr.all_cases(dtypes=("bf16",), masks=(True,), head_dims=lr.EXTRA_HEAD_DIMS + COVERAGE_HEAD_DIMS)
-            + lr.masked_cross_cases())
+    """bf16 with key masks (the most live state: one case covers a bucket), the masked cross
+    attention cases, and the unmasked cases of the buckets whose measured config differs
+    without a mask (configs.UNMASKED_MEASURED_CONFIGS)."""
+    from . import configs
+
+    head_dims = lr.EXTRA_HEAD_DIMS + COVERAGE_HEAD_DIMS
+    unmasked_block_d = {key[5] for key in configs.UNMASKED_MEASURED_CONFIGS}
+    unmasked = [case for case in lr.all_cases(dtypes=("bf16",), masks=(False,), head_dims=head_dims)
+                if configs.block_d_for(case.D) in unmasked_block_d]
+    return lr.all_cases(dtypes=("bf16",), masks=(True,), head_dims=head_dims) + unmasked + lr.masked_cross_cases()
 
 
 def full_cases():
