@@ -55,11 +55,12 @@ GPUS = {
     "a100": Gpu("A100 SXM", 80, 108, 2.0e12, 1.41e9, 312e12, 64, 1.0),
 }
 
-# Assumptions of the model (stated in every output that uses them). The four constants are the
+# Assumptions of the model (stated in every output that uses them). The four constants were the
 # best of a grid against 18 launcher passes measured on an H200 (benchmarks/fit_perf_model.py;
 # benchmarks/results/static-model/fit-h200.json): rms log error 0.14, against 0.46 for the
 # first guesses (IPC 2, WARP_IPC 0.25, 60 GB/s per SM, 2 us per launch), which modelled every
-# pass 1.1-2.1x too fast.
+# pass 1.1-2.1x too fast. The optimum is flat: against the configs launched since b178589 the
+# grid's best (IPC 1.5, 4 us per launch) scores 0.133 and these 0.134, so they are kept.
 IPC = 1.25  # sustained warp-instructions per cycle per SM (peak 4: MMA, MUFU.EX2 at 16/clk/SM and
 #             shared-memory ops share issue with dependent FP32 chains)
 WARP_IPC = 0.3  # one warp issues at most about one instruction per 3 cycles (dependent-issue latency)
