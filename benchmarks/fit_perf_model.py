@@ -9,7 +9,8 @@ configs: `fwd` = every launch of the forward (the kernel, once per direction whe
 apart, and the combine), `bwd_s` = the
 backward's direction-s launches (its delta kernel, the fused kernel, its split reduction),
 `bwd_x` = the direction-x ones. Rows of a forced config are used where it is the config the
-model's launch runs; a later file's row replaces an earlier one's. A `default` row is the
+model's launch runs (with `--bwd-block-m`'s "m<BLOCK_M>" prefix: and its spatial block); a later
+file's row replaces an earlier one's. A `default` row is the
 default of the commit that ran the sweep: `--exclude` leaves out passes whose default has
 changed since (e.g. `cls224-stage1-D128:bwd_s`).
 
@@ -29,8 +30,11 @@ import argparse
 import itertools
 import json
 import math
+import re
 import sys
 
+from spatialformer_kernels.backends.triton import configs
+from spatialformer_kernels.backends.triton import launch_record as lr
 from spatialformer_kernels.backends.triton import perf_model as pm
 
 PASS_LAUNCHES = {"fwd": ("fwd", None), "bwd_s": ("bwd", (0, 1, 2)), "bwd_x": ("bwd", (3, 4))}  # None: every launch
@@ -69,6 +73,17 @@ def model_launches(model: dict) -> dict:
     return out
 
 
+def model_block_m(case_name: str, backward: bool) -> int | None:
+    """The spatial block (BLOCK_M) the model's launches of a bilateral bf16 case use (contiguous
+    rows, sm_90), or None for a case name that is not a benchmark shape."""
+    shape, _, head_dim = case_name.partition("-D")
+    if shape not in lr.SHAPES:
+        return None
+    _, _, M, _, D = lr.SHAPES[shape]
+    D = int(head_dim) if head_dim else D
+    return configs.block_m_for(configs.block_d_for(D), 2, backward, n_spatial=M, arch=90)
+
+
 def measured_passes(paths: list[str], launches: dict) -> dict:
     """(case, pass) -> measured CUDA-graph us, for rows run at the config the model launches."""
     out = {}
@@ -81,7 +96,11 @@ def measured_passes(paths: list[str], launches: dict) -> dict:
             if key not in launches:
                 continue
             main = next(r for r in launches[key] if r["kernel"] in ("_bilateral_fwd_kernel", "_bilateral_bwd_kernel"))
-            if row["config"] in ("default", _config_label(main["config"])) or row["config"] == "m64" + _config_label(main["config"]):
+            label = _config_label(main["config"])
+            forced_block = re.fullmatch(r"m(\d+)(n\d+w\d+s\d+)", row["config"])  # --bwd-block-m rows
+            if row["config"] in ("default", label) or (
+                    forced_block and forced_block[2] == label
+                    and int(forced_block[1]) == model_block_m(row["shape"], row["pass"] != "fwd")):
                 out[key] = row["graph_us"]
     return out
 

@@ -814,6 +814,22 @@ def test_model_fit_recovers_the_constants_that_timed_the_measurements(tmp_path):
     assert [p["case"] for p in json.loads(excluded.read_text())["passes"]] == ["b", "c", "d", "e"]
 
 
+def test_a_forced_spatial_block_row_counts_only_at_the_models_block(tmp_path):
+    """--bwd-block-m rows ("m<BLOCK_M>n..w..s..") match a modelled launch only where the launcher
+    uses that spatial block (64 rows at D = 96, M = 64 on sm_90), and the tile's label too."""
+    launch = {"config": {"BLOCK_N": 32, "num_warps": 4, "num_stages": 1}}
+    launches = {("cls224-stage1-D96", "bwd_s"): [{**launch, "kernel": "_spatial_delta_kernel"},
+                                                  {**launch, "kernel": "_bilateral_bwd_kernel"}]}
+    assert fit_perf_model.model_block_m("cls224-stage1-D96", True) == 64
+    assert fit_perf_model.model_block_m("not-a-shape", True) is None
+    sweep = tmp_path / "sweep.jsonl"
+    for config, us in (("m32n32w4s1", 1.0), ("m64n32w4s2", 2.0), ("m64n32w4s1", 3.0), ("m16n32w4s1", 4.0)):
+        with open(sweep, "a") as handle:
+            handle.write(json.dumps({"shape": "cls224-stage1-D96", "pass": "bwd_s", "dtype": "bf16", "config": config,
+                                     "graph_us": us}) + "\n")
+    assert fit_perf_model.measured_passes([str(sweep)], launches) == {("cls224-stage1-D96", "bwd_s"): 3.0}
+
+
 def test_sdpa_fit_recovers_the_constants_that_timed_the_measurements(tmp_path):
     """SDPA's flash rows whose 'measured' times come from known FA2 constants (memory-bound and
     compute-bound shapes, forward and forward + backward): the grid's best is those constants;
