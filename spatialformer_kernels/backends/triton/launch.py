@@ -193,11 +193,10 @@ class Plan:
     of a call: its arguments, then the allocations (made by the steps that first use them),
     then the plan's constants."""
 
-    __slots__ = ("n_args", "n_allocations", "steps", "constants", "pick_result", "device", "direct_device")
+    __slots__ = ("n_allocations", "steps", "constants", "pick_result", "device", "direct_device")
 
-    def __init__(self, n_args: int, n_allocations: int, steps: tuple, constants: tuple, pick_result,
-                 device: torch.device):
-        self.n_args, self.n_allocations, self.steps, self.constants = n_args, n_allocations, steps, constants
+    def __init__(self, n_allocations: int, steps: tuple, constants: tuple, pick_result, device: torch.device):
+        self.n_allocations, self.steps, self.constants = n_allocations, steps, constants
         self.pick_result, self.device = pick_result, device
         self.direct_device = device.type in DIRECT_DEVICE_TYPES
 
@@ -207,8 +206,8 @@ class Plan:
         device = self.device
         fresh = allocated is None
         values = [*args, *(allocated or (None,) * self.n_allocations), *self.constants]
-        if device.type == "cuda" and device.index != torch.cuda.current_device():
-            with torch.cuda.device(device):  # launch on the arguments' GPU
+        if _other_gpu(device):  # launch on the arguments' GPU (device_guard, without a null context)
+            with torch.cuda.device(device):
                 self._launch(values, fresh)
         else:
             self._launch(values, fresh)
@@ -333,12 +332,15 @@ def _plan_of(recording: _Recording, proxies: tuple, result, device: torch.device
             if first + j not in returned:
                 last = steps[steps_using[-1]]
                 last.release = (*last.release, first + j)
-    return Plan(first, len(recording.allocations), tuple(steps), tuple(constants), _picker(result_indices), device)
+    return Plan(len(recording.allocations), tuple(steps), tuple(constants), _picker(result_indices), device)
+
+
+def _other_gpu(device: torch.device) -> bool:
+    """Whether `device` is a GPU other than the current one."""
+    return device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device()
 
 
 def device_guard(device: torch.device):
     """Launch on the arguments' GPU even when another one is current (no device switch, and
     no cost beyond one query, when it already is)."""
-    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
-        return contextlib.nullcontext()
-    return torch.cuda.device(device)
+    return torch.cuda.device(device) if _other_gpu(device) else contextlib.nullcontext()
