@@ -179,26 +179,37 @@ def _kernel_objects():
 
 
 @contextlib.contextmanager
-def stubbed_kernels(n_sm: int, events: list, arch: int = 90):
-    """Replace every launchable kernel object of fused.py / wide.py by a recorder appending to
-    `events`, and the SM count by `n_sm`; restores them on exit. Launch plans made with the
-    stand-ins are dropped on exit (and those made before, on entry)."""
-    saved = []
+def stubbed_device(n_sm: int, arch: int = 90):
+    """Make the launchers see a GPU of `n_sm` SMs and architecture `arch` (whatever the
+    tensors' device); restores them on exit. Launch plans made meanwhile are dropped on exit
+    (and those made before, on entry)."""
+    saved = [(module, "sm_count", module.sm_count) for module in (common, fused, wide)]
+    saved.append((fused, "capability", fused.capability))
     clear_plans()
     try:
-        for module, name, obj in list(_kernel_objects()):
-            saved.append((module, name, obj))
-            setattr(module, name, _Recorder(obj, events))
         for module in (common, fused, wide):
-            saved.append((module, "sm_count", module.sm_count))
             module.sm_count = lambda device: n_sm
-        saved.append((fused, "capability", fused.capability))
         fused.capability = lambda device: arch
-        yield events
+        yield
     finally:
-        for module, name, obj in reversed(saved):
+        for module, name, obj in saved:
             setattr(module, name, obj)
         clear_plans()
+
+
+@contextlib.contextmanager
+def stubbed_kernels(n_sm: int, events: list, arch: int = 90):
+    """Replace every launchable kernel object of fused.py / wide.py by a recorder appending to
+    `events`, under `stubbed_device(n_sm, arch)`; restores them on exit."""
+    saved = list(_kernel_objects())
+    with stubbed_device(n_sm, arch):
+        try:
+            for module, name, obj in saved:
+                setattr(module, name, _Recorder(obj, events))
+            yield events
+        finally:
+            for module, name, obj in saved:
+                setattr(module, name, obj)
 
 
 def case_tensors(case: Case):

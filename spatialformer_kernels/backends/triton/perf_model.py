@@ -368,8 +368,8 @@ def host_cost(case: Case, backward: bool, n_sm: int = 132, repeats: int = 30) ->
       `JITFunction.run` adds to `launcher_us` before launching a cached kernel."""
     from triton.runtime.jit import compute_cache_key
 
-    from . import common, fused, launch, wide
-    from .launch_record import _kernel_objects
+    from . import launch
+    from .launch_record import _kernel_objects, stubbed_device
 
     def on_meta(x):
         return x.to("meta") if isinstance(x, torch.Tensor) else x
@@ -398,36 +398,30 @@ def host_cost(case: Case, backward: bool, n_sm: int = 132, repeats: int = 30) ->
             pass
 
     stub = CompiledStub()
-    saved = [(m, n, getattr(m, n)) for m in (common, fused, wide) for n in ("sm_count",)]
-    saved += [(fused, "capability", fused.capability), (launch, "ENABLED", launch.ENABLED),
-              (launch, "DIRECT_DEVICE_TYPES", launch.DIRECT_DEVICE_TYPES),
-              (launch, "_current_stream", launch._current_stream)]
+    saved = [(launch, "ENABLED", launch.ENABLED), (launch, "DIRECT_DEVICE_TYPES", launch.DIRECT_DEVICE_TYPES),
+             (launch, "_current_stream", launch._current_stream)]
     kernels = list(_kernel_objects())
-    try:
-        for module in (common, fused, wide):
-            module.sm_count = lambda device: n_sm
-        fused.capability = lambda device: 90
-        launch.clear()
-        # planned: Triton's own JITFunction objects, their `run` handing out the stub
-        launch.ENABLED, launch.DIRECT_DEVICE_TYPES = True, ("meta",)
-        launch._current_stream = lambda index: 0
-        for _, _, jit in kernels:
-            jit.run = lambda *a, grid, warmup, **k: stub
-        planned = median_us(lambda: fn(*args))
-        for _, _, jit in kernels:
-            del jit.run
-        # the launchers alone
-        launch.ENABLED = False
-        for module, name, _ in kernels:
-            setattr(module, name, NoLaunch())
-        launcher = median_us(lambda: fn(*args))
-    finally:
-        for module, name, obj in kernels:
-            setattr(module, name, obj)
-            obj.__dict__.pop("run", None)
-        for module, name, obj in saved:
-            setattr(module, name, obj)
-        launch.clear()
+    with stubbed_device(n_sm):
+        try:
+            # planned: Triton's own JITFunction objects, their `run` handing out the stub
+            launch.ENABLED, launch.DIRECT_DEVICE_TYPES = True, ("meta",)
+            launch._current_stream = lambda index: 0
+            for _, _, jit in kernels:
+                jit.run = lambda *a, grid, warmup, **k: stub
+            planned = median_us(lambda: fn(*args))
+            for _, _, jit in kernels:
+                del jit.run
+            # the launchers alone
+            launch.ENABLED = False
+            for module, name, _ in kernels:
+                setattr(module, name, NoLaunch())
+            launcher = median_us(lambda: fn(*args))
+        finally:
+            for module, name, obj in kernels:
+                setattr(module, name, obj)
+                obj.__dict__.pop("run", None)
+            for module, name, obj in saved:
+                setattr(module, name, obj)
     launches = [e for e in record(case, n_sm, backward, torch_ops=False) if isinstance(e, KernelLaunch)]
     key_caches: dict = {}
 
