@@ -157,8 +157,11 @@ LOGIT_SCALE = 0.25
 
 
 # (B, H, M, N, D): one spatial block; M past a Triton fp32 block (its looped path) and past
-# the CPU kernel's 64-key tile, odd N; with a mask on the image tokens.
-LARGE_LOGIT_SHAPES = {"one-block": (1, 2, 6, 40, 16), "many-spatial": (1, 1, 70, 45, 16)}
+# the CPU kernel's 64-key tile, odd N; whole tiles of a full spatial block (Triton's 16-bit
+# backward then has no select between the logit's product and the LSE's subtraction, which
+# a GPU compile must not fuse into one FMA); with a mask on the image tokens.
+LARGE_LOGIT_SHAPES = {"one-block": (1, 2, 6, 40, 16), "many-spatial": (1, 1, 70, 45, 16),
+                      "full-tiles": (1, 1, 64, 256, 16)}
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "mask"])

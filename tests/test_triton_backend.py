@@ -103,10 +103,11 @@ def test_launch_config_is_looked_up_never_tuned_and_can_be_forced():
     for key, (bn, warps, stages) in [*configs.MEASURED_CONFIGS.items(), *configs.UNMASKED_MEASURED_CONFIGS.items()]:
         assert bn in (16, 32, 64, 128) and warps in (4, 8) and stages in (1, 2, 3), key  # a real config
     # without a key mask the unmasked entry, with one the entry that does not spill with it
-    d96_s = dict(block_m=64, block_d=128, elem_bytes=2, backward=True, both=False, dir_s=True, arch=90)
-    assert configs.gpu_config(**d96_s).kwargs["BLOCK_N"] == configs.UNMASKED_MEASURED_CONFIGS[(90, True, True, False, 64, 128, 2)][0]
-    assert configs.gpu_config(**d96_s, key_mask=True).kwargs["BLOCK_N"] == configs.MEASURED_CONFIGS[(90, True, True, False, 64, 128, 2)][0]
-    assert configs.gpu_config(**d96_s, pair_mask=True).kwargs == configs.configs_for(**d96_s, pair_mask=True)[0].kwargs
+    d96_x = dict(block_m=64, block_d=128, elem_bytes=2, backward=True, both=False, dir_s=False, arch=90)
+    stages = lambda config: config.num_stages  # noqa: E731
+    assert stages(configs.gpu_config(**d96_x)) == configs.UNMASKED_MEASURED_CONFIGS[(90, True, False, True, 64, 128, 2)][2]
+    assert stages(configs.gpu_config(**d96_x, key_mask=True)) == configs.MEASURED_CONFIGS[(90, True, False, True, 64, 128, 2)][2]
+    assert configs.gpu_config(**d96_x, pair_mask=True).kwargs == configs.configs_for(**d96_x, pair_mask=True)[0].kwargs
 
 
 @pytest.mark.parametrize("major,minor,arch", [(8, 0, 80), (8, 6, 80), (8, 9, 80), (9, 0, 90), (10, 0, 90)])
@@ -223,6 +224,56 @@ def test_small_batch_large_n_uses_several_splits_and_matches():
     out = sk.bilateral_attention(*inputs, backend="triton")
     same, exact = reference_pair(lambda *t: bilateral_attention_reference(*t, D**-0.5), inputs)
     assert_close(out, same, exact, FP32, case_id(B, H, M, N, D, FP32))
+
+
+# (B, H, M, N, D, dtype, mask): the one-block backward's compile-time branches. In the
+# interpreter (32-token tiles where N allows, 8 SMs pretended): N = 256 is whole tiles, N = 600
+# and 97 end in a partial tile (600: in the last of several splits only); M = 64 fills the
+# spatial block, M = 49 pads it; bf16 and fp32 at D < 64 scale the [rows, D] sums, fp16 and
+# D = 128 every score; D = 40 masks head columns; masked image keys and an empty sample.
+BACKWARD_BRANCH_CASES = [
+    (1, 2, 64, 256, 32, BF16, None),
+    (1, 1, 64, 600, 32, FP16, None),
+    (2, 1, 49, 256, 40, BF16, "mask"),
+    (1, 1, 64, 97, 128, BF16, None),
+    (2, 2, 64, 130, 16, FP32, "empty"),
+]
+
+
+@needs_triton
+def test_the_one_block_backward_branches_compute_the_op(monkeypatch):
+    """Every compile-time branch of the one-block backward (whole tiles or a partial last tile,
+    a full or padded spatial block, the scale per score or per sum, masked head columns, key
+    masks), for both directions, against the reference."""
+    from spatialformer_kernels.backends.triton import fused
+    from spatialformer_kernels.testing import (
+        BILATERAL_RESULT_NAMES,
+        assert_results_close,
+        bilateral_results,
+        reference_bilateral_results,
+    )
+
+    branches = set()
+    real_launch = fused.launch
+
+    def recording_launch(kernel, grid, *args, **kwargs):
+        if kernel is fused._bilateral_bwd_kernel and kwargs["M_ONE_BLOCK"]:
+            branches.add(("s" if kwargs["DIR_S"] else "x", kwargs["HAS_TAIL"], kwargs["FULL_KEY_BLOCK"],
+                          kwargs["DS_SCALED"], kwargs["D_MASKED"]))
+        return real_launch(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(fused, "launch", recording_launch)
+    for B, H, M, N, D, dtype, mask_kind in BACKWARD_BRANCH_CASES:
+        inputs = make_bilateral_inputs(B, H, M, N, D, dtype, device=DEVICE, layout="strided", seed=N + D)
+        grads = (transposed_grad((B, H, M, D), dtype, 4, DEVICE), transposed_grad((B, H, N, D), dtype, 5, DEVICE))
+        mask = mask_for_case(B, N, mask_kind, device=DEVICE)
+        got = bilateral_results(inputs, grads, "triton", 0.8 * D**-0.5, mask)
+        same, exact = reference_bilateral_results(inputs, grads, 0.8 * D**-0.5, mask)
+        assert_results_close(got, same, exact, dtype, BILATERAL_RESULT_NAMES, case_id(B, H, M, N, D, dtype))
+    for direction in "sx":
+        for index, name in enumerate(("HAS_TAIL", "FULL_KEY_BLOCK", "DS_SCALED", "D_MASKED"), start=1):
+            seen = {b[index] for b in branches if b[0] == direction}
+            assert seen == {False, True}, f"direction {direction}: {name} only {seen}"
 
 
 # ----------------------------------------------------------------------------------------

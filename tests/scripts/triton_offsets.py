@@ -84,6 +84,9 @@ def _control_int32_offset(X, Y, stride_b):
     pid = tl.program_id(0)
     tl.store(Y + pid.to(tl.int64), tl.load(X + pid * stride_b))
 
+# Kernels that run one direction per launch (they static_assert DIR_S != DIR_X).
+ONE_DIRECTION_KERNELS = {"_bilateral_bwd_kernel"}
+
 report = {"kernels": [], "variants": 0, "addptr": 0, "unsafe": [],
           "control": unsafe_offsets(ttir(_control_int32_offset, {}))}
 for name, fn in sorted({**vars(fused), **vars(wide)}.items()):
@@ -97,6 +100,9 @@ for name, fn in sorted({**vars(fused), **vars(wide)}.items()):
         one_direction = [{**every_branch, "HAS_PAIR_MASK": True, other: False} for other in ("DIR_S", "DIR_X")]
     variants = [every_branch] + [{**every_branch, f: False} for f in flags if not f.startswith(("DIR_", "HAS_"))]
     variants += one_direction
+    if name in ONE_DIRECTION_KERNELS:  # each variant once per direction
+        variants = [dict(t) for t in dict.fromkeys(
+            tuple(sorted({**v, "DIR_S": dir_s, "DIR_X": not dir_s}.items())) for v in variants for dir_s in (True, False))]
     for constexprs in variants:
         text = ttir(fn, constexprs)
         report["variants"] += 1

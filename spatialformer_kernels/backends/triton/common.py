@@ -175,6 +175,18 @@ def sum_log2(l):
 
 
 @triton.jit
+def mul_rn(x, y):
+    """x * y in fp32, rounded by itself: PTX's mul.rn is never contracted into an FMA with an
+    add that follows, as a plain product may be (Triton compiles with FP fusion on). The
+    backward's logits scale * q.k must round as the forward's max did before the LSE is
+    subtracted (`probs`), or a one-hot row's P is off by that product's rounding."""
+    if _INTERPRETER_DOTS:
+        return x * y
+    return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [x, y], dtype=tl.float32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
 def load_lse(LSE, rows, rows_ok):
     """Saved float64 LSE as fp32 (hi, lo), hi the nearest fp32 and lo the rest; (+inf, 0) for
     empty rows and padding so that `probs` gives exactly 0 there."""
@@ -187,9 +199,11 @@ def load_lse(LSE, rows, rows_ok):
 
 @triton.jit
 def probs(s, lse_hi, lse_lo):
-    """P = exp(s - lse) from the split LSE: s - hi is exact near the row max (a one-hot row
-    gives exactly 1), then lo, then the conversion to base 2."""
-    return tl.math.exp2(((s - lse_hi[:, None]) - lse_lo[:, None]) * LOG2E)
+    """P = exp(s - lse) from the split LSE, as exp2((s - hi) * log2(e) - lo * log2(e)): s - hi
+    is exact near the row max (a one-hot row, lo = 0, gives exactly 1); the rest is one fused
+    multiply-add per score, lo * log2(e) being formed once per row."""
+    lo_log2 = lse_lo * LOG2E
+    return tl.math.exp2((s - lse_hi[:, None]) * LOG2E - lo_log2[:, None])
 
 
 @triton.jit

@@ -257,21 +257,20 @@ MEASURED_CONFIGS: dict = {
     (90, True, False, True, 64, 32, 2): (64, 4, 1),
     # direction-x backward, D = 40 to 64: one stage, 79.7 us against 84.2 us at cls224-stage1, D = 64
     (90, True, False, True, 64, 64, 2): (64, 4, 1),
-    # the backward at D = 72 to 128, 64-row blocks: 64-token tiles on 8 warps, two stages, at
-    # cls224-stage1, D = 96: direction s 204 us, direction x 217 us (16-row blocks on 8 warps
-    # before: 614 / 963 us). 32-token tiles on 4 warps ran faster there (171 / 188 us) but
-    # spill with a mask in the static gate (16-56 bytes)
-    (90, True, True, False, 64, 128, 2): (64, 8, 2),
-    (90, True, False, True, 64, 128, 2): (64, 8, 2),
+    # the backward at D = 72 to 128, 64-row blocks (bwd-block-m-h200.jsonl, cls224-stage1,
+    # D = 96): 32-token tiles on 4 warps and one stage, direction s 171 us, direction x 188 us,
+    # against 204 / 217 us for 64-token tiles on 8 warps and two stages (and 614 / 963 us for
+    # the 16-row blocks before). Since the backward's full-tile loop they compile without
+    # spills with a key mask too (the static gate; direction x on two stages does not)
+    (90, True, True, False, 64, 128, 2): (32, 4, 1),
+    (90, True, False, True, 64, 128, 2): (32, 4, 1),
 }
 
 # Like MEASURED_CONFIGS, for launches that read no key mask (nor a per-query mask), looked up
 # first: configs measured faster that spill only when the mask code is compiled in.
 UNMASKED_MEASURED_CONFIGS: dict = {
-    # the backward at D = 72 to 128 (bwd-block-m-h200.jsonl, cls224-stage1, D = 96): 32-token
-    # tiles on 4 warps, direction s on one stage 171 us, direction x on two 172 us, against
-    # 204 / 217 us for the entries above; with a key mask they spill (16-56 bytes)
-    (90, True, True, False, 64, 128, 2): (32, 4, 1),
+    # direction x at D = 72 to 128 on two stages: 172 us against 188 us on one (the same
+    # sweep); with a key mask it spills (24-28 bytes in the static gate)
     (90, True, False, True, 64, 128, 2): (32, 4, 2),
 }
 

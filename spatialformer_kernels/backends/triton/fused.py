@@ -28,15 +28,25 @@ a one-hot softmax cancels exactly as in the reference; per tile the
 image-side gradients (dk_x, dv_x from direction s; dq_x from direction x) are complete and
 written, and the spatial-side ones (dq_s; dk_s, dv_s) are summed per program into a
 per-split fp32 partial (in registers when M <= BLOCK_M, else in the program's own slice of
-the partial buffer), then reduced over splits in a fixed order (a torch sum).
+the partial buffer), then reduced over splits in a fixed order (`reduce_splits`).
+  With one spatial block (M <= BLOCK_M) the backward is shaped like the forward: the main
+  loop runs full tiles with no bounds check and, without a mask, no per-score select
+  (`_bwd_s_tile`, `_bwd_x_tile`); a partial last tile runs once, bounds-checked, before the
+  loop (after it, it raised the loop's registers: sm_80 spilled). dS is rounded once for
+  both of its dots, and the scale multiplies the [rows, D] sums of dq and dk instead of
+  every score where that is fewer multiplies (BLOCK_D < BLOCK_M) and the range allows (not
+  fp16, `DS_SCALED`). Tile pointers are formed per tile (`_row_ptrs`): held across the loop
+  they cost the registers that the D = 128 tiles do not have.
 
 cross_attention uses the same kernels with one direction switched off: few queries over many
 keys is direction s only (q -> q_s, k, v -> k_x, v_x, key_mask -> image_mask); many queries
 over few keys is direction x only (q -> q_x, k, v -> k_s, v_s, key_mask on the M axis).
 
-Numerics: the backward's logits are scale * q.k in fp32, exponentiated as
-exp2((s - lse) * log2(e)). The forward keeps the raw dots q.k where the scale is positive
-(`RAW_LOGITS`; a zero or negative scale uses scale * q.k as the backward does) and
+Numerics: the backward's logits are scale * q.k in fp32, rounded on their own (`mul_rn`: a
+GPU compile would otherwise fuse the product with the LSE's subtraction into one FMA and
+leave a one-hot row's P off by the product's rounding), exponentiated as
+exp2((s - hi) * log2(e) - lo * log2(e)) from the LSE split into fp32 hi + lo (`probs`).
+The forward keeps the raw dots q.k where the scale is positive (`RAW_LOGITS`; a zero or negative scale uses scale * q.k as the backward does) and
 exponentiates exp2((s - max) * rate) with rate = scale * log2(e): the max is subtracted
 first, so the top logit gives exactly exp2(0) = 1, and the LSE rounds scale * max to fp32
 before adding log(sum), so a one-hot row's LSE is bitwise the top logit the backward
@@ -82,6 +92,7 @@ from .common import (
     logit_rates,
     lse_value,
     mask_args,
+    mul_rn,
     multiple,
     online_max,
     pair_mask_args,
@@ -112,14 +123,6 @@ from .launch import device_guard, launch
 # jit helpers of the fused kernels (the ones wide.py shares are in common.py)
 # ----------------------------------------------------------------------------------------
 @triton.jit
-def _scores(q, k, keep, sm_scale, DOT_PRECISION: tl.constexpr):
-    """Logits scale * q k^T of queries q [R, D] over keys k [C, D]; -inf where keep ([R, C] or
-    [1, C], `query_key_keep`) drops the pair."""
-    s = dot(q, tl.trans(k), DOT_PRECISION) * sm_scale
-    return tl.where(keep, s, float("-inf"))
-
-
-@triton.jit
 def _online_softmax_step(s, v, m_i, l_i, acc, rate, DOT_PRECISION: tl.constexpr):
     """Fold one block of logits s [R, C] and values v [C, D] into (max, sum, acc); exp(logit - max)
     is exp2((s - max) * rate) (`_logits`)."""
@@ -141,24 +144,35 @@ def _delta_like_dp(do, o, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr):
 
 @triton.jit
 def _attn_bwd_block(q, do, lse_hi, lse_lo, delta, k, v, keep, sm_scale, DOT_PRECISION: tl.constexpr,
-                    DELTA_FROM_P: tl.constexpr = False):
+                    DELTA_FROM_P: tl.constexpr = False, KEYS_MASKED: tl.constexpr = True,
+                    DS_SCALED: tl.constexpr = True):
     """Gradient contributions of queries q [R, D] against one block of keys k, v [C, D]:
-    returns (dq [R, D], dk [C, D], dv [C, D]) in fp32, already multiplied by the scale.
+    returns (dq [R, D], dk [C, D], dv [C, D]) in fp32.
+    KEYS_MASKED: drop the pairs where keep ([R, C] or [1, C], `query_key_keep`) is False; else
+    every pair of the block takes part (keep is ignored: a full tile of an unmasked launch).
+    DS_SCALED: dS carries the scale before it is rounded for the dots, and dq, dk are complete
+    (fp16, whose range the unscaled dS could leave); else dq and dk still lack the factor
+    scale, which the caller applies once to its [rows, D] sums instead of to every score.
     DELTA_FROM_P: the block holds every key of the rows, so delta is formed here from P and
     dP, as the reference's softmax backward does, and the `delta` argument is ignored. It is
     rowsum(P * dP) / rowsum(P): normalising turns a per-row factor error of the recomputed P
     (the roundings of the split LSE and of exp2) into a relative error of dS."""
-    # -- recompute the probabilities from the saved LSE --
-    s = _scores(q, k, keep, sm_scale, DOT_PRECISION)
+    # -- recompute the probabilities from the saved LSE (logits rounded as the forward's) --
+    s = mul_rn(dot(q, tl.trans(k), DOT_PRECISION), sm_scale)
+    if KEYS_MASKED:
+        s = tl.where(keep, s, float("-inf"))
     p = probs(s, lse_hi, lse_lo)
-    # -- dS = P * (dP - delta) --
+    # -- dS = P * (dP - delta), rounded once for both of its dots --
     dp = dot(do, tl.trans(v), DOT_PRECISION)
     if DELTA_FROM_P:
         p_sum = tl.sum(p, 1)
         delta = tl.sum(p * dp, 1) / tl.where(p_sum > 0.0, p_sum, 1.0)
-    ds = p * (dp - delta[:, None]) * sm_scale
-    dq = dot(round_to(ds, k.dtype), k, DOT_PRECISION)
-    dk = dot(round_to(tl.trans(ds), q.dtype), q, DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    if DS_SCALED:
+        ds = ds * sm_scale
+    ds = round_to(ds, k.dtype)
+    dq = dot(ds, k, DOT_PRECISION)
+    dk = dot(tl.trans(ds), q, DOT_PRECISION)
     dv = dot(round_to(tl.trans(p), do.dtype), do, DOT_PRECISION)
     return dq, dk, dv
 
@@ -173,7 +187,7 @@ def _logits(q, k, sm_scale, DOT_PRECISION: tl.constexpr, RAW_LOGITS: tl.constexp
     scale * q k^T (a zero or negative scale keeps the backward's domain, where max is max)."""
     s = dot(q, tl.trans(k), DOT_PRECISION)
     if not RAW_LOGITS:
-        s = s * sm_scale
+        s = mul_rn(s, sm_scale)
     return s
 
 
@@ -189,9 +203,25 @@ def _tile_ptrs(base, stride_row, stride_col, BLOCK_R: tl.constexpr, BLOCK_D: tl.
 @triton.jit
 def _load_tile(tile_ptrs, r0, stride_row, rows_ok, cols_ok,
                ROWS_MASKED: tl.constexpr, COLS_MASKED: tl.constexpr, ALIGN: tl.constexpr):
-    """Load the tile of rows r0.. from `_tile_ptrs`, zeros outside the masks, with only the
-    bounds checks the tile needs: a full tile of a D = BLOCK_D head has no predicate at all."""
-    ptrs = tile_ptrs + tl.cast(r0, tl.int64) * multiple(stride_row, ALIGN)
+    """Load the tile of rows r0.. from `_tile_ptrs` (`_masked_load`)."""
+    return _masked_load(tile_ptrs + tl.cast(r0, tl.int64) * multiple(stride_row, ALIGN), rows_ok, cols_ok,
+                        ROWS_MASKED, COLS_MASKED)
+
+
+@triton.jit
+def _row_ptrs(base, r0, stride_row, stride_col, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr):
+    """Pointers to rows r0..r0+BLOCK_R-1 of a [rows, D] head (int64 offsets), formed per tile:
+    a few instructions more than `_tile_ptrs`, but no tile of pointers held across a loop,
+    which the backward's register budget cannot spare."""
+    rows = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D).to(tl.int64)
+    return base + rows[:, None] * multiple(stride_row, ALIGN) + cols[None, :] * stride_col
+
+
+@triton.jit
+def _masked_load(ptrs, rows_ok, cols_ok, ROWS_MASKED: tl.constexpr, COLS_MASKED: tl.constexpr):
+    """Load a tile, zeros outside the masks, with only the bounds checks the tile needs: a full
+    tile of a D = BLOCK_D head has no predicate at all."""
     if ROWS_MASKED and COLS_MASKED:
         return tl.load(ptrs, mask=rows_ok[:, None] & cols_ok[None, :], other=0.0)
     elif ROWS_MASKED:
@@ -200,6 +230,19 @@ def _load_tile(tile_ptrs, r0, stride_row, rows_ok, cols_ok,
         return tl.load(ptrs, mask=cols_ok[None, :], other=0.0)
     else:
         return tl.load(ptrs)
+
+
+@triton.jit
+def _masked_store(ptrs, value, rows_ok, cols_ok, ROWS_MASKED: tl.constexpr, COLS_MASKED: tl.constexpr):
+    """`_masked_load`'s counterpart."""
+    if ROWS_MASKED and COLS_MASKED:
+        tl.store(ptrs, value, mask=rows_ok[:, None] & cols_ok[None, :])
+    elif ROWS_MASKED:
+        tl.store(ptrs, value, mask=rows_ok[:, None])
+    elif COLS_MASKED:
+        tl.store(ptrs, value, mask=cols_ok[None, :])
+    else:
+        tl.store(ptrs, value)
 
 
 @triton.jit
@@ -512,6 +555,81 @@ def _spatial_delta_kernel(
     tl.store(DELTA_S + (pid_bh.to(tl.int64) * M + rows), delta, mask=rows_ok)
 
 
+@triton.jit
+def _bwd_s_tile(
+    n0, n_end, b, offs_m, m_ok, d_ok,
+    k_x_ptr, stride_kx_n, stride_kx_d, v_x_ptr, stride_vx_n, stride_vx_d,  # this head's image keys, values
+    DK_X, DV_X, grad_base, D,  # outputs, contiguous: this head's rows start at grad_base
+    IMAGE_MASK, stride_im_b, stride_im_n,
+    PAIR_MASK, stride_pm_b, stride_pm_q, stride_pm_k,
+    q_s, do_s, lse_hi_s, lse_lo_s, delta_s, dq_s_acc, sm_scale,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_IMAGE_MASK: tl.constexpr, HAS_PAIR_MASK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr, D_MASKED: tl.constexpr, DS_SCALED: tl.constexpr,
+    TAIL: tl.constexpr,
+):
+    """Direction s's backward over one BLOCK_N tile of image keys [n0, n0 + BLOCK_N), all
+    spatial queries in registers: dk_x, dv_x of the tile are complete and written; dq_s_acc
+    gains the tile's share (returned). TAIL: the tile may run past n_end, so it is bounds-checked
+    and its keys masked; a full tile of an unmasked launch carries no per-score select."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < n_end
+    k_x = _masked_load(_row_ptrs(k_x_ptr, n0, stride_kx_n, stride_kx_d, BLOCK_N, BLOCK_D, ALIGN), n_ok, d_ok,
+                       TAIL, D_MASKED)
+    v_x = _masked_load(_row_ptrs(v_x_ptr, n0, stride_vx_n, stride_vx_d, BLOCK_N, BLOCK_D, ALIGN), n_ok, d_ok,
+                       TAIL, D_MASKED)
+    KEYS_MASKED: tl.constexpr = TAIL or HAS_IMAGE_MASK or HAS_PAIR_MASK
+    keep = 0
+    if KEYS_MASKED:
+        keep = key_keep(IMAGE_MASK, b, offs_n, n_ok, stride_im_b, stride_im_n, HAS_IMAGE_MASK)
+        keep = query_key_keep(keep, PAIR_MASK, b, offs_m, m_ok, offs_n, stride_pm_b, stride_pm_q, stride_pm_k,
+                              HAS_PAIR_MASK)
+    dq, dk, dv = _attn_bwd_block(q_s, do_s, lse_hi_s, lse_lo_s, delta_s, k_x, v_x, keep, sm_scale, DOT_PRECISION,
+                                 KEYS_MASKED=KEYS_MASKED, DS_SCALED=DS_SCALED)
+    if not DS_SCALED:
+        dk = dk * sm_scale
+    out = _row_ptrs(grad_base, n0, D, 1, BLOCK_N, BLOCK_D, ALIGN)  # offsets: both outputs share them
+    _masked_store(DK_X + out, round_to(dk, DK_X.dtype.element_ty), n_ok, d_ok, TAIL, D_MASKED)
+    _masked_store(DV_X + out, round_to(dv, DV_X.dtype.element_ty), n_ok, d_ok, TAIL, D_MASKED)
+    return dq_s_acc + dq
+
+
+@triton.jit
+def _bwd_x_tile(
+    n0, n_end, b, offs_m, d_ok,
+    q_x_ptr, stride_qx_n, stride_qx_d, do_x_ptr, stride_dox_n, stride_dox_d,  # this head's image queries, dO
+    lse_x_ptr,  # this head's LSE_X rows
+    DQ_X, grad_base, D,  # output, contiguous: this head's rows start at grad_base
+    PAIR_MASK, stride_pm_b, stride_pm_q, stride_pm_k,
+    k_s, v_s, ks_keep, dk_s_acc, dv_s_acc, sm_scale,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_PAIR_MASK: tl.constexpr, KEYS_MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr, D_MASKED: tl.constexpr, DS_SCALED: tl.constexpr,
+    TAIL: tl.constexpr,
+):
+    """Direction x's backward over one BLOCK_N tile of image queries [n0, n0 + BLOCK_N) against
+    all spatial keys (in registers, ks_keep their `key_keep`): dq_x of the tile is complete and
+    written; (dk_s_acc, dv_s_acc) gain the tile's share (returned). KEYS_MASKED: some spatial key
+    or pair is dropped (padding, a key mask, a per-query mask); padded query rows of a TAIL tile
+    need no mask (their LSE makes P exactly 0)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < n_end
+    q_x = _masked_load(_row_ptrs(q_x_ptr, n0, stride_qx_n, stride_qx_d, BLOCK_N, BLOCK_D, ALIGN), n_ok, d_ok,
+                       TAIL, D_MASKED)
+    do_x = _masked_load(_row_ptrs(do_x_ptr, n0, stride_dox_n, stride_dox_d, BLOCK_N, BLOCK_D, ALIGN), n_ok, d_ok,
+                        TAIL, D_MASKED)
+    lse_hi_x, lse_lo_x = load_lse(lse_x_ptr, offs_n, n_ok)
+    keep = 0
+    if KEYS_MASKED:
+        keep = query_key_keep(ks_keep, PAIR_MASK, b, offs_n, n_ok, offs_m, stride_pm_b, stride_pm_q, stride_pm_k,
+                              HAS_PAIR_MASK)
+    dq, dk, dv = _attn_bwd_block(q_x, do_x, lse_hi_x, lse_lo_x, 0.0, k_s, v_s, keep, sm_scale, DOT_PRECISION,
+                                 DELTA_FROM_P=True, KEYS_MASKED=KEYS_MASKED, DS_SCALED=DS_SCALED)
+    if not DS_SCALED:
+        dq = dq * sm_scale
+    _masked_store(DQ_X + _row_ptrs(grad_base, n0, D, 1, BLOCK_N, BLOCK_D, ALIGN), round_to(dq, DQ_X.dtype.element_ty),
+                  n_ok, d_ok, TAIL, D_MASKED)
+    return dk_s_acc + dk, dv_s_acc + dv
+
+
 @triton.jit(do_not_specialize=["M", "N", "CHUNK", "SPLITS"])
 def _bilateral_bwd_kernel(
     Q_S, K_S, V_S, DO_S,  # [B, H, M, D] each, any strides
@@ -545,9 +663,18 @@ def _bilateral_bwd_kernel(
     DOT_PRECISION: tl.constexpr,
     ALIGN: tl.constexpr,  # D and the row strides are multiples of this (common.row_alignment)
     HAS_PAIR_MASK: tl.constexpr = False,  # cross attention only: one direction runs
+    FULL_KEY_BLOCK: tl.constexpr = False,  # M == BLOCK_M: no padded spatial row in the block
+    D_MASKED: tl.constexpr = True,  # D < BLOCK_D: head columns are bounds-checked
+    HAS_TAIL: tl.constexpr = True,  # N % BLOCK_N != 0: the last split ends in a partial tile
+    DS_SCALED: tl.constexpr = True,  # dS carries the scale per score (fp16); else the [rows, D] sums do
 ):
+    """One direction's backward (DIR_S or DIR_X), grid (B*H, SPLITS): each program walks its
+    CHUNK image tokens in BLOCK_N tiles. With M_ONE_BLOCK the spatial side stays in registers
+    and the main loop runs the full tiles only (`_bwd_s_tile`, `_bwd_x_tile`), a partial last
+    tile (HAS_TAIL) being a bounds-checked copy run before it; a larger M loops over BLOCK_M
+    spatial blocks per tile, all bounds-checked."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
-    tl.static_assert(not (HAS_PAIR_MASK and DIR_S and DIR_X))
+    tl.static_assert(DIR_S != DIR_X)
     D = multiple(D, ALIGN)
     pid_bh, b, h = program_head(H)
     split = tl.program_id(1)
@@ -562,6 +689,7 @@ def _bilateral_bwd_kernel(
     do_x_ptr = head_base(DO_X, b, h, stride_dox_b, stride_dox_h, ALIGN=ALIGN)
     lse_s_ptr = LSE_S + pid_bh.to(tl.int64) * M
     lse_x_ptr = LSE_X + pid_bh.to(tl.int64) * N
+    grad_base = pid_bh.to(tl.int64) * N * D  # this head's rows of DQ_X / DK_X / DV_X
     part_base = (pid_bh.to(tl.int64) * SPLITS + split) * M * D
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
@@ -572,66 +700,88 @@ def _bilateral_bwd_kernel(
     if M_ONE_BLOCK:
         # -- the whole spatial side stays in registers for the chunk --
         m_ok = offs_blk < M
+        n_full_end = n_start + (n_end - n_start) // BLOCK_N * BLOCK_N
+        part_offsets = part_base + offs_blk.to(tl.int64)[:, None] * D + offs_d[None, :]
+        part_ok = m_ok[:, None] & d_ok[None, :]
         if DIR_S:
             q_s = load_rows(q_s_ptr, offs_blk, offs_d, stride_qs_m, stride_qs_d, m_ok, d_ok, ALIGN=ALIGN)
             do_s = load_rows(do_s_ptr, offs_blk, offs_d, stride_dos_m, stride_dos_d, m_ok, d_ok, ALIGN=ALIGN)
             delta_s = tl.load(DELTA_S + (pid_bh.to(tl.int64) * M + offs_blk), mask=m_ok, other=0.0)
             lse_hi_s, lse_lo_s = load_lse(lse_s_ptr, offs_blk, m_ok)
             dq_s_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        if DIR_X:
+            # The partial last tile first: after the main loop it raised the loop's registers
+            # (sm_80 spilled at D = 32 with a mask).
+            if HAS_TAIL:
+                if n_full_end < n_end:
+                    dq_s_acc = _bwd_s_tile(
+                        n_full_end, n_end, b, offs_blk, m_ok, d_ok, k_x_ptr, stride_kx_n, stride_kx_d,
+                        v_x_ptr, stride_vx_n, stride_vx_d, DK_X, DV_X, grad_base, D, IMAGE_MASK, stride_im_b, stride_im_n,
+                        PAIR_MASK, stride_pm_b, stride_pm_q, stride_pm_k,
+                        q_s, do_s, lse_hi_s, lse_lo_s, delta_s, dq_s_acc, sm_scale, BLOCK_N, BLOCK_D,
+                        HAS_IMAGE_MASK, HAS_PAIR_MASK, DOT_PRECISION, ALIGN, D_MASKED, DS_SCALED, TAIL=True,
+                    )
+            for n0 in range(n_start, n_full_end, BLOCK_N):
+                dq_s_acc = _bwd_s_tile(
+                    n0, n_end, b, offs_blk, m_ok, d_ok, k_x_ptr, stride_kx_n, stride_kx_d,
+                    v_x_ptr, stride_vx_n, stride_vx_d, DK_X, DV_X, grad_base, D, IMAGE_MASK, stride_im_b, stride_im_n,
+                    PAIR_MASK, stride_pm_b, stride_pm_q, stride_pm_k,
+                    q_s, do_s, lse_hi_s, lse_lo_s, delta_s, dq_s_acc, sm_scale, BLOCK_N, BLOCK_D,
+                    HAS_IMAGE_MASK, HAS_PAIR_MASK, DOT_PRECISION, ALIGN, D_MASKED, DS_SCALED, TAIL=False,
+                )
+            if not DS_SCALED:
+                dq_s_acc = dq_s_acc * sm_scale
+            tl.store(PART_DQ_S + part_offsets, dq_s_acc, mask=part_ok)
+        else:
+            KEYS_MASKED: tl.constexpr = not FULL_KEY_BLOCK or HAS_SPATIAL_MASK or HAS_PAIR_MASK
             ks_keep = key_keep(SPATIAL_MASK, b, offs_blk, m_ok, stride_sm_b, stride_sm_m, HAS_SPATIAL_MASK)
             k_s = load_rows(k_s_ptr, offs_blk, offs_d, stride_ks_m, stride_ks_d, m_ok, d_ok, ALIGN=ALIGN)
             v_s = load_rows(v_s_ptr, offs_blk, offs_d, stride_vs_m, stride_vs_d, m_ok, d_ok, ALIGN=ALIGN)
             dk_s_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
             dv_s_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-
-    for n0 in range(n_start, n_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < n_end
-        tile_ok = n_ok[:, None] & d_ok[None, :]
-        out_offsets = (pid_bh.to(tl.int64) * N + offs_n)[:, None] * D + offs_d[None, :]
-        # -- image-side tile --
-        if DIR_X:
-            q_x = load_rows(q_x_ptr, offs_n, offs_d, stride_qx_n, stride_qx_d, n_ok, d_ok, ALIGN=ALIGN)
-            do_x = load_rows(do_x_ptr, offs_n, offs_d, stride_dox_n, stride_dox_d, n_ok, d_ok, ALIGN=ALIGN)
-            if M_ONE_BLOCK:
-                delta_x = tl.zeros([BLOCK_N], dtype=tl.float32)  # formed from P and dP per block
-            else:
+            if HAS_TAIL:
+                if n_full_end < n_end:
+                    dk_s_acc, dv_s_acc = _bwd_x_tile(
+                        n_full_end, n_end, b, offs_blk, d_ok, q_x_ptr, stride_qx_n, stride_qx_d,
+                        do_x_ptr, stride_dox_n, stride_dox_d, lse_x_ptr, DQ_X, grad_base, D,
+                        PAIR_MASK, stride_pm_b, stride_pm_q, stride_pm_k, k_s, v_s, ks_keep, dk_s_acc, dv_s_acc,
+                        sm_scale, BLOCK_N, BLOCK_D, HAS_PAIR_MASK, KEYS_MASKED, DOT_PRECISION, ALIGN, D_MASKED,
+                        DS_SCALED, TAIL=True,
+                    )
+            for n0 in range(n_start, n_full_end, BLOCK_N):
+                dk_s_acc, dv_s_acc = _bwd_x_tile(
+                    n0, n_end, b, offs_blk, d_ok, q_x_ptr, stride_qx_n, stride_qx_d,
+                    do_x_ptr, stride_dox_n, stride_dox_d, lse_x_ptr, DQ_X, grad_base, D,
+                    PAIR_MASK, stride_pm_b, stride_pm_q, stride_pm_k, k_s, v_s, ks_keep, dk_s_acc, dv_s_acc,
+                    sm_scale, BLOCK_N, BLOCK_D, HAS_PAIR_MASK, KEYS_MASKED, DOT_PRECISION, ALIGN, D_MASKED,
+                    DS_SCALED, TAIL=False,
+                )
+            if not DS_SCALED:
+                dk_s_acc = dk_s_acc * sm_scale
+            tl.store(PART_DK_S + part_offsets, dk_s_acc, mask=part_ok)
+            tl.store(PART_DV_S + part_offsets, dv_s_acc, mask=part_ok)
+    else:
+        # -- M > BLOCK_M: per image tile, loop over spatial blocks; their partials live in this
+        # program's own slice of the split buffers (first tile stores, later tiles add: no
+        # atomics). dS carries the scale here whatever DS_SCALED says. --
+        for n0 in range(n_start, n_end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < n_end
+            tile_ok = n_ok[:, None] & d_ok[None, :]
+            out_offsets = grad_base + offs_n.to(tl.int64)[:, None] * D + offs_d[None, :]
+            not_first = n0 > n_start
+            if DIR_X:
+                q_x = load_rows(q_x_ptr, offs_n, offs_d, stride_qx_n, stride_qx_d, n_ok, d_ok, ALIGN=ALIGN)
+                do_x = load_rows(do_x_ptr, offs_n, offs_d, stride_dox_n, stride_dox_d, n_ok, d_ok, ALIGN=ALIGN)
                 o_x = load_rows(o_x_ptr, offs_n, offs_d, stride_ox_n, stride_ox_d, n_ok, d_ok, ALIGN=ALIGN)
                 delta_x = _delta_like_dp(do_x, o_x, BLOCK_N, DOT_PRECISION)
-            lse_hi_x, lse_lo_x = load_lse(lse_x_ptr, offs_n, n_ok)
-            dq_x = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        if DIR_S:
-            keep_n = key_keep(IMAGE_MASK, b, offs_n, n_ok, stride_im_b, stride_im_n, HAS_IMAGE_MASK)
-            k_x = load_rows(k_x_ptr, offs_n, offs_d, stride_kx_n, stride_kx_d, n_ok, d_ok, ALIGN=ALIGN)
-            v_x = load_rows(v_x_ptr, offs_n, offs_d, stride_vx_n, stride_vx_d, n_ok, d_ok, ALIGN=ALIGN)
-            dk_x = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-            dv_x = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-
-        if M_ONE_BLOCK:
-            if DIR_S:
-                keep_mn = query_key_keep(keep_n, PAIR_MASK, b, offs_blk, m_ok, offs_n,
-                                         stride_pm_b, stride_pm_q, stride_pm_k, HAS_PAIR_MASK)
-                dq_c, dk_c, dv_c = _attn_bwd_block(
-                    q_s, do_s, lse_hi_s, lse_lo_s, delta_s, k_x, v_x, keep_mn, sm_scale, DOT_PRECISION
-                )
-                dq_s_acc += dq_c
-                dk_x += dk_c
-                dv_x += dv_c
-            if DIR_X:
-                keep_nm = query_key_keep(ks_keep, PAIR_MASK, b, offs_n, n_ok, offs_blk,
-                                         stride_pm_b, stride_pm_q, stride_pm_k, HAS_PAIR_MASK)
-                dq_c, dk_c, dv_c = _attn_bwd_block(
-                    q_x, do_x, lse_hi_x, lse_lo_x, delta_x, k_s, v_s, keep_nm, sm_scale, DOT_PRECISION,
-                    DELTA_FROM_P=True,
-                )
-                dq_x += dq_c
-                dk_s_acc += dk_c
-                dv_s_acc += dv_c
-        else:
-            # -- M > BLOCK_M: loop over spatial blocks; their partials live in this program's
-            # own slice of the split buffers (first tile stores, later tiles add: no atomics) --
-            not_first = n0 > n_start
+                lse_hi_x, lse_lo_x = load_lse(lse_x_ptr, offs_n, n_ok)
+                dq_x = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+            else:
+                keep_n = key_keep(IMAGE_MASK, b, offs_n, n_ok, stride_im_b, stride_im_n, HAS_IMAGE_MASK)
+                k_x = load_rows(k_x_ptr, offs_n, offs_d, stride_kx_n, stride_kx_d, n_ok, d_ok, ALIGN=ALIGN)
+                v_x = load_rows(v_x_ptr, offs_n, offs_d, stride_vx_n, stride_vx_d, n_ok, d_ok, ALIGN=ALIGN)
+                dk_x = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+                dv_x = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
             for m0 in range(0, M, BLOCK_M):
                 offs_m = m0 + offs_blk
                 m_ok = offs_m < M
@@ -651,7 +801,7 @@ def _bilateral_bwd_kernel(
                     dv_x += dv_c
                     old = tl.load(PART_DQ_S + part_offsets, mask=part_ok & not_first, other=0.0)
                     tl.store(PART_DQ_S + part_offsets, old + dq_c, mask=part_ok)
-                if DIR_X:
+                else:
                     km_keep = key_keep(SPATIAL_MASK, b, offs_m, m_ok, stride_sm_b, stride_sm_m, HAS_SPATIAL_MASK)
                     km_keep = query_key_keep(km_keep, PAIR_MASK, b, offs_n, n_ok, offs_m,
                                              stride_pm_b, stride_pm_q, stride_pm_k, HAS_PAIR_MASK)
@@ -665,22 +815,12 @@ def _bilateral_bwd_kernel(
                     tl.store(PART_DK_S + part_offsets, old + dk_c, mask=part_ok)
                     old = tl.load(PART_DV_S + part_offsets, mask=part_ok & not_first, other=0.0)
                     tl.store(PART_DV_S + part_offsets, old + dv_c, mask=part_ok)
-
-        # -- image-side gradients are complete for this tile --
-        if DIR_X:
-            tl.store(DQ_X + out_offsets, round_to(dq_x, DQ_X.dtype.element_ty), mask=tile_ok)
-        if DIR_S:
-            tl.store(DK_X + out_offsets, round_to(dk_x, DK_X.dtype.element_ty), mask=tile_ok)
-            tl.store(DV_X + out_offsets, round_to(dv_x, DV_X.dtype.element_ty), mask=tile_ok)
-
-    if M_ONE_BLOCK:
-        part_offsets = part_base + offs_blk.to(tl.int64)[:, None] * D + offs_d[None, :]
-        part_ok = m_ok[:, None] & d_ok[None, :]
-        if DIR_S:
-            tl.store(PART_DQ_S + part_offsets, dq_s_acc, mask=part_ok)
-        if DIR_X:
-            tl.store(PART_DK_S + part_offsets, dk_s_acc, mask=part_ok)
-            tl.store(PART_DV_S + part_offsets, dv_s_acc, mask=part_ok)
+            # -- image-side gradients are complete for this tile --
+            if DIR_X:
+                tl.store(DQ_X + out_offsets, round_to(dq_x, DQ_X.dtype.element_ty), mask=tile_ok)
+            else:
+                tl.store(DK_X + out_offsets, round_to(dk_x, DK_X.dtype.element_ty), mask=tile_ok)
+                tl.store(DV_X + out_offsets, round_to(dv_x, DV_X.dtype.element_ty), mask=tile_ok)
 
 
 # ----------------------------------------------------------------------------------------
@@ -857,7 +997,9 @@ def attention_bwd(
             H, M, N, D, chunk, splits, scale,
             BLOCK_M=block_m, BLOCK_D=block_d, M_ONE_BLOCK=M <= block_m, DIR_S=run_s, DIR_X=run_x,
             HAS_IMAGE_MASK=image_mask is not dummy, HAS_SPATIAL_MASK=spatial_mask is not dummy,
-            DOT_PRECISION=dot_precision(dtype), ALIGN=align, HAS_PAIR_MASK=pair_mask is not dummy, **meta,
+            DOT_PRECISION=dot_precision(dtype), ALIGN=align, HAS_PAIR_MASK=pair_mask is not dummy,
+            FULL_KEY_BLOCK=M == block_m, D_MASKED=D != block_d, HAS_TAIL=N % meta["BLOCK_N"] != 0,
+            DS_SCALED=dtype == torch.float16 or block_d >= block_m, **meta,
         )
     if run_s:
         (dq_s,) = reduce_splits([part_dq_s], (B, H, M, D), dtype)

@@ -51,16 +51,10 @@ COVERAGE_HEAD_DIMS = (16,)  # BLOCK_D 16, compiled besides the issue's head dims
 
 
 def gate_cases():
-    """bf16 with key masks (the most live state: one case covers a bucket), the masked cross
-    attention cases, and the unmasked cases of the buckets whose measured config differs
-    without a mask (configs.UNMASKED_MEASURED_CONFIGS)."""
-    from . import configs
-
+    """bf16 with and without masks (a full tile of an unmasked launch compiles without the mask
+    code, a different register allocation) and the masked cross attention cases."""
     head_dims = lr.EXTRA_HEAD_DIMS + COVERAGE_HEAD_DIMS
-    unmasked_block_d = {key[5] for key in configs.UNMASKED_MEASURED_CONFIGS}
-    unmasked = [case for case in lr.all_cases(dtypes=("bf16",), masks=(False,), head_dims=head_dims)
-                if configs.block_d_for(case.D) in unmasked_block_d]
-    return lr.all_cases(dtypes=("bf16",), masks=(True,), head_dims=head_dims) + unmasked + lr.masked_cross_cases()
+    return lr.all_cases(dtypes=("bf16",), head_dims=head_dims) + lr.masked_cross_cases()
 
 
 def full_cases():
@@ -102,10 +96,12 @@ def collect(cases, archs, torch_ops=False, every_config=False):
 
 
 def tail_twin(event, config, arch):
-    """The same forward launch compiled without its partial-tile code (HAS_TAIL=False), or None:
-    the perf model takes the tail tile's code size from the difference (pm.model_kernel), since it
-    runs only in the split that ends in a partial tile."""
-    if event.name != "_bilateral_fwd_kernel" or not event.kwargs.get("HAS_TAIL"):
+    """The same forward or one-block backward launch compiled without its partial-tile code
+    (HAS_TAIL=False), or None: the perf model takes the tail tile's code size from the
+    difference (pm.model_kernel), since it runs only in the split that ends in a partial tile."""
+    peeled = event.name == "_bilateral_fwd_kernel" or (
+        event.name == "_bilateral_bwd_kernel" and event.kwargs.get("M_ONE_BLOCK"))
+    if not peeled or not event.kwargs.get("HAS_TAIL"):
         return None
     return lr.bind(dataclasses.replace(event, kwargs={**event.kwargs, "HAS_TAIL": False}), config, arch)
 
