@@ -126,11 +126,12 @@ def test_a_gpu_uses_the_configs_of_the_architecture_the_static_check_covers(monk
 @pytest.mark.parametrize("dtype", [BF16, FP32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("pair", [False, True], ids=["one", "two"])
 def test_split_reduction_sums_in_split_order_and_rounds_once(dtype, pair):
-    from spatialformer_kernels.backends.triton.common import REDUCE_BLOCK, reduce_splits
+    from spatialformer_kernels.backends.triton.common import REDUCE_BLOCK, REDUCE_MIN_BLOCK, reduce_shape, reduce_splits
 
-    B, H, splits, M, D = 2, 3, 5, 7, 40  # M * D = 280 (and 2 blocks below): a masked tail
-    for m, d in ((M, D), (REDUCE_BLOCK // 16 + 3, 16)):
-        gen = torch.Generator().manual_seed(m)
+    B, H, M, D = 2, 3, 7, 40  # M * D = 280 (and 2 blocks below): a masked tail
+    # 5 splits in one step of 8 (a masked split tail), 70 splits in several
+    for splits, m, d in ((5, M, D), (5, REDUCE_BLOCK // 16 + 3, 16), (70, M, D)):
+        gen = torch.Generator().manual_seed(m * splits)
         # integers (exact in any summation order) plus a fraction only the last split carries,
         # so the single rounding to the output dtype is visible
         parts = [torch.randint(-50, 50, (B * H, splits, m, d), generator=gen).float() for _ in range(2 if pair else 1)]
@@ -142,6 +143,9 @@ def test_split_reduction_sums_in_split_order_and_rounds_once(dtype, pair):
             assert out.shape == (B, H, m, d) and out.dtype == dtype
             expected = p.double().sum(1).float().view(B, H, m, d).to(dtype)
             assert torch.equal(out.cpu(), expected)
+    # few samples with many splits (det800x1344: B * H = 4, 66 splits on 132 SMs): the smallest
+    # blocks on one warp, to spread over the GPU, and 8 splits per step
+    assert reduce_shape(4, 66, 64 * 32, 132) == (REDUCE_MIN_BLOCK, 8, 1)
 
 
 @needs_triton

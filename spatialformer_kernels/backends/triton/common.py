@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import CHUNK_ALIGN, INTERPRET, INTERPRETER_SM_COUNT, MIN_SPLIT_TOKENS, cdiv
+from .configs import CHUNK_ALIGN, INTERPRET, INTERPRETER_SM_COUNT, MIN_SPLIT_TOKENS, cdiv, next_power_of_2
 from .launch import device_guard, launch
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -316,45 +316,57 @@ def _reduce_splits_kernel(
     PART_A, OUT_A,  # [B * H, SPLITS, SIZE] fp32 partials -> [B * H, SIZE] contiguous, output dtype
     PART_B, OUT_B,  # a second pair of the same shape (read only with HAS_B)
     SPLITS, SIZE,
-    BLOCK: tl.constexpr, HAS_B: tl.constexpr,
+    BLOCK: tl.constexpr, UNROLL: tl.constexpr, HAS_B: tl.constexpr,
 ):
-    """Sum per-split partials over the splits in split order and round once to the output dtype."""
+    """Sum per-split partials over the splits in split order and round once to the output
+    dtype. Each step issues the loads of UNROLL splits before their adds, so 66 splits are
+    a few steps of independent loads, not 66 dependent ones."""
     pid_bh = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < SIZE
     base = pid_bh * SPLITS * SIZE + offs
     acc_a = tl.zeros([BLOCK], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK], dtype=tl.float32)
-    for split in range(0, SPLITS):
-        at = base + split * SIZE.to(tl.int64)
-        acc_a += tl.load(PART_A + at, mask=ok, other=0.0)
-        if HAS_B:
-            acc_b += tl.load(PART_B + at, mask=ok, other=0.0)
+    for s0 in range(0, SPLITS, UNROLL):
+        for j in tl.static_range(UNROLL):
+            at = base + (s0 + j) * SIZE.to(tl.int64)
+            split_ok = ok & (s0 + j < SPLITS)
+            acc_a += tl.load(PART_A + at, mask=split_ok, other=0.0)
+            if HAS_B:
+                acc_b += tl.load(PART_B + at, mask=split_ok, other=0.0)
     out = pid_bh * SIZE + offs
     tl.store(OUT_A + out, round_to(acc_a, OUT_A.dtype.element_ty), mask=ok)
     if HAS_B:
         tl.store(OUT_B + out, round_to(acc_b, OUT_B.dtype.element_ty), mask=ok)
 
 
-REDUCE_BLOCK = 1024
-REDUCE_MIN_BLOCK = 128
+REDUCE_BLOCK = 1024  # most output elements per program
+REDUCE_MIN_BLOCK = 32
 
 
 def reduce_splits(parts: list, shape, dtype: torch.dtype) -> list:
     """Sum one or two fp32 per-split partials [B * H, SPLITS, M, D] over the splits in a fixed
     order (bitwise reproducible, no atomics) into new tensors of `shape` [B, H, M, D] and
-    `dtype`, in one launch. Blocks shrink (down to 128 elements on one warp) until the grid
-    has two programs per SM, so a few samples with many splits still spread over the GPU."""
+    `dtype`, in one launch (`reduce_shape`)."""
     assert len(parts) in (1, 2)
     outs = [torch.empty(shape, device=p.device, dtype=dtype) for p in parts]
     bh, splits, m, d = parts[0].shape
     size = m * d
-    block = REDUCE_BLOCK
-    while block > REDUCE_MIN_BLOCK and bh * cdiv(size, block) < 2 * sm_count(parts[0].device):
-        block //= 2
+    block, unroll, warps = reduce_shape(bh, splits, size, sm_count(parts[0].device))
     with device_guard(parts[0].device):
         launch(_reduce_splits_kernel, (bh, cdiv(size, block)),
-            parts[0], outs[0], parts[-1], outs[-1], splits, size, BLOCK=block, HAS_B=len(parts) == 2,
-            num_warps=max(1, min(4, block // 256)),
+            parts[0], outs[0], parts[-1], outs[-1], splits, size, BLOCK=block, UNROLL=unroll,
+            HAS_B=len(parts) == 2, num_warps=warps,
         )
     return outs
+
+
+@functools.lru_cache(maxsize=1024)
+def reduce_shape(bh: int, splits: int, size: int, n_sm: int) -> tuple[int, int, int]:
+    """(BLOCK, UNROLL, num_warps) of `reduce_splits`: blocks of outputs shrink (down to 32 on
+    one warp) until the grid has two programs per SM, so a few samples with many splits still
+    spread over the GPU; up to 8 splits' loads are in flight per step."""
+    block = REDUCE_BLOCK
+    while block > REDUCE_MIN_BLOCK and bh * cdiv(size, block) < 2 * n_sm:
+        block //= 2
+    return block, min(8, next_power_of_2(splits)), max(1, min(4, block // 256))

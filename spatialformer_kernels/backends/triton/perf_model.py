@@ -157,7 +157,8 @@ def loop_shape(launch: KernelLaunch, config: dict) -> tuple[int, int, float]:
         trips = cdiv(a["SPLITS"], k["BLOCK_S"])
         return trips, trips * ctas, 1.0
     if n == "_reduce_splits_kernel":
-        return a["SPLITS"], a["SPLITS"] * ctas, 1.0
+        trips = cdiv(a["SPLITS"], k["UNROLL"])
+        return trips, trips * ctas, 1.0
     if n == "_bilateral_wide_delta_kernel":
         trips = cdiv(a["D"], k["BLOCK_DC"])
         return trips, trips * ctas, 1.0
