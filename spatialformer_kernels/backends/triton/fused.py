@@ -23,7 +23,8 @@ N % BLOCK_N != 0, `HAS_TAIL`) is a second, bounds-checked copy after the loop.
 Backward, deterministic (no atomics), grid (B*H, SPLITS), one launch per direction (fused,
 the live state spills): delta = rowsum(P * dP) / rowsum(P) is formed from P and dP where a
 block holds all of a row's keys (direction x, M <= BLOCK_M), else as dO . O by the same dot as dP
-(`_delta_like_dp`; for the spatial rows once, by `_spatial_delta_kernel` before the launch), so
+(`_delta_like_dp`; for the spatial rows once per program where they are one block, else once
+by `_spatial_delta_kernel` before the launch), so
 a one-hot softmax cancels exactly as in the reference; per tile the
 image-side gradients (dk_x, dv_x from direction s; dq_x from direction x) are complete and
 written, and the spatial-side ones (dq_s; dk_s, dv_s) are summed per program into a
@@ -632,8 +633,8 @@ def _bwd_x_tile(
 
 @triton.jit(do_not_specialize=["M", "N", "CHUNK", "SPLITS"])
 def _bilateral_bwd_kernel(
-    Q_S, K_S, V_S, DO_S,  # [B, H, M, D] each, any strides
-    DELTA_S,  # [B * H, M] fp32, from `_spatial_delta_kernel`
+    Q_S, K_S, V_S, O_S, DO_S,  # [B, H, M, D] each, any strides (O_S read only with M_ONE_BLOCK)
+    DELTA_S,  # [B * H, M] fp32, from `_spatial_delta_kernel` (read only without M_ONE_BLOCK)
     Q_X, K_X, V_X, O_X, DO_X,  # [B, H, N, D] each, any strides
     LSE_S,  # [B, H, M] contiguous float64
     LSE_X,  # [B, H, N] contiguous float64
@@ -645,6 +646,7 @@ def _bilateral_bwd_kernel(
     stride_qs_b, stride_qs_h, stride_qs_m, stride_qs_d,
     stride_ks_b, stride_ks_h, stride_ks_m, stride_ks_d,
     stride_vs_b, stride_vs_h, stride_vs_m, stride_vs_d,
+    stride_os_b, stride_os_h, stride_os_m, stride_os_d,
     stride_dos_b, stride_dos_h, stride_dos_m, stride_dos_d,
     stride_qx_b, stride_qx_h, stride_qx_n, stride_qx_d,
     stride_kx_b, stride_kx_h, stride_kx_n, stride_kx_d,
@@ -681,6 +683,7 @@ def _bilateral_bwd_kernel(
     q_s_ptr = head_base(Q_S, b, h, stride_qs_b, stride_qs_h, ALIGN=ALIGN)
     k_s_ptr = head_base(K_S, b, h, stride_ks_b, stride_ks_h, ALIGN=ALIGN)
     v_s_ptr = head_base(V_S, b, h, stride_vs_b, stride_vs_h, ALIGN=ALIGN)
+    o_s_ptr = head_base(O_S, b, h, stride_os_b, stride_os_h, ALIGN=ALIGN)
     do_s_ptr = head_base(DO_S, b, h, stride_dos_b, stride_dos_h, ALIGN=ALIGN)
     q_x_ptr = head_base(Q_X, b, h, stride_qx_b, stride_qx_h, ALIGN=ALIGN)
     k_x_ptr = head_base(K_X, b, h, stride_kx_b, stride_kx_h, ALIGN=ALIGN)
@@ -706,7 +709,9 @@ def _bilateral_bwd_kernel(
         if DIR_S:
             q_s = load_rows(q_s_ptr, offs_blk, offs_d, stride_qs_m, stride_qs_d, m_ok, d_ok, ALIGN=ALIGN)
             do_s = load_rows(do_s_ptr, offs_blk, offs_d, stride_dos_m, stride_dos_d, m_ok, d_ok, ALIGN=ALIGN)
-            delta_s = tl.load(DELTA_S + (pid_bh.to(tl.int64) * M + offs_blk), mask=m_ok, other=0.0)
+            # every spatial row is here: its delta once per program, by the dot that forms dP
+            o_s = load_rows(o_s_ptr, offs_blk, offs_d, stride_os_m, stride_os_d, m_ok, d_ok, ALIGN=ALIGN)
+            delta_s = _delta_like_dp(do_s, o_s, BLOCK_M, DOT_PRECISION)
             lse_hi_s, lse_lo_s = load_lse(lse_s_ptr, offs_blk, m_ok)
             dq_s_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
             # The partial last tile first: after the main loop it raised the loop's registers
@@ -953,6 +958,7 @@ def attention_bwd(
     if "BLOCK_M" in meta:  # a forced config that sets the spatial block too (gpu_config_sweep.py)
         meta = dict(meta)
         block_m = meta.pop("BLOCK_M")
+    one_block = M <= block_m  # the whole spatial side in registers (M_ONE_BLOCK)
     f32 = torch.float32
     dummy = q_x
     zero4 = (0, 0, 0, 0)
@@ -962,11 +968,12 @@ def attention_bwd(
         dv_x = torch.empty((B, H, N, D), device=device, dtype=dtype)
         part_dq_s = torch.empty((B * H, splits, M, D), device=device, dtype=f32)
         part_dk_s = part_dv_s = None
-        delta_s = torch.empty((B * H, M), device=device, dtype=f32)
+        # one spatial block: the kernel forms delta itself; else `_spatial_delta_kernel` does
+        delta_s = None if one_block else torch.empty((B * H, M), device=device, dtype=f32)
         image_grads = (dummy, dk_x, dv_x)
         parts = (part_dq_s, dummy, dummy)
-        strides_do_s, strides_o_x, strides_do_x = do_s.stride(), zero4, zero4
-        o_x_arg, do_x_arg, lse_s_arg, lse_x_arg, do_s_arg = dummy, dummy, lse_s, dummy, do_s
+        strides_o_s, strides_do_s, strides_o_x, strides_do_x = o_s.stride(), do_s.stride(), zero4, zero4
+        o_x_arg, do_x_arg, lse_s_arg, lse_x_arg, o_s_arg, do_s_arg = dummy, dummy, lse_s, dummy, o_s, do_s
     else:  # direction x: image queries over spatial keys
         dq_x = torch.empty((B, H, N, D), device=device, dtype=dtype)
         dk_x = dv_x = None
@@ -976,26 +983,26 @@ def attention_bwd(
         delta_s = None
         image_grads = (dq_x, dummy, dummy)
         parts = (dummy, part_dk_s, part_dv_s)
-        strides_do_s, strides_o_x, strides_do_x = zero4, o_x.stride(), do_x.stride()
-        o_x_arg, do_x_arg, lse_s_arg, lse_x_arg, do_s_arg = o_x, do_x, dummy, lse_x, dummy
+        strides_o_s, strides_do_s, strides_o_x, strides_do_x = zero4, zero4, o_x.stride(), do_x.stride()
+        o_x_arg, do_x_arg, lse_s_arg, lse_x_arg, o_s_arg, do_s_arg = o_x, do_x, dummy, lse_x, dummy, dummy
     image_mask, stride_im_b, stride_im_n = mask_args(image_mask, dummy)
     spatial_mask, stride_sm_b, stride_sm_m = mask_args(spatial_mask, dummy)
     pair_mask, *pair_strides = pair_mask_args(pair_mask, dummy)
     with device_guard(device):
-        if run_s:
+        if delta_s is not None:
             launch(_spatial_delta_kernel, (B * H, cdiv(M, DELTA_BLOCK_M)),
                 o_s, do_s, delta_s, *o_s.stride(), *do_s.stride(), H, M, D,
                 BLOCK_M=DELTA_BLOCK_M, BLOCK_D=block_d, DOT_PRECISION=dot_precision(dtype), ALIGN=align,
             )
         launch(_bilateral_bwd_kernel, (B * H, splits),
-            q_s, k_s, v_s, do_s_arg, delta_s if run_s else dummy, q_x, k_x, v_x, o_x_arg, do_x_arg,
+            q_s, k_s, v_s, o_s_arg, do_s_arg, dummy if delta_s is None else delta_s, q_x, k_x, v_x, o_x_arg, do_x_arg,
             lse_s_arg, lse_x_arg, image_mask, spatial_mask, pair_mask,
             *image_grads, *parts,
-            *q_s.stride(), *k_s.stride(), *v_s.stride(), *strides_do_s,
+            *q_s.stride(), *k_s.stride(), *v_s.stride(), *strides_o_s, *strides_do_s,
             *q_x.stride(), *k_x.stride(), *v_x.stride(), *strides_o_x, *strides_do_x,
             stride_im_b, stride_im_n, stride_sm_b, stride_sm_m, *pair_strides,
             H, M, N, D, chunk, splits, scale,
-            BLOCK_M=block_m, BLOCK_D=block_d, M_ONE_BLOCK=M <= block_m, DIR_S=run_s, DIR_X=run_x,
+            BLOCK_M=block_m, BLOCK_D=block_d, M_ONE_BLOCK=one_block, DIR_S=run_s, DIR_X=run_x,
             HAS_IMAGE_MASK=image_mask is not dummy, HAS_SPATIAL_MASK=spatial_mask is not dummy,
             DOT_PRECISION=dot_precision(dtype), ALIGN=align, HAS_PAIR_MASK=pair_mask is not dummy,
             FULL_KEY_BLOCK=M == block_m, D_MASKED=D != block_d, HAS_TAIL=N % meta["BLOCK_N"] != 0,

@@ -101,7 +101,8 @@ USAGE = {
                               "OUT_B": lambda c: c["HAS_B"]},
     "_bilateral_bwd_kernel": {
         "Q_S": lambda c: c["DIR_S"], "K_S": lambda c: c["DIR_X"], "V_S": lambda c: c["DIR_X"],
-        "DO_S": lambda c: c["DIR_S"], "DELTA_S": lambda c: c["DIR_S"],
+        "O_S": lambda c: c["DIR_S"] and c["M_ONE_BLOCK"], "DO_S": lambda c: c["DIR_S"],
+        "DELTA_S": lambda c: c["DIR_S"] and not c["M_ONE_BLOCK"],
         "Q_X": lambda c: c["DIR_X"], "K_X": lambda c: c["DIR_S"], "V_X": lambda c: c["DIR_S"],
         "O_X": lambda c: c["DIR_X"] and not c["M_ONE_BLOCK"], "DO_X": lambda c: c["DIR_X"],
         "LSE_S": lambda c: c["DIR_S"], "LSE_X": lambda c: c["DIR_X"],
