@@ -280,6 +280,53 @@ def test_the_one_block_backward_branches_compute_the_op(monkeypatch):
             assert seen == {False, True}, f"direction {direction}: {name} only {seen}"
 
 
+@needs_triton
+def test_both_dot_orders_compute_the_op(monkeypatch):
+    """The kernels order their dots by whether the launch's loop runs them asynchronously
+    (ASYNC_DOTS: sm_90 with num_stages >= 2): the forward's online step adds the rescaled sum
+    to a fresh P.V dot or accumulates into it, the backward issues the dots into carried sums
+    first or last. Both orders, in the forward and in the one-block and looped backward of
+    both directions, against the reference."""
+    import triton
+
+    from spatialformer_kernels.backends.triton import configs, fused
+    from spatialformer_kernels.testing import (
+        BILATERAL_RESULT_NAMES,
+        assert_results_close,
+        bilateral_results,
+        reference_bilateral_results,
+    )
+
+    seen = set()
+    real_launch = fused.launch
+
+    def recording_launch(kernel, grid, *args, **kwargs):
+        if kernel is fused._bilateral_fwd_kernel:
+            seen.add(("fwd", kwargs["ASYNC_DOTS"]))
+        elif kernel is fused._bilateral_bwd_kernel:
+            where = ("s" if kwargs["DIR_S"] else "x") + (" one block" if kwargs["M_ONE_BLOCK"] else " looped")
+            seen.add((where, kwargs["ASYNC_DOTS"]))
+        return real_launch(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(fused, "launch", recording_launch)
+    # M = 80: the forward loops over spatial key blocks in direction x; the backward holds the
+    # 80 rows in one block of 128 or loops over blocks of 32
+    B, H, M, N, D, dtype = 1, 2, 80, 100, 16, BF16
+    inputs = make_bilateral_inputs(B, H, M, N, D, dtype, device=DEVICE, layout="strided", seed=7)
+    grads = (transposed_grad((B, H, M, D), dtype, 8, DEVICE), transposed_grad((B, H, N, D), dtype, 9, DEVICE))
+    same, exact = reference_bilateral_results(inputs, grads, D**-0.5, None)
+    for stages in (1, 2):
+        for block_m in (128, 32):
+            forward = triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=stages)
+            backward = triton.Config({"BLOCK_N": 32, "BLOCK_M": block_m}, num_warps=4, num_stages=stages)
+            with configs.forced_config("fwd", forward), configs.forced_config("bwd", backward):
+                got = bilateral_results(inputs, grads, "triton", D**-0.5, None)
+            assert_results_close(got, same, exact, dtype, BILATERAL_RESULT_NAMES, f"{stages} stages, BLOCK_M {block_m}")
+    wanted = {(where, on) for where in ("fwd", "s one block", "x one block", "s looped", "x looped")
+              for on in (False, True)}
+    assert seen == wanted
+
+
 # ----------------------------------------------------------------------------------------
 # Wide-head backward (backends/triton/wide.py), called directly
 # ----------------------------------------------------------------------------------------

@@ -41,6 +41,14 @@ def dot(a, b, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def dot_into(acc, a, b, DOT_PRECISION: tl.constexpr):
+    """acc + a @ b, the product accumulated by the dot itself (an MMA's accumulator)."""
+    if _INTERPRETER_DOTS:
+        return acc + dot(a, b, DOT_PRECISION)
+    return tl.dot(a, b, acc=acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def round_to(x, dtype: tl.constexpr):
     """fp32 -> `dtype`, rounding to nearest even as a GPU conversion does. Triton 3.8's
     interpreter truncates fp32 -> bfloat16, so there (only) bfloat16 is rounded by hand on the

@@ -83,6 +83,7 @@ from .common import (
     capability,
     diagonal,
     dot,
+    dot_into,
     dot_precision,
     exp_shifted,
     head_base,
@@ -108,6 +109,7 @@ from .common import (
 )
 from .configs import (
     DELTA_BLOCK_M,
+    async_dots,
     backward_supported,
     block_d_for,
     block_m_for,
@@ -124,13 +126,18 @@ from .launch import device_guard, launch
 # jit helpers of the fused kernels (the ones wide.py shares are in common.py)
 # ----------------------------------------------------------------------------------------
 @triton.jit
-def _online_softmax_step(s, v, m_i, l_i, acc, rate, DOT_PRECISION: tl.constexpr):
+def _online_softmax_step(s, v, m_i, l_i, acc, rate, DOT_PRECISION: tl.constexpr, ASYNC_DOTS: tl.constexpr):
     """Fold one block of logits s [R, C] and values v [C, D] into (max, sum, acc); exp(logit - max)
-    is exp2((s - max) * rate) (`_logits`)."""
+    is exp2((s - max) * rate) (`_logits`). ASYNC_DOTS (`configs.async_dots`): the P.V dot is
+    fresh and the rescaled sum added to it, so it completes within the iteration; else it
+    accumulates into the rescaled sum (the sum in registers once, not twice: sm_80 spilled)."""
     m_new, shift, alpha = online_max(m_i, tl.max(s, 1), rate)
     p = exp_shifted(s, shift[:, None], rate)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + dot(round_to(p, v.dtype), v, DOT_PRECISION)
+    if ASYNC_DOTS:
+        acc = tl.fma(acc, alpha[:, None], dot(round_to(p, v.dtype), v, DOT_PRECISION))
+    else:
+        acc = dot_into(acc * alpha[:, None], round_to(p, v.dtype), v, DOT_PRECISION)
     return m_new, l_i, acc
 
 
@@ -144,11 +151,19 @@ def _delta_like_dp(do, o, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _attn_bwd_block(q, do, lse_hi, lse_lo, delta, k, v, keep, sm_scale, DOT_PRECISION: tl.constexpr,
+def _attn_bwd_block(q, do, lse_hi, lse_lo, delta, k, v, keep, sm_scale, dq_acc, dk_acc, dv_acc,
+                    DOT_PRECISION: tl.constexpr, DQ_FIRST: tl.constexpr,
                     DELTA_FROM_P: tl.constexpr = False, KEYS_MASKED: tl.constexpr = True,
                     DS_SCALED: tl.constexpr = True):
-    """Gradient contributions of queries q [R, D] against one block of keys k, v [C, D]:
-    returns (dq [R, D], dk [C, D], dv [C, D]) in fp32.
+    """Gradient contributions of queries q [R, D] against one block of keys k, v [C, D], added
+    by the dots to dq_acc [R, D], dk_acc [C, D], dv_acc [C, D] (fp32; zeros for a fresh one):
+    returns the three sums.
+    DQ_FIRST: issue the dot into dq_acc before those into dk_acc and dv_acc, else after them.
+    The order matters on sm_90 with ASYNC_DOTS (`configs.async_dots`): the dots into sums
+    carried across the caller's loop go first, so that the wait of a fresh one, whose result
+    the caller uses within the iteration, completes them too; a dot left in flight across the
+    loop's back edge makes ptxas serialise every wgmma of the kernel (C7515). Without it, the
+    carried sums go last (fewer registers live at once).
     KEYS_MASKED: drop the pairs where keep ([R, C] or [1, C], `query_key_keep`) is False; else
     every pair of the block takes part (keep is ignored: a full tile of an unmasked launch).
     DS_SCALED: dS carries the scale before it is rounded for the dots, and dq, dk are complete
@@ -172,10 +187,13 @@ def _attn_bwd_block(q, do, lse_hi, lse_lo, delta, k, v, keep, sm_scale, DOT_PREC
     if DS_SCALED:
         ds = ds * sm_scale
     ds = round_to(ds, k.dtype)
-    dq = dot(ds, k, DOT_PRECISION)
-    dk = dot(tl.trans(ds), q, DOT_PRECISION)
-    dv = dot(round_to(tl.trans(p), do.dtype), do, DOT_PRECISION)
-    return dq, dk, dv
+    if DQ_FIRST:
+        dq_acc = dot_into(dq_acc, ds, k, DOT_PRECISION)
+    dk_acc = dot_into(dk_acc, tl.trans(ds), q, DOT_PRECISION)
+    dv_acc = dot_into(dv_acc, round_to(tl.trans(p), do.dtype), do, DOT_PRECISION)
+    if not DQ_FIRST:
+        dq_acc = dot_into(dq_acc, ds, k, DOT_PRECISION)
+    return dq_acc, dk_acc, dv_acc
 
 
 # ----------------------------------------------------------------------------------------
@@ -265,7 +283,7 @@ def _fwd_tile(
     HAS_IMAGE_MASK: tl.constexpr, HAS_SPATIAL_MASK: tl.constexpr, HAS_PAIR_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr, ONE_M_PROGRAM: tl.constexpr,
     ONE_KEY_BLOCK: tl.constexpr, X_KEYS_MASKED: tl.constexpr, D_MASKED: tl.constexpr,
-    RAW_LOGITS: tl.constexpr, TAIL: tl.constexpr,
+    RAW_LOGITS: tl.constexpr, ASYNC_DOTS: tl.constexpr, TAIL: tl.constexpr,
 ):
     """One BLOCK_N tile of image tokens [n0, n0 + BLOCK_N): direction x's queries (complete,
     written here) and direction s's keys (folded into (m_s, l_s, acc_s), returned). TAIL: the
@@ -302,7 +320,7 @@ def _fwd_tile(
                     k_blk = load_rows(k_s_ptr, offs_km, offs_d, stride_ks_m, stride_ks_d, km_ok, d_ok, ALIGN=ALIGN)
                     v_blk = load_rows(v_s_ptr, offs_km, offs_d, stride_vs_m, stride_vs_d, km_ok, d_ok, ALIGN=ALIGN)
                     s_x = tl.where(km_keep, _logits(q_x, k_blk, sm_scale, DOT_PRECISION, RAW_LOGITS), float("-inf"))
-                    m_x, l_x, acc_x = _online_softmax_step(s_x, v_blk, m_x, l_x, acc_x, rate, DOT_PRECISION)
+                    m_x, l_x, acc_x = _online_softmax_step(s_x, v_blk, m_x, l_x, acc_x, rate, DOT_PRECISION, ASYNC_DOTS)
             # -- normalise and write o_x, lse_x (rows with no kept key: 0 and -inf) --
             o_x = acc_x * inverse_sum(l_x)[:, None]
             lse_x = lse_value(m_x, l_x, max_scale)
@@ -327,7 +345,7 @@ def _fwd_tile(
             keep_n = query_key_keep(keep_n, PAIR_MASK, b, offs_qm, qm_ok, offs_n,
                                     stride_pm_b, stride_pm_q, stride_pm_k, HAS_PAIR_MASK)
             s_s = tl.where(keep_n, s_s, float("-inf"))
-        m_s, l_s, acc_s = _online_softmax_step(s_s, v_x, m_s, l_s, acc_s, rate, DOT_PRECISION)
+        m_s, l_s, acc_s = _online_softmax_step(s_s, v_x, m_s, l_s, acc_s, rate, DOT_PRECISION, ASYNC_DOTS)
     return m_s, l_s, acc_s
 
 
@@ -378,6 +396,7 @@ def _bilateral_fwd_kernel(
     D_MASKED: tl.constexpr = True,  # D < BLOCK_D: head columns are bounds-checked
     HAS_TAIL: tl.constexpr = True,  # N % BLOCK_N != 0: the last split ends in a partial tile
     ONE_SPLIT: tl.constexpr = False,  # SPLITS == 1: direction s is complete here, no combine
+    ASYNC_DOTS: tl.constexpr = False,  # configs.async_dots: no dot left in flight across an iteration
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
     tl.static_assert(not (HAS_PAIR_MASK and DIR_S and DIR_X))
@@ -432,7 +451,8 @@ def _bilateral_fwd_kernel(
             PAIR_MASK, stride_pm_b, stride_pm_q, stride_pm_k, O_X, LSE_X, o_x_tile,
             q_s, offs_qm, qm_ok, m_s, l_s, acc_s, k_once, v_once, keep_once, sm_scale, rate, max_scale,
             BLOCK_M, BLOCK_N, BLOCK_D, DIR_S, DIR_X, HAS_IMAGE_MASK, HAS_SPATIAL_MASK, HAS_PAIR_MASK,
-            DOT_PRECISION, ALIGN, ONE_M_PROGRAM, ONE_KEY_BLOCK, X_KEYS_MASKED, D_MASKED, RAW_LOGITS, TAIL=False,
+            DOT_PRECISION, ALIGN, ONE_M_PROGRAM, ONE_KEY_BLOCK, X_KEYS_MASKED, D_MASKED, RAW_LOGITS, ASYNC_DOTS,
+            TAIL=False,
         )
     if HAS_TAIL:
         if n_full_end < n_end:
@@ -444,7 +464,8 @@ def _bilateral_fwd_kernel(
                 PAIR_MASK, stride_pm_b, stride_pm_q, stride_pm_k, O_X, LSE_X, o_x_tile,
                 q_s, offs_qm, qm_ok, m_s, l_s, acc_s, k_once, v_once, keep_once, sm_scale, rate, max_scale,
                 BLOCK_M, BLOCK_N, BLOCK_D, DIR_S, DIR_X, HAS_IMAGE_MASK, HAS_SPATIAL_MASK, HAS_PAIR_MASK,
-                DOT_PRECISION, ALIGN, ONE_M_PROGRAM, ONE_KEY_BLOCK, X_KEYS_MASKED, D_MASKED, RAW_LOGITS, TAIL=True,
+                DOT_PRECISION, ALIGN, ONE_M_PROGRAM, ONE_KEY_BLOCK, X_KEYS_MASKED, D_MASKED, RAW_LOGITS, ASYNC_DOTS,
+                TAIL=True,
             )
 
     if DIR_S and ONE_SPLIT:
@@ -566,7 +587,7 @@ def _bwd_s_tile(
     q_s, do_s, lse_hi_s, lse_lo_s, delta_s, dq_s_acc, sm_scale,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_IMAGE_MASK: tl.constexpr, HAS_PAIR_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr, D_MASKED: tl.constexpr, DS_SCALED: tl.constexpr,
-    TAIL: tl.constexpr,
+    ASYNC_DOTS: tl.constexpr, TAIL: tl.constexpr,
 ):
     """Direction s's backward over one BLOCK_N tile of image keys [n0, n0 + BLOCK_N), all
     spatial queries in registers: dk_x, dv_x of the tile are complete and written; dq_s_acc
@@ -584,13 +605,19 @@ def _bwd_s_tile(
         keep = key_keep(IMAGE_MASK, b, offs_n, n_ok, stride_im_b, stride_im_n, HAS_IMAGE_MASK)
         keep = query_key_keep(keep, PAIR_MASK, b, offs_m, m_ok, offs_n, stride_pm_b, stride_pm_q, stride_pm_k,
                               HAS_PAIR_MASK)
-    dq, dk, dv = _attn_bwd_block(q_s, do_s, lse_hi_s, lse_lo_s, delta_s, k_x, v_x, keep, sm_scale, DOT_PRECISION,
-                                 KEYS_MASKED=KEYS_MASKED, DS_SCALED=DS_SCALED)
+    fresh = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # dq's dot into the carried sum first with ASYNC_DOTS (`_attn_bwd_block`); else a fresh dq
+    # added after the stores (at D = 128 the tile's registers allow no other order)
+    dq, dk, dv = _attn_bwd_block(q_s, do_s, lse_hi_s, lse_lo_s, delta_s, k_x, v_x, keep, sm_scale,
+                                 dq_s_acc if ASYNC_DOTS else tl.zeros_like(dq_s_acc), fresh, fresh, DOT_PRECISION,
+                                 DQ_FIRST=True, KEYS_MASKED=KEYS_MASKED, DS_SCALED=DS_SCALED)
     if not DS_SCALED:
         dk = dk * sm_scale
     out = _row_ptrs(grad_base, n0, D, 1, BLOCK_N, BLOCK_D, ALIGN)  # offsets: both outputs share them
     _masked_store(DK_X + out, round_to(dk, DK_X.dtype.element_ty), n_ok, d_ok, TAIL, D_MASKED)
     _masked_store(DV_X + out, round_to(dv, DV_X.dtype.element_ty), n_ok, d_ok, TAIL, D_MASKED)
+    if ASYNC_DOTS:
+        return dq
     return dq_s_acc + dq
 
 
@@ -604,7 +631,7 @@ def _bwd_x_tile(
     k_s, v_s, ks_keep, dk_s_acc, dv_s_acc, sm_scale,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_PAIR_MASK: tl.constexpr, KEYS_MASKED: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr, D_MASKED: tl.constexpr, DS_SCALED: tl.constexpr,
-    TAIL: tl.constexpr,
+    ASYNC_DOTS: tl.constexpr, TAIL: tl.constexpr,
 ):
     """Direction x's backward over one BLOCK_N tile of image queries [n0, n0 + BLOCK_N) against
     all spatial keys (in registers, ks_keep their `key_keep`): dq_x of the tile is complete and
@@ -622,13 +649,15 @@ def _bwd_x_tile(
     if KEYS_MASKED:
         keep = query_key_keep(ks_keep, PAIR_MASK, b, offs_n, n_ok, offs_m, stride_pm_b, stride_pm_q, stride_pm_k,
                               HAS_PAIR_MASK)
-    dq, dk, dv = _attn_bwd_block(q_x, do_x, lse_hi_x, lse_lo_x, 0.0, k_s, v_s, keep, sm_scale, DOT_PRECISION,
+    dq, dk_s_acc, dv_s_acc = _attn_bwd_block(q_x, do_x, lse_hi_x, lse_lo_x, 0.0, k_s, v_s, keep, sm_scale,
+                                             tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32), dk_s_acc, dv_s_acc,
+                                             DOT_PRECISION, DQ_FIRST=not ASYNC_DOTS,
                                  DELTA_FROM_P=True, KEYS_MASKED=KEYS_MASKED, DS_SCALED=DS_SCALED)
     if not DS_SCALED:
         dq = dq * sm_scale
     _masked_store(DQ_X + _row_ptrs(grad_base, n0, D, 1, BLOCK_N, BLOCK_D, ALIGN), round_to(dq, DQ_X.dtype.element_ty),
                   n_ok, d_ok, TAIL, D_MASKED)
-    return dk_s_acc + dk, dv_s_acc + dv
+    return dk_s_acc, dv_s_acc
 
 
 @triton.jit(do_not_specialize=["M", "N", "CHUNK", "SPLITS"])
@@ -669,6 +698,7 @@ def _bilateral_bwd_kernel(
     D_MASKED: tl.constexpr = True,  # D < BLOCK_D: head columns are bounds-checked
     HAS_TAIL: tl.constexpr = True,  # N % BLOCK_N != 0: the last split ends in a partial tile
     DS_SCALED: tl.constexpr = True,  # dS carries the scale per score (fp16); else the [rows, D] sums do
+    ASYNC_DOTS: tl.constexpr = False,  # configs.async_dots: no dot left in flight across an iteration
 ):
     """One direction's backward (DIR_S or DIR_X), grid (B*H, SPLITS): each program walks its
     CHUNK image tokens in BLOCK_N tiles. With M_ONE_BLOCK the spatial side stays in registers
@@ -723,7 +753,7 @@ def _bilateral_bwd_kernel(
                         v_x_ptr, stride_vx_n, stride_vx_d, DK_X, DV_X, grad_base, D, IMAGE_MASK, stride_im_b, stride_im_n,
                         PAIR_MASK, stride_pm_b, stride_pm_q, stride_pm_k,
                         q_s, do_s, lse_hi_s, lse_lo_s, delta_s, dq_s_acc, sm_scale, BLOCK_N, BLOCK_D,
-                        HAS_IMAGE_MASK, HAS_PAIR_MASK, DOT_PRECISION, ALIGN, D_MASKED, DS_SCALED, TAIL=True,
+                        HAS_IMAGE_MASK, HAS_PAIR_MASK, DOT_PRECISION, ALIGN, D_MASKED, DS_SCALED, ASYNC_DOTS, TAIL=True,
                     )
             for n0 in range(n_start, n_full_end, BLOCK_N):
                 dq_s_acc = _bwd_s_tile(
@@ -731,7 +761,7 @@ def _bilateral_bwd_kernel(
                     v_x_ptr, stride_vx_n, stride_vx_d, DK_X, DV_X, grad_base, D, IMAGE_MASK, stride_im_b, stride_im_n,
                     PAIR_MASK, stride_pm_b, stride_pm_q, stride_pm_k,
                     q_s, do_s, lse_hi_s, lse_lo_s, delta_s, dq_s_acc, sm_scale, BLOCK_N, BLOCK_D,
-                    HAS_IMAGE_MASK, HAS_PAIR_MASK, DOT_PRECISION, ALIGN, D_MASKED, DS_SCALED, TAIL=False,
+                    HAS_IMAGE_MASK, HAS_PAIR_MASK, DOT_PRECISION, ALIGN, D_MASKED, DS_SCALED, ASYNC_DOTS, TAIL=False,
                 )
             if not DS_SCALED:
                 dq_s_acc = dq_s_acc * sm_scale
@@ -750,7 +780,7 @@ def _bilateral_bwd_kernel(
                         do_x_ptr, stride_dox_n, stride_dox_d, lse_x_ptr, DQ_X, grad_base, D,
                         PAIR_MASK, stride_pm_b, stride_pm_q, stride_pm_k, k_s, v_s, ks_keep, dk_s_acc, dv_s_acc,
                         sm_scale, BLOCK_N, BLOCK_D, HAS_PAIR_MASK, KEYS_MASKED, DOT_PRECISION, ALIGN, D_MASKED,
-                        DS_SCALED, TAIL=True,
+                        DS_SCALED, ASYNC_DOTS, TAIL=True,
                     )
             for n0 in range(n_start, n_full_end, BLOCK_N):
                 dk_s_acc, dv_s_acc = _bwd_x_tile(
@@ -758,7 +788,7 @@ def _bilateral_bwd_kernel(
                     do_x_ptr, stride_dox_n, stride_dox_d, lse_x_ptr, DQ_X, grad_base, D,
                     PAIR_MASK, stride_pm_b, stride_pm_q, stride_pm_k, k_s, v_s, ks_keep, dk_s_acc, dv_s_acc,
                     sm_scale, BLOCK_N, BLOCK_D, HAS_PAIR_MASK, KEYS_MASKED, DOT_PRECISION, ALIGN, D_MASKED,
-                    DS_SCALED, TAIL=False,
+                    DS_SCALED, ASYNC_DOTS, TAIL=False,
                 )
             if not DS_SCALED:
                 dk_s_acc = dk_s_acc * sm_scale
@@ -799,11 +829,11 @@ def _bilateral_bwd_kernel(
                     lse_hi_s, lse_lo_s = load_lse(lse_s_ptr, offs_m, m_ok)
                     keep_mn = query_key_keep(keep_n, PAIR_MASK, b, offs_m, m_ok, offs_n,
                                              stride_pm_b, stride_pm_q, stride_pm_k, HAS_PAIR_MASK)
-                    dq_c, dk_c, dv_c = _attn_bwd_block(
-                        q_s, do_s, lse_hi_s, lse_lo_s, delta_s, k_x, v_x, keep_mn, sm_scale, DOT_PRECISION
+                    dq_c, dk_x, dv_x = _attn_bwd_block(
+                        q_s, do_s, lse_hi_s, lse_lo_s, delta_s, k_x, v_x, keep_mn, sm_scale,
+                        tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), dk_x, dv_x, DOT_PRECISION,
+                        DQ_FIRST=not ASYNC_DOTS,
                     )
-                    dk_x += dk_c
-                    dv_x += dv_c
                     old = tl.load(PART_DQ_S + part_offsets, mask=part_ok & not_first, other=0.0)
                     tl.store(PART_DQ_S + part_offsets, old + dq_c, mask=part_ok)
                 else:
@@ -812,10 +842,11 @@ def _bilateral_bwd_kernel(
                                              stride_pm_b, stride_pm_q, stride_pm_k, HAS_PAIR_MASK)
                     k_blk = load_rows(k_s_ptr, offs_m, offs_d, stride_ks_m, stride_ks_d, m_ok, d_ok, ALIGN=ALIGN)
                     v_blk = load_rows(v_s_ptr, offs_m, offs_d, stride_vs_m, stride_vs_d, m_ok, d_ok, ALIGN=ALIGN)
-                    dq_c, dk_c, dv_c = _attn_bwd_block(
-                        q_x, do_x, lse_hi_x, lse_lo_x, delta_x, k_blk, v_blk, km_keep, sm_scale, DOT_PRECISION
+                    fresh = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+                    dq_x, dk_c, dv_c = _attn_bwd_block(
+                        q_x, do_x, lse_hi_x, lse_lo_x, delta_x, k_blk, v_blk, km_keep, sm_scale, dq_x, fresh, fresh,
+                        DOT_PRECISION, DQ_FIRST=ASYNC_DOTS,
                     )
-                    dq_x += dq_c
                     old = tl.load(PART_DK_S + part_offsets, mask=part_ok & not_first, other=0.0)
                     tl.store(PART_DK_S + part_offsets, old + dk_c, mask=part_ok)
                     old = tl.load(PART_DV_S + part_offsets, mask=part_ok & not_first, other=0.0)
@@ -910,7 +941,7 @@ def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_
             DOT_PRECISION=dot_precision(dtype), ALIGN=align, ONE_M_PROGRAM=m_programs == 1,
             HAS_PAIR_MASK=pair_mask is not dummy, ONE_KEY_BLOCK=M <= block_m, FULL_KEY_BLOCK=M == block_m,
             RAW_LOGITS=raw_logits, D_MASKED=D != block_d, HAS_TAIL=N % meta["BLOCK_N"] != 0,
-            ONE_SPLIT=splits == 1, **meta,
+            ONE_SPLIT=splits == 1, ASYNC_DOTS=async_dots(arch, meta["num_stages"], elem), **meta,
         )
         if run_s and splits > 1:
             launch(_bilateral_combine_kernel, combine_grid,
@@ -1006,7 +1037,8 @@ def attention_bwd(
             HAS_IMAGE_MASK=image_mask is not dummy, HAS_SPATIAL_MASK=spatial_mask is not dummy,
             DOT_PRECISION=dot_precision(dtype), ALIGN=align, HAS_PAIR_MASK=pair_mask is not dummy,
             FULL_KEY_BLOCK=M == block_m, D_MASKED=D != block_d, HAS_TAIL=N % meta["BLOCK_N"] != 0,
-            DS_SCALED=dtype == torch.float16 or block_d >= block_m, **meta,
+            DS_SCALED=dtype == torch.float16 or block_d >= block_m, ASYNC_DOTS=async_dots(arch, meta["num_stages"], elem),
+            **meta,
         )
     if run_s:
         (dq_s,) = reduce_splits([part_dq_s], (B, H, M, D), dtype)
