@@ -144,6 +144,11 @@ def test_sass_loop_analysis():
     assert facts["load_widths"] == {"16": 2, "2": 1} and facts["vector_loads"] == 2 and facts["narrow_loads"] == 1
     assert sass.parse_ptxas_log("ptxas warning : (C7515) wgmma serialized\n 8 bytes spill stores, 8 bytes spill loads")[
         "spill_stores"] == 8
+    # ptxas 12.x prints the wgmma serialisation advisory as info, not as a warning
+    advisory = ("ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized due "
+                "to non wgmma instructions defining accumulator registers of a wgmma between start and end of the "
+                "pipeline stage in the function '_bilateral_bwd_kernel'\nptxas info    : Used 124 registers")
+    assert [w[:7] for w in sass.parse_ptxas_log(advisory)["ptxas_warnings"]] == ["(C7515)"]
 
 
 @needs_jit

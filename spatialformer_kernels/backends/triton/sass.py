@@ -149,7 +149,11 @@ def _run_ptxas(ptx: str, arch: int) -> str:
 
 
 def parse_ptxas_log(log: str) -> dict:
-    warnings = sorted({w.strip() for w in re.findall(r"warning\s*:?\s*(.*)", log, flags=re.I)})
+    """Spills and warnings from ptxas -v. Warnings include the performance advisories that
+    ptxas prints as info with a code, such as "ptxas info : (C7515) Potential Performance
+    Loss: wgmma.mma_async instructions are serialized ..." (the form ptxas 12.x uses)."""
+    warnings = sorted({w.strip() for w in re.findall(r"warning\s*:?\s*(.*)", log, flags=re.I)}
+                      | {w.strip() for w in re.findall(r"info\s*:\s*(\(C\d+\).*)", log)})
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     return dict(ptxas_warnings=warnings, spill_stores=int(spill.group(1)) if spill else 0,
                 spill_loads=int(spill.group(2)) if spill else 0)
@@ -189,5 +193,7 @@ def compile_task(task) -> dict:
     out = dict(regs=regs, spills=stack + local + ptxas["spill_stores"], smem=smem, ctas_per_sm=ctas,
                warps_per_sm=warps, **ptxas, **analyse_sass(sass_text))
     out["tensor_core_ops"] = out["hgmma"] + out["hmma"]
-    out["ok"] = out["spills"] == 0 and smem <= SHARED_LIMIT[task.arch]
+    # C7515: ptxas serialised every wgmma of the kernel (each waits for the one before)
+    out["wgmma_serialised"] = any("C7515" in w for w in out["ptxas_warnings"])
+    out["ok"] = out["spills"] == 0 and smem <= SHARED_LIMIT[task.arch] and not out["wgmma_serialised"]
     return out
