@@ -7,11 +7,15 @@ import torch
 import spatialformer_kernels as sk
 from spatialformer_kernels.reference import bilateral_attention_reference
 from spatialformer_kernels.testing import (
+    BILATERAL_RESULT_NAMES,
     CROSS_RESULT_NAMES,
     assert_close,
+    assert_results_close,
+    bilateral_results,
     case_id,
     make_bilateral_inputs,
     mask_for_case,
+    reference_bilateral_results,
     reference_cross_results,
     reference_pair,
     transposed_grad,
@@ -244,29 +248,32 @@ BACKWARD_BRANCH_CASES = [
 ]
 
 
+def record_fused_launches(monkeypatch, record):
+    """Let record(fused, kernel, keywords) see every launch of backends/triton/fused.py."""
+    from spatialformer_kernels.backends.triton import fused
+
+    real_launch = fused.launch
+
+    def recording_launch(kernel, grid, *args, **kwargs):
+        record(fused, kernel, kwargs)
+        return real_launch(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(fused, "launch", recording_launch)
+
+
 @needs_triton
 def test_the_one_block_backward_branches_compute_the_op(monkeypatch):
     """Every compile-time branch of the one-block backward (whole tiles or a partial last tile,
     a full or padded spatial block, the scale per score or per sum, masked head columns, key
     masks), for both directions, against the reference."""
-    from spatialformer_kernels.backends.triton import fused
-    from spatialformer_kernels.testing import (
-        BILATERAL_RESULT_NAMES,
-        assert_results_close,
-        bilateral_results,
-        reference_bilateral_results,
-    )
-
     branches = set()
-    real_launch = fused.launch
 
-    def recording_launch(kernel, grid, *args, **kwargs):
+    def record(fused, kernel, kwargs):
         if kernel is fused._bilateral_bwd_kernel and kwargs["M_ONE_BLOCK"]:
             branches.add(("s" if kwargs["DIR_S"] else "x", kwargs["HAS_TAIL"], kwargs["FULL_KEY_BLOCK"],
                           kwargs["DS_SCALED"], kwargs["D_MASKED"]))
-        return real_launch(kernel, grid, *args, **kwargs)
 
-    monkeypatch.setattr(fused, "launch", recording_launch)
+    record_fused_launches(monkeypatch, record)
     for B, H, M, N, D, dtype, mask_kind in BACKWARD_BRANCH_CASES:
         inputs = make_bilateral_inputs(B, H, M, N, D, dtype, device=DEVICE, layout="strided", seed=N + D)
         grads = (transposed_grad((B, H, M, D), dtype, 4, DEVICE), transposed_grad((B, H, N, D), dtype, 5, DEVICE))
@@ -289,26 +296,18 @@ def test_both_dot_orders_compute_the_op(monkeypatch):
     both directions, against the reference."""
     import triton
 
-    from spatialformer_kernels.backends.triton import configs, fused
-    from spatialformer_kernels.testing import (
-        BILATERAL_RESULT_NAMES,
-        assert_results_close,
-        bilateral_results,
-        reference_bilateral_results,
-    )
+    from spatialformer_kernels.backends.triton import configs
 
     seen = set()
-    real_launch = fused.launch
 
-    def recording_launch(kernel, grid, *args, **kwargs):
+    def record(fused, kernel, kwargs):
         if kernel is fused._bilateral_fwd_kernel:
             seen.add(("fwd", kwargs["ASYNC_DOTS"]))
         elif kernel is fused._bilateral_bwd_kernel:
             where = ("s" if kwargs["DIR_S"] else "x") + (" one block" if kwargs["M_ONE_BLOCK"] else " looped")
             seen.add((where, kwargs["ASYNC_DOTS"]))
-        return real_launch(kernel, grid, *args, **kwargs)
 
-    monkeypatch.setattr(fused, "launch", recording_launch)
+    record_fused_launches(monkeypatch, record)
     # M = 80: the forward loops over spatial key blocks in direction x; the backward holds the
     # 80 rows in one block of 128 or loops over blocks of 32
     B, H, M, N, D, dtype = 1, 2, 80, 100, 16, BF16
