@@ -337,10 +337,10 @@ def _chosen(block_m, block_d, elem_bytes, backward, both, dir_s, arch, pair_mask
 def async_dots(arch: int, num_stages: int, elem_bytes: int) -> bool:
     """Whether a launch's loop runs its dots asynchronously: wgmma (sm_90, 16-bit operands; fp32
     dots are IEEE FMA chains) in a loop that Triton pipelines (num_stages >= 2), where it may
-    leave a dot's wait to the next iteration. A dot
-    into a loop-carried sum left in flight across the back edge makes ptxas serialise every
-    wgmma of the kernel (C7515), so the kernels then order their dots so that each one
-    completes within its iteration (fused.py, the ASYNC_DOTS constexpr)."""
+    leave a dot's wait to the next iteration. A dot into a loop-carried sum left in flight
+    across the back edge makes ptxas serialise every wgmma of the kernel (C7515), so the
+    kernels then order their dots so that each one completes within its iteration (fused.py,
+    the ASYNC_DOTS constexpr)."""
     return arch >= 90 and num_stages >= 2 and elem_bytes == 2
 
 

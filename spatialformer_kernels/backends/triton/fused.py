@@ -652,7 +652,7 @@ def _bwd_x_tile(
     dq, dk_s_acc, dv_s_acc = _attn_bwd_block(q_x, do_x, lse_hi_x, lse_lo_x, 0.0, k_s, v_s, keep, sm_scale,
                                              tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32), dk_s_acc, dv_s_acc,
                                              DOT_PRECISION, DQ_FIRST=not ASYNC_DOTS,
-                                 DELTA_FROM_P=True, KEYS_MASKED=KEYS_MASKED, DS_SCALED=DS_SCALED)
+                                             DELTA_FROM_P=True, KEYS_MASKED=KEYS_MASKED, DS_SCALED=DS_SCALED)
     if not DS_SCALED:
         dq = dq * sm_scale
     _masked_store(DQ_X + _row_ptrs(grad_base, n0, D, 1, BLOCK_N, BLOCK_D, ALIGN), round_to(dq, DQ_X.dtype.element_ty),
