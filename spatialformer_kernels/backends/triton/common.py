@@ -85,9 +85,21 @@ def multiple(x, ALIGN: tl.constexpr):
 
 
 @triton.jit
+def widen_unsigned(x):
+    """A size, index or stride (never negative) as int64: zero-extended from int32, so that
+    its product with another such value is one 32 x 32 -> 64-bit multiply, not a 64-bit one
+    (a stride of 1 comes as a constexpr: made a tensor first)."""
+    x = tl.to_tensor(x)
+    if x.dtype == tl.int32:
+        return x.to(tl.uint32, bitcast=True).to(tl.int64)
+    return x.to(tl.int64)
+
+
+@triton.jit
 def load_rows(ptr, rows, cols, stride_row, stride_col, row_ok, col_ok, ALIGN: tl.constexpr = 1):
     """Load a [len(rows), len(cols)] tile, zeros outside the masks; int64 offsets."""
-    offsets = rows.to(tl.int64)[:, None] * multiple(stride_row, ALIGN) + cols.to(tl.int64)[None, :] * stride_col
+    stride_row = widen_unsigned(multiple(stride_row, ALIGN))
+    offsets = widen_unsigned(rows)[:, None] * stride_row + cols.to(tl.int64)[None, :] * stride_col
     return tl.load(ptr + offsets, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
 
 

@@ -88,6 +88,7 @@ from .common import (
     exp_shifted,
     head_base,
     inverse_sum,
+    widen_unsigned,
     key_keep,
     load_lse,
     load_rows,
@@ -223,8 +224,8 @@ def _tile_ptrs(base, stride_row, stride_col, BLOCK_R: tl.constexpr, BLOCK_D: tl.
 def _load_tile(tile_ptrs, r0, stride_row, rows_ok, cols_ok,
                ROWS_MASKED: tl.constexpr, COLS_MASKED: tl.constexpr, ALIGN: tl.constexpr):
     """Load the tile of rows r0.. from `_tile_ptrs` (`_masked_load`)."""
-    return _masked_load(tile_ptrs + tl.cast(r0, tl.int64) * multiple(stride_row, ALIGN), rows_ok, cols_ok,
-                        ROWS_MASKED, COLS_MASKED)
+    offset = widen_unsigned(r0) * widen_unsigned(multiple(stride_row, ALIGN))
+    return _masked_load(tile_ptrs + offset, rows_ok, cols_ok, ROWS_MASKED, COLS_MASKED)
 
 
 @triton.jit
@@ -232,9 +233,9 @@ def _row_ptrs(base, r0, stride_row, stride_col, BLOCK_R: tl.constexpr, BLOCK_D: 
     """Pointers to rows r0..r0+BLOCK_R-1 of a [rows, D] head (int64 offsets), formed per tile:
     a few instructions more than `_tile_ptrs`, but no tile of pointers held across a loop,
     which the backward's register budget cannot spare."""
-    rows = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
+    rows = widen_unsigned(r0 + tl.arange(0, BLOCK_R))
     cols = tl.arange(0, BLOCK_D).to(tl.int64)
-    return base + rows[:, None] * multiple(stride_row, ALIGN) + cols[None, :] * stride_col
+    return base + rows[:, None] * widen_unsigned(multiple(stride_row, ALIGN)) + cols[None, :] * stride_col
 
 
 @triton.jit
