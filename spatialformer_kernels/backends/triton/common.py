@@ -129,13 +129,18 @@ def query_key_keep(keys_keep, PAIR_MASK, b, queries, queries_ok, keys, stride_pm
 
 
 @triton.jit
-def online_max(m_run, m_new_part, rate):
+def online_max(m_run, m_new_part, rate, EMPTY_ROWS: tl.constexpr = True):
     """The rescale step of an online softmax: (m_new, shift, alpha) for a running max m_run
     meeting a new block's (or split's) max. alpha = exp2((m_run - m_new) * rate) rescales what
     was summed so far; `shift` is m_new with -inf (no kept key yet) replaced by 0, so
-    exp2((x - shift) * rate) stays 0 for x = -inf instead of NaN (rate > 0)."""
+    exp2((x - shift) * rate) stays 0 for x = -inf instead of NaN (rate > 0). Without
+    EMPTY_ROWS every row of the new block keeps a key (no mask, no padding key), so m_new is
+    never -inf from finite logits: no select (a row whose logits are all -inf, from infinite
+    inputs, then gives NaN, as the reference's output does)."""
     m_new = tl.maximum(m_run, m_new_part)
-    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    shift = m_new
+    if EMPTY_ROWS:
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.math.exp2((m_run - shift) * rate)
     return m_new, shift, alpha
 
@@ -158,23 +163,28 @@ def exp_shifted(x, shift, rate):
 
 
 @triton.jit
-def lse_value(m, l, max_scale):
-    """float64 LSE of a softmax state (fp32 max m, sum l); -inf for a row with no kept key.
+def lse_value(m, l, max_scale, EMPTY_ROWS: tl.constexpr = True):
+    """float64 LSE of a softmax state (fp32 max m, sum l); -inf for a row with no kept key
+    (only where EMPTY_ROWS: some row may have none, `online_max`).
     max_scale turns the max into a logit: the scale where m is a raw dot, else 1. The product
     is rounded to fp32 first, so a row's top logit is the same fp32 value scale * q.k that the
     backward recomputes (a one-hot row gets exactly P = 1 there). The LSE is kept in float64
     because an fp32 LSE is off by up to half an ulp, 5e-4 at |logits| ~ 1e4, and
     P = exp(s - lse) would carry that as a relative error."""
     lse = (m * max_scale).to(tl.float64) + (sum_log2(l) * _LN2).to(tl.float64)
-    return tl.where(l > 0.0, lse, float("-inf"))
+    if EMPTY_ROWS:
+        lse = tl.where(l > 0.0, lse, float("-inf"))
+    return lse
 
 
 @triton.jit
-def inverse_sum(l):
-    """1 / l of a softmax sum for normalising a row (1 where no key was kept, l = 0): one
-    rcp.approx (within 1 ulp) instead of a full-range division per row; exactly 1 at l = 1,
-    so a one-hot row's output is its value row bitwise."""
-    l = tl.where(l > 0.0, l, 1.0)
+def inverse_sum(l, EMPTY_ROWS: tl.constexpr = True):
+    """1 / l of a softmax sum for normalising a row (1 where no key was kept, l = 0, only
+    where EMPTY_ROWS: some row may have none): one rcp.approx (within 1 ulp) instead of a
+    full-range division per row; exactly 1 at l = 1, so a one-hot row's output is its value
+    row bitwise."""
+    if EMPTY_ROWS:
+        l = tl.where(l > 0.0, l, 1.0)
     if _INTERPRETER_DOTS:
         return 1.0 / l
     inverse = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [l], dtype=tl.float32,
@@ -207,14 +217,19 @@ def mul_rn(x, y):
 
 
 @triton.jit
-def load_lse(LSE, rows, rows_ok):
+def load_lse(LSE, rows, rows_ok, EMPTY_ROWS: tl.constexpr = True):
     """Saved float64 LSE as fp32 (hi, lo), hi the nearest fp32 and lo the rest; (+inf, 0) for
-    empty rows and padding so that `probs` gives exactly 0 there."""
+    empty rows and padding so that `probs` gives exactly 0 there. Without EMPTY_ROWS no row is
+    empty or padding (every LSE finite), so there is no select. The load keeps its predicate
+    either way: unpredicated, it changed the pipelining of the D = 128 direction-x backward
+    and ptxas serialised that kernel's wgmma (C7515)."""
     lse = tl.load(LSE + rows.to(tl.int64), mask=rows_ok, other=float("-inf"))
-    empty = lse == float("-inf")
     hi = lse.to(tl.float32)
     lo = (lse - hi.to(tl.float64)).to(tl.float32)
-    return tl.where(empty, float("inf"), hi), tl.where(empty, 0.0, lo)
+    if EMPTY_ROWS:
+        empty = lse == float("-inf")
+        return tl.where(empty, float("inf"), hi), tl.where(empty, 0.0, lo)
+    return hi, lo
 
 
 @triton.jit

@@ -127,12 +127,14 @@ from .launch import device_guard, launch
 # jit helpers of the fused kernels (the ones wide.py shares are in common.py)
 # ----------------------------------------------------------------------------------------
 @triton.jit
-def _online_softmax_step(s, v, m_i, l_i, acc, rate, DOT_PRECISION: tl.constexpr, ASYNC_DOTS: tl.constexpr):
+def _online_softmax_step(s, v, m_i, l_i, acc, rate, DOT_PRECISION: tl.constexpr, ASYNC_DOTS: tl.constexpr,
+                         EMPTY_ROWS: tl.constexpr = True):
     """Fold one block of logits s [R, C] and values v [C, D] into (max, sum, acc); exp(logit - max)
     is exp2((s - max) * rate) (`_logits`). ASYNC_DOTS (`configs.async_dots`): the P.V dot is
     fresh and the rescaled sum added to it, so it completes within the iteration; else it
-    accumulates into the rescaled sum (the sum in registers once, not twice: sm_80 spilled)."""
-    m_new, shift, alpha = online_max(m_i, tl.max(s, 1), rate)
+    accumulates into the rescaled sum (the sum in registers once, not twice: sm_80 spilled).
+    EMPTY_ROWS: a row of the block may keep no key (`online_max`)."""
+    m_new, shift, alpha = online_max(m_i, tl.max(s, 1), rate, EMPTY_ROWS)
     p = exp_shifted(s, shift[:, None], rate)
     l_i = l_i * alpha + tl.sum(p, 1)
     if ASYNC_DOTS:
@@ -155,7 +157,7 @@ def _delta_like_dp(do, o, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr):
 def _attn_bwd_block(q, do, lse_hi, lse_lo, delta, k, v, keep, sm_scale, dq_acc, dk_acc, dv_acc,
                     DOT_PRECISION: tl.constexpr, DQ_FIRST: tl.constexpr,
                     DELTA_FROM_P: tl.constexpr = False, KEYS_MASKED: tl.constexpr = True,
-                    DS_SCALED: tl.constexpr = True):
+                    DS_SCALED: tl.constexpr = True, EMPTY_ROWS: tl.constexpr = True):
     """Gradient contributions of queries q [R, D] against one block of keys k, v [C, D], added
     by the dots to dq_acc [R, D], dk_acc [C, D], dv_acc [C, D] (fp32; zeros for a fresh one):
     returns the three sums.
@@ -173,7 +175,8 @@ def _attn_bwd_block(q, do, lse_hi, lse_lo, delta, k, v, keep, sm_scale, dq_acc, 
     DELTA_FROM_P: the block holds every key of the rows, so delta is formed here from P and
     dP, as the reference's softmax backward does, and the `delta` argument is ignored. It is
     rowsum(P * dP) / rowsum(P): normalising turns a per-row factor error of the recomputed P
-    (the roundings of the split LSE and of exp2) into a relative error of dS."""
+    (the roundings of the split LSE and of exp2) into a relative error of dS. EMPTY_ROWS: a
+    row may have P = 0 throughout (no kept key, or padding), whose delta is then 0."""
     # -- recompute the probabilities from the saved LSE (logits rounded as the forward's) --
     s = mul_rn(dot(q, tl.trans(k), DOT_PRECISION), sm_scale)
     if KEYS_MASKED:
@@ -182,8 +185,7 @@ def _attn_bwd_block(q, do, lse_hi, lse_lo, delta, k, v, keep, sm_scale, dq_acc, 
     # -- dS = P * (dP - delta), rounded once for both of its dots --
     dp = dot(do, tl.trans(v), DOT_PRECISION)
     if DELTA_FROM_P:
-        p_sum = tl.sum(p, 1)
-        delta = tl.sum(p * dp, 1) / tl.where(p_sum > 0.0, p_sum, 1.0)
+        delta = tl.sum(p * dp, 1) * inverse_sum(tl.sum(p, 1), EMPTY_ROWS)
     ds = p * (dp - delta[:, None])
     if DS_SCALED:
         ds = ds * sm_scale
@@ -290,6 +292,10 @@ def _fwd_tile(
     written here) and direction s's keys (folded into (m_s, l_s, acc_s), returned). TAIL: the
     tile may run past n_end, so its rows are bounds-checked and direction s masks its keys;
     a full tile of an unmasked launch carries no per-score mask at all."""
+    # Direction x's rows may keep no key only with a spatial or pair mask (padding keys leave
+    # each a key). An image mask cannot empty them either, but with one the sm_80 8-warp
+    # forward spilled without the selects (static gate), so it keeps them.
+    X_EMPTY_ROWS: tl.constexpr = HAS_SPATIAL_MASK or HAS_PAIR_MASK or HAS_IMAGE_MASK
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < n_end
     if DIR_X:
@@ -304,7 +310,10 @@ def _fwd_tile(
                                             stride_pm_b, stride_pm_q, stride_pm_k, HAS_PAIR_MASK)
                     s_x = tl.where(keep_x, s_x, float("-inf"))
                 m_x = tl.max(s_x, 1)
-                p_x = exp_shifted(s_x, tl.where(m_x == float("-inf"), 0.0, m_x)[:, None], rate)
+                shift_x = m_x
+                if X_EMPTY_ROWS:
+                    shift_x = tl.where(m_x == float("-inf"), 0.0, m_x)
+                p_x = exp_shifted(s_x, shift_x[:, None], rate)
                 l_x = tl.sum(p_x, 1)
                 acc_x = dot(round_to(p_x, v_once.dtype), v_once, DOT_PRECISION)
             else:
@@ -321,10 +330,11 @@ def _fwd_tile(
                     k_blk = load_rows(k_s_ptr, offs_km, offs_d, stride_ks_m, stride_ks_d, km_ok, d_ok, ALIGN=ALIGN)
                     v_blk = load_rows(v_s_ptr, offs_km, offs_d, stride_vs_m, stride_vs_d, km_ok, d_ok, ALIGN=ALIGN)
                     s_x = tl.where(km_keep, _logits(q_x, k_blk, sm_scale, DOT_PRECISION, RAW_LOGITS), float("-inf"))
-                    m_x, l_x, acc_x = _online_softmax_step(s_x, v_blk, m_x, l_x, acc_x, rate, DOT_PRECISION, ASYNC_DOTS)
+                    m_x, l_x, acc_x = _online_softmax_step(s_x, v_blk, m_x, l_x, acc_x, rate, DOT_PRECISION, ASYNC_DOTS,
+                                                           X_EMPTY_ROWS)
             # -- normalise and write o_x, lse_x (rows with no kept key: 0 and -inf) --
-            o_x = acc_x * inverse_sum(l_x)[:, None]
-            lse_x = lse_value(m_x, l_x, max_scale)
+            o_x = acc_x * inverse_sum(l_x, X_EMPTY_ROWS)[:, None]
+            lse_x = lse_value(m_x, l_x, max_scale, X_EMPTY_ROWS)
             rows = row_base + offs_n
             o_ptrs = o_x_tile + tl.cast(n0, tl.int64) * D
             if TAIL:
@@ -346,7 +356,8 @@ def _fwd_tile(
             keep_n = query_key_keep(keep_n, PAIR_MASK, b, offs_qm, qm_ok, offs_n,
                                     stride_pm_b, stride_pm_q, stride_pm_k, HAS_PAIR_MASK)
             s_s = tl.where(keep_n, s_s, float("-inf"))
-        m_s, l_s, acc_s = _online_softmax_step(s_s, v_x, m_s, l_s, acc_s, rate, DOT_PRECISION, ASYNC_DOTS)
+        m_s, l_s, acc_s = _online_softmax_step(s_s, v_x, m_s, l_s, acc_s, rate, DOT_PRECISION, ASYNC_DOTS,
+                                               EMPTY_ROWS=HAS_IMAGE_MASK or HAS_PAIR_MASK)
     return m_s, l_s, acc_s
 
 
@@ -645,7 +656,7 @@ def _bwd_x_tile(
                        TAIL, D_MASKED)
     do_x = _masked_load(_row_ptrs(do_x_ptr, n0, stride_dox_n, stride_dox_d, BLOCK_N, BLOCK_D, ALIGN), n_ok, d_ok,
                         TAIL, D_MASKED)
-    lse_hi_x, lse_lo_x = load_lse(lse_x_ptr, offs_n, n_ok)
+    lse_hi_x, lse_lo_x = load_lse(lse_x_ptr, offs_n, n_ok, EMPTY_ROWS=TAIL or KEYS_MASKED)
     keep = 0
     if KEYS_MASKED:
         keep = query_key_keep(ks_keep, PAIR_MASK, b, offs_n, n_ok, offs_m, stride_pm_b, stride_pm_q, stride_pm_k,
@@ -653,7 +664,8 @@ def _bwd_x_tile(
     dq, dk_s_acc, dv_s_acc = _attn_bwd_block(q_x, do_x, lse_hi_x, lse_lo_x, 0.0, k_s, v_s, keep, sm_scale,
                                              tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32), dk_s_acc, dv_s_acc,
                                              DOT_PRECISION, DQ_FIRST=not ASYNC_DOTS,
-                                             DELTA_FROM_P=True, KEYS_MASKED=KEYS_MASKED, DS_SCALED=DS_SCALED)
+                                             DELTA_FROM_P=True, KEYS_MASKED=KEYS_MASKED, DS_SCALED=DS_SCALED,
+                                             EMPTY_ROWS=TAIL or KEYS_MASKED)
     if not DS_SCALED:
         dq = dq * sm_scale
     _masked_store(DQ_X + _row_ptrs(grad_base, n0, D, 1, BLOCK_N, BLOCK_D, ALIGN), round_to(dq, DQ_X.dtype.element_ty),
