@@ -184,9 +184,18 @@ def _attn_bwd_block(q, do, lse_hi, lse_lo, delta, k, v, keep, sm_scale, dq_acc, 
     p = probs(s, lse_hi, lse_lo)
     # -- dS = P * (dP - delta), rounded once for both of its dots --
     dp = dot(do, tl.trans(v), DOT_PRECISION)
-    if DELTA_FROM_P:
-        delta = tl.sum(p * dp, 1) * inverse_sum(tl.sum(p, 1), EMPTY_ROWS)
-    ds = p * (dp - delta[:, None])
+    if DELTA_FROM_P and k.dtype != tl.float32:
+        # 16-bit: dS = P dP - P delta from the products that delta sums, one FMA per score
+        # instead of a subtraction and a product. Rounding P dP (2^-24 of it) matters only
+        # where dP and delta agree to 15 bits, far below dS's own rounding to 16 bits; a
+        # one-hot row stays exact (its delta is its P dP, times exactly 1).
+        p_dp = p * dp
+        delta = tl.sum(p_dp, 1) * inverse_sum(tl.sum(p, 1), EMPTY_ROWS)
+        ds = p_dp - p * delta[:, None]
+    else:
+        if DELTA_FROM_P:
+            delta = tl.sum(p * dp, 1) * inverse_sum(tl.sum(p, 1), EMPTY_ROWS)
+        ds = p * (dp - delta[:, None])
     if DS_SCALED:
         ds = ds * sm_scale
     ds = round_to(ds, k.dtype)
