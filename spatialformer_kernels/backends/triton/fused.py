@@ -174,9 +174,15 @@ def _attn_bwd_block(q, do, lse_hi, lse_lo, delta, k, v, keep, sm_scale, dq_acc, 
     scale, which the caller applies once to its [rows, D] sums instead of to every score.
     DELTA_FROM_P: the block holds every key of the rows, so delta is formed here from P and
     dP, as the reference's softmax backward does, and the `delta` argument is ignored. It is
-    rowsum(P * dP) / rowsum(P): normalising turns a per-row factor error of the recomputed P
-    (the roundings of the split LSE and of exp2) into a relative error of dS. EMPTY_ROWS: a
-    row may have P = 0 throughout (no kept key, or padding), whose delta is then 0."""
+    rowsum(P * dP), divided by rowsum(P) for fp32. The recomputed P carries a per-row factor
+    error: a few 1e-7 at ordinary logits (the forward's lg2.approx of its sum, ex2.approx per
+    term; the LSE itself is float64), up to half an ulp of the logit in a row that is not
+    one-hot at |logits| ~ 1e4 (the backward rounds scale * q.k, the forward subtracted raw
+    dots). Normalising turns it into a relative error of dS, as fp32's bound needs. A 16-bit
+    dS is rounded to 2^-9 (bf16) or 2^-12 (fp16): at ordinary logits the unnormalised delta
+    moves it by more than that only where dP and delta agree to about 3 (fp16) or 4 (bf16)
+    significant digits. EMPTY_ROWS: a row may have P = 0 throughout (no kept key, or
+    padding), whose delta is then 0."""
     # -- recompute the probabilities from the saved LSE (logits rounded as the forward's) --
     s = mul_rn(dot(q, tl.trans(k), DOT_PRECISION), sm_scale)
     if KEYS_MASKED:
@@ -186,11 +192,12 @@ def _attn_bwd_block(q, do, lse_hi, lse_lo, delta, k, v, keep, sm_scale, dq_acc, 
     dp = dot(do, tl.trans(v), DOT_PRECISION)
     if DELTA_FROM_P and k.dtype != tl.float32:
         # 16-bit: dS = P dP - P delta from the products that delta sums, one FMA per score
-        # instead of a subtraction and a product. Rounding P dP (2^-24 of it) matters only
-        # where dP and delta agree to 15 bits, far below dS's own rounding to 16 bits; a
-        # one-hot row stays exact (its delta is its P dP, times exactly 1).
+        # instead of a subtraction and a product, and delta not normalised (see the
+        # docstring). Rounding P dP (2^-24 of it) matters only where dP and delta agree to 15
+        # bits, far below dS's own rounding to 16 bits; a one-hot row stays exact (its delta
+        # is its P dP, P being exactly 1 and 0).
         p_dp = p * dp
-        delta = tl.sum(p_dp, 1) * inverse_sum(tl.sum(p, 1), EMPTY_ROWS)
+        delta = tl.sum(p_dp, 1)
         ds = p_dp - p * delta[:, None]
     else:
         if DELTA_FROM_P:
