@@ -58,8 +58,9 @@ def test_records_the_launchers_launches_with_the_sm_count():
     assert fwd.grid[1] == lr.fused.split_plan(132, 128, 3136)[0]
     assert _launches(_case(), n_sm=108)[0].grid[1] == lr.fused.split_plan(108, 128, 3136)[0]
     bwd = [e.name for e in _launches(_case(), backward=True)]
-    # one split reduction per direction; M = 64 is one spatial block: no separate delta launch
-    assert bwd == ["_bilateral_bwd_kernel", "_reduce_splits_kernel", "_bilateral_bwd_kernel", "_reduce_splits_kernel"]
+    # one launch per direction, then one split reduction for both; M = 64 is one spatial block: no
+    # separate delta launch
+    assert bwd == ["_bilateral_bwd_kernel", "_bilateral_bwd_kernel", "_reduce_splits_kernel"]
     wide = {e.name for e in _launches(_case(D=256, dtype="fp32"), backward=True)}
     assert wide == {"_bilateral_wide_lse_kernel", "_bilateral_wide_delta_kernel", "_bilateral_wide_bwd_kernel",
                     "_reduce_splits_kernel"}

@@ -128,8 +128,8 @@ def test_a_gpu_uses_the_configs_of_the_architecture_the_static_check_covers(monk
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [BF16, FP32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("pair", [False, True], ids=["one", "two"])
-def test_split_reduction_sums_in_split_order_and_rounds_once(dtype, pair):
+@pytest.mark.parametrize("n_parts", [1, 2, 3], ids=["one", "two", "three"])
+def test_split_reduction_sums_in_split_order_and_rounds_once(dtype, n_parts):
     from spatialformer_kernels.backends.triton.common import REDUCE_BLOCK, REDUCE_MIN_BLOCK, reduce_shape, reduce_splits
 
     B, H, M, D = 2, 3, 7, 40  # M * D = 280 (and 2 blocks below): a masked tail
@@ -138,9 +138,9 @@ def test_split_reduction_sums_in_split_order_and_rounds_once(dtype, pair):
         gen = torch.Generator().manual_seed(m * splits)
         # integers (exact in any summation order) plus a fraction only the last split carries,
         # so the single rounding to the output dtype is visible
-        parts = [torch.randint(-50, 50, (B * H, splits, m, d), generator=gen).float() for _ in range(2 if pair else 1)]
-        for p in parts:
-            p[:, -1] += 1.0 / 3.0
+        parts = [torch.randint(-50, 50, (B * H, splits, m, d), generator=gen).float() for _ in range(n_parts)]
+        for i, p in enumerate(parts):
+            p[:, -1] += 1.0 / (3.0 + i)  # a different fraction per part: no part's sum lands in another's output
         outs = reduce_splits([p.to(DEVICE) for p in parts], (B, H, m, d), dtype)
         assert len(outs) == len(parts)
         for p, out in zip(parts, outs):

@@ -349,9 +349,10 @@ def pair_mask_args(pair_mask, like):
 @triton.jit
 def _reduce_splits_kernel(
     PART_A, OUT_A,  # [B * H, SPLITS, SIZE] fp32 partials -> [B * H, SIZE] contiguous, output dtype
-    PART_B, OUT_B,  # a second pair of the same shape (read only with HAS_B)
+    PART_B, OUT_B,  # a second pair of the same shape (read with N_PARTS >= 2)
+    PART_C, OUT_C,  # a third (read with N_PARTS = 3)
     SPLITS, SIZE,
-    BLOCK: tl.constexpr, UNROLL: tl.constexpr, HAS_B: tl.constexpr,
+    BLOCK: tl.constexpr, UNROLL: tl.constexpr, N_PARTS: tl.constexpr,
 ):
     """Sum per-split partials over the splits in split order and round once to the output
     dtype. Each step issues the loads of UNROLL splits before their adds, so 66 splits are
@@ -362,17 +363,22 @@ def _reduce_splits_kernel(
     base = pid_bh * SPLITS * SIZE + offs
     acc_a = tl.zeros([BLOCK], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_c = tl.zeros([BLOCK], dtype=tl.float32)
     for s0 in range(0, SPLITS, UNROLL):
         for j in tl.static_range(UNROLL):
             at = base + (s0 + j) * SIZE.to(tl.int64)
             split_ok = ok & (s0 + j < SPLITS)
             acc_a += tl.load(PART_A + at, mask=split_ok, other=0.0)
-            if HAS_B:
+            if N_PARTS >= 2:
                 acc_b += tl.load(PART_B + at, mask=split_ok, other=0.0)
+            if N_PARTS == 3:
+                acc_c += tl.load(PART_C + at, mask=split_ok, other=0.0)
     out = pid_bh * SIZE + offs
     tl.store(OUT_A + out, round_to(acc_a, OUT_A.dtype.element_ty), mask=ok)
-    if HAS_B:
+    if N_PARTS >= 2:
         tl.store(OUT_B + out, round_to(acc_b, OUT_B.dtype.element_ty), mask=ok)
+    if N_PARTS == 3:
+        tl.store(OUT_C + out, round_to(acc_c, OUT_C.dtype.element_ty), mask=ok)
 
 
 REDUCE_BLOCK = 1024  # most output elements per program
@@ -380,18 +386,20 @@ REDUCE_MIN_BLOCK = 32
 
 
 def reduce_splits(parts: list, shape, dtype: torch.dtype) -> list:
-    """Sum one or two fp32 per-split partials [B * H, SPLITS, M, D] over the splits in a fixed
-    order (bitwise reproducible, no atomics) into new tensors of `shape` [B, H, M, D] and
-    `dtype`, in one launch (`reduce_shape`)."""
-    assert len(parts) in (1, 2)
+    """Sum one to three fp32 per-split partials [B * H, SPLITS, M, D] of the same shape over
+    the splits in a fixed order (bitwise reproducible, no atomics) into new tensors of `shape`
+    [B, H, M, D] and `dtype`, in one launch (`reduce_shape`): a bilateral backward's three
+    spatial-side gradients are one launch."""
+    assert 1 <= len(parts) <= 3 and all(p.shape == parts[0].shape for p in parts)
     outs = [torch.empty(shape, device=p.device, dtype=dtype) for p in parts]
     bh, splits, m, d = parts[0].shape
     size = m * d
     block, unroll, warps = reduce_shape(bh, splits, size, sm_count(parts[0].device))
+    padded = [*zip(parts, outs)] + [(parts[-1], outs[-1])] * (3 - len(parts))  # unread pairs
     with device_guard(parts[0].device):
         launch(_reduce_splits_kernel, (bh, cdiv(size, block)),
-            parts[0], outs[0], parts[-1], outs[-1], splits, size, BLOCK=block, UNROLL=unroll,
-            HAS_B=len(parts) == 2, num_warps=warps,
+            *(t for pair in padded for t in pair), splits, size, BLOCK=block, UNROLL=unroll,
+            N_PARTS=len(parts), num_warps=warps,
         )
     return outs
 

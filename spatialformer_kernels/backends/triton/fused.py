@@ -987,14 +987,14 @@ def attention_bwd(
     """Launch the backward; returns (dq_s, dk_s, dv_s, dq_x, dk_x, dv_x), None for the
     gradients of a direction not run (dq_s, dk_x, dv_x come from direction s; dq_x, dk_s,
     dv_s from direction x). do_s, do_x: the output gradients. Inputs, run_s / run_x and
-    pair_mask as in `attention_fwd`; do_*/o_*/lse_* of a direction not run may be None."""
+    pair_mask as in `attention_fwd`; do_*/o_*/lse_* of a direction not run may be None.
+    Each direction is one launch writing its image-side gradients and fp32 per-split partials
+    of its spatial-side ones; one split reduction then sums every partial of the call."""
     B, H, M, D = q_s.shape
-    N = q_x.shape[2]
-    device, dtype = q_x.device, q_x.dtype
-    elem = q_x.element_size()
+    dtype = q_x.dtype
     if pair_mask is not None and run_s and run_x:
         raise ValueError("a per-query mask belongs to one direction: run_s and run_x cannot both be set")
-    if not backward_supported(block_d_for(D), elem, M):
+    if not backward_supported(block_d_for(D), q_x.element_size(), M):
         # Wide heads: the head dim is split across programs (wide.py).
         dq_s = dk_s = dv_s = dq_x = dk_x = dv_x = None
         if run_s:
@@ -1002,11 +1002,32 @@ def attention_bwd(
         if run_x:
             dq_x, dk_s, dv_s = wide_head_bwd(do_x, q_x, k_s, v_s, o_x, scale, spatial_mask, False, pair_mask)
         return dq_s, dk_s, dv_s, dq_x, dk_x, dv_x
-    if run_s and run_x:
-        args = (q_s, k_s, v_s, q_x, k_x, v_x, o_s, o_x, lse_s, lse_x, scale, image_mask, spatial_mask)
-        dq_s, _, _, _, dk_x, dv_x = attention_bwd(do_s, None, *args, True, False)
-        _, dk_s, dv_s, dq_x, _, _ = attention_bwd(None, do_x, *args, False, True)
-        return dq_s, dk_s, dv_s, dq_x, dk_x, dv_x
+    args = (q_s, k_s, v_s, q_x, k_x, v_x, o_s, o_x, lse_s, lse_x, scale, image_mask, spatial_mask)
+    dq_x = dk_x = dv_x = None
+    parts = []
+    if run_s:
+        dk_x, dv_x, part_dq_s = _bwd_direction(do_s, *args, True, pair_mask)
+        parts.append(part_dq_s)
+    if run_x:
+        dq_x, part_dk_s, part_dv_s = _bwd_direction(do_x, *args, False, pair_mask)
+        parts += [part_dk_s, part_dv_s]
+    sums = reduce_splits(parts, (B, H, M, D), dtype)
+    dq_s = sums[0] if run_s else None
+    dk_s, dv_s = sums[-2:] if run_x else (None, None)
+    return dq_s, dk_s, dv_s, dq_x, dk_x, dv_x
+
+
+def _bwd_direction(do, q_s, k_s, v_s, q_x, k_x, v_x, o_s, o_x, lse_s, lse_x, scale, image_mask, spatial_mask,
+                   run_s, pair_mask):
+    """One direction's backward launch (direction s where run_s, else x; do its output
+    gradient): (dk_x, dv_x, part_dq_s) for direction s, (dq_x, part_dk_s, part_dv_s) for x,
+    the parts fp32 [B * H, SPLITS, M, D] per-split partials for `reduce_splits`."""
+    run_x = not run_s
+    do_s, do_x = (do, None) if run_s else (None, do)
+    B, H, M, D = q_s.shape
+    N = q_x.shape[2]
+    device, dtype = q_x.device, q_x.dtype
+    elem = q_x.element_size()
     if run_s:
         align = row_alignment(D, q_s, k_x, v_x, do_s, o_s)
     else:
@@ -1070,7 +1091,5 @@ def attention_bwd(
             **meta,
         )
     if run_s:
-        (dq_s,) = reduce_splits([part_dq_s], (B, H, M, D), dtype)
-        return dq_s, None, None, dq_x, dk_x, dv_x
-    dk_s, dv_s = reduce_splits([part_dk_s, part_dv_s], (B, H, M, D), dtype)
-    return None, dk_s, dv_s, dq_x, dk_x, dv_x
+        return dk_x, dv_x, part_dq_s
+    return dq_x, part_dk_s, part_dv_s

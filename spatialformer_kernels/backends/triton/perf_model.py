@@ -97,8 +97,9 @@ USAGE = {
     },
     "_bilateral_combine_kernel": {n: _ALWAYS for n in ("PART", "O_S", "LSE_S")},
     "_spatial_delta_kernel": {n: _ALWAYS for n in ("O_S", "DO_S", "DELTA_S")},
-    "_reduce_splits_kernel": {"PART_A": _ALWAYS, "OUT_A": _ALWAYS, "PART_B": lambda c: c["HAS_B"],
-                              "OUT_B": lambda c: c["HAS_B"]},
+    "_reduce_splits_kernel": {"PART_A": _ALWAYS, "OUT_A": _ALWAYS,
+                              "PART_B": lambda c: c["N_PARTS"] >= 2, "OUT_B": lambda c: c["N_PARTS"] >= 2,
+                              "PART_C": lambda c: c["N_PARTS"] == 3, "OUT_C": lambda c: c["N_PARTS"] == 3},
     "_bilateral_bwd_kernel": {
         "Q_S": lambda c: c["DIR_S"], "K_S": lambda c: c["DIR_X"], "V_S": lambda c: c["DIR_X"],
         "O_S": lambda c: c["DIR_S"] and c["M_ONE_BLOCK"], "DO_S": lambda c: c["DIR_S"],
