@@ -88,7 +88,9 @@ def multiple(x, ALIGN: tl.constexpr):
 def widen_unsigned(x):
     """A size, index or stride (never negative) as int64: zero-extended from int32, so that
     its product with another such value is one 32 x 32 -> 64-bit multiply, not a 64-bit one
-    (a stride of 1 comes as a constexpr: made a tensor first)."""
+    (a stride of 1 comes as a constexpr: made a tensor first). Used for the backward's row
+    offsets per tile; in `load_rows` and the forward's tile offsets it saved at most a few
+    instructions and made fp32 launches spill (their 64-bit values live longer)."""
     x = tl.to_tensor(x)
     if x.dtype == tl.int32:
         return x.to(tl.uint32, bitcast=True).to(tl.int64)
@@ -98,8 +100,7 @@ def widen_unsigned(x):
 @triton.jit
 def load_rows(ptr, rows, cols, stride_row, stride_col, row_ok, col_ok, ALIGN: tl.constexpr = 1):
     """Load a [len(rows), len(cols)] tile, zeros outside the masks; int64 offsets."""
-    stride_row = widen_unsigned(multiple(stride_row, ALIGN))
-    offsets = widen_unsigned(rows)[:, None] * stride_row + cols.to(tl.int64)[None, :] * stride_col
+    offsets = rows.to(tl.int64)[:, None] * multiple(stride_row, ALIGN) + cols.to(tl.int64)[None, :] * stride_col
     return tl.load(ptr + offsets, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
 
 

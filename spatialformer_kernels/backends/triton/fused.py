@@ -242,8 +242,8 @@ def _tile_ptrs(base, stride_row, stride_col, BLOCK_R: tl.constexpr, BLOCK_D: tl.
 def _load_tile(tile_ptrs, r0, stride_row, rows_ok, cols_ok,
                ROWS_MASKED: tl.constexpr, COLS_MASKED: tl.constexpr, ALIGN: tl.constexpr):
     """Load the tile of rows r0.. from `_tile_ptrs` (`_masked_load`)."""
-    offset = widen_unsigned(r0) * widen_unsigned(multiple(stride_row, ALIGN))
-    return _masked_load(tile_ptrs + offset, rows_ok, cols_ok, ROWS_MASKED, COLS_MASKED)
+    return _masked_load(tile_ptrs + tl.cast(r0, tl.int64) * multiple(stride_row, ALIGN), rows_ok, cols_ok,
+                        ROWS_MASKED, COLS_MASKED)
 
 
 @triton.jit
