@@ -130,18 +130,24 @@ def query_key_keep(keys_keep, PAIR_MASK, b, queries, queries_ok, keys, stride_pm
 
 
 @triton.jit
+def max_shift(m, EMPTY_ROWS: tl.constexpr = True):
+    """What a row's logits are shifted by before the exp: its max m, with -inf (no kept key)
+    replaced by 0 so that exp2((x - shift) * rate) stays 0 for x = -inf instead of NaN
+    (rate > 0). Without EMPTY_ROWS every row keeps a key (no mask, no padding key), so m is
+    never -inf from finite logits: no select (a row whose logits are all -inf, from infinite
+    inputs, then gives NaN, as the reference's output does)."""
+    if EMPTY_ROWS:
+        return tl.where(m == float("-inf"), 0.0, m)
+    return m
+
+
+@triton.jit
 def online_max(m_run, m_new_part, rate, EMPTY_ROWS: tl.constexpr = True):
     """The rescale step of an online softmax: (m_new, shift, alpha) for a running max m_run
     meeting a new block's (or split's) max. alpha = exp2((m_run - m_new) * rate) rescales what
-    was summed so far; `shift` is m_new with -inf (no kept key yet) replaced by 0, so
-    exp2((x - shift) * rate) stays 0 for x = -inf instead of NaN (rate > 0). Without
-    EMPTY_ROWS every row of the new block keeps a key (no mask, no padding key), so m_new is
-    never -inf from finite logits: no select (a row whose logits are all -inf, from infinite
-    inputs, then gives NaN, as the reference's output does)."""
+    was summed so far; `shift` is `max_shift(m_new, EMPTY_ROWS)`."""
     m_new = tl.maximum(m_run, m_new_part)
-    shift = m_new
-    if EMPTY_ROWS:
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    shift = max_shift(m_new, EMPTY_ROWS)
     alpha = tl.math.exp2((m_run - shift) * rate)
     return m_new, shift, alpha
 
@@ -166,7 +172,7 @@ def exp_shifted(x, shift, rate):
 @triton.jit
 def lse_value(m, l, max_scale, EMPTY_ROWS: tl.constexpr = True):
     """float64 LSE of a softmax state (fp32 max m, sum l); -inf for a row with no kept key
-    (only where EMPTY_ROWS: some row may have none, `online_max`).
+    (only where EMPTY_ROWS: some row may have none, `max_shift`).
     max_scale turns the max into a logit: the scale where m is a raw dot, else 1. The product
     is rounded to fp32 first, so a row's top logit is the same fp32 value scale * q.k that the
     backward recomputes (a one-hot row gets exactly P = 1 there). The LSE is kept in float64

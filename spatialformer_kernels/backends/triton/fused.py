@@ -88,13 +88,13 @@ from .common import (
     exp_shifted,
     head_base,
     inverse_sum,
-    widen_unsigned,
     key_keep,
     load_lse,
     load_rows,
     logit_rates,
     lse_value,
     mask_args,
+    max_shift,
     mul_rn,
     multiple,
     online_max,
@@ -107,6 +107,7 @@ from .common import (
     row_alignment,
     sm_count,
     split_plan,
+    widen_unsigned,
 )
 from .configs import (
     DELTA_BLOCK_M,
@@ -326,10 +327,7 @@ def _fwd_tile(
                                             stride_pm_b, stride_pm_q, stride_pm_k, HAS_PAIR_MASK)
                     s_x = tl.where(keep_x, s_x, float("-inf"))
                 m_x = tl.max(s_x, 1)
-                shift_x = m_x
-                if X_EMPTY_ROWS:
-                    shift_x = tl.where(m_x == float("-inf"), 0.0, m_x)
-                p_x = exp_shifted(s_x, shift_x[:, None], rate)
+                p_x = exp_shifted(s_x, max_shift(m_x, X_EMPTY_ROWS)[:, None], rate)
                 l_x = tl.sum(p_x, 1)
                 acc_x = dot(round_to(p_x, v_once.dtype), v_once, DOT_PRECISION)
             else:
@@ -672,7 +670,8 @@ def _bwd_x_tile(
                        TAIL, D_MASKED)
     do_x = _masked_load(_row_ptrs(do_x_ptr, n0, stride_dox_n, stride_dox_d, BLOCK_N, BLOCK_D, ALIGN), n_ok, d_ok,
                         TAIL, D_MASKED)
-    lse_hi_x, lse_lo_x = load_lse(lse_x_ptr, offs_n, n_ok, EMPTY_ROWS=TAIL or KEYS_MASKED)
+    EMPTY_ROWS: tl.constexpr = TAIL or KEYS_MASKED  # a padding row, or a row with no kept key
+    lse_hi_x, lse_lo_x = load_lse(lse_x_ptr, offs_n, n_ok, EMPTY_ROWS=EMPTY_ROWS)
     keep = 0
     if KEYS_MASKED:
         keep = query_key_keep(ks_keep, PAIR_MASK, b, offs_n, n_ok, offs_m, stride_pm_b, stride_pm_q, stride_pm_k,
@@ -681,7 +680,7 @@ def _bwd_x_tile(
                                              tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32), dk_s_acc, dv_s_acc,
                                              DOT_PRECISION, DQ_FIRST=not ASYNC_DOTS,
                                              DELTA_FROM_P=True, KEYS_MASKED=KEYS_MASKED, DS_SCALED=DS_SCALED,
-                                             EMPTY_ROWS=TAIL or KEYS_MASKED)
+                                             EMPTY_ROWS=EMPTY_ROWS)
     if not DS_SCALED:
         dq = dq * sm_scale
     _masked_store(DQ_X + _row_ptrs(grad_base, n0, D, 1, BLOCK_N, BLOCK_D, ALIGN), round_to(dq, DQ_X.dtype.element_ty),
