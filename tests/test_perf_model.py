@@ -143,6 +143,7 @@ def test_sass_loop_analysis():
     assert facts["loop_dynamic"] == 7 and facts["loop_per_inner_trip"] == 3  # inner loop 0x30 .. 0x50
     assert facts["hmma"] == 1 and facts["loop_tensor_ops"] == 1 and facts["loop_mufu"] == 1
     assert facts["load_widths"] == {"16": 2, "2": 1} and facts["vector_loads"] == 2 and facts["narrow_loads"] == 1
+    assert facts["loop_loads"] == 3
     assert sass.parse_ptxas_log("ptxas warning : (C7515) wgmma serialized\n 8 bytes spill stores, 8 bytes spill loads")[
         "spill_stores"] == 8
     # ptxas 12.x prints the wgmma serialisation advisory as info, not as a warning
@@ -150,6 +151,24 @@ def test_sass_loop_analysis():
                 "to non wgmma instructions defining accumulator registers of a wgmma between start and end of the "
                 "pipeline stage in the function '_bilateral_bwd_kernel'\nptxas info    : Used 124 registers")
     assert [w[:7] for w in sass.parse_ptxas_log(advisory)["ptxas_warnings"]] == ["(C7515)"]
+
+
+@needs_jit
+@pytest.mark.parametrize("op,n_parts", [("bilateral", 3), ("cross_s", 1)])
+def test_the_split_reduction_loop_is_one_trip_per_pass(op, n_parts):
+    """The model reads one loop body as one trip. ptxas unrolls the split reduction's short
+    run-time loop 4x (the one-part reduction of cross_attention's spatial side) unless the
+    kernel's nounroll pragma stops it: at det800x1344 (4 samples, 66 splits, 32 splits of 32
+    outputs per step on 4 warps) one pass loads each partial's 32 x 32 fp32 tile once, 16 bytes
+    a load: 2 loads per thread and part."""
+    reduce = _launches(_case(op=op, shape="det800x1344-stage1"), backward=True)[-1]
+    assert reduce.name == "_reduce_splits_kernel"
+    k = {**reduce.kwargs, **reduce.configs[0]}
+    assert (k["BLOCK"], k["SPLIT_ROWS"], k["num_warps"], k["N_PARTS"]) == (32, 32, 4, n_parts)
+    facts = sass.compile_task(lr.bind(reduce, reduce.configs[0], 90))
+    per_thread_and_part = k["SPLIT_ROWS"] * k["BLOCK"] * 4 // (k["num_warps"] * 32 * 16)
+    assert facts["loop_loads"] == n_parts * per_thread_and_part == 2 * n_parts
+    assert facts["load_widths"].get("16", 0) >= facts["loop_loads"] and facts["spills"] == 0
 
 
 @needs_jit

@@ -129,18 +129,19 @@ def test_a_gpu_uses_the_configs_of_the_architecture_the_static_check_covers(monk
 @needs_triton
 @pytest.mark.parametrize("dtype", [BF16, FP32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("n_parts", [1, 2, 3], ids=["one", "two", "three"])
-def test_split_reduction_sums_in_split_order_and_rounds_once(dtype, n_parts):
+def test_split_reduction_sums_in_a_fixed_order_and_rounds_once(dtype, n_parts):
     from spatialformer_kernels.backends.triton.common import REDUCE_BLOCK, REDUCE_MIN_BLOCK, reduce_shape, reduce_splits
 
     B, H, M, D = 2, 3, 7, 40  # M * D = 280 (and 2 blocks below): a masked tail
     # 5 splits in one step of 8 (a masked split tail), 70 splits in several
     for splits, m, d in ((5, M, D), (5, REDUCE_BLOCK // 16 + 3, 16), (70, M, D)):
         gen = torch.Generator().manual_seed(m * splits)
-        # integers (exact in any summation order) plus a fraction only the last split carries,
-        # so the single rounding to the output dtype is visible
+        # integers plus a power-of-two fraction only the last split carries: every partial sum is
+        # exact in fp32 whatever the order, and a bf16 output shows the single rounding of the
+        # whole sum (bf16 partial sums would round at every step)
         parts = [torch.randint(-50, 50, (B * H, splits, m, d), generator=gen).float() for _ in range(n_parts)]
         for i, p in enumerate(parts):
-            p[:, -1] += 1.0 / (3.0 + i)  # a different fraction per part: no part's sum lands in another's output
+            p[:, -1] += 2.0 ** -(2 + i)  # a different fraction per part: no part's sum lands in another's output
         outs = reduce_splits([p.to(DEVICE) for p in parts], (B, H, m, d), dtype)
         assert len(outs) == len(parts)
         for p, out in zip(parts, outs):
@@ -148,8 +149,8 @@ def test_split_reduction_sums_in_split_order_and_rounds_once(dtype, n_parts):
             expected = p.double().sum(1).float().view(B, H, m, d).to(dtype)
             assert torch.equal(out.cpu(), expected)
     # few samples with many splits (det800x1344: B * H = 4, 66 splits on 132 SMs): the smallest
-    # blocks on one warp, to spread over the GPU, and 8 splits per step
-    assert reduce_shape(4, 66, 64 * 32, 132) == (REDUCE_MIN_BLOCK, 8, 1)
+    # blocks, to spread over the GPU, 32 splits per step on 4 warps
+    assert reduce_shape(4, 66, 64 * 32, 132) == (REDUCE_MIN_BLOCK, 32, 4)
 
 
 @needs_triton

@@ -353,43 +353,59 @@ def pair_mask_args(pair_mask, like):
     return pair_mask, *pair_mask.stride()
 
 
+# `s0` as it is, with PTX's nounroll pragma in the loop's first block: ptxas keeps the loop
+# one source iteration per pass. Left alone it unrolls the split reduction's short loop 4x
+# (the leftover trips peeled ahead of it), and the static model, which reads one loop body as
+# one trip, would count every trip four times over. Not pure, so it stays in the loop; written
+# in the loop itself, as a helper's inlined code starts a new block (a debug label) and the
+# pragma would miss the loop's header.
+NOUNROLL = tl.constexpr('.pragma "nounroll";\n\tmov.b32 $0, $1;')
+
+
 @triton.jit
 def _reduce_splits_kernel(
     PART_A, OUT_A,  # [B * H, SPLITS, SIZE] fp32 partials -> [B * H, SIZE] contiguous, output dtype
     PART_B, OUT_B,  # a second pair of the same shape (read with N_PARTS >= 2)
     PART_C, OUT_C,  # a third (read with N_PARTS = 3)
     SPLITS, SIZE,
-    BLOCK: tl.constexpr, UNROLL: tl.constexpr, N_PARTS: tl.constexpr,
+    BLOCK: tl.constexpr, SPLIT_ROWS: tl.constexpr, N_PARTS: tl.constexpr,
 ):
-    """Sum per-split partials over the splits in split order and round once to the output
-    dtype. Each step issues the loads of UNROLL splits before their adds, so 66 splits are
-    a few steps of independent loads, not 66 dependent ones."""
+    """Sum per-split partials over the splits and round once to the output dtype. Each step
+    loads SPLIT_ROWS splits side by side ([SPLIT_ROWS, BLOCK], spread over the warps) and adds
+    them to as many running rows, so 66 splits are a few steps of independent loads on every
+    warp of the program; the rows are summed once at the end. The order (split r, r + SPLIT_ROWS,
+    ... into row r, then a fixed-shape sum over the rows) depends only on the launch's shape:
+    bitwise reproducible."""
     pid_bh = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < SIZE
-    base = pid_bh * SPLITS * SIZE + offs
-    acc_a = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_b = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_c = tl.zeros([BLOCK], dtype=tl.float32)
-    for s0 in range(0, SPLITS, UNROLL):
-        for j in tl.static_range(UNROLL):
-            at = base + (s0 + j) * SIZE.to(tl.int64)
-            split_ok = ok & (s0 + j < SPLITS)
-            acc_a += tl.load(PART_A + at, mask=split_ok, other=0.0)
-            if N_PARTS >= 2:
-                acc_b += tl.load(PART_B + at, mask=split_ok, other=0.0)
-            if N_PARTS == 3:
-                acc_c += tl.load(PART_C + at, mask=split_ok, other=0.0)
+    rows = tl.arange(0, SPLIT_ROWS)
+    base = pid_bh * SPLITS * SIZE + offs[None, :]
+    acc_a = tl.zeros([SPLIT_ROWS, BLOCK], dtype=tl.float32)
+    acc_b = tl.zeros([SPLIT_ROWS, BLOCK], dtype=tl.float32)
+    acc_c = tl.zeros([SPLIT_ROWS, BLOCK], dtype=tl.float32)
+    for s0 in range(0, SPLITS, SPLIT_ROWS):
+        if not _INTERPRETER_DOTS:  # one trip per loop pass in the machine code (NOUNROLL)
+            s0 = tl.inline_asm_elementwise(NOUNROLL, "=r,r", [s0], dtype=tl.int32, is_pure=False, pack=1)
+        split = s0 + rows
+        at = base + split[:, None].to(tl.int64) * SIZE
+        split_ok = (split < SPLITS)[:, None] & ok[None, :]
+        acc_a += tl.load(PART_A + at, mask=split_ok, other=0.0)
+        if N_PARTS >= 2:
+            acc_b += tl.load(PART_B + at, mask=split_ok, other=0.0)
+        if N_PARTS == 3:
+            acc_c += tl.load(PART_C + at, mask=split_ok, other=0.0)
     out = pid_bh * SIZE + offs
-    tl.store(OUT_A + out, round_to(acc_a, OUT_A.dtype.element_ty), mask=ok)
+    tl.store(OUT_A + out, round_to(tl.sum(acc_a, 0), OUT_A.dtype.element_ty), mask=ok)
     if N_PARTS >= 2:
-        tl.store(OUT_B + out, round_to(acc_b, OUT_B.dtype.element_ty), mask=ok)
+        tl.store(OUT_B + out, round_to(tl.sum(acc_b, 0), OUT_B.dtype.element_ty), mask=ok)
     if N_PARTS == 3:
-        tl.store(OUT_C + out, round_to(acc_c, OUT_C.dtype.element_ty), mask=ok)
+        tl.store(OUT_C + out, round_to(tl.sum(acc_c, 0), OUT_C.dtype.element_ty), mask=ok)
 
 
 REDUCE_BLOCK = 1024  # most output elements per program
 REDUCE_MIN_BLOCK = 32
+REDUCE_TILE = 2048  # most partial elements (splits x outputs) a reduction step loads per part
 
 
 def reduce_splits(parts: list, shape, dtype: torch.dtype) -> list:
@@ -401,11 +417,11 @@ def reduce_splits(parts: list, shape, dtype: torch.dtype) -> list:
     outs = [torch.empty(shape, device=p.device, dtype=dtype) for p in parts]
     bh, splits, m, d = parts[0].shape
     size = m * d
-    block, unroll, warps = reduce_shape(bh, splits, size, sm_count(parts[0].device))
+    block, split_rows, warps = reduce_shape(bh, splits, size, sm_count(parts[0].device))
     padded = [*zip(parts, outs)] + [(parts[-1], outs[-1])] * (3 - len(parts))  # unread pairs
     with device_guard(parts[0].device):
         launch(_reduce_splits_kernel, (bh, cdiv(size, block)),
-            *(t for pair in padded for t in pair), splits, size, BLOCK=block, UNROLL=unroll,
+            *(t for pair in padded for t in pair), splits, size, BLOCK=block, SPLIT_ROWS=split_rows,
             N_PARTS=len(parts), num_warps=warps,
         )
     return outs
@@ -413,10 +429,13 @@ def reduce_splits(parts: list, shape, dtype: torch.dtype) -> list:
 
 @functools.lru_cache(maxsize=1024)
 def reduce_shape(bh: int, splits: int, size: int, n_sm: int) -> tuple[int, int, int]:
-    """(BLOCK, UNROLL, num_warps) of `reduce_splits`: blocks of outputs shrink (down to 32 on
-    one warp) until the grid has two programs per SM, so a few samples with many splits still
-    spread over the GPU; up to 8 splits' loads are in flight per step."""
+    """(BLOCK, SPLIT_ROWS, num_warps) of `reduce_splits`: blocks of outputs shrink (down to 32)
+    until the grid has two programs per SM, so a few samples with many splits still spread over
+    the GPU; each step loads up to 16 splits side by side (at most REDUCE_TILE elements), on up
+    to 4 warps with about 4 elements per thread and part, so that even the smallest blocks keep
+    several warps per SM loading (det800x1344: 4 samples x 66 splits on 132 SMs)."""
     block = REDUCE_BLOCK
     while block > REDUCE_MIN_BLOCK and bh * cdiv(size, block) < 2 * n_sm:
         block //= 2
-    return block, min(8, next_power_of_2(splits)), max(1, min(4, block // 256))
+    split_rows = min(32, next_power_of_2(splits), max(1, REDUCE_TILE // block))
+    return block, split_rows, max(1, min(4, split_rows * block // 128))

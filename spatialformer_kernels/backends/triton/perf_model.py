@@ -159,7 +159,7 @@ def loop_shape(launch: KernelLaunch, config: dict) -> tuple[int, int, float]:
         trips = cdiv(a["SPLITS"], k["BLOCK_S"])
         return trips, trips * ctas, 1.0
     if n == "_reduce_splits_kernel":
-        trips = cdiv(a["SPLITS"], k["UNROLL"])
+        trips = cdiv(a["SPLITS"], k["SPLIT_ROWS"])
         return trips, trips * ctas, 1.0
     if n == "_bilateral_wide_delta_kernel":
         trips = cdiv(a["D"], k["BLOCK_DC"])

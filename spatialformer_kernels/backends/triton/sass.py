@@ -127,6 +127,7 @@ def analyse_sass(text: str) -> dict:
         hmma=sum(n for op, n in ops.items() if op.startswith("HMMA")),
         loop_tensor_ops=sum(n for op, n in body.items() if op.startswith(tensor_prefix)),
         loop_mufu=sum(n for op, n in body.items() if op.startswith("MUFU")),
+        loop_loads=sum(n for op, n in body.items() if op.startswith(("LDG.", "LDGSTS")) or op == "LDG"),
         ldgsts=sum(n for op, n in ops.items() if op.startswith("LDGSTS")),
         load_widths={str(w): n for w, n in sorted(loads.items(), reverse=True)},
         vector_loads=loads.get(16, 0),
