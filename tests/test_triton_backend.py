@@ -235,6 +235,35 @@ def test_small_batch_large_n_uses_several_splits_and_matches():
     assert_close(out, same, exact, FP32, case_id(B, H, M, N, D, FP32))
 
 
+@needs_triton
+@pytest.mark.parametrize("n_sm,rows", [(4, 32), (40, 8), (100, 4), (200, 2)])
+def test_the_combine_merges_the_splits_at_every_tile_shape(monkeypatch, n_sm, rows):
+    """The combine's rows per program follow the SM count (combine_shape): 32 x D tiles when the
+    samples fill the GPU, else the fewest rows (down to 2) that keep the grid within one wave.
+    Each shape, with the splits that SM count gives, merges to the reference's results."""
+    from spatialformer_kernels.backends.triton import fused
+
+    B, H, M, N, D = 1, 2, 64, 600, 32
+    monkeypatch.setattr(fused, "sm_count", lambda device: n_sm)
+    combines = []
+    real_launch = fused.launch
+
+    def recording_launch(kernel, grid, *args, **kwargs):
+        if kernel is fused._bilateral_combine_kernel:
+            combines.append((grid, kwargs["BLOCK_M"], kwargs["BLOCK_D"], args[5]))
+        return real_launch(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(fused, "launch", recording_launch)
+    inputs = make_bilateral_inputs(B, H, M, N, D, BF16, device=DEVICE, seed=n_sm)
+    out = sk.bilateral_attention(*inputs, backend="triton")
+    (grid, block_m, block_d, splits), = combines
+    assert block_m == rows and splits > 1
+    if rows < 32:  # within one wave, and twice the rows would leave SMs idle
+        assert grid[0] * grid[1] * grid[2] <= n_sm < 2 * grid[0] * grid[1] * grid[2]
+    same, exact = reference_pair(lambda *t: bilateral_attention_reference(*t, D**-0.5), inputs)
+    assert_close(out, same, exact, BF16, case_id(B, H, M, N, D, BF16) + f"-{n_sm}sm")
+
+
 # (B, H, M, N, D, dtype, mask): the one-block backward's compile-time branches. In the
 # interpreter (32-token tiles where N allows, 8 SMs pretended): N = 256 is whole tiles, N = 600
 # and 97 end in a partial tile (600: in the last of several splits only); M = 64 fills the

@@ -560,19 +560,24 @@ def _bilateral_combine_kernel(
 
 
 COMBINE_TILE = 4096  # most partial elements (splits x rows x columns) a combine step holds
+COMBINE_FEW_TILE = 2048  # the same, for the few-programs shape (4 warps, 16 columns)
 
 
 def combine_shape(bh: int, m: int, block_d: int, n_sm: int, splits: int) -> tuple:
-    """(grid, BLOCK_M, BLOCK_D, num_warps, BLOCK_S) of the combine: 32 x BLOCK_D tiles on 4 warps
-    when there are enough rows to fill the GPU, else tiles of 8 rows x 16 columns on 8 warps, so
-    that a few samples with many splits (B*H = 4, 66 splits) still spread over many SMs; each
-    step merges as many splits as fit in COMBINE_TILE elements."""
+    """(grid, BLOCK_M, BLOCK_D, num_warps, BLOCK_S) of the combine, on 4 warps: 32 x BLOCK_D
+    tiles when there are enough rows to fill the GPU; else 16 columns and the fewest rows per
+    program (at least 2) that keep the grid within one wave, so that a few samples with many
+    splits still spread over the SMs (B*H = 4, M = 64, 66 splits: 4 rows, 128 programs; 8 rows
+    gave 64 programs with twice the work each). Each step merges as many splits as fit in
+    the tile's elements (COMBINE_TILE, COMBINE_FEW_TILE)."""
     if bh * cdiv(m, 32) >= n_sm:
-        rows, cols, warps = (16, block_d, 4) if block_d >= 128 else (32, block_d, 4)
+        rows, cols, tile = (16 if block_d >= 128 else 32), block_d, COMBINE_TILE
     else:
-        rows, cols, warps = 8, 16, 8  # few programs: more warps each, to issue from
-    block_s = max(2, min(next_power_of_2(splits), COMBINE_TILE // (rows * cols)))
-    return (bh, cdiv(m, rows), cdiv(block_d, cols)), rows, cols, warps, block_s
+        rows, cols, tile = 2, 16, COMBINE_FEW_TILE
+        while rows < 32 and bh * cdiv(m, rows) * cdiv(block_d, cols) > n_sm:
+            rows *= 2
+    block_s = max(2, min(next_power_of_2(splits), tile // (rows * cols)))
+    return (bh, cdiv(m, rows), cdiv(block_d, cols)), rows, cols, 4, block_s
 
 
 # ----------------------------------------------------------------------------------------
