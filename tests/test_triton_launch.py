@@ -121,6 +121,20 @@ def test_one_tensor_passed_twice_maps_to_its_argument_not_the_other(kernel):
     assert launched[9] is q2 and launched[10] is k2
 
 
+def test_constants_between_tensors_keep_their_places(kernel):
+    """A plan keeps runs of constants as tuples between the call's tensors: a constant first, a
+    tensor, a constant, a tensor, then keywords and defaults keep their order."""
+    def launcher(x, y):
+        plans.launch(kernel, (1,), 5, x, 2.0, y, BLOCK=4, LAST=3)
+        return ()
+
+    plans.run(launcher, (torch.zeros(16), torch.zeros(4)))
+    x2, y2 = torch.ones(16), torch.ones(4)
+    plans.run(launcher, (x2, y2))
+    (launched,) = kernel.compiled.launches
+    assert launched[9:] == (5, x2, 2.0, y2, 4, False, 3) and launched[10] is x2 and launched[12] is y2
+
+
 def test_a_launcher_with_other_torch_operations_runs_every_time(kernel):
     runs = []
 

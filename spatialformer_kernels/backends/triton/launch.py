@@ -133,6 +133,35 @@ def _picker(indices: list):
     return operator.itemgetter(*indices)
 
 
+def _segment_picker(entries: list):
+    """values -> the launch's arguments, from `entries`: per argument, (True, index into the
+    call's values) or (False, a constant of the plan). Runs of values are picked in C and runs
+    of constants kept as tuples, so a call joins a few tuples (a launch's pointers, then its
+    strides and flags) where it would pick every constant one by one."""
+    runs: list = []
+    for is_value, item in entries:
+        if runs and runs[-1][0] == is_value:
+            runs[-1][1].append(item)
+        else:
+            runs.append((is_value, [item]))
+    parts = [_picker(items) if is_value else tuple(items) for is_value, items in runs]
+    if not parts:
+        return lambda values: ()
+    if len(parts) == 1:
+        part = parts[0]
+        return part if callable(part) else (lambda values: part)
+    if len(parts) == 2 and callable(parts[0]) and not callable(parts[1]):
+        pick, tail = parts  # the usual shape: tensors first, then integers and flags
+        return lambda values: pick(values) + tail
+
+    def pick(values):
+        out = ()
+        for part in parts:
+            out += part(values) if callable(part) else part
+        return out
+    return pick
+
+
 def _trailing(kernel: JITFunction, n_positional: int, kwargs: dict):
     """The parameters after the positional ones, in order: passed by keyword or defaulted;
     None when one has neither (Triton's own path then raises its error)."""
@@ -162,19 +191,20 @@ def _hooked() -> bool:
 
 class _Step:
     """One launch of a plan: `kernel[grid](*args, **kwargs)` with its positional arguments
-    picked from the call's values; once Triton has returned its compiled kernel, that
-    kernel's launcher with every parameter picked (`pick_params`: the positional arguments,
-    then the later parameters passed by keyword or defaulted; None when a JITFunction's
-    parameter has neither, or for another kernel object). `allocate`: the (value index,
-    shape, dtype) of the allocations first used here; `release`: the value indices last used
-    here and not returned, dropped after it (peak memory as the launcher's own)."""
+    picked from the call's values and the plan's constants (`_segment_picker` entries); once
+    Triton has returned its compiled kernel, that kernel's launcher with every parameter
+    picked (`pick_params`: the positional arguments, then the later parameters passed by
+    keyword or defaulted; None when a JITFunction's parameter has neither, or for another
+    kernel object). `allocate`: the (value index, shape, dtype) of the allocations first used
+    here; `release`: the value indices last used here and not returned, dropped after it (peak
+    memory as the launcher's own)."""
 
     __slots__ = ("kernel", "grid", "pick_args", "kwargs", "pick_params", "compiled", "allocate", "release")
 
-    def __init__(self, kernel, grid: tuple, arg_indices: list, kwargs: dict, param_indices: list | None):
+    def __init__(self, kernel, grid: tuple, arg_entries: list, kwargs: dict, param_entries: list | None):
         self.kernel, self.grid, self.kwargs = kernel, grid, kwargs
-        self.pick_args = _picker(arg_indices)
-        self.pick_params = None if param_indices is None else _picker(param_indices)
+        self.pick_args = _segment_picker(arg_entries)
+        self.pick_params = None if param_entries is None else _segment_picker(param_entries)
         self.compiled = None
         self.allocate = self.release = ()
 
@@ -190,24 +220,26 @@ class _Step:
 
 class Plan:
     """A launcher's allocations and launches for one signature (module docstring). The values
-    of a call: its arguments, then the allocations (made by the steps that first use them),
-    then the plan's constants."""
+    of a call: its arguments, then the allocations (made by the steps that first use them);
+    the constants are the steps' own."""
 
-    __slots__ = ("n_allocations", "steps", "constants", "pick_result", "device", "direct_device")
+    __slots__ = ("n_allocations", "steps", "pick_result", "device", "direct_device", "gpu_index")
 
-    def __init__(self, n_allocations: int, steps: tuple, constants: tuple, pick_result, device: torch.device):
-        self.n_allocations, self.steps, self.constants = n_allocations, steps, constants
+    def __init__(self, n_allocations: int, steps: tuple, pick_result, device: torch.device):
+        self.n_allocations, self.steps = n_allocations, steps
         self.pick_result, self.device = pick_result, device
         self.direct_device = device.type in DIRECT_DEVICE_TYPES
+        self.gpu_index = device.index if device.type == "cuda" else None
 
     def execute(self, args: tuple, allocated: list | None = None):
         """The launches on `args` (the recording's allocations on the first call); returns the
         launcher's result."""
-        device = self.device
         fresh = allocated is None
-        values = [*args, *(allocated or (None,) * self.n_allocations), *self.constants]
-        if _other_gpu(device):  # launch on the arguments' GPU (device_guard, without a null context)
-            with torch.cuda.device(device):
+        values = [*args, *(allocated or (None,) * self.n_allocations)]
+        gpu = self.gpu_index
+        if gpu is not None and gpu != torch.cuda.current_device():
+            # launch on the arguments' GPU (device_guard, without a null context)
+            with torch.cuda.device(self.device):
                 self._launch(values, fresh)
         else:
             self._launch(values, fresh)
@@ -286,41 +318,40 @@ def _record(launcher, args: tuple):
 
 
 def _plan_of(recording: _Recording, proxies: tuple, result, device: torch.device) -> Plan:
-    """The recorded launches with every tensor replaced by the index of its value; raises
-    _NotPlannable for a tensor that is neither an argument nor an allocation."""
+    """The recorded launches with every tensor replaced by the index of its value and every
+    other argument kept as a constant; raises _NotPlannable for a tensor that is neither an
+    argument nor an allocation."""
     index = {id(a): i for i, a in enumerate(proxies) if isinstance(a, torch.Tensor)}
     first = len(proxies)  # the allocations' first value index
     for j, t in enumerate(recording.allocations):
         if t.device != device or t.dim() == 0:
             raise _NotPlannable(f"a {t.dim()}-dimensional allocation on {t.device}")
         index[id(t)] = first + j
-    n_fixed = first + len(recording.allocations)
-    constants: list = []
 
-    def value_index(value) -> int:
+    def entry(value) -> tuple:
+        """(True, the index of a tensor's value) or (False, a constant)."""
         if isinstance(value, torch.Tensor):
             if id(value) not in index:
                 raise _NotPlannable("a tensor that is neither an argument nor an allocation")
-            return index[id(value)]
+            return True, index[id(value)]
         if not isinstance(value, _CONSTANTS):  # a container could hold the first call's tensors
             raise _NotPlannable(f"a {type(value).__name__} argument")
-        constants.append(value)
-        return n_fixed + len(constants) - 1
+        return False, value
 
     steps, used = [], []
     for kernel, grid, args, kwargs in recording.launches:
         if not isinstance(grid, (tuple, list)) or not all(type(g) is int for g in grid) or not all(
                 isinstance(v, _CONSTANTS) for v in kwargs.values()):
             raise _NotPlannable("a grid or keyword argument that is not a constant")
-        arg_indices = [value_index(a) for a in args]
+        arg_entries = [entry(a) for a in args]
         tail = _trailing(kernel, len(args), kwargs) if isinstance(kernel, JITFunction) else None
-        param_indices = None if tail is None else arg_indices + [value_index(c) for c in tail]
-        steps.append(_Step(kernel, (*grid, 1, 1)[:3], arg_indices, kwargs, param_indices))
-        used.append({i for i in arg_indices if first <= i < n_fixed})
+        param_entries = None if tail is None else arg_entries + [entry(c) for c in tail]
+        steps.append(_Step(kernel, (*grid, 1, 1)[:3], arg_entries, kwargs, param_entries))
+        used.append({i for is_value, i in arg_entries if is_value and first <= i})
     if not isinstance(result, (tuple, list)):
         raise _NotPlannable("a result that is not a tuple")
-    result_indices = [value_index(r) for r in result]
-    returned = {i for i in result_indices if first <= i < n_fixed}
+    result_entries = [entry(r) for r in result]
+    returned = {i for is_value, i in result_entries if is_value and first <= i}
     if not steps or returned - set().union(*used):
         raise _NotPlannable("an allocation returned without a launch writing it")
     # each allocation is made by the step that first uses it and dropped after the last
@@ -332,7 +363,7 @@ def _plan_of(recording: _Recording, proxies: tuple, result, device: torch.device
             if first + j not in returned:
                 last = steps[steps_using[-1]]
                 last.release = (*last.release, first + j)
-    return Plan(len(recording.allocations), tuple(steps), tuple(constants), _picker(result_indices), device)
+    return Plan(len(recording.allocations), tuple(steps), _segment_picker(result_entries), device)
 
 
 def _other_gpu(device: torch.device) -> bool:
