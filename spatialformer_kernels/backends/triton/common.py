@@ -431,9 +431,10 @@ def reduce_splits(parts: list, shape, dtype: torch.dtype) -> list:
 def reduce_shape(bh: int, splits: int, size: int, n_sm: int) -> tuple[int, int, int]:
     """(BLOCK, SPLIT_ROWS, num_warps) of `reduce_splits`: blocks of outputs shrink (down to 32)
     until the grid has two programs per SM, so a few samples with many splits still spread over
-    the GPU; each step loads up to 16 splits side by side (at most REDUCE_TILE elements), on up
-    to 4 warps with about 4 elements per thread and part, so that even the smallest blocks keep
-    several warps per SM loading (det800x1344: 4 samples x 66 splits on 132 SMs)."""
+    the GPU; each step loads up to 32 splits side by side (at most REDUCE_TILE elements per
+    part), on up to 4 warps with at least 4 elements per thread and part, so that even the
+    smallest blocks keep several warps per SM loading (det800x1344: 4 samples x 66 splits on
+    132 SMs: 32 outputs x 32 splits per step, 4 warps, 8 elements per thread and part)."""
     block = REDUCE_BLOCK
     while block > REDUCE_MIN_BLOCK and bh * cdiv(size, block) < 2 * n_sm:
         block //= 2
