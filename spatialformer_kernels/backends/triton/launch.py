@@ -229,6 +229,9 @@ class Plan:
         self.n_allocations, self.steps = n_allocations, steps
         self.pick_result, self.device = pick_result, device
         self.direct_device = device.type in DIRECT_DEVICE_TYPES
+        # `_other_gpu`'s test with the device type read once per plan: torch.device.type builds
+        # a string on every read (0.5 us on a 2-core AMD EPYC; the forward call measured 1.5-2 us
+        # slower through _other_gpu, benchmarks/host_cost.py, three interleaved rounds)
         self.gpu_index = device.index if device.type == "cuda" else None
 
     def execute(self, args: tuple, allocated: list | None = None):

@@ -59,6 +59,11 @@ def occupancy(regs: int, smem: int, num_warps: int, arch: int) -> tuple[int, int
     return ctas, ctas * num_warps
 
 
+def is_global_load(opcode: str) -> bool:
+    """Whether an opcode loads from global memory (LDG, LDG.*, LDGSTS.*)."""
+    return opcode.startswith(("LDG.", "LDGSTS")) or opcode == "LDG"
+
+
 def load_width(opcode: str) -> int:
     """Bytes per thread of a global load opcode (LDG.* or LDGSTS.*)."""
     for suffix, width in ((".128", 16), (".64", 8), (".U16", 2), (".S16", 2), (".U8", 1), (".S8", 1)):
@@ -113,7 +118,7 @@ def analyse_sass(text: str) -> dict:
     body = Counter(op for _, op, _ in instrs[main[0]: main[1] + 1]) if main else Counter()
     loads = Counter()
     for op, n in ops.items():
-        if op.startswith(("LDG.", "LDGSTS")) or op == "LDG":
+        if is_global_load(op):
             loads[load_width(op)] += n
     tensor_prefix = ("HGMMA", "HMMA")
     return dict(
@@ -127,7 +132,7 @@ def analyse_sass(text: str) -> dict:
         hmma=sum(n for op, n in ops.items() if op.startswith("HMMA")),
         loop_tensor_ops=sum(n for op, n in body.items() if op.startswith(tensor_prefix)),
         loop_mufu=sum(n for op, n in body.items() if op.startswith("MUFU")),
-        loop_loads=sum(n for op, n in body.items() if op.startswith(("LDG.", "LDGSTS")) or op == "LDG"),
+        loop_loads=sum(n for op, n in body.items() if is_global_load(op)),
         ldgsts=sum(n for op, n in ops.items() if op.startswith("LDGSTS")),
         load_widths={str(w): n for w, n in sorted(loads.items(), reverse=True)},
         vector_loads=loads.get(16, 0),
