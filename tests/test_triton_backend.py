@@ -222,6 +222,68 @@ def test_a_forced_backward_config_sets_the_spatial_block(monkeypatch):
     assert_results_close(got, same, exact, BF16, BILATERAL_RESULT_NAMES, "forced BLOCK_M 16")
 
 
+def test_the_tail_tile_is_the_smallest_power_of_two_holding_every_split_remainder():
+    from spatialformer_kernels.backends.triton.common import split_plan
+    from spatialformer_kernels.backends.triton.configs import TAIL_MIN_ROWS, tail_block, tail_sizes
+
+    assert tail_block(784, 896, 128, 90) == 16  # cls224-stage2: 6 tiles and 16 tokens
+    assert tail_block(784, 896, 128, 80) == 32  # sm_80's 16-row tail spilled (TAIL_MIN_ROWS)
+    assert tail_block(3136, 1664, 128, 90) == 64  # cls224-stage1's second split: 11 tiles and 64 tokens
+    assert tail_block(67_200, 1024, 128, 90) == 0  # det800x1344: whole tiles only
+    assert tail_block(49, 128, 128, 90) == 64 and tail_block(49, 128, 32, 90) == 32  # shorter than a tile
+    assert [tail_block(n, 128, 64, 90) for n in (1, 16, 17, 32, 33, 63, 64, 65)] == [16, 16, 32, 32, 64, 64, 0, 16]
+    assert tail_sizes(128, 90) == [16, 32, 64, 128] and tail_sizes(64, 80) == [32, 64] and tail_sizes(16, 80) == [16]
+    for arch, smallest in TAIL_MIN_ROWS.items():
+        for n in range(1, 3000, 7):  # by definition, over the split plans the launchers use
+            for block_n in (16, 32, 64, 128):
+                splits, chunk = split_plan(132, 4, n)
+                longest = max(min(chunk, n - s * chunk) % block_n for s in range(splits))
+                tail = tail_block(n, chunk, block_n, arch)
+                assert (tail == 0) == (longest == 0)
+                assert tail == 0 or tail == min(block_n, max(smallest, 1 << (longest - 1).bit_length()))
+
+
+# Remainders of the image tokens over the interpreter's tiles (its configs' last candidate:
+# 64 tokens at D = 32 in 16-bit): tails of 16, 32 and 64 rows, one split and several.
+TAIL_CASES = [
+    (1, 1, 64, 64 + 1, 32, BF16, None),
+    (1, 2, 64, 128 + 16, 32, BF16, "mask"),
+    (1, 1, 64, 128 + 17, 32, FP16, None),
+    (1, 1, 49, 33, 40, FP32, None),
+    (1, 1, 64, 1024 + 40, 32, BF16, None),
+]
+
+
+@needs_triton
+def test_tail_tiles_of_every_size_compute_the_op(monkeypatch):
+    """A split's partial last tile runs on the smallest power-of-two rows that hold it
+    (configs.tail_block): 16-, 32- and 64-row tails in the forward and in the one-block
+    backward of both directions, with and without a key mask, against the reference."""
+    from spatialformer_kernels.backends.triton import common as bt
+
+    tails = set()
+
+    def record(fused, kernel, kwargs):
+        if kernel is fused._bilateral_fwd_kernel or (kernel is fused._bilateral_bwd_kernel and kwargs["M_ONE_BLOCK"]):
+            pass_ = "fwd" if kernel is fused._bilateral_fwd_kernel else "bwd " + ("s" if kwargs["DIR_S"] else "x")
+            tails.add((pass_, kwargs["TAIL_BLOCK_N"], kwargs["BLOCK_N"]))
+
+    record_fused_launches(monkeypatch, record)
+    splits = set()
+    for B, H, M, N, D, dtype, mask_kind in TAIL_CASES:
+        splits.add(bt.split_plan(bt.sm_count(torch.device(DEVICE)), B * H, N)[0])
+        inputs = make_bilateral_inputs(B, H, M, N, D, dtype, device=DEVICE, layout="strided", seed=N)
+        grads = (transposed_grad((B, H, M, D), dtype, 4, DEVICE), transposed_grad((B, H, N, D), dtype, 5, DEVICE))
+        mask = mask_for_case(B, N, mask_kind, device=DEVICE)
+        got = bilateral_results(inputs, grads, "triton", D**-0.5, mask)
+        same, exact = reference_bilateral_results(inputs, grads, D**-0.5, mask)
+        assert_results_close(got, same, exact, dtype, BILATERAL_RESULT_NAMES, case_id(B, H, M, N, D, dtype))
+    assert max(splits) > 1
+    for pass_ in ("fwd", "bwd s", "bwd x"):
+        sizes = {tail for p, tail, block_n in tails if p == pass_ and 0 < tail < block_n}
+        assert len(sizes) >= 2 and 16 in sizes, f"{pass_}: tails smaller than the tile {sorted(tails)}"
+
+
 @needs_triton
 def test_small_batch_large_n_uses_several_splits_and_matches():
     from spatialformer_kernels.backends.triton import common as bt
@@ -300,7 +362,7 @@ def test_the_one_block_backward_branches_compute_the_op(monkeypatch):
 
     def record(fused, kernel, kwargs):
         if kernel is fused._bilateral_bwd_kernel and kwargs["M_ONE_BLOCK"]:
-            branches.add(("s" if kwargs["DIR_S"] else "x", kwargs["HAS_TAIL"], kwargs["FULL_KEY_BLOCK"],
+            branches.add(("s" if kwargs["DIR_S"] else "x", kwargs["TAIL_BLOCK_N"] > 0, kwargs["FULL_KEY_BLOCK"],
                           kwargs["DS_SCALED"], kwargs["D_MASKED"]))
 
     record_fused_launches(monkeypatch, record)
@@ -312,7 +374,7 @@ def test_the_one_block_backward_branches_compute_the_op(monkeypatch):
         same, exact = reference_bilateral_results(inputs, grads, 0.8 * D**-0.5, mask)
         assert_results_close(got, same, exact, dtype, BILATERAL_RESULT_NAMES, case_id(B, H, M, N, D, dtype))
     for direction in "sx":
-        for index, name in enumerate(("HAS_TAIL", "FULL_KEY_BLOCK", "DS_SCALED", "D_MASKED"), start=1):
+        for index, name in enumerate(("TAIL_BLOCK_N", "FULL_KEY_BLOCK", "DS_SCALED", "D_MASKED"), start=1):
             seen = {b[index] for b in branches if b[0] == direction}
             assert seen == {False, True}, f"direction {direction}: {name} only {seen}"
 

@@ -22,8 +22,8 @@ from spatialformer_kernels.backends.triton import fused, wide  # noqa: E402
 
 INT_ARGS = {"H", "M", "N", "D", "CHUNK", "SPLITS", "LQ", "LK"}
 FLOAT_ARGS = {"qk_scale", "sm_scale"}
-CONSTEXPRS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_D": 32, "BLOCK_R": 32, "BLOCK_C": 32, "BLOCK_DC": 32, "BLOCK_S": 4,
-              "DOT_PRECISION": "tf32"}
+CONSTEXPRS = {"BLOCK_M": 32, "BLOCK_N": 32, "TAIL_BLOCK_N": 16, "BLOCK_D": 32, "BLOCK_R": 32, "BLOCK_C": 32,
+              "BLOCK_DC": 32, "BLOCK_S": 4, "DOT_PRECISION": "tf32"}
 BOUNDED_OPS = {"tt.make_range", "arith.constant", "tt.expand_dims", "tt.broadcast", "tt.splat", "tt.reshape",
                "arith.addi", "arith.subi", "arith.muli", "arith.andi", "arith.ori", "arith.remsi", "arith.divsi"}
 target = GPUTarget("cuda", 90, 32)

@@ -44,6 +44,9 @@ DELTA_BLOCK_M = 16
 # full-tile loop of the forward, 64 x 64 tiles spilled 500-870 bytes on sm_80 and sm_90 (the
 # static gate); 64 x 32 tiles use 96 registers on sm_90.
 PAIR_MASK_TILE = 2048
+# Fewest rows of a partial last tile (`tail_sizes`), by arch: on sm_80 the 16-row tail of the
+# masked D = 16 direction-x forward spilled 16 bytes (the static gate), 32 rows do not.
+TAIL_MIN_ROWS = {80: 32, 90: 16}
 # Fallback when no config passes the budget (none does today: the static check fails if
 # a bucket ends up here and spills).
 FALLBACK_BLOCK_N = 32
@@ -64,6 +67,25 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """The smallest power of two >= n >= 1, on the host (as cdiv)."""
     return 1 << (n - 1).bit_length()
+
+
+def tail_sizes(block_n: int, arch: int) -> list[int]:
+    """The partial-last-tile sizes a launch with BLOCK_N tiles may take (`tail_block`): powers
+    of two from TAIL_MIN_ROWS[arch] up to BLOCK_N."""
+    smallest = min(TAIL_MIN_ROWS.get(arch, 16), block_n)
+    return [1 << k for k in range(smallest.bit_length() - 1, block_n.bit_length())]
+
+
+def tail_block(n_tokens: int, chunk: int, block_n: int, arch: int) -> int:
+    """The tile of a split's partial last tile (the kernels' TAIL_BLOCK_N), or 0 where every
+    split holds whole BLOCK_N tiles: the smallest of `tail_sizes` that holds the longest
+    remainder of a split (the last split's, N % BLOCK_N, as CHUNK is a multiple of BLOCK_N).
+    The tail's dots and softmax are then sized to its tokens, not to a full tile: at
+    N = 784 the 16-token tail of 128-token tiles was modelled at 1311 sm_90 instructions per
+    warp, more than a whole tile's 1047, and costs 447 on 16 rows."""
+    splits = cdiv(n_tokens, chunk)
+    longest = max(min(chunk, n_tokens - s * chunk) % block_n for s in (0, splits - 1))
+    return 0 if longest == 0 else next(t for t in tail_sizes(block_n, arch) if t >= longest)
 
 
 def block_d_for(head_dim: int) -> int:

@@ -7,7 +7,9 @@ Direction x: image queries q_x over spatial keys k_s, v_s -> o_x.
 Forward, one launch, grid (B*H, SPLITS, M_PROGRAMS): each program owns CHUNK image tokens
 and walks them in BLOCK_N tiles (`_fwd_tile`). The main loop runs the full tiles with no
 bounds check and, without a mask, no per-score select; a partial last tile (only where
-N % BLOCK_N != 0, `HAS_TAIL`) is a second, bounds-checked copy after the loop.
+N % BLOCK_N != 0) is a second, bounds-checked copy after the loop, on TAIL_BLOCK_N rows: the
+smallest power of two >= 16 that holds it (`configs.tail_block`), so N = 784's 16-token tail
+of 128-token tiles costs the work of 16 rows, not of 128.
   - Direction s is an online softmax over the tiles (running max, sum and an fp32
     accumulator for its BLOCK_M spatial queries). With one split the program normalises
     and writes o_s itself; else it writes its (max, sum, acc) partial and
@@ -32,8 +34,9 @@ per-split fp32 partial (in registers when M <= BLOCK_M, else in the program's ow
 the partial buffer), then reduced over splits in a fixed order (`reduce_splits`).
   With one spatial block (M <= BLOCK_M) the backward is shaped like the forward: the main
   loop runs full tiles with no bounds check and, without a mask, no per-score select
-  (`_bwd_s_tile`, `_bwd_x_tile`); a partial last tile runs once, bounds-checked, before the
-  loop (after it, it raised the loop's registers: sm_80 spilled). dS is rounded once for
+  (`_bwd_s_tile`, `_bwd_x_tile`); a partial last tile runs once, bounds-checked and on
+  TAIL_BLOCK_N rows as the forward's, before the loop (after it, it raised the loop's
+  registers: sm_80 spilled). dS is rounded once for
   both of its dots, and the scale multiplies the [rows, D] sums of dq and dk instead of
   every score where that is fewer multiplies (BLOCK_D < BLOCK_M) and the range allows (not
   fp16, `DS_SCALED`). Tile pointers are formed per tile (`_row_ptrs`): held across the loop
@@ -119,6 +122,7 @@ from .configs import (
     fuse_directions,
     launch_meta,
     next_power_of_2,
+    tail_block,
 )
 from .wide import wide_head_bwd
 from .launch import device_guard, launch
@@ -414,13 +418,13 @@ def _bilateral_fwd_kernel(
     HAS_IMAGE_MASK: tl.constexpr, HAS_SPATIAL_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     ALIGN: tl.constexpr,  # D and the row strides are multiples of this (common.row_alignment)
+    TAIL_BLOCK_N: tl.constexpr,  # configs.tail_block: the partial last tile's rows, 0 for none
     ONE_M_PROGRAM: tl.constexpr = False,  # grid axis 2 is 1: direction x runs every tile here
     HAS_PAIR_MASK: tl.constexpr = False,  # cross attention only: one direction runs
     ONE_KEY_BLOCK: tl.constexpr = False,  # M <= BLOCK_M: direction x's keys are loaded once
     FULL_KEY_BLOCK: tl.constexpr = False,  # M == BLOCK_M: no padded key in that block
     RAW_LOGITS: tl.constexpr = False,  # scale > 0: logits stay raw dots, the scale is in `rate`
     D_MASKED: tl.constexpr = True,  # D < BLOCK_D: head columns are bounds-checked
-    HAS_TAIL: tl.constexpr = True,  # N % BLOCK_N != 0: the last split ends in a partial tile
     ONE_SPLIT: tl.constexpr = False,  # SPLITS == 1: direction s is complete here, no combine
     ASYNC_DOTS: tl.constexpr = False,  # configs.async_dots: no dot left in flight across an iteration
 ):
@@ -480,16 +484,20 @@ def _bilateral_fwd_kernel(
             DOT_PRECISION, ALIGN, ONE_M_PROGRAM, ONE_KEY_BLOCK, X_KEYS_MASKED, D_MASKED, RAW_LOGITS, ASYNC_DOTS,
             TAIL=False,
         )
-    if HAS_TAIL:
+    if TAIL_BLOCK_N:
         if n_full_end < n_end:
+            # the partial last tile, on TAIL_BLOCK_N rows (its own tile pointers)
             m_s, l_s, acc_s = _fwd_tile(
                 n_full_end, n_end, pid_m, m_programs, b, row_base, offs_d, d_ok, D, M,
-                q_x_tile, stride_qx_n, k_x_tile, stride_kx_n, v_x_tile, stride_vx_n,
+                _tile_ptrs(q_x_ptr, stride_qx_n, stride_qx_d, TAIL_BLOCK_N, BLOCK_D, ALIGN), stride_qx_n,
+                _tile_ptrs(k_x_ptr, stride_kx_n, stride_kx_d, TAIL_BLOCK_N, BLOCK_D, ALIGN), stride_kx_n,
+                _tile_ptrs(v_x_ptr, stride_vx_n, stride_vx_d, TAIL_BLOCK_N, BLOCK_D, ALIGN), stride_vx_n,
                 k_s_ptr, stride_ks_m, stride_ks_d, v_s_ptr, stride_vs_m, stride_vs_d,
                 IMAGE_MASK, stride_im_b, stride_im_n, SPATIAL_MASK, stride_sm_b, stride_sm_m,
-                PAIR_MASK, stride_pm_b, stride_pm_q, stride_pm_k, O_X, LSE_X, o_x_tile,
+                PAIR_MASK, stride_pm_b, stride_pm_q, stride_pm_k, O_X, LSE_X,
+                _tile_ptrs(O_X + row_base * D, D, 1, TAIL_BLOCK_N, BLOCK_D, ALIGN),
                 q_s, offs_qm, qm_ok, m_s, l_s, acc_s, k_once, v_once, keep_once, sm_scale, rate, max_scale,
-                BLOCK_M, BLOCK_N, BLOCK_D, DIR_S, DIR_X, HAS_IMAGE_MASK, HAS_SPATIAL_MASK, HAS_PAIR_MASK,
+                BLOCK_M, TAIL_BLOCK_N, BLOCK_D, DIR_S, DIR_X, HAS_IMAGE_MASK, HAS_SPATIAL_MASK, HAS_PAIR_MASK,
                 DOT_PRECISION, ALIGN, ONE_M_PROGRAM, ONE_KEY_BLOCK, X_KEYS_MASKED, D_MASKED, RAW_LOGITS, ASYNC_DOTS,
                 TAIL=True,
             )
@@ -726,17 +734,17 @@ def _bilateral_bwd_kernel(
     HAS_IMAGE_MASK: tl.constexpr, HAS_SPATIAL_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     ALIGN: tl.constexpr,  # D and the row strides are multiples of this (common.row_alignment)
+    TAIL_BLOCK_N: tl.constexpr,  # configs.tail_block: the partial last tile's rows (M_ONE_BLOCK), 0 for none
     HAS_PAIR_MASK: tl.constexpr = False,  # cross attention only: one direction runs
     FULL_KEY_BLOCK: tl.constexpr = False,  # M == BLOCK_M: no padded spatial row in the block
     D_MASKED: tl.constexpr = True,  # D < BLOCK_D: head columns are bounds-checked
-    HAS_TAIL: tl.constexpr = True,  # N % BLOCK_N != 0: the last split ends in a partial tile
     DS_SCALED: tl.constexpr = True,  # dS carries the scale per score (fp16); else the [rows, D] sums do
     ASYNC_DOTS: tl.constexpr = False,  # configs.async_dots: no dot left in flight across an iteration
 ):
     """One direction's backward (DIR_S or DIR_X), grid (B*H, SPLITS): each program walks its
     CHUNK image tokens in BLOCK_N tiles. With M_ONE_BLOCK the spatial side stays in registers
     and the main loop runs the full tiles only (`_bwd_s_tile`, `_bwd_x_tile`), a partial last
-    tile (HAS_TAIL) being a bounds-checked copy run before it; a larger M loops over BLOCK_M
+    tile (TAIL_BLOCK_N rows) being a bounds-checked copy run before it; a larger M loops over BLOCK_M
     spatial blocks per tile, all bounds-checked."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
     tl.static_assert(DIR_S != DIR_X)
@@ -779,13 +787,13 @@ def _bilateral_bwd_kernel(
             dq_s_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
             # The partial last tile first: after the main loop it raised the loop's registers
             # (sm_80 spilled at D = 32 with a mask).
-            if HAS_TAIL:
+            if TAIL_BLOCK_N:
                 if n_full_end < n_end:
                     dq_s_acc = _bwd_s_tile(
                         n_full_end, n_end, b, offs_blk, m_ok, d_ok, k_x_ptr, stride_kx_n, stride_kx_d,
                         v_x_ptr, stride_vx_n, stride_vx_d, DK_X, DV_X, grad_base, D, IMAGE_MASK, stride_im_b, stride_im_n,
                         PAIR_MASK, stride_pm_b, stride_pm_q, stride_pm_k,
-                        q_s, do_s, lse_hi_s, lse_lo_s, delta_s, dq_s_acc, sm_scale, BLOCK_N, BLOCK_D,
+                        q_s, do_s, lse_hi_s, lse_lo_s, delta_s, dq_s_acc, sm_scale, TAIL_BLOCK_N, BLOCK_D,
                         HAS_IMAGE_MASK, HAS_PAIR_MASK, DOT_PRECISION, ALIGN, D_MASKED, DS_SCALED, ASYNC_DOTS, TAIL=True,
                     )
             for n0 in range(n_start, n_full_end, BLOCK_N):
@@ -806,13 +814,13 @@ def _bilateral_bwd_kernel(
             v_s = load_rows(v_s_ptr, offs_blk, offs_d, stride_vs_m, stride_vs_d, m_ok, d_ok, ALIGN=ALIGN)
             dk_s_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
             dv_s_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-            if HAS_TAIL:
+            if TAIL_BLOCK_N:
                 if n_full_end < n_end:
                     dk_s_acc, dv_s_acc = _bwd_x_tile(
                         n_full_end, n_end, b, offs_blk, d_ok, q_x_ptr, stride_qx_n, stride_qx_d,
                         do_x_ptr, stride_dox_n, stride_dox_d, lse_x_ptr, DQ_X, grad_base, D,
                         PAIR_MASK, stride_pm_b, stride_pm_q, stride_pm_k, k_s, v_s, ks_keep, dk_s_acc, dv_s_acc,
-                        sm_scale, BLOCK_N, BLOCK_D, HAS_PAIR_MASK, KEYS_MASKED, DOT_PRECISION, ALIGN, D_MASKED,
+                        sm_scale, TAIL_BLOCK_N, BLOCK_D, HAS_PAIR_MASK, KEYS_MASKED, DOT_PRECISION, ALIGN, D_MASKED,
                         DS_SCALED, ASYNC_DOTS, TAIL=True,
                     )
             for n0 in range(n_start, n_full_end, BLOCK_N):
@@ -973,7 +981,7 @@ def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_
             HAS_IMAGE_MASK=image_mask is not dummy, HAS_SPATIAL_MASK=spatial_mask is not dummy,
             DOT_PRECISION=dot_precision(dtype), ALIGN=align, ONE_M_PROGRAM=m_programs == 1,
             HAS_PAIR_MASK=pair_mask is not dummy, ONE_KEY_BLOCK=M <= block_m, FULL_KEY_BLOCK=M == block_m,
-            RAW_LOGITS=raw_logits, D_MASKED=D != block_d, HAS_TAIL=N % meta["BLOCK_N"] != 0,
+            RAW_LOGITS=raw_logits, D_MASKED=D != block_d, TAIL_BLOCK_N=tail_block(N, chunk, meta["BLOCK_N"], arch),
             ONE_SPLIT=splits == 1, ASYNC_DOTS=async_dots(arch, meta["num_stages"], elem), **meta,
         )
         if run_s and splits > 1:
@@ -1090,7 +1098,8 @@ def _bwd_direction(do, q_s, k_s, v_s, q_x, k_x, v_x, o_s, o_x, lse_s, lse_x, sca
             BLOCK_M=block_m, BLOCK_D=block_d, M_ONE_BLOCK=one_block, DIR_S=run_s, DIR_X=run_x,
             HAS_IMAGE_MASK=image_mask is not dummy, HAS_SPATIAL_MASK=spatial_mask is not dummy,
             DOT_PRECISION=dot_precision(dtype), ALIGN=align, HAS_PAIR_MASK=pair_mask is not dummy,
-            FULL_KEY_BLOCK=M == block_m, D_MASKED=D != block_d, HAS_TAIL=N % meta["BLOCK_N"] != 0,
+            FULL_KEY_BLOCK=M == block_m, D_MASKED=D != block_d,
+            TAIL_BLOCK_N=tail_block(N, chunk, meta["BLOCK_N"], arch) if one_block else 0,
             DS_SCALED=dtype == torch.float16 or block_d >= block_m, ASYNC_DOTS=async_dots(arch, meta["num_stages"], elem),
             **meta,
         )

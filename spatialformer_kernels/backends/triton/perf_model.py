@@ -189,8 +189,8 @@ def launch_flops(launch: KernelLaunch, config: dict) -> float:
 
 def longest_cta(launch: KernelLaunch, config: dict, loop: float, prologue: int, tail_code: int) -> float:
     """Instructions per warp of the longest CTA of a launch whose partial last tile is compiled
-    apart (HAS_TAIL: the forward, the one-block backward): each split runs its full tiles in the main loop and, where it ends in a
-    partial tile, the tail code once (`tail_code`: the instructions a HAS_TAIL=False twin lacks)."""
+    apart (TAIL_BLOCK_N: the forward, the one-block backward): each split runs its full tiles in the main loop and, where it ends in a
+    partial tile, the tail code once (`tail_code`: the instructions a TAIL_BLOCK_N=0 twin lacks)."""
     a, block = launch.named(), {**launch.kwargs, **config}["BLOCK_N"]
     chunk, splits, n = a["CHUNK"], a["SPLITS"], a["N"]
     lengths = [min(chunk, n - s * chunk) for s in range(splits)]
@@ -214,7 +214,7 @@ def sustained_ipc(ctas: int, ctas_per_sm: int, warps: int, gpu: Gpu, ipc: float 
 
 def model_kernel(launch: KernelLaunch, config: dict, facts: dict, gpu: Gpu, no_tail_facts: dict | None = None) -> dict:
     """Modelled time of one kernel launch at one config, from its compile facts. no_tail_facts:
-    for a forward or backward with a partial-tile branch (HAS_TAIL), the facts of its twin
+    for a forward or backward with a partial-tile branch (TAIL_BLOCK_N), the facts of its twin
     compiled without it, so the tail code counts only in the splits that run it (`longest_cta`)."""
     grid = launch.grid + (1,) * (3 - len(launch.grid))
     ctas = grid[0] * grid[1] * grid[2]

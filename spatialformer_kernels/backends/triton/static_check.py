@@ -14,12 +14,13 @@ H100/H200, 108 for A100). Each launch is bound by Triton's own run-time speciali
 compiled for each target; sass.py reads the cubin (registers, spills, shared memory,
 occupancy, tensor-core instructions, load widths, the main loop).
 
-Default (the gate, run in CI, ~160 compiles, about 3 minutes on 2 cores): bf16 with a mask
-(a superset of the unmasked kernels' live state), every op, shape and head dim: one row per
-distinct compile; exits non-zero on any spill, shared memory above the device limit
-(sm_80: 163 KB, sm_90: 227 KB per block) or a kernel whose wgmma ptxas serialised (C7515,
-which ptxas reports as info, not as a warning). `--full` (about 330 compiles per arch): every
-dtype (fp16 and fp32 too), with and without a mask; it is not in CI for time.
+Default (the gate, run in CI, ~410 compiles, 3 minutes on 2 cores): bf16 with and without
+a mask, every op, shape and head dim, and each launch with a partial last tile at every tail
+size its tile allows (`configs.tail_sizes`): one row per distinct compile; exits non-zero on
+any spill, shared memory above the device limit (sm_80: 163 KB, sm_90: 227 KB per block) or
+a kernel whose wgmma ptxas serialised (C7515, which ptxas reports as info, not as a warning).
+`--full` (about 330 compiles per arch): every dtype (fp16 and fp32 too), with and without a
+mask; it is not in CI for time.
 
 `--perf`: every case of `--full` for one GPU (its arch only unless --arch is given), the
 modelled time per kernel and per pass (perf_model.py; every figure there is MODELLED), the
@@ -62,8 +63,10 @@ def full_cases():
     return lr.all_cases(head_dims=lr.EXTRA_HEAD_DIMS + COVERAGE_HEAD_DIMS) + lr.masked_cross_cases(tuple(lr.DTYPES))
 
 
-def collect(cases, archs, torch_ops=False, every_config=False):
+def collect(cases, archs, torch_ops=False, every_config=False, every_tail=False):
     """Record every case's forward and backward for each arch's SM count and bind every launch.
+    every_tail: a launch with a partial last tile is also compiled with each other tail size
+    its tile allows (`tail_variants`: other N take them, `configs.tail_block`).
 
     Returns (passes, tasks): passes[(case, backward, arch)] = [(event, [(config, task key)])];
     tasks = {task key: CompileTask}, deduplicated."""
@@ -91,6 +94,9 @@ def collect(cases, archs, torch_ops=False, every_config=False):
                         twin = tail_twin(event, config, arch)
                         if twin is not None:
                             tasks.setdefault(twin.key(), twin)
+                        if every_tail and event.kwargs.get("TAIL_BLOCK_N"):
+                            for other in tail_variants(event, config, arch):
+                                tasks.setdefault(other.key(), other)
                     bound.append((event, pairs))
                 passes[(case, backward, arch)] = bound
     return passes, tasks
@@ -98,13 +104,22 @@ def collect(cases, archs, torch_ops=False, every_config=False):
 
 def tail_twin(event, config, arch):
     """The same forward or one-block backward launch compiled without its partial-tile code
-    (HAS_TAIL=False), or None: the perf model takes the tail tile's code size from the
+    (TAIL_BLOCK_N=0), or None: the perf model takes the tail tile's code size from the
     difference (pm.model_kernel), since it runs only in the split that ends in a partial tile."""
     peeled = event.name == "_bilateral_fwd_kernel" or (
         event.name == "_bilateral_bwd_kernel" and event.kwargs.get("M_ONE_BLOCK"))
-    if not peeled or not event.kwargs.get("HAS_TAIL"):
+    if not peeled or not event.kwargs.get("TAIL_BLOCK_N"):
         return None
-    return lr.bind(dataclasses.replace(event, kwargs={**event.kwargs, "HAS_TAIL": False}), config, arch)
+    return lr.bind(dataclasses.replace(event, kwargs={**event.kwargs, "TAIL_BLOCK_N": 0}), config, arch)
+
+
+def tail_variants(event, config, arch):
+    """The launch compiled with every other tail size its tile allows (`configs.tail_sizes`)."""
+    from .configs import tail_sizes
+
+    block_n = {**event.kwargs, **config}["BLOCK_N"]
+    sizes = [t for t in tail_sizes(block_n, arch) if t != event.kwargs["TAIL_BLOCK_N"]]
+    return [lr.bind(dataclasses.replace(event, kwargs={**event.kwargs, "TAIL_BLOCK_N": t}), config, arch) for t in sizes]
 
 
 def compile_all(tasks: dict, jobs: int) -> dict:
@@ -128,6 +143,8 @@ def variant_text(task) -> str:
         parts.append({(True, True): "both", (True, False): "s", (False, True): "x"}[(c["DIR_S"], c["DIR_X"])])
     if c.get("M_ONE_BLOCK") is False:
         parts.append("loop")
+    if c.get("TAIL_BLOCK_N"):
+        parts.append(f"tail{c['TAIL_BLOCK_N']}")
     if "QUERIES_SPATIAL" in c:
         parts.append("s" if c["QUERIES_SPATIAL"] else "x")
     if c.get("HAS_IMAGE_MASK") or c.get("HAS_SPATIAL_MASK") or c.get("HAS_MASK"):
@@ -340,7 +357,7 @@ def main(argv=None) -> int:
     if args.calibrate:
         return calibrate(args)
     archs = args.arch or [80, 90]
-    _, tasks = collect(full_cases() if args.full else gate_cases(), archs)
+    _, tasks = collect(full_cases() if args.full else gate_cases(), archs, every_tail=True)
     start = time.time()
     facts = compile_all(tasks, args.jobs)
     failures = gate_report(tasks, facts)
