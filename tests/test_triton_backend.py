@@ -71,13 +71,22 @@ def test_row_alignment_is_the_largest_of_8_4_2_dividing_d_and_every_row_stride()
 
 def test_split_plan_fills_the_gpu_without_over_splitting():
     from spatialformer_kernels.backends.triton.common import split_plan
+    from spatialformer_kernels.backends.triton.configs import split_lengths
 
     h100_sms = 132
     splits, chunk = split_plan(h100_sms, 2 * 2, 67_200)  # det800x1344-stage1: B=2, H=2
     assert splits * 4 >= h100_sms and splits * chunk >= 67_200 > (splits - 1) * chunk
-    splits, _ = split_plan(h100_sms, 64 * 2, 3_136)  # cls224-stage1 training batch
-    assert splits <= 3
+    # cls224-stage1 training batch: 12 tiles, then the last split's 12 and a half (13 and 11.5
+    # with the chunk rounded up)
+    assert split_plan(h100_sms, 64 * 2, 3_136) == (2, 1536)
+    assert split_plan(h100_sms, 64 * 4, 784) == (1, 896)  # cls224-stage2: 256 programs fill the GPU
     assert split_plan(h100_sms, 1, 100) == (1, 128)  # never more splits than tokens allow
+    for programs in (1, 4, 16, 64, 256):
+        for n in range(1, 20_000, 97):
+            splits, chunk = split_plan(h100_sms, programs, n)
+            lengths = split_lengths(n, chunk, splits)
+            assert sum(lengths) == n and min(lengths) >= 1 and chunk % 128 == 0
+            assert splits == 1 or chunk >= 256  # MIN_SPLIT_TOKENS
 
 
 def test_launch_config_is_looked_up_never_tuned_and_can_be_forced():
@@ -226,19 +235,20 @@ def test_the_tail_tile_is_the_smallest_power_of_two_holding_every_split_remainde
     from spatialformer_kernels.backends.triton.common import split_plan
     from spatialformer_kernels.backends.triton.configs import TAIL_MIN_ROWS, tail_block, tail_sizes
 
-    assert tail_block(784, 896, 128, 90) == 16  # cls224-stage2: 6 tiles and 16 tokens
-    assert tail_block(784, 896, 128, 80) == 32  # sm_80's 16-row tail spilled (TAIL_MIN_ROWS)
-    assert tail_block(3136, 1664, 128, 90) == 64  # cls224-stage1's second split: 11 tiles and 64 tokens
-    assert tail_block(67_200, 1024, 128, 90) == 0  # det800x1344: whole tiles only
-    assert tail_block(49, 128, 128, 90) == 64 and tail_block(49, 128, 32, 90) == 32  # shorter than a tile
-    assert [tail_block(n, 128, 64, 90) for n in (1, 16, 17, 32, 33, 63, 64, 65)] == [16, 16, 32, 32, 64, 64, 0, 16]
+    assert tail_block(784, 896, 1, 128, 90) == 16  # cls224-stage2: 6 tiles and 16 tokens
+    assert tail_block(784, 896, 1, 128, 80) == 32  # sm_80's 16-row tail spilled (TAIL_MIN_ROWS)
+    assert tail_block(3136, 1536, 2, 128, 90) == 64  # cls224-stage1's last split: 12 tiles and 64 tokens
+    assert tail_block(67_200, 1024, 66, 128, 90) == 0  # det800x1344: whole tiles only
+    assert tail_block(49, 128, 1, 128, 90) == 64 and tail_block(49, 128, 1, 32, 90) == 32  # shorter than a tile
+    assert [tail_block(n, 128, 1, 64, 90) for n in (1, 16, 17, 32, 33, 63, 64, 65)] == [16, 16, 32, 32, 64, 64, 0, 16]
     assert tail_sizes(128, 90) == [16, 32, 64, 128] and tail_sizes(64, 80) == [32, 64] and tail_sizes(16, 80) == [16]
     for arch, smallest in TAIL_MIN_ROWS.items():
         for n in range(1, 3000, 7):  # by definition, over the split plans the launchers use
             for block_n in (16, 32, 64, 128):
                 splits, chunk = split_plan(132, 4, n)
-                longest = max(min(chunk, n - s * chunk) % block_n for s in range(splits))
-                tail = tail_block(n, chunk, block_n, arch)
+                longest = chunk % block_n if splits > 1 else 0
+                longest = max(longest, (n - (splits - 1) * chunk) % block_n)  # the last split runs to N
+                tail = tail_block(n, chunk, splits, block_n, arch)
                 assert (tail == 0) == (longest == 0)
                 assert tail == 0 or tail == min(block_n, max(smallest, 1 << (longest - 1).bit_length()))
 
@@ -250,7 +260,7 @@ TAIL_CASES = [
     (1, 2, 64, 128 + 16, 32, BF16, "mask"),
     (1, 1, 64, 128 + 17, 32, FP16, None),
     (1, 1, 49, 33, 40, FP32, None),
-    (1, 1, 64, 1024 + 40, 32, BF16, None),
+    (2, 2, 64, 1060, 32, BF16, None),  # 4 splits: 256 tokens each, the last 292 (4 tiles and 36 tokens)
 ]
 
 
@@ -258,7 +268,8 @@ TAIL_CASES = [
 def test_tail_tiles_of_every_size_compute_the_op(monkeypatch):
     """A split's partial last tile runs on the smallest power-of-two rows that hold it
     (configs.tail_block): 16-, 32- and 64-row tails in the forward and in the one-block
-    backward of both directions, with and without a key mask, against the reference."""
+    backward of both directions, with and without a key mask, one split and several, the
+    last split longer than the others (`split_range`), against the reference."""
     from spatialformer_kernels.backends.triton import common as bt
 
     tails = set()
@@ -269,16 +280,17 @@ def test_tail_tiles_of_every_size_compute_the_op(monkeypatch):
             tails.add((pass_, kwargs["TAIL_BLOCK_N"], kwargs["BLOCK_N"]))
 
     record_fused_launches(monkeypatch, record)
-    splits = set()
+    plans = set()
     for B, H, M, N, D, dtype, mask_kind in TAIL_CASES:
-        splits.add(bt.split_plan(bt.sm_count(torch.device(DEVICE)), B * H, N)[0])
+        splits, chunk = bt.split_plan(bt.sm_count(torch.device(DEVICE)), B * H, N)
+        plans.add((splits, N - (splits - 1) * chunk > chunk))
         inputs = make_bilateral_inputs(B, H, M, N, D, dtype, device=DEVICE, layout="strided", seed=N)
         grads = (transposed_grad((B, H, M, D), dtype, 4, DEVICE), transposed_grad((B, H, N, D), dtype, 5, DEVICE))
         mask = mask_for_case(B, N, mask_kind, device=DEVICE)
         got = bilateral_results(inputs, grads, "triton", D**-0.5, mask)
         same, exact = reference_bilateral_results(inputs, grads, D**-0.5, mask)
         assert_results_close(got, same, exact, dtype, BILATERAL_RESULT_NAMES, case_id(B, H, M, N, D, dtype))
-    assert max(splits) > 1
+    assert (1, False) in plans and any(splits > 1 for splits, _ in plans) and any(longer for _, longer in plans)
     for pass_ in ("fwd", "bwd s", "bwd x"):
         sizes = {tail for p, tail, block_n in tails if p == pass_ and 0 < tail < block_n}
         assert len(sizes) >= 2 and 16 in sizes, f"{pass_}: tails smaller than the tile {sorted(tails)}"
@@ -435,6 +447,7 @@ WIDE_CASES = [
     (2, 1, 20, 101, 256, BF16, "bnhd", "mask", "s"),
     (2, 1, 33, 90, 256, FP16, "strided", "empty", "s"),
     (1, 2, 33, 90, 256, BF16, "contiguous", "mask", "x"),
+    (2, 1, 20, 800, 96, FP32, "bnhd", "mask", "s"),  # 3 splits on 8 SMs, the last longer: 256, 256, 288
     (1, 1, 9, 300, 72, FP32, "contiguous", "mask", "s"),
     (1, 1, 9, 300, 72, FP32, "bnhd", "mask", "x"),
 ]
@@ -483,8 +496,14 @@ def test_wide_head_backward_matches_reference(case):
 
 @needs_triton
 def test_wide_head_backward_splits_and_reruns_bitwise():
-    """Both directions of the multi-split cases: several splits, bitwise-equal reruns."""
+    """Both directions of the multi-split cases: several splits, bitwise-equal reruns; a case
+    whose last split is longer than the others (`split_range`)."""
     from spatialformer_kernels.backends.triton import common, configs, wide
+
+    B, H, M, N, D, dtype, *_, direction = WIDE_CASES[-3]
+    cfg = wide.wide_config(configs.block_d_for(D), 4, direction == "s")
+    splits, chunk = common.split_plan(common.sm_count(torch.device(DEVICE)), B * H * -(-D // cfg.BLOCK_DC), N)
+    assert configs.split_lengths(N, chunk, splits)[-1] > chunk
 
     for case in WIDE_CASES[-2:]:
         B, H, M, N, D, dtype, *_, direction = case

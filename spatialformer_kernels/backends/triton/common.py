@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import CHUNK_ALIGN, INTERPRET, INTERPRETER_SM_COUNT, MIN_SPLIT_TOKENS, cdiv, next_power_of_2
+from .configs import CHUNK_ALIGN, INTERPRET, INTERPRETER_SM_COUNT, MIN_SPLIT_TOKENS, cdiv, next_power_of_2, split_lengths
 from .launch import device_guard, launch
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -291,24 +291,48 @@ def split_plan(n_sm: int, programs_per_split: int, n_tokens: int) -> tuple[int, 
     """(splits, chunk): split the image tokens so that about two programs per SM run.
 
     programs_per_split is B * H (times the spatial blocks in the forward). A split holds at
-    least MIN_SPLIT_TOKENS tokens and a multiple of CHUNK_ALIGN, so large batches get one or
-    a few splits and B = 2, N = 67,200 gets tens. Among the split counts that reach two
+    least MIN_SPLIT_TOKENS tokens and a multiple of CHUNK_ALIGN, the last split the rest
+    (`configs.split_lengths`), so large batches get one or a few splits and B = 2,
+    N = 67,200 gets tens. For each split count, CHUNK is N / splits rounded up or down to
+    CHUNK_ALIGN (down: the last split is the longest). Among the plans that reach two
     programs per SM (less a 1/16 slack: 256 programs on 132 SMs count), or the most there can
-    be, the one whose busiest SM walks the fewest CHUNK_ALIGN tiles wins, the fewer splits on a
-    tie (each split adds partials, and more than one adds a combine or reduction launch).
+    be, the one whose busiest SM walks the fewest tokens wins, a partial last tile counted at
+    the power of two that holds it (as `configs.tail_block` runs it), the fewer splits on a
+    tie (each split adds partials, and more than one adds a combine or reduction launch):
+    cls224-stage1 (128 programs, 3,136 tokens) splits as 1,536 and 1,600 tokens, 12 and 12.5
+    tiles, where 1,664 and 1,472 had 13 tiles in the longer split.
     """
     programs = max(1, programs_per_split)
     most = max(1, min(cdiv(2 * n_sm, programs), cdiv(n_tokens, MIN_SPLIT_TOKENS)))
+
+    def walked(length):  # tokens a split walks: whole tiles, then its tail's rows
+        rest = length % CHUNK_ALIGN
+        return length - rest + (next_power_of_2(max(rest, 16)) if rest else 0)
+
     best = None
     for wanted in range(1, most + 1):
-        chunk = cdiv(cdiv(n_tokens, wanted), CHUNK_ALIGN) * CHUNK_ALIGN
-        splits = cdiv(n_tokens, chunk)
-        if programs * splits < 2 * n_sm - n_sm // 16 and wanted < most:
-            continue  # too few programs to keep the SMs busy
-        busiest = cdiv(programs * splits, n_sm) * (chunk // CHUNK_ALIGN)
-        if best is None or busiest < best[0]:
-            best = (busiest, splits, chunk)
+        up = cdiv(cdiv(n_tokens, wanted), CHUNK_ALIGN) * CHUNK_ALIGN
+        down = n_tokens // wanted // CHUNK_ALIGN * CHUNK_ALIGN
+        for chunk, splits in ((up, cdiv(n_tokens, up)), (down, wanted)):
+            if chunk < CHUNK_ALIGN or (splits > 1 and chunk < MIN_SPLIT_TOKENS):
+                continue
+            if programs * splits < 2 * n_sm - n_sm // 16 and wanted < most:
+                continue  # too few programs to keep the SMs busy
+            busiest = cdiv(programs * splits, n_sm) * max(map(walked, split_lengths(n_tokens, chunk, splits)))
+            if best is None or busiest < best[0]:
+                best = (busiest, splits, chunk)
     return best[1], best[2]
+
+
+@triton.jit
+def split_range(split, SPLITS, CHUNK, N):
+    """[start, end) of a split's image tokens (`configs.split_lengths`): CHUNK from
+    split * CHUNK, the last split to N. Written as the min(start + CHUNK, N) of one chunk per
+    split, raised to N in the last: a select (tl.where) of N or start + CHUNK, the same values,
+    made ptxas schedule the masked direction-x backward's loop at cls224-stage1 40 instructions
+    longer (510 against 470 per 64 tokens, sm_90)."""
+    start = split * CHUNK
+    return start, tl.maximum(tl.minimum(start + CHUNK, N), N * (split == SPLITS - 1))
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -76,15 +76,21 @@ def tail_sizes(block_n: int, arch: int) -> list[int]:
     return [1 << k for k in range(smallest.bit_length() - 1, block_n.bit_length())]
 
 
-def tail_block(n_tokens: int, chunk: int, block_n: int, arch: int) -> int:
+def split_lengths(n_tokens: int, chunk: int, splits: int) -> list[int]:
+    """Image tokens per split (`common.split_plan`): CHUNK each, the last split running to the
+    end of the tokens (fewer than CHUNK, or more: cls224-stage1's 3,136 tokens split as 1,536
+    and 1,600, 12 tiles and 12 and a half)."""
+    return [chunk] * (splits - 1) + [n_tokens - (splits - 1) * chunk]
+
+
+def tail_block(n_tokens: int, chunk: int, splits: int, block_n: int, arch: int) -> int:
     """The tile of a split's partial last tile (the kernels' TAIL_BLOCK_N), or 0 where every
     split holds whole BLOCK_N tiles: the smallest of `tail_sizes` that holds the longest
-    remainder of a split (the last split's, N % BLOCK_N, as CHUNK is a multiple of BLOCK_N).
+    remainder of a split (the last split's, as CHUNK is a multiple of BLOCK_N).
     The tail's dots and softmax are then sized to its tokens, not to a full tile: at
     N = 784 the 16-token tail of 128-token tiles was modelled at 1311 sm_90 instructions per
     warp, more than a whole tile's 1047, and costs 447 on 16 rows."""
-    splits = cdiv(n_tokens, chunk)
-    longest = max(min(chunk, n_tokens - s * chunk) % block_n for s in (0, splits - 1))
+    longest = max(length % block_n for length in split_lengths(n_tokens, chunk, splits))
     return 0 if longest == 0 else next(t for t in tail_sizes(block_n, arch) if t >= longest)
 
 

@@ -5,7 +5,7 @@ Direction s: spatial queries q_s over image keys k_x, v_x (image_mask drops keys
 Direction x: image queries q_x over spatial keys k_s, v_s -> o_x.
 
 Forward, one launch, grid (B*H, SPLITS, M_PROGRAMS): each program owns CHUNK image tokens
-and walks them in BLOCK_N tiles (`_fwd_tile`). The main loop runs the full tiles with no
+(the last split the rest, `split_range`) and walks them in BLOCK_N tiles (`_fwd_tile`). The main loop runs the full tiles with no
 bounds check and, without a mask, no per-score select; a partial last tile (only where
 N % BLOCK_N != 0) is a second, bounds-checked copy after the loop, on TAIL_BLOCK_N rows: the
 smallest power of two >= 16 that holds it (`configs.tail_block`), so N = 784's 16-token tail
@@ -110,6 +110,7 @@ from .common import (
     row_alignment,
     sm_count,
     split_plan,
+    split_range,
     widen_unsigned,
 )
 from .configs import (
@@ -445,8 +446,7 @@ def _bilateral_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     offs_blk = tl.arange(0, BLOCK_M)
-    n_start = split * CHUNK
-    n_end = tl.minimum(n_start + CHUNK, N)
+    n_start, n_end = split_range(split, SPLITS, CHUNK, N)
     n_full_end = n_start + (n_end - n_start) // BLOCK_N * BLOCK_N
     # exp(logit - max) = exp2((s - max) * rate): s - max first, so the row max gives exactly 1
     rate, max_scale = logit_rates(sm_scale, RAW_LOGITS)
@@ -768,8 +768,7 @@ def _bilateral_bwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     offs_blk = tl.arange(0, BLOCK_M)
-    n_start = split * CHUNK
-    n_end = tl.minimum(n_start + CHUNK, N)
+    n_start, n_end = split_range(split, SPLITS, CHUNK, N)
 
     if M_ONE_BLOCK:
         # -- the whole spatial side stays in registers for the chunk --
@@ -981,7 +980,7 @@ def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_
             HAS_IMAGE_MASK=image_mask is not dummy, HAS_SPATIAL_MASK=spatial_mask is not dummy,
             DOT_PRECISION=dot_precision(dtype), ALIGN=align, ONE_M_PROGRAM=m_programs == 1,
             HAS_PAIR_MASK=pair_mask is not dummy, ONE_KEY_BLOCK=M <= block_m, FULL_KEY_BLOCK=M == block_m,
-            RAW_LOGITS=raw_logits, D_MASKED=D != block_d, TAIL_BLOCK_N=tail_block(N, chunk, meta["BLOCK_N"], arch),
+            RAW_LOGITS=raw_logits, D_MASKED=D != block_d, TAIL_BLOCK_N=tail_block(N, chunk, splits, meta["BLOCK_N"], arch),
             ONE_SPLIT=splits == 1, ASYNC_DOTS=async_dots(arch, meta["num_stages"], elem), **meta,
         )
         if run_s and splits > 1:
@@ -1099,7 +1098,7 @@ def _bwd_direction(do, q_s, k_s, v_s, q_x, k_x, v_x, o_s, o_x, lse_s, lse_x, sca
             HAS_IMAGE_MASK=image_mask is not dummy, HAS_SPATIAL_MASK=spatial_mask is not dummy,
             DOT_PRECISION=dot_precision(dtype), ALIGN=align, HAS_PAIR_MASK=pair_mask is not dummy,
             FULL_KEY_BLOCK=M == block_m, D_MASKED=D != block_d,
-            TAIL_BLOCK_N=tail_block(N, chunk, meta["BLOCK_N"], arch) if one_block else 0,
+            TAIL_BLOCK_N=tail_block(N, chunk, splits, meta["BLOCK_N"], arch) if one_block else 0,
             DS_SCALED=dtype == torch.float16 or block_d >= block_m, ASYNC_DOTS=async_dots(arch, meta["num_stages"], elem),
             **meta,
         )

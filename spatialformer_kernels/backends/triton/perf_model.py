@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from .configs import cdiv, next_power_of_2
+from .configs import cdiv, next_power_of_2, split_lengths
 from .launch_record import Case, KernelLaunch, TorchOp, bind, binder_for, case_tensors, facade, kernel_fn, \
     record
 
@@ -143,7 +143,7 @@ def loop_shape(launch: KernelLaunch, config: dict) -> tuple[int, int, float]:
              "_bilateral_wide_bwd_kernel"):
         chunk, splits = a["CHUNK"], a["SPLITS"]
         length, block = (a["LK"], k["BLOCK_C"]) if n == "_bilateral_wide_lse_kernel" else (a["N"], k["BLOCK_N"])
-        per_split = [cdiv(min(chunk, length - s * chunk), block) for s in range(splits)]
+        per_split = [cdiv(tokens, block) for tokens in split_lengths(length, chunk, splits)]
         others = grid[0] * grid[1] * grid[2] // splits
         if n == "_bilateral_fwd_kernel":
             inner = cdiv(a["M"], k["BLOCK_M"]) / grid[2] if k["DIR_X"] else 1
@@ -193,7 +193,7 @@ def longest_cta(launch: KernelLaunch, config: dict, loop: float, prologue: int, 
     partial tile, the tail code once (`tail_code`: the instructions a TAIL_BLOCK_N=0 twin lacks)."""
     a, block = launch.named(), {**launch.kwargs, **config}["BLOCK_N"]
     chunk, splits, n = a["CHUNK"], a["SPLITS"], a["N"]
-    lengths = [min(chunk, n - s * chunk) for s in range(splits)]
+    lengths = split_lengths(n, chunk, splits)
     return prologue + max(length // block * loop + (tail_code if length % block else 0) for length in lengths)
 
 

@@ -74,6 +74,7 @@ from .common import (
     round_to,
     sm_count,
     split_plan,
+    split_range,
 )
 from .configs import block_d_for, cdiv
 from .launch import device_guard, launch
@@ -181,8 +182,7 @@ def _bilateral_wide_lse_kernel(
     rows_ok = rows < LQ
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
-    k_start = split * CHUNK
-    k_end = tl.minimum(k_start + CHUNK, LK)
+    k_start, k_end = split_range(split, SPLITS, CHUNK, LK)
     for k0 in range(k_start, k_end, BLOCK_C):
         keys = k0 + tl.arange(0, BLOCK_C)
         keep = key_keep(KEY_MASK, b, keys, keys < k_end, stride_mask_b, stride_mask_l, HAS_MASK)
@@ -268,8 +268,7 @@ def _bilateral_wide_bwd_kernel(
     # -- this program's column chunk of the gradients --
     offs_c = tl.program_id(2) * BLOCK_DC + tl.arange(0, BLOCK_DC)
     c_ok = offs_c < D
-    n_start = split * CHUNK
-    n_end = tl.minimum(n_start + CHUNK, N)
+    n_start, n_end = split_range(split, SPLITS, CHUNK, N)
 
     for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
