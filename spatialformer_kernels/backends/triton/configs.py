@@ -83,6 +83,7 @@ def split_lengths(n_tokens: int, chunk: int, splits: int) -> list[int]:
     return [chunk] * (splits - 1) + [n_tokens - (splits - 1) * chunk]
 
 
+@functools.lru_cache(maxsize=1024)  # the launchers call it per call: uncached, 1-2 us more per launcher call
 def tail_block(n_tokens: int, chunk: int, splits: int, block_n: int, arch: int) -> int:
     """The tile of a split's partial last tile (the kernels' TAIL_BLOCK_N), or 0 where every
     split holds whole BLOCK_N tiles: the smallest of `tail_sizes` that holds the longest
