@@ -296,8 +296,9 @@ def split_plan(n_sm: int, programs_per_split: int, n_tokens: int) -> tuple[int, 
     N = 67,200 gets tens. For each split count, CHUNK is N / splits rounded up or down to
     CHUNK_ALIGN (down: the last split is the longest). Among the plans that reach two
     programs per SM (less a 1/16 slack: 256 programs on 132 SMs count), or the most there can
-    be, the one whose busiest SM walks the fewest tokens wins, a partial last tile counted at
-    the power of two that holds it (as `configs.tail_block` runs it), the fewer splits on a
+    be, the one whose busiest SM walks the fewest tokens wins, a partial last 128-token tile
+    counted at the power of two from 16 that holds it (close to `configs.tail_block`, whose
+    tile may be smaller and whose sm_80 tail is at least 32 rows), the fewer splits on a
     tie (each split adds partials, and more than one adds a combine or reduction launch):
     cls224-stage1 (128 programs, 3,136 tokens) splits as 1,536 and 1,600 tokens, 12 and 12.5
     tiles, where 1,664 and 1,472 had 13 tiles in the longer split.

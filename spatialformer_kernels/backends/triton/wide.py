@@ -27,7 +27,7 @@ tiles and the [rows, keys] logit tile are live):
      exactly 0, as in PyTorch's softmax backward (a rowsum of dO * O cancels only to
      rounding, which dq = dS k then multiplies by |k|).
   3. `_bilateral_wide_bwd_kernel`, grid (B*H, SPLITS, D_CHUNKS): a program owns CHUNK image
-     tokens (walked in BLOCK_N tiles) and one column chunk c of the head dim; per image tile
+     tokens (the last split the rest; walked in BLOCK_N tiles) and one column chunk c of the head dim; per image tile
      it loops over all spatial blocks of BLOCK_M rows, recomputes S and dP = dO v^T (chunk
      loop), P = exp(scale * S - LSE), dS = P * (dP - delta) * scale, and the column chunk c
      of the gradients: dq[:, c] = dS k[:, c], dk[:, c] = dS^T q[:, c], dv[:, c] = P^T dO[:, c].
