@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import CHUNK_ALIGN, INTERPRET, INTERPRETER_SM_COUNT, MIN_SPLIT_TOKENS, cdiv, next_power_of_2, split_lengths
+from .configs import (CHUNK_ALIGN, INTERPRET, INTERPRETER_SM_COUNT, MIN_SPLIT_TOKENS, cdiv, next_power_of_2,
+                      split_lengths, tail_rows)
 from .launch import device_guard, launch
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -297,8 +298,8 @@ def split_plan(n_sm: int, programs_per_split: int, n_tokens: int) -> tuple[int, 
     CHUNK_ALIGN (down: the last split is the longest). Among the plans that reach two
     programs per SM (less a 1/16 slack: 256 programs on 132 SMs count), or the most there can
     be, the one whose busiest SM walks the fewest tokens wins, a partial last 128-token tile
-    counted at the power of two from 16 that holds it (close to `configs.tail_block`, whose
-    tile may be smaller and whose sm_80 tail is at least 32 rows), the fewer splits on a
+    counted at the rows sm_90 runs it on (`configs.tail_rows`; a launch's own tile may be
+    smaller, and sm_80's tails are at least 32 rows), the fewer splits on a
     tie (each split adds partials, and more than one adds a combine or reduction launch):
     cls224-stage1 (128 programs, 3,136 tokens) splits as 1,536 and 1,600 tokens, 12 and 12.5
     tiles, where 1,664 and 1,472 had 13 tiles in the longer split.
@@ -308,7 +309,7 @@ def split_plan(n_sm: int, programs_per_split: int, n_tokens: int) -> tuple[int, 
 
     def walked(length):  # tokens a split walks: whole tiles, then its tail's rows
         rest = length % CHUNK_ALIGN
-        return length - rest + (next_power_of_2(max(rest, 16)) if rest else 0)
+        return length - rest + tail_rows(rest, CHUNK_ALIGN, 90)
 
     best = None
     for wanted in range(1, most + 1):

@@ -91,8 +91,13 @@ def tail_block(n_tokens: int, chunk: int, splits: int, block_n: int, arch: int) 
     The tail's dots and softmax are then sized to its tokens, not to a full tile: at
     N = 784 the 16-token tail of 128-token tiles was modelled at 1311 sm_90 instructions per
     warp, more than a whole tile's 1047, and costs 447 on 16 rows."""
-    longest = max(length % block_n for length in split_lengths(n_tokens, chunk, splits))
-    return 0 if longest == 0 else next(t for t in tail_sizes(block_n, arch) if t >= longest)
+    return tail_rows(max(length % block_n for length in split_lengths(n_tokens, chunk, splits)), block_n, arch)
+
+
+def tail_rows(remainder: int, block_n: int, arch: int) -> int:
+    """The rows a partial tile of `remainder` tokens runs on (the smallest of `tail_sizes`
+    that holds it), 0 for none."""
+    return 0 if remainder == 0 else next(t for t in tail_sizes(block_n, arch) if t >= remainder)
 
 
 def block_d_for(head_dim: int) -> int:

@@ -5,11 +5,12 @@ Direction s: spatial queries q_s over image keys k_x, v_x (image_mask drops keys
 Direction x: image queries q_x over spatial keys k_s, v_s -> o_x.
 
 Forward, one launch, grid (B*H, SPLITS, M_PROGRAMS): each program owns CHUNK image tokens
-(the last split the rest, `split_range`) and walks them in BLOCK_N tiles (`_fwd_tile`). The main loop runs the full tiles with no
-bounds check and, without a mask, no per-score select; a partial last tile (only where
-N % BLOCK_N != 0) is a second, bounds-checked copy after the loop, on TAIL_BLOCK_N rows: the
-smallest power of two from 16 (32 on sm_80) that holds it (`configs.tail_block`), so
-N = 784's 16-token tail of 128-token tiles costs the work of 16 rows, not of 128.
+(the last split the rest, `split_range`) and walks them in BLOCK_N tiles (`_fwd_tile`). The
+main loop runs the full tiles with no bounds check and, without a mask, no per-score select;
+a partial last tile (only where N % BLOCK_N != 0) is a second, bounds-checked copy after the
+loop, on TAIL_BLOCK_N rows: the smallest power of two from 16 (32 on sm_80) that holds it
+(`configs.tail_block`), so N = 784's 16-token tail of 128-token tiles costs the work of 16
+rows, not of 128.
   - Direction s is an online softmax over the tiles (running max, sum and an fp32
     accumulator for its BLOCK_M spatial queries). With one split the program normalises
     and writes o_s itself; else it writes its (max, sum, acc) partial and
@@ -742,8 +743,8 @@ def _bilateral_bwd_kernel(
     ASYNC_DOTS: tl.constexpr = False,  # configs.async_dots: no dot left in flight across an iteration
 ):
     """One direction's backward (DIR_S or DIR_X), grid (B*H, SPLITS): each program walks its
-    CHUNK image tokens (the last split the rest, `split_range`) in BLOCK_N tiles. With M_ONE_BLOCK the spatial side stays in registers
-    and the main loop runs the full tiles only (`_bwd_s_tile`, `_bwd_x_tile`), a partial last
+    CHUNK image tokens (the last split the rest, `split_range`) in BLOCK_N tiles. With
+    M_ONE_BLOCK the spatial side stays in registers and the main loop runs the full tiles only (`_bwd_s_tile`, `_bwd_x_tile`), a partial last
     tile (TAIL_BLOCK_N rows) being a bounds-checked copy run before it; a larger M loops over BLOCK_M
     spatial blocks per tile, all bounds-checked."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)

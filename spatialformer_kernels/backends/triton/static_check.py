@@ -93,8 +93,8 @@ def collect(cases, archs, torch_ops=False, every_config=False, every_tail=False)
                         launched = event
                         if every_config and peeled(event):  # the tail follows the candidate's tile
                             a = event.named()
-                            tail = configs.tail_block(a["N"], a["CHUNK"], a["SPLITS"], config["BLOCK_N"], arch)
-                            launched = dataclasses.replace(event, kwargs={**event.kwargs, "TAIL_BLOCK_N": tail})
+                            launched = with_tail(event, configs.tail_block(a["N"], a["CHUNK"], a["SPLITS"],
+                                                                           config["BLOCK_N"], arch))
                         task = lr.bind(launched, config, arch)
                         tasks.setdefault(task.key(), task)
                         pairs.append((config, task.key()))
@@ -107,6 +107,11 @@ def collect(cases, archs, torch_ops=False, every_config=False, every_tail=False)
                     bound.append((event, pairs))
                 passes[(case, backward, arch)] = bound
     return passes, tasks
+
+
+def with_tail(event, tail: int):
+    """The launch with another TAIL_BLOCK_N (0: no partial-tile code)."""
+    return dataclasses.replace(event, kwargs={**event.kwargs, "TAIL_BLOCK_N": tail})
 
 
 def peeled(event) -> bool:
@@ -122,7 +127,7 @@ def tail_twin(event, config, arch):
     difference (pm.model_kernel), since it runs only in the split that ends in a partial tile."""
     if not peeled(event) or not event.kwargs.get("TAIL_BLOCK_N"):
         return None
-    return lr.bind(dataclasses.replace(event, kwargs={**event.kwargs, "TAIL_BLOCK_N": 0}), config, arch)
+    return lr.bind(with_tail(event, 0), config, arch)
 
 
 def tail_variants(event, config, arch):
@@ -131,7 +136,7 @@ def tail_variants(event, config, arch):
 
     block_n = {**event.kwargs, **config}["BLOCK_N"]
     sizes = [t for t in tail_sizes(block_n, arch) if t != event.kwargs["TAIL_BLOCK_N"]]
-    return [lr.bind(dataclasses.replace(event, kwargs={**event.kwargs, "TAIL_BLOCK_N": t}), config, arch) for t in sizes]
+    return [lr.bind(with_tail(event, t), config, arch) for t in sizes]
 
 
 def compile_all(tasks: dict, jobs: int) -> dict:
@@ -145,10 +150,14 @@ def compile_all(tasks: dict, jobs: int) -> dict:
     return dict(zip(keys, results))
 
 
-def variant_text(task) -> str:
-    c = dict((path[0], v) for path, v in task.constexprs if len(path) == 1)
+def constexprs(task) -> dict:
+    """A compile task's constexpr values by parameter name."""
     names = [n for n, _ in task.signature]
-    c = {names[i]: v for i, v in c.items()}
+    return {names[path[0]]: v for path, v in task.constexprs if len(path) == 1}
+
+
+def variant_text(task) -> str:
+    c = constexprs(task)
     keys = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_R", "BLOCK_C", "BLOCK_DC")
     parts = [f"{k.split('_')[1]}{c[k]}" for k in keys if k in c]
     if "DIR_S" in c:
@@ -189,7 +198,7 @@ KNOWN_TAIL_FAILURES = {("_bilateral_bwd_kernel", 90, True, 64, 128, 32, 4)}
 
 
 def known_failure(task) -> bool:
-    c = {lr_name(task, p): v for p, v in task.constexprs if len(p) == 1}
+    c = constexprs(task)
     key = (task.name, task.arch, c.get("DIR_X"), c.get("BLOCK_M"), c.get("BLOCK_D"), c.get("BLOCK_N"), task.num_warps)
     return bool(c.get("TAIL_BLOCK_N")) and key in KNOWN_TAIL_FAILURES
 
@@ -204,7 +213,7 @@ def gate_report(tasks, facts, out=sys.stdout) -> int:
         task, f = tasks[key], facts[key]
         known = not f["ok"] and known_failure(task)
         failures += not f["ok"] and not known
-        block_n = dict((lr_name(task, p), v) for p, v in task.constexprs).get("BLOCK_N")
+        block_n = constexprs(task).get("BLOCK_N")
         per64 = f"{f['loop_dynamic'] * 64 / block_n:.0f}" if block_n and f["loop_static"] else "-"
         warn = " C7515" if f["wgmma_serialised"] else ""
         print(f"{task.name:<28} {variant_text(task):<38} sm_{task.arch:<2} {f['regs']:>4} {f['spills']:>5} "
@@ -212,10 +221,6 @@ def gate_report(tasks, facts, out=sys.stdout) -> int:
               f"{per64:>10}  {_load_text(f):<26} {'ok' if f['ok'] else 'known' if known else 'FAIL'}{warn}",
               file=out, flush=True)
     return failures
-
-
-def lr_name(task, path):
-    return [n for n, _ in task.signature][path[0]]
 
 
 # ----------------------------------------------------------------------------------------
@@ -352,7 +357,7 @@ def calibrate(args) -> int:
     for key, task in tasks.items():
         if task.name not in ("_bilateral_fwd_kernel", "_bilateral_bwd_kernel") or facts[key]["ok"]:
             continue
-        c = {lr_name(task, p): v for p, v in task.constexprs}
+        c = constexprs(task)
         if c.get("HAS_PAIR_MASK"):
             continue  # their tiles are capped by configs.PAIR_MASK_TILE, not by this table
         elem = 4 if c["DOT_PRECISION"] == "ieee" else 2
