@@ -252,3 +252,54 @@ def test_perf_cli_writes_modelled_json(tmp_path):
         assert row["modelled"] is True and 0 < row["modelled_pct_roofline"] <= 100 and row["host_us"] > 0
     assert passes[(False, "fwd")]["ratio_to_sdpa"] > 0 and passes[(True, "fwd")]["ratio_to_sdpa"] is None
     assert passes[(False, "fwd+bwd")]["modelled_us"] > passes[(False, "fwd")]["modelled_us"]
+
+
+@needs_jit
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "key-mask"])
+def test_a_backward_with_a_partial_last_tile_launches_its_buckets_tail_config(masked):
+    """Direction x's one-block backward at D = 96 (BLOCK_D 128): on whole 32-token tiles the
+    bucket's measured 4-warp config; where N leaves a partial tile, configs.TAIL_CONFIGS' entry
+    (the 4-warp one cannot hold the partial-tile branch: the static gate), on the same tile."""
+    from spatialformer_kernels.backends.triton import configs
+
+    def direction_x_backward(n_tokens):
+        case = lr.shape_cases(64, 2, 64, n_tokens, 96, dtypes=("bf16",), ops=("cross_x",), masks=(masked,))[0]
+        (launch,) = [e for e in _launches(case, backward=True) if e.name == "_bilateral_bwd_kernel"]
+        return launch.configs[0], launch.kwargs["TAIL_BLOCK_N"]
+
+    whole, no_tail = direction_x_backward(3136)
+    partial, tail = direction_x_backward(3120)
+    key = configs.bucket_key(90, True, False, False, 64, 128, 2)
+    assert no_tail == 0 and tail == 16
+    assert (whole["num_warps"], partial["num_warps"]) == (4, configs.TAIL_CONFIGS[key][1])
+    assert whole["BLOCK_N"] == partial["BLOCK_N"] == configs.TAIL_CONFIGS[key][0]
+
+
+def test_every_tail_config_keeps_its_buckets_tile():
+    """The launcher sizes the partial tile (TAIL_BLOCK_N) from the bucket's untailed BLOCK_N
+    before it looks up the tail config, so a tail config must keep that tile."""
+    from spatialformer_kernels.backends.triton import configs
+
+    for (arch, backward, dir_s, dir_x, block_m, block_d, elem), (block_n, warps, _) in configs.TAIL_CONFIGS.items():
+        untailed = configs.gpu_config(block_m, block_d, elem, backward, dir_s and dir_x, dir_s, arch)
+        for key_mask in (False, True):
+            config = configs.gpu_config(block_m, block_d, elem, backward, dir_s and dir_x, dir_s, arch,
+                                        key_mask=key_mask)
+            assert config.kwargs["BLOCK_N"] == block_n, (arch, key_mask)
+        assert configs.gpu_config(block_m, block_d, elem, backward, dir_s and dir_x, dir_s, arch,
+                                  tail=True).num_warps == warps != untailed.num_warps
+
+
+@needs_jit
+def test_perf_cli_models_any_shape(tmp_path):
+    out = tmp_path / "model.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "spatialformer_kernels.backends.triton.static_check", "--perf", "--gpu", "h100",
+         "--no-host", "--shape", "2", "3", "20", "300", "40", "--case", "cross_s bf16", "--json", str(out)],
+        capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["case"] for r in rows} == {"B2-H3-M20-N300-D40"} and {r["op"] for r in rows} == {"cross_s"}
+    passes = [r for r in rows if r["kernel"] == "(pass)"]
+    assert len(passes) == 4 and all(r["modelled_us"] > 0 for r in passes)

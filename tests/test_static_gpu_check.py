@@ -2,9 +2,9 @@
 benchmark shapes (and cls224-stage1 at D = 16, 40, 64, 96, 128, 256), bf16 with a mask, for
 bilateral and cross_attention forward and backward, bound by Triton's run-time
 specialisation with the config each launch uses (and every forward and one-block backward
-launch at every tail size), compile for sm_80 and sm_90 with no spill and shared memory within
-the device limit, but for the compiles static_check.KNOWN_TAIL_FAILURES lists. About 5 minutes
-on 2 cores."""
+launch at every tail size, with the config its launcher then picks: configs.TAIL_CONFIGS),
+compile for sm_80 and sm_90 with no spill and shared memory within the device limit. About
+3-5 minutes on 2 cores."""
 import os
 import re
 import subprocess

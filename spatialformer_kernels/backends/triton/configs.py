@@ -308,6 +308,18 @@ UNMASKED_MEASURED_CONFIGS: dict = {
     (90, True, False, True, 64, 128, 2): (32, 4, 2),
 }
 
+# Like MEASURED_CONFIGS, for launches that run a split's partial last tile (TAIL_BLOCK_N > 0,
+# `tail_block`), looked up first: buckets whose config cannot also hold the partial-tile
+# branch. Each keeps its bucket's BLOCK_N, so the tail's rows are the same.
+TAIL_CONFIGS: dict = {
+    # direction-x backward, D = 72 to 128: on 4 warps the full-tile loop runs at 248-254
+    # registers, and with the partial-tile branch ptxas serialises its wgmma (C7515, 2 stages)
+    # or spills 24-108 bytes (1 stage), whatever the tail's rows or a key mask. 8 warps on
+    # one stage hold it in 164-192 registers with neither (the static gate), at more
+    # instructions per tile (the dots whose rows are the tile's 32 tokens run 4x).
+    (90, True, False, True, 64, 128, 2): (32, 8, 1),
+}
+
 _forced: dict = {"fwd": None, "bwd": None, "bwd_s": None, "bwd_x": None}
 generation = 0  # counts the changes of _forced (launch.py drops its plans when it moves)
 
@@ -336,24 +348,31 @@ def _forced_for(backward: bool, dir_s: bool):
 
 
 def launch_config(block_m, block_d, elem_bytes, backward, both, dir_s=True, arch=90, pair_mask=False,
-                  key_mask=False) -> triton.Config:
+                  key_mask=False, tail=False) -> triton.Config:
     """The config a launch of one shape bucket uses on `arch`: a forced one (forced_config),
     else the measured tables' entry, else the first candidate (the interpreter: the last).
-    pair_mask / key_mask: the launch reads a per-query mask / a key mask."""
+    pair_mask / key_mask: the launch reads a per-query mask / a key mask; tail: it runs a
+    partial last tile (`tail_config`)."""
     forced = _forced_for(backward, dir_s)
     if forced is not None:
         return forced
-    return _chosen(block_m, block_d, elem_bytes, backward, both, dir_s, arch, pair_mask, key_mask)
+    return _chosen(block_m, block_d, elem_bytes, backward, both, dir_s, arch, pair_mask, key_mask, tail)
+
+
+def bucket_key(arch, backward, both, dir_s, block_m, block_d, elem_bytes) -> tuple:
+    """The measured tables' key: (arch, backward, DIR_S, DIR_X, BLOCK_M, BLOCK_D, element bytes)."""
+    dirs = (True, True) if both else (dir_s, not dir_s)
+    return (arch, backward, *dirs, block_m, block_d, elem_bytes)
 
 
 def gpu_config(block_m, block_d, elem_bytes, backward, both, dir_s=True, arch=90, pair_mask=False,
-               key_mask=False) -> triton.Config:
-    """The config a GPU of `arch` launches for a bucket: the measured entry (without any mask,
-    UNMASKED_MEASURED_CONFIGS first), else the first candidate."""
-    dirs = (True, True) if both else (dir_s, not dir_s)
-    key = (arch, backward, *dirs, block_m, block_d, elem_bytes)
-    measured = None
-    if not pair_mask:
+               key_mask=False, tail=False) -> triton.Config:
+    """The config a GPU of `arch` launches for a bucket: with a partial last tile its
+    TAIL_CONFIGS entry, else the measured entry (without any mask, UNMASKED_MEASURED_CONFIGS
+    first), else the first candidate."""
+    key = bucket_key(arch, backward, both, dir_s, block_m, block_d, elem_bytes)
+    measured = TAIL_CONFIGS.get(key) if tail else None
+    if measured is None and not pair_mask:
         measured = (None if key_mask else UNMASKED_MEASURED_CONFIGS.get(key)) or MEASURED_CONFIGS.get(key)
     if measured is not None:
         bn, warps, stages = measured
@@ -362,10 +381,11 @@ def gpu_config(block_m, block_d, elem_bytes, backward, both, dir_s=True, arch=90
 
 
 @functools.lru_cache(maxsize=None)
-def _chosen(block_m, block_d, elem_bytes, backward, both, dir_s, arch, pair_mask=False, key_mask=False) -> triton.Config:
+def _chosen(block_m, block_d, elem_bytes, backward, both, dir_s, arch, pair_mask=False, key_mask=False,
+            tail=False) -> triton.Config:
     if INTERPRET:  # the smaller tile: the tests' small shapes still loop over several tiles
         return configs_for(block_m, block_d, elem_bytes, backward, both, dir_s, arch, pair_mask)[-1]
-    return gpu_config(block_m, block_d, elem_bytes, backward, both, dir_s, arch, pair_mask, key_mask)
+    return gpu_config(block_m, block_d, elem_bytes, backward, both, dir_s, arch, pair_mask, key_mask, tail)
 
 
 def async_dots(arch: int, num_stages: int, elem_bytes: int) -> bool:
@@ -379,16 +399,17 @@ def async_dots(arch: int, num_stages: int, elem_bytes: int) -> bool:
 
 
 def launch_meta(block_m, block_d, elem_bytes, backward, both, dir_s=True, arch=90, pair_mask=False,
-                key_mask=False) -> dict:
+                key_mask=False, tail=False) -> dict:
     """The launch keywords (BLOCK_N, num_warps, num_stages) of `launch_config`."""
     if _forced_for(backward, dir_s) is not None:
         return _meta(launch_config(block_m, block_d, elem_bytes, backward, both, dir_s, arch, pair_mask, key_mask))
-    return _chosen_meta(block_m, block_d, elem_bytes, backward, both, dir_s, arch, pair_mask, key_mask)
+    return _chosen_meta(block_m, block_d, elem_bytes, backward, both, dir_s, arch, pair_mask, key_mask, tail)
 
 
 @functools.lru_cache(maxsize=None)
-def _chosen_meta(block_m, block_d, elem_bytes, backward, both, dir_s, arch, pair_mask=False, key_mask=False) -> dict:
-    return _meta(_chosen(block_m, block_d, elem_bytes, backward, both, dir_s, arch, pair_mask, key_mask))
+def _chosen_meta(block_m, block_d, elem_bytes, backward, both, dir_s, arch, pair_mask=False, key_mask=False,
+                 tail=False) -> dict:
+    return _meta(_chosen(block_m, block_d, elem_bytes, backward, both, dir_s, arch, pair_mask, key_mask, tail))
 
 
 def _meta(config: triton.Config) -> dict:

@@ -1047,11 +1047,15 @@ def _bwd_direction(do, q_s, k_s, v_s, q_x, k_x, v_x, o_s, o_x, lse_s, lse_x, sca
     arch = capability(device)
     block_m, block_d, splits, chunk = _bwd_plan(B, H, M, N, D, elem, sm_count(device), arch, align * elem >= 16)
     key_mask = (image_mask if run_s else spatial_mask) is not None
-    meta = launch_meta(block_m, block_d, elem, True, False, run_s, arch, pair_mask is not None, key_mask)
-    if "BLOCK_M" in meta:  # a forced config that sets the spatial block too (gpu_config_sweep.py)
-        meta = dict(meta)
-        block_m = meta.pop("BLOCK_M")
+    bucket = (block_m, block_d, elem, True, False, run_s, arch, pair_mask is not None, key_mask)
+    meta = dict(launch_meta(*bucket))
+    block_m = meta.pop("BLOCK_M", block_m)  # a forced config may set the spatial block too (gpu_config_sweep.py)
     one_block = M <= block_m  # the whole spatial side in registers (M_ONE_BLOCK)
+    tail = tail_block(N, chunk, splits, meta["BLOCK_N"], arch) if one_block else 0
+    if tail:  # with a partial last tile, some buckets launch another config (configs.TAIL_CONFIGS)
+        tailed = {k: v for k, v in launch_meta(*bucket, tail=True).items() if k != "BLOCK_M"}
+        assert tailed["BLOCK_N"] == meta["BLOCK_N"], "a tail config keeps its bucket's tile (the tail's rows)"
+        meta = tailed
     f32 = torch.float32
     dummy = q_x
     zero4 = (0, 0, 0, 0)
@@ -1099,7 +1103,7 @@ def _bwd_direction(do, q_s, k_s, v_s, q_x, k_x, v_x, o_s, o_x, lse_s, lse_x, sca
             HAS_IMAGE_MASK=image_mask is not dummy, HAS_SPATIAL_MASK=spatial_mask is not dummy,
             DOT_PRECISION=dot_precision(dtype), ALIGN=align, HAS_PAIR_MASK=pair_mask is not dummy,
             FULL_KEY_BLOCK=M == block_m, D_MASKED=D != block_d,
-            TAIL_BLOCK_N=tail_block(N, chunk, splits, meta["BLOCK_N"], arch) if one_block else 0,
+            TAIL_BLOCK_N=tail,
             DS_SCALED=dtype == torch.float16 or block_d >= block_m, ASYNC_DOTS=async_dots(arch, meta["num_stages"], elem),
             **meta,
         )

@@ -73,13 +73,19 @@ class Case:
 
     @property
     def name(self) -> str:
-        shapes = {**SHAPES, **MASKED_CROSS_SHAPES}
-        return self.shape if self.D == shapes[self.shape][4] else f"{self.shape}-D{self.D}"
+        named = {**SHAPES, **MASKED_CROSS_SHAPES}.get(self.shape)  # None: a shape given as its sizes
+        return self.shape if named is None or self.D == named[4] else f"{self.shape}-D{self.D}"
 
     @property
     def label(self) -> str:
         masks = (" mask" if self.mask else "") + (" attn_mask" if self.attn_mask else "")
         return f"{self.name} {self.op} {self.dtype}{masks}"
+
+
+def shape_cases(B: int, H: int, M: int, N: int, D: int, dtypes=tuple(DTYPES), ops=OPS, masks=(False, True)) -> list:
+    """Cases of any shape (static_check --perf --shape), named by their sizes."""
+    name = f"B{B}-H{H}-M{M}-N{N}-D{D}"
+    return [Case(name, op, B, H, M, N, D, dt, mk) for dt in dtypes for mk in masks for op in ops]
 
 
 def masked_cross_cases(dtypes=("bf16",)) -> list:

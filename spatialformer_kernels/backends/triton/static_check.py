@@ -131,12 +131,29 @@ def tail_twin(event, config, arch):
 
 
 def tail_variants(event, config, arch):
-    """The launch compiled with every tail size its tile allows (`configs.tail_sizes`) but its own."""
+    """The launch compiled with every tail size its tile allows (`configs.tail_sizes`) but its
+    own, each with the config the launcher would then pick (`tail_config`)."""
     from .configs import tail_sizes
 
     block_n = {**event.kwargs, **config}["BLOCK_N"]
     sizes = [t for t in tail_sizes(block_n, arch) if t != event.kwargs["TAIL_BLOCK_N"]]
-    return [lr.bind(with_tail(event, t), config, arch) for t in sizes]
+    return [lr.bind(with_tail(event, t), tail_config(event, config, arch), arch) for t in sizes]
+
+
+def tail_config(event, config, arch) -> dict:
+    """The config `event`'s launcher picks when the launch runs a partial last tile: its bucket's
+    configs.TAIL_CONFIGS entry, else `config`."""
+    from . import configs
+
+    a = event.named()
+    backward = event.name == "_bilateral_bwd_kernel"
+    key = configs.bucket_key(arch, backward, a["DIR_S"] and a["DIR_X"], a["DIR_S"], a["BLOCK_M"], a["BLOCK_D"],
+                             a["Q_X"].element_size())
+    entry = configs.TAIL_CONFIGS.get(key)
+    if entry is None:
+        return config
+    block_n, warps, stages = entry
+    return {**config, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
 
 
 def compile_all(tasks: dict, jobs: int) -> dict:
@@ -187,22 +204,6 @@ def _mask_label(row: dict) -> str:
     return "attn" if row.get("attn_mask") else ("y" if row["mask"] else "-")
 
 
-# Compiles the gate reports but does not fail on, each with why: (kernel, arch, DIR_X, BLOCK_M,
-# BLOCK_D, BLOCK_N, num_warps) with a partial last tile. Found when the gate began compiling
-# every tail size of every launch (the gate's shapes had none at D = 128, whose N = 3136 is a
-# multiple of 32): direction x's one-block backward at BLOCK_D = 128 on 32-token tiles and
-# 4 warps runs at 250-255 registers, and any tail code, the full 32-row one of before too,
-# spills 24 bytes without pipelining or makes ptxas serialise its wgmma (C7515) with it. A
-# launch at D = 72 to 128 with M <= 64 and N % 32 != 0 on sm_90 runs it: slower, not wrong.
-KNOWN_TAIL_FAILURES = {("_bilateral_bwd_kernel", 90, True, 64, 128, 32, 4)}
-
-
-def known_failure(task) -> bool:
-    c = constexprs(task)
-    key = (task.name, task.arch, c.get("DIR_X"), c.get("BLOCK_M"), c.get("BLOCK_D"), c.get("BLOCK_N"), task.num_warps)
-    return bool(c.get("TAIL_BLOCK_N")) and key in KNOWN_TAIL_FAILURES
-
-
 def gate_report(tasks, facts, out=sys.stdout) -> int:
     header = (f"{'kernel':<28} {'dtype variant':<38} {'arch':<5} {'regs':>4} {'spill':>5} {'smemKB':>6} "
               f"{'CTA/SM':>6} {'warp/SM':>7} {'TC':>4} {'loop/64tok':>10}  {'global loads (bytes:count)':<26} status")
@@ -211,14 +212,13 @@ def gate_report(tasks, facts, out=sys.stdout) -> int:
     failures = 0
     for key in sorted(tasks, key=lambda k: (tasks[k].name, variant_text(tasks[k]), tasks[k].arch)):
         task, f = tasks[key], facts[key]
-        known = not f["ok"] and known_failure(task)
-        failures += not f["ok"] and not known
+        failures += not f["ok"]
         block_n = constexprs(task).get("BLOCK_N")
         per64 = f"{f['loop_dynamic'] * 64 / block_n:.0f}" if block_n and f["loop_static"] else "-"
         warn = " C7515" if f["wgmma_serialised"] else ""
         print(f"{task.name:<28} {variant_text(task):<38} sm_{task.arch:<2} {f['regs']:>4} {f['spills']:>5} "
               f"{f['smem'] / 1024:>6.1f} {f['ctas_per_sm']:>6} {f['warps_per_sm']:>7} {f['tensor_core_ops']:>4} "
-              f"{per64:>10}  {_load_text(f):<26} {'ok' if f['ok'] else 'known' if known else 'FAIL'}{warn}",
+              f"{per64:>10}  {_load_text(f):<26} {'ok' if f['ok'] else 'FAIL'}{warn}",
               file=out, flush=True)
     return failures
 
@@ -308,7 +308,8 @@ def print_perf(rows, gpu, out=sys.stdout):
 def run_perf(args) -> int:
     gpu = pm.GPUS[args.gpu]
     archs = args.arch or [gpu.arch]
-    cases = [c for c in full_cases() if not args.case or any(s in c.label for s in args.case)]
+    cases = lr.shape_cases(*args.shape) if args.shape else full_cases()
+    cases = [c for c in cases if not args.case or any(s in c.label for s in args.case)]
     passes, tasks = collect(cases, archs, torch_ops=True)
     start = time.time()
     facts = compile_all(tasks, args.jobs)
@@ -348,7 +349,8 @@ def run_perf(args) -> int:
 def calibrate(args) -> int:
     """Compile every FWD_CONFIGS / BWD_CONFIGS candidate of each fused forward/backward launch and print the
     MEASURED_SPILLS entries (the configs.py key) that spill or overflow shared memory."""
-    cases = [c for c in full_cases() if not args.case or any(s in c.label for s in args.case)]
+    cases = lr.shape_cases(*args.shape) if args.shape else full_cases()
+    cases = [c for c in cases if not args.case or any(s in c.label for s in args.case)]
     passes, tasks = collect(cases, args.arch or [80, 90], every_config=True)
     start = time.time()
     facts = compile_all(tasks, args.jobs)
@@ -384,6 +386,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="with --perf: write the rows here")
     parser.add_argument("--no-host", action="store_true", help="with --perf: skip the host-cost timing")
     parser.add_argument("--case", nargs="+", help="with --perf / --calibrate: only cases whose label contains one")
+    parser.add_argument("--shape", type=int, nargs=5, metavar=("B", "H", "M", "N", "D"),
+                        help="with --perf: model this shape (every op, dtype and mask; --case filters) instead of the table's")
     parser.add_argument("--arch", type=int, nargs="+", choices=[80, 90])
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes")
     args = parser.parse_args(argv)
