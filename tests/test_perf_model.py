@@ -262,17 +262,29 @@ def test_a_backward_with_a_partial_last_tile_launches_its_buckets_tail_config(ma
     (the 4-warp one cannot hold the partial-tile branch: the static gate), on the same tile."""
     from spatialformer_kernels.backends.triton import configs
 
+    from spatialformer_kernels.backends.triton import static_check as sc
+
     def direction_x_backward(n_tokens):
         case = lr.shape_cases(64, 2, 64, n_tokens, 96, dtypes=("bf16",), ops=("cross_x",), masks=(masked,))[0]
         (launch,) = [e for e in _launches(case, backward=True) if e.name == "_bilateral_bwd_kernel"]
-        return launch.configs[0], launch.kwargs["TAIL_BLOCK_N"]
+        return launch
 
-    whole, no_tail = direction_x_backward(3136)
-    partial, tail = direction_x_backward(3120)
-    key = configs.bucket_key(90, True, False, False, 64, 128, 2)
-    assert no_tail == 0 and tail == 16
-    assert (whole["num_warps"], partial["num_warps"]) == (4, configs.TAIL_CONFIGS[key][1])
-    assert whole["BLOCK_N"] == partial["BLOCK_N"] == configs.TAIL_CONFIGS[key][0]
+    whole, partial = direction_x_backward(3136), direction_x_backward(3120)
+    block_n, warps, stages = configs.TAIL_CONFIGS[configs.bucket_key(90, True, False, False, 64, 128, 2)]
+    assert whole.kwargs["TAIL_BLOCK_N"] == 0 and partial.kwargs["TAIL_BLOCK_N"] == 16
+    assert whole.configs[0]["num_warps"] == 4
+    assert partial.configs[0] == {"BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
+    assert whole.configs[0]["BLOCK_N"] == block_n
+    assert partial.kwargs["ASYNC_DOTS"] == configs.async_dots(90, stages, 2)
+    # the static gate compiles the whole-tile launch's tail variants as the launcher makes them
+    variants = sc.tail_variants(whole, whole.configs[0], 90)
+    assert sorted(sc.constexprs(t)["TAIL_BLOCK_N"] for t in variants) == [16, 32]
+    for task in variants:
+        options = dict(task.options)
+        assert (options["num_warps"], options["num_stages"]) == (warps, stages)
+        assert sc.constexprs(task)["ASYNC_DOTS"] == partial.kwargs["ASYNC_DOTS"]
+    (same,) = [t for t in variants if sc.constexprs(t)["TAIL_BLOCK_N"] == 16]
+    assert same.key() == lr.bind(partial, partial.configs[0], 90).key()
 
 
 def test_every_tail_config_keeps_its_buckets_tile():
@@ -280,14 +292,16 @@ def test_every_tail_config_keeps_its_buckets_tile():
     before it looks up the tail config, so a tail config must keep that tile."""
     from spatialformer_kernels.backends.triton import configs
 
-    for (arch, backward, dir_s, dir_x, block_m, block_d, elem), (block_n, warps, _) in configs.TAIL_CONFIGS.items():
-        untailed = configs.gpu_config(block_m, block_d, elem, backward, dir_s and dir_x, dir_s, arch)
+    assert configs.TAIL_CONFIGS
+    for (arch, backward, dir_s, dir_x, block_m, block_d, elem), entry in configs.TAIL_CONFIGS.items():
+        assert backward and dir_s != dir_x  # the one-block backward's launcher looks it up
+        bucket = (block_m, block_d, elem, backward, False, dir_s, arch)
         for key_mask in (False, True):
-            config = configs.gpu_config(block_m, block_d, elem, backward, dir_s and dir_x, dir_s, arch,
-                                        key_mask=key_mask)
-            assert config.kwargs["BLOCK_N"] == block_n, (arch, key_mask)
-        assert configs.gpu_config(block_m, block_d, elem, backward, dir_s and dir_x, dir_s, arch,
-                                  tail=True).num_warps == warps != untailed.num_warps
+            for pair_mask in (False, True):
+                untailed = configs.gpu_config(*bucket, pair_mask=pair_mask, key_mask=key_mask)
+                tailed = configs.gpu_config(*bucket, pair_mask=pair_mask, key_mask=key_mask, tail=True)
+                assert untailed.kwargs["BLOCK_N"] == entry[0], (arch, key_mask, pair_mask)
+                assert (tailed.kwargs["BLOCK_N"], tailed.num_warps, tailed.num_stages) == entry
 
 
 @needs_jit

@@ -308,15 +308,15 @@ UNMASKED_MEASURED_CONFIGS: dict = {
     (90, True, False, True, 64, 128, 2): (32, 4, 2),
 }
 
-# Like MEASURED_CONFIGS, for launches that run a split's partial last tile (TAIL_BLOCK_N > 0,
-# `tail_block`), looked up first: buckets whose config cannot also hold the partial-tile
-# branch. Each keeps its bucket's BLOCK_N, so the tail's rows are the same.
+# Like MEASURED_CONFIGS, for one-block backward launches that run a split's partial last tile
+# (TAIL_BLOCK_N > 0, `tail_block`), looked up first: buckets whose config cannot also hold the
+# partial-tile code. Each keeps its bucket's BLOCK_N (the tail's rows were sized for it).
 TAIL_CONFIGS: dict = {
-    # direction-x backward, D = 72 to 128: on 4 warps the full-tile loop runs at 248-254
-    # registers, and with the partial-tile branch ptxas serialises its wgmma (C7515, 2 stages)
-    # or spills 24-108 bytes (1 stage), whatever the tail's rows or a key mask. 8 warps on
-    # one stage hold it in 164-192 registers with neither (the static gate), at more
-    # instructions per tile (the dots whose rows are the tile's 32 tokens run 4x).
+    # direction-x backward, D = 72 to 128: the 4-warp loop runs at 248-255 registers, and
+    # with the partial-tile code (at 16 or 32 rows, with or without a key mask) ptxas
+    # serialises its wgmma on 2 stages (C7515) and spills up to 108 bytes on 1 at some of
+    # them. 8 warps on one stage compile in 169-180 registers with neither (the static
+    # gate), at more instructions per tile (the dots whose rows are the 32 tokens run 4x).
     (90, True, False, True, 64, 128, 2): (32, 8, 1),
 }
 

@@ -1054,7 +1054,8 @@ def _bwd_direction(do, q_s, k_s, v_s, q_x, k_x, v_x, o_s, o_x, lse_s, lse_x, sca
     tail = tail_block(N, chunk, splits, meta["BLOCK_N"], arch) if one_block else 0
     if tail:  # with a partial last tile, some buckets launch another config (configs.TAIL_CONFIGS)
         tailed = {k: v for k, v in launch_meta(*bucket, tail=True).items() if k != "BLOCK_M"}
-        assert tailed["BLOCK_N"] == meta["BLOCK_N"], "a tail config keeps its bucket's tile (the tail's rows)"
+        if tailed["BLOCK_N"] != meta["BLOCK_N"]:  # the tail's rows were sized for meta's tile
+            raise RuntimeError(f"configs.TAIL_CONFIGS: {tailed} changes its bucket's BLOCK_N {meta['BLOCK_N']}")
         meta = tailed
     f32 = torch.float32
     dummy = q_x

@@ -2,6 +2,7 @@
 
     python -m spatialformer_kernels.backends.triton.static_check [--full] [--arch 80 90] [--jobs N]
     python -m spatialformer_kernels.backends.triton.static_check --perf [--arch 90] [--gpu h100|h200|a100] [--json FILE]
+        [--shape B H M N D] [--case TEXT...]
     python -m spatialformer_kernels.backends.triton.static_check --calibrate [--case LABEL...]
 
 The launches are the real launchers' (launch_record.py): the facade's bilateral and
@@ -24,7 +25,8 @@ too), with and without a mask; it is not in CI for time.
 
 `--perf`: every case of `--full` for one GPU (its arch only unless --arch is given), the
 modelled time per kernel and per pass (perf_model.py; every figure there is MODELLED), the
-host cost per call, a table on stdout and JSON rows with `--json`.
+host cost per call, a table on stdout and JSON rows with `--json`. `--shape B H M N D` models
+that shape instead (every op, dtype and key mask; `--case` filters on the labels).
 
 `--calibrate [--case ...]`: compiles every config of FWD_CONFIGS / BWD_CONFIGS (not only
 those the filters keep) for each fused forward/backward launch of the full case set (or the cases named)
@@ -132,28 +134,32 @@ def tail_twin(event, config, arch):
 
 def tail_variants(event, config, arch):
     """The launch compiled with every tail size its tile allows (`configs.tail_sizes`) but its
-    own, each with the config the launcher would then pick (`tail_config`)."""
+    own, each as its launcher would then make it (`tail_launch`)."""
     from .configs import tail_sizes
 
     block_n = {**event.kwargs, **config}["BLOCK_N"]
     sizes = [t for t in tail_sizes(block_n, arch) if t != event.kwargs["TAIL_BLOCK_N"]]
-    return [lr.bind(with_tail(event, t), tail_config(event, config, arch), arch) for t in sizes]
+    return [lr.bind(*tail_launch(event, config, arch, t), arch) for t in sizes]
 
 
-def tail_config(event, config, arch) -> dict:
-    """The config `event`'s launcher picks when the launch runs a partial last tile: its bucket's
-    configs.TAIL_CONFIGS entry, else `config`."""
+def tail_launch(event, config, arch, tail: int):
+    """(launch, config) of `event` with TAIL_BLOCK_N = tail as the backward launcher makes it:
+    with a partial tile, its bucket's configs.TAIL_CONFIGS entry and the ASYNC_DOTS that
+    entry's stages give (`fused._bwd_direction`); else `event` with that tail and `config`."""
     from . import configs
 
+    launched = with_tail(event, tail)
+    if not tail or event.name != "_bilateral_bwd_kernel":
+        return launched, config
     a = event.named()
-    backward = event.name == "_bilateral_bwd_kernel"
-    key = configs.bucket_key(arch, backward, a["DIR_S"] and a["DIR_X"], a["DIR_S"], a["BLOCK_M"], a["BLOCK_D"],
-                             a["Q_X"].element_size())
+    elem = a["Q_X"].element_size()
+    key = configs.bucket_key(arch, True, False, a["DIR_S"], a["BLOCK_M"], a["BLOCK_D"], elem)
     entry = configs.TAIL_CONFIGS.get(key)
     if entry is None:
-        return config
+        return launched, config
     block_n, warps, stages = entry
-    return {**config, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
+    launched.kwargs["ASYNC_DOTS"] = configs.async_dots(arch, stages, elem)
+    return launched, {**config, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
 
 
 def compile_all(tasks: dict, jobs: int) -> dict:
@@ -391,6 +397,8 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", choices=[80, 90])
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes")
     args = parser.parse_args(argv)
+    if args.shape and not args.perf:
+        parser.error("--shape needs --perf")
     if args.perf:
         return run_perf(args)
     if args.calibrate:
