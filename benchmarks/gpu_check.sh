@@ -13,8 +13,10 @@
 #   tests (.log/.xml)    the CUDA tests that matter: parity of every kernel path, numerics, edge
 #                        cases (stops after 10 failures; they include bitwise reruns and torch.compile
 #                        fullgraph), on 8 pytest-xdist workers when xdist is installed
-#   config_sweep         ours vs SDPA x2 timed eager, in a CUDA graph and pipelined, then every
-#                        candidate launch config (benchmarks/gpu_config_sweep.py) -> config-sweep-<gpu>.jsonl
+#   config_sweep         ours vs SDPA x2 timed eager, in a CUDA graph and pipelined, the D = 96
+#                        direction-x backward with a partial last tile at its candidate configs
+#                        (configs.TAIL_CONFIGS), then every candidate launch config
+#                        (benchmarks/gpu_config_sweep.py) -> config-sweep-<gpu>.jsonl
 #   graph_check          determinism (two eager runs bitwise equal) and CUDA-graph capture of
 #                        forward + backward after warm-up (replay bitwise equal to eager), for
 #                        bilateral_attention and cross_attention (both directions), bf16 and fp32

@@ -11,7 +11,9 @@ that one config on the forward or backward launcher (configs.forced_config) and 
 launcher; the default config (configs.launch_config) is timed too. Before the grid, at
 cls224-stage1 with each of --head-dims, only the default is timed, unless --bwd-block-m names
 spatial block sizes: then both backward directions at those head dims also run the backward
-grid at each BLOCK_M (rows labelled m<BLOCK_M>n<BLOCK_N>w<warps>s<stages>). Each measurement is one JSON line appended to OUT.jsonl as it
+grid at each BLOCK_M (rows labelled m<BLOCK_M>n<BLOCK_N>w<warps>s<stages>). Then, at
+cls224-stage2 with each of --tail-head-dims (N = 784 leaves a partial 32-token tile), the
+defaults and direction x's backward at TAIL_GRID's configs. Each measurement is one JSON line appended to OUT.jsonl as it
 goes (a cut run keeps what it measured): shape, pass (fwd = forward launcher, combine
 included; bwd_s / bwd_x = one backward direction, its delta kernel and split reduction
 included), config, the largest difference of its outputs from the default config's
@@ -41,6 +43,10 @@ from spatialformer_kernels.bench import workload
 
 FWD_GRID = [(bn, w, s) for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3)]
 BWD_GRID = [(bn, w, s) for bn in (32, 64) for w in (4, 8) for s in (1, 2)]
+# Direction x's backward at D = 72 to 128 where N leaves a partial 32-token tile: the 4-warp
+# configs of whole tiles (one with C7515 there, one spilling at some tail sizes in the static
+# gate) against configs.TAIL_CONFIGS' 8 warps, which the model puts 35% slower.
+TAIL_GRID = [(32, 4, 2), (32, 4, 1), (32, 8, 1)]
 
 
 def _compiled(jit_fn) -> dict:
@@ -155,6 +161,9 @@ def main(argv=None) -> int:
                         help="before the grid: the default configs only, at cls224-stage1 with these head dims")
     parser.add_argument("--bwd-block-m", default="",
                         help="at the --head-dims: the backward grid at each of these spatial block sizes too")
+    parser.add_argument("--tail-head-dims", default="96",
+                        help="then, at cls224-stage2 (N = 784: a 16-token partial tile) with these head dims, "
+                             "direction x's backward at TAIL_GRID's configs and the default")
     parser.add_argument("--dtype", default="bf16", choices=sorted(workload.DTYPES))
     parser.add_argument("--rep-ms", type=float, default=40.0)
     parser.add_argument("--compare", default="cls224-stage1,cls224-stage2,det800x1344-stage1,seg512-stage1",
@@ -184,6 +193,9 @@ def main(argv=None) -> int:
     block_ms = [int(m) for m in args.bwd_block_m.split(",") if m]
     jobs = [(dataclasses.replace(base, name=f"cls224-stage1-D{d}", D=int(d)), "bwd_block_m" if block_ms else None)
             for d in args.head_dims.split(",") if d]
+    (stage2,) = workload.shapes_for(device, ["cls224-stage2"])
+    jobs += [(dataclasses.replace(stage2, name=f"cls224-stage2-D{d}", D=int(d)), "tail")
+             for d in args.tail_head_dims.split(",") if d]
     jobs += [(workload.shapes_for(device, [name])[0], "configs") for name in args.shapes.split(",") if name]
     for name in args.compare.split(","):
         if name:
@@ -220,6 +232,8 @@ def main(argv=None) -> int:
                 grid = [(None, *config) for config in grid]
             elif sweep == "bwd_block_m" and kind == "bwd":
                 grid = [(bm, *config) for bm in block_ms for config in BWD_GRID]
+            elif sweep == "tail" and pass_name == "bwd_x":
+                grid = [(None, *config) for config in TAIL_GRID]
             else:
                 grid = []
             for config in [None] + grid:
