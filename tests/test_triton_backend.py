@@ -169,10 +169,10 @@ def test_split_reduction_sums_in_a_fixed_order_and_rounds_once(dtype, n_parts):
                          ids=["bf16-D32", "bf16-D40", "bf16-D96", "bf16-D96-mask", "fp32-D32"])
 def test_the_configs_a_gpu_launches_compute_the_op(arch, dtype, D, masked):
     """The interpreter runs each bucket's last candidate; a GPU runs its first (or a measured
-    entry, which may differ with a key mask). Force the GPU's configs for the forward and
-    backward buckets of the benchmark layout (M = 64 spatial tokens) and check every result
-    against the reference."""
-    from spatialformer_kernels.backends.triton import configs
+    entry, which may differ with a key mask or a partial last tile). Force the GPU's configs for
+    the forward and backward buckets of the benchmark layout (M = 64 spatial tokens) and check
+    every result against the reference."""
+    from spatialformer_kernels.backends.triton import configs, fused
     from spatialformer_kernels.testing import (
         BILATERAL_RESULT_NAMES,
         assert_results_close,
@@ -186,8 +186,15 @@ def test_the_configs_a_gpu_launches_compute_the_op(arch, dtype, D, masked):
     bwd_m = configs.block_m_for(block_d, elem, backward=True, n_spatial=64, arch=arch)
     both = configs.fuse_directions(block_d, elem)
     fwd = configs.gpu_config(fwd_m, block_d, elem, False, both, True, arch, key_mask=masked)
-    bwd_s = configs.gpu_config(bwd_m, block_d, elem, True, False, True, arch, key_mask=masked)
-    bwd_x = configs.gpu_config(bwd_m, block_d, elem, True, False, False, arch, key_mask=False)  # no spatial mask
+    # N = 300 leaves a partial tile: the backward launches its bucket's tail config (configs.TAIL_CONFIGS)
+    _, _, splits, chunk = fused._bwd_plan(1, 2, 64, 300, D, elem, fused.sm_count(torch.device(DEVICE)), arch, True)
+    bwd = [(True, masked), (False, False)]  # (direction s, key mask): direction x has no spatial mask here
+    bwd_s, bwd_x = [configs.gpu_config(bwd_m, block_d, elem, True, False, dir_s, arch, key_mask=key_mask)
+                    for dir_s, key_mask in bwd]
+    tails = [configs.tail_block(300, chunk, splits, c.kwargs["BLOCK_N"], arch) for c in (bwd_s, bwd_x)]
+    assert all(tails), tails
+    bwd_s, bwd_x = [configs.gpu_config(bwd_m, block_d, elem, True, False, dir_s, arch, key_mask=key_mask, tail=True)
+                    for dir_s, key_mask in bwd]
     inputs = make_bilateral_inputs(1, 2, 64, 300, D, dtype, device=DEVICE, seed=D)
     grads = [torch.randn(1, 2, L, D, dtype=dtype, device=DEVICE) for L in (64, 300)]
     mask = mask_for_case(1, 300, "mask" if masked else None, device=DEVICE)
