@@ -188,13 +188,11 @@ def test_the_configs_a_gpu_launches_compute_the_op(arch, dtype, D, masked):
     fwd = configs.gpu_config(fwd_m, block_d, elem, False, both, True, arch, key_mask=masked)
     # N = 300 leaves a partial tile: the backward launches its bucket's tail config (configs.TAIL_CONFIGS)
     _, _, splits, chunk = fused._bwd_plan(1, 2, 64, 300, D, elem, fused.sm_count(torch.device(DEVICE)), arch, True)
-    bwd = [(True, masked), (False, False)]  # (direction s, key mask): direction x has no spatial mask here
-    bwd_s, bwd_x = [configs.gpu_config(bwd_m, block_d, elem, True, False, dir_s, arch, key_mask=key_mask)
-                    for dir_s, key_mask in bwd]
+    # (direction s, key mask): direction x has no spatial mask here
+    bwd_s, bwd_x = [configs.gpu_config(bwd_m, block_d, elem, True, False, dir_s, arch, key_mask=key_mask, tail=True)
+                    for dir_s, key_mask in [(True, masked), (False, False)]]
     tails = [configs.tail_block(300, chunk, splits, c.kwargs["BLOCK_N"], arch) for c in (bwd_s, bwd_x)]
     assert all(tails), tails
-    bwd_s, bwd_x = [configs.gpu_config(bwd_m, block_d, elem, True, False, dir_s, arch, key_mask=key_mask, tail=True)
-                    for dir_s, key_mask in bwd]
     inputs = make_bilateral_inputs(1, 2, 64, 300, D, dtype, device=DEVICE, seed=D)
     grads = [torch.randn(1, 2, L, D, dtype=dtype, device=DEVICE) for L in (64, 300)]
     mask = mask_for_case(1, 300, "mask" if masked else None, device=DEVICE)

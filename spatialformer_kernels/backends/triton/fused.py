@@ -1103,8 +1103,7 @@ def _bwd_direction(do, q_s, k_s, v_s, q_x, k_x, v_x, o_s, o_x, lse_s, lse_x, sca
             BLOCK_M=block_m, BLOCK_D=block_d, M_ONE_BLOCK=one_block, DIR_S=run_s, DIR_X=run_x,
             HAS_IMAGE_MASK=image_mask is not dummy, HAS_SPATIAL_MASK=spatial_mask is not dummy,
             DOT_PRECISION=dot_precision(dtype), ALIGN=align, HAS_PAIR_MASK=pair_mask is not dummy,
-            FULL_KEY_BLOCK=M == block_m, D_MASKED=D != block_d,
-            TAIL_BLOCK_N=tail,
+            FULL_KEY_BLOCK=M == block_m, D_MASKED=D != block_d, TAIL_BLOCK_N=tail,
             DS_SCALED=dtype == torch.float16 or block_d >= block_m, ASYNC_DOTS=async_dots(arch, meta["num_stages"], elem),
             **meta,
         )

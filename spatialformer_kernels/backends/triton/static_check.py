@@ -224,8 +224,7 @@ def gate_report(tasks, facts, out=sys.stdout) -> int:
         warn = " C7515" if f["wgmma_serialised"] else ""
         print(f"{task.name:<28} {variant_text(task):<38} sm_{task.arch:<2} {f['regs']:>4} {f['spills']:>5} "
               f"{f['smem'] / 1024:>6.1f} {f['ctas_per_sm']:>6} {f['warps_per_sm']:>7} {f['tensor_core_ops']:>4} "
-              f"{per64:>10}  {_load_text(f):<26} {'ok' if f['ok'] else 'FAIL'}{warn}",
-              file=out, flush=True)
+              f"{per64:>10}  {_load_text(f):<26} {'ok' if f['ok'] else 'FAIL'}{warn}", file=out, flush=True)
     return failures
 
 
