@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import spatialformer_kernels as sk
+from spatialformer_kernels import dispatch
 from spatialformer_kernels.reference import bilateral_attention_reference
 from spatialformer_kernels.testing import (
     BILATERAL_RESULT_NAMES,
@@ -203,6 +204,87 @@ def test_logits_up_to_1e3_fp32_gradients_are_exact(kernel_backend):
     got = bilateral_results(inputs, grads, kernel_backend, scale=LOGIT_SCALE)
     same, exact = reference_bilateral_results(inputs, grads, scale=LOGIT_SCALE)
     assert_close(got, same, exact, FP32, "outputs and gradients")
+
+
+def _soft_rows_near_1e4(dtype, shape, seed):
+    """Inputs whose every dot is exact in fp32 and in float64 (small integers) and near 4e4
+    (the first features 200 x 200), the other features spreading each row's logits over a few
+    units at LOGIT_SCALE: soft rows at |logit| ~ 1e4, not one-hot."""
+    B, H, M, N, D = shape
+    generator = torch.Generator().manual_seed(seed)
+    tensors = []
+    for length in (M, M, M, N, N, N):
+        t = torch.randint(-3, 4, (B, H, length, D), generator=generator).to(torch.float64)
+        t[..., 0] = 200.0
+        tensors.append(t.to(dtype).to(DEVICE))
+    return tensors
+
+
+def _lse_from_top_logit(q, k, scale, mask=None):
+    """float64 LSE of rows whose dots q.k are exact: the top logit rounded to fp32 (the
+    kernels' contract, what the backward recomputes) plus the log of the exact sum."""
+    s = q.double() @ k.double().mT
+    if mask is not None:
+        s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
+    top = s.amax(-1, keepdim=True)
+    top_logit = (top.float() * scale).double()
+    return (top_logit + torch.log(torch.exp((s - top) * scale).sum(-1, keepdim=True))).squeeze(-1)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "mask"])
+@pytest.mark.parametrize("shape", [(1, 2, 6, 300, 16), (1, 1, 70, 45, 16)], ids=["one-block", "many-spatial"])
+@pytest.mark.parametrize("dtype", [FP32, BF16, FP16], ids=str)
+def test_lse_of_soft_rows_at_1e4_is_the_top_logit_plus_the_log_sum(kernel_backend, dtype, shape, masked):
+    """Past what the tolerance rule sees (its bound at |LSE| ~ 1e4 is 0.2): the LSE is the fp32
+    top logit plus the log of the sum to about 1e-6, however the exponent is formed. The bf16
+    Triton forward shifts by a rounded max * rate and takes the residual off (left on, it is
+    3e-4 here), in its own LSE and in the split partials it leaves the combine (N = 300)."""
+    q_s, k_s, v_s, q_x, k_x, v_x = _soft_rows_near_1e4(dtype, shape, seed=7)
+    mask = None
+    if masked:
+        mask = torch.ones(shape[0], shape[3], dtype=torch.bool, device=DEVICE)
+        mask[:, ::3] = False
+    _, _, lse_s, lse_x = dispatch.kernels(kernel_backend).bilateral_fwd(
+        q_s, k_s, v_s, q_x, k_x, v_x, LOGIT_SCALE, mask)
+    expected_s = _lse_from_top_logit(q_s, k_x, LOGIT_SCALE, mask)
+    expected_x = _lse_from_top_logit(q_x, k_s, LOGIT_SCALE)
+    assert 0.99e4 <= expected_s.abs().min() and expected_s.abs().max() <= 1.01e4
+    for name, got, expected in (("lse_s", lse_s, expected_s), ("lse_x", lse_x, expected_x)):
+        err = (got - expected).abs().max().item()
+        assert err <= 2e-6, f"{name}: max abs err {err:.3e}"
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 6, 100, 16), (1, 1, 70, 45, 16)], ids=["one-block", "many-spatial"])
+@pytest.mark.parametrize("dtype", [FP32, BF16, FP16], ids=str)
+def test_one_hot_rows_at_large_logits_are_exact(kernel_backend, dtype, shape):
+    """Rows whose top logit (up to 1.8e4) leads the next by 110 or more: every other term of
+    the sum underflows, so the output row is the top key's value row bitwise and the LSE is
+    the fp32 top logit exactly, the value the backward recomputes (P = 1 there), whatever
+    the exponent's rounding (the bf16 Triton forward's top term is exp2(residual), not 1)."""
+    B, H, M, N, D = shape
+    generator = torch.Generator().manual_seed(11)
+    tensors = []
+    for length, is_query in ((M, True), (M, False), (M, False), (N, True), (N, False), (N, False)):
+        t = torch.randint(-1, 2, (B, H, length, D), generator=generator).to(torch.float64)
+        t[..., 0] = 200.0
+        if is_query:
+            t[..., 1] = 250.0
+        else:  # keys 2 apart on feature 1 (even integers within +-120), so tops lead by 500 in q.k
+            t[..., 1] = (torch.randperm(121, generator=generator)[:length] * 2 - 120).to(torch.float64)
+        tensors.append(t.to(dtype).to(DEVICE))
+    q_s, k_s, v_s, q_x, k_x, v_x = tensors
+    v_s = torch.randn(v_s.shape, generator=generator).to(dtype).to(DEVICE)
+    v_x = torch.randn(v_x.shape, generator=generator).to(dtype).to(DEVICE)
+    o_s, o_x, lse_s, lse_x = dispatch.kernels(kernel_backend).bilateral_fwd(
+        q_s, k_s, v_s, q_x, k_x, v_x, LOGIT_SCALE, None)
+    for name, q, k, v, o, lse in (("s", q_s, k_x, v_x, o_s, lse_s), ("x", q_x, k_s, v_s, o_x, lse_x)):
+        dots = q.double() @ k.double().mT  # exact: small integers
+        top, winner = dots.max(-1)
+        second = dots.topk(2, -1).values[..., 1]
+        assert (top - second).min() * LOGIT_SCALE >= 110 and top.abs().max() * LOGIT_SCALE <= 1.8e4
+        expected_o = torch.gather(v, 2, winner[..., None].expand(*winner.shape, D))
+        assert torch.equal(o, expected_o), f"o_{name}: not the top key's value row"
+        assert torch.equal(lse, (top.float() * LOGIT_SCALE).double()), f"lse_{name}: not the fp32 top logit"
 
 
 @pytest.mark.skipif("triton" not in sk.runnable_backends(DEVICE), reason="the Triton backend cannot run here")

@@ -143,13 +143,18 @@ def max_shift(m, EMPTY_ROWS: tl.constexpr = True):
 
 
 @triton.jit
-def online_max(m_run, m_new_part, rate, EMPTY_ROWS: tl.constexpr = True):
+def online_max(m_run, m_new_part, rate, EMPTY_ROWS: tl.constexpr = True, FMA_EXP: tl.constexpr = False):
     """The rescale step of an online softmax: (m_new, shift, alpha) for a running max m_run
     meeting a new block's (or split's) max. alpha = exp2((m_run - m_new) * rate) rescales what
-    was summed so far; `shift` is `max_shift(m_new, EMPTY_ROWS)`."""
+    was summed so far; `shift` is `max_shift(m_new, EMPTY_ROWS)`. FMA_EXP (`exp_shifted`): the
+    sums so far are scaled by exp2(-round(m_run * rate)), so alpha moves them from that
+    rounded shift to the new one, exactly 1 where the max stays."""
     m_new = tl.maximum(m_run, m_new_part)
     shift = max_shift(m_new, EMPTY_ROWS)
-    alpha = tl.math.exp2((m_run - shift) * rate)
+    if FMA_EXP:
+        alpha = tl.math.exp2(m_run * rate - shift * rate)
+    else:
+        alpha = tl.math.exp2((m_run - shift) * rate)
     return m_new, shift, alpha
 
 
@@ -164,52 +169,107 @@ def logit_rates(sm_scale, RAW_LOGITS: tl.constexpr):
 
 
 @triton.jit
-def exp_shifted(x, shift, rate):
+def exp_shifted(x, shift, rate, FMA_EXP: tl.constexpr = False):
     """exp2((x - shift) * rate), the rate (log2(e), or scale * log2(e) for raw dots) applied
-    after the subtraction: the row max gives exactly 1."""
+    after the subtraction: the row max gives exactly 1.
+
+    FMA_EXP: exp2(x * rate - round(shift * rate)), one fused multiply-add per element instead
+    of a subtraction and a multiply (the forward's softmax is issue-bound, and this is one of
+    its five and a half instructions per logit). The shift's product is rounded, so every
+    term carries the same factor exp2(residual) (`row_top`: |residual| <= half an ulp of
+    shift * rate), the row max's own term being exp2(residual), not 1. The factor cancels in
+    the output's ratio; the LSE takes the residual off (`lse_value`) and a one-hot row is
+    recognised by its sum being that term alone (`inverse_sum`, `lse_value`)."""
+    if FMA_EXP:
+        return tl.math.exp2(fma_rn(x, rate, -(shift * rate)))
     return tl.math.exp2((x - shift) * rate)
 
 
 @triton.jit
-def lse_value(m, l, max_scale, EMPTY_ROWS: tl.constexpr = True):
+def fma_rn(a, b, c):
+    """a * b + c rounded once to fp32 (fma.rn.f32). The interpreter rounds a product before
+    adding, so there the float64 product (exact, 24 x 24 bits) plus c is rounded once: the
+    fused result wherever that float64 sum is exact (always when |c| <= 32 |a * b|, as for a
+    logit near its row's max; elsewhere it may differ in the last bit)."""
+    if _INTERPRETER_DOTS:
+        return (tl.cast(a, tl.float64) * tl.cast(b, tl.float64) + tl.cast(c, tl.float64)).to(tl.float32)
+    return tl.fma(a, b, c)
+
+
+@triton.jit
+def row_top(m, rate, EMPTY_ROWS: tl.constexpr, FMA_EXP: tl.constexpr):
+    """(top, residual) of softmax rows whose max is m, for `inverse_sum` and `lse_value`:
+    top is the row max's own term of the sum, residual the log2 of that term. 1 and 0 in the
+    two-step exponent; with FMA_EXP (`exp_shifted`) residual = shift * rate - round(shift *
+    rate), exact by the fused multiply-add, and top = exp2(residual), computed as the term
+    itself was (so a sum of that term alone equals it bitwise)."""
+    top = 1.0
+    residual = 0.0
+    if FMA_EXP:
+        shift = max_shift(m, EMPTY_ROWS)
+        residual = fma_rn(shift, rate, -(shift * rate))
+        top = tl.math.exp2(residual)
+    return top, residual
+
+
+@triton.jit
+def to_max_frame(l, acc, m, rate, EMPTY_ROWS: tl.constexpr, FMA_EXP: tl.constexpr):
+    """A softmax state (sum l [R], accumulator acc [R, D]) as the two-step exponent leaves it,
+    the row max's term exactly 1: what the split partials hold for the combine kernel. With
+    FMA_EXP both are scaled by exp2(-residual) (`row_top`); a one-hot row (l is the top term
+    alone) is set to l = 1 and keeps acc, whose P was rounded to 1 for the dot."""
+    if FMA_EXP:
+        top, residual = row_top(m, rate, EMPTY_ROWS, FMA_EXP)
+        factor = tl.where(l == top, 1.0, tl.math.exp2(-residual))
+        l = tl.where(l == top, 1.0, l * factor)
+        acc = acc * factor[:, None]
+    return l, acc
+
+
+@triton.jit
+def lse_value(m, l, max_scale, EMPTY_ROWS: tl.constexpr = True, top=1.0, residual=0.0):
     """float64 LSE of a softmax state (fp32 max m, sum l); -inf for a row with no kept key
     (only where EMPTY_ROWS: some row may have none, `max_shift`).
     max_scale turns the max into a logit: the scale where m is a raw dot, else 1. The product
     is rounded to fp32 first, so a row's top logit is the same fp32 value scale * q.k that the
     backward recomputes (a one-hot row gets exactly P = 1 there). The LSE is kept in float64
     because an fp32 LSE is off by up to half an ulp, 5e-4 at |logits| ~ 1e4, and
-    P = exp(s - lse) would carry that as a relative error."""
-    lse = (m * max_scale).to(tl.float64) + (sum_log2(l) * _LN2).to(tl.float64)
+    P = exp(s - lse) would carry that as a relative error. top, residual: `row_top` (the
+    sum's factor exp2(residual) is taken off)."""
+    lse = (m * max_scale).to(tl.float64) + (sum_log2(l, top, residual) * _LN2).to(tl.float64)
     if EMPTY_ROWS:
         lse = tl.where(l > 0.0, lse, float("-inf"))
     return lse
 
 
 @triton.jit
-def inverse_sum(l, EMPTY_ROWS: tl.constexpr = True):
+def inverse_sum(l, EMPTY_ROWS: tl.constexpr = True, top=1.0):
     """1 / l of a softmax sum for normalising a row (1 where no key was kept, l = 0, only
     where EMPTY_ROWS: some row may have none): one rcp.approx (within 1 ulp) instead of a
-    full-range division per row; exactly 1 at l = 1, so a one-hot row's output is its value
-    row bitwise."""
+    full-range division per row; exactly 1 where l is the row max's own term alone (`row_top`:
+    1 in the two-step exponent), so a one-hot row's output is its value row bitwise."""
     if EMPTY_ROWS:
         l = tl.where(l > 0.0, l, 1.0)
     if _INTERPRETER_DOTS:
-        return 1.0 / l
-    inverse = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [l], dtype=tl.float32,
-                                        is_pure=True, pack=1)
-    return tl.where(l == 1.0, 1.0, inverse)
+        inverse = 1.0 / l
+    else:
+        inverse = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [l], dtype=tl.float32,
+                                            is_pure=True, pack=1)
+    return tl.where(l == top, 1.0, inverse)
 
 
 @triton.jit
-def sum_log2(l):
+def sum_log2(l, top=1.0, residual=0.0):
     """log2 of a softmax sum l (>= 1 where a key was kept, 0 where none was) on the special
     function unit (lg2.approx: absolute error below 2^-22, against about 25 instructions for
-    libdevice's log2f), exactly 0 at l = 1, so a one-hot row's LSE is its top logit."""
+    libdevice's log2f), less the residual of its terms' shift (`row_top`); exactly 0 where l
+    is the row max's own term alone (top), so a one-hot row's LSE is its top logit."""
     if _INTERPRETER_DOTS:
-        return tl.math.log2(l)
-    log2_l = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [l], dtype=tl.float32,
-                                       is_pure=True, pack=1)
-    return tl.where(l == 1.0, 0.0, log2_l)
+        log2_l = tl.math.log2(l)
+    else:
+        log2_l = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [l], dtype=tl.float32,
+                                           is_pure=True, pack=1)
+    return tl.where(l == top, 0.0, log2_l - residual)
 
 
 @triton.jit

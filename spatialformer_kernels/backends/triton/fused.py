@@ -109,9 +109,11 @@ from .common import (
     reduce_splits,
     round_to,
     row_alignment,
+    row_top,
     sm_count,
     split_plan,
     split_range,
+    to_max_frame,
     widen_unsigned,
 )
 from .configs import (
@@ -121,6 +123,7 @@ from .configs import (
     block_d_for,
     block_m_for,
     cdiv,
+    fma_exponent,
     fuse_directions,
     launch_meta,
     next_power_of_2,
@@ -135,14 +138,14 @@ from .launch import device_guard, launch
 # ----------------------------------------------------------------------------------------
 @triton.jit
 def _online_softmax_step(s, v, m_i, l_i, acc, rate, DOT_PRECISION: tl.constexpr, ASYNC_DOTS: tl.constexpr,
-                         EMPTY_ROWS: tl.constexpr = True):
+                         EMPTY_ROWS: tl.constexpr = True, FMA_EXP: tl.constexpr = False):
     """Fold one block of logits s [R, C] and values v [C, D] into (max, sum, acc); exp(logit - max)
     is exp2((s - max) * rate) (`_logits`). ASYNC_DOTS (`configs.async_dots`): the P.V dot is
     fresh and the rescaled sum added to it, so it completes within the iteration; else it
     accumulates into the rescaled sum (the sum in registers once, not twice: sm_80 spilled).
-    EMPTY_ROWS: a row of the block may keep no key (`online_max`)."""
-    m_new, shift, alpha = online_max(m_i, tl.max(s, 1), rate, EMPTY_ROWS)
-    p = exp_shifted(s, shift[:, None], rate)
+    EMPTY_ROWS: a row of the block may keep no key (`online_max`). FMA_EXP: `exp_shifted`."""
+    m_new, shift, alpha = online_max(m_i, tl.max(s, 1), rate, EMPTY_ROWS, FMA_EXP)
+    p = exp_shifted(s, shift[:, None], rate, FMA_EXP)
     l_i = l_i * alpha + tl.sum(p, 1)
     if ASYNC_DOTS:
         acc = tl.fma(acc, alpha[:, None], dot(round_to(p, v.dtype), v, DOT_PRECISION))
@@ -309,7 +312,7 @@ def _fwd_tile(
     HAS_IMAGE_MASK: tl.constexpr, HAS_SPATIAL_MASK: tl.constexpr, HAS_PAIR_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr, ONE_M_PROGRAM: tl.constexpr,
     ONE_KEY_BLOCK: tl.constexpr, X_KEYS_MASKED: tl.constexpr, D_MASKED: tl.constexpr,
-    RAW_LOGITS: tl.constexpr, ASYNC_DOTS: tl.constexpr, TAIL: tl.constexpr,
+    RAW_LOGITS: tl.constexpr, ASYNC_DOTS: tl.constexpr, TAIL: tl.constexpr, FMA_EXP: tl.constexpr,
 ):
     """One BLOCK_N tile of image tokens [n0, n0 + BLOCK_N): direction x's queries (complete,
     written here) and direction s's keys (folded into (m_s, l_s, acc_s), returned). TAIL: the
@@ -333,7 +336,7 @@ def _fwd_tile(
                                             stride_pm_b, stride_pm_q, stride_pm_k, HAS_PAIR_MASK)
                     s_x = tl.where(keep_x, s_x, float("-inf"))
                 m_x = tl.max(s_x, 1)
-                p_x = exp_shifted(s_x, max_shift(m_x, X_EMPTY_ROWS)[:, None], rate)
+                p_x = exp_shifted(s_x, max_shift(m_x, X_EMPTY_ROWS)[:, None], rate, FMA_EXP)
                 l_x = tl.sum(p_x, 1)
                 acc_x = dot(round_to(p_x, v_once.dtype), v_once, DOT_PRECISION)
             else:
@@ -351,10 +354,11 @@ def _fwd_tile(
                     v_blk = load_rows(v_s_ptr, offs_km, offs_d, stride_vs_m, stride_vs_d, km_ok, d_ok, ALIGN=ALIGN)
                     s_x = tl.where(km_keep, _logits(q_x, k_blk, sm_scale, DOT_PRECISION, RAW_LOGITS), float("-inf"))
                     m_x, l_x, acc_x = _online_softmax_step(s_x, v_blk, m_x, l_x, acc_x, rate, DOT_PRECISION, ASYNC_DOTS,
-                                                           X_EMPTY_ROWS)
+                                                           X_EMPTY_ROWS, FMA_EXP)
             # -- normalise and write o_x, lse_x (rows with no kept key: 0 and -inf) --
-            o_x = acc_x * inverse_sum(l_x, X_EMPTY_ROWS)[:, None]
-            lse_x = lse_value(m_x, l_x, max_scale, X_EMPTY_ROWS)
+            top_x, residual_x = row_top(m_x, rate, X_EMPTY_ROWS, FMA_EXP)
+            o_x = acc_x * inverse_sum(l_x, X_EMPTY_ROWS, top_x)[:, None]
+            lse_x = lse_value(m_x, l_x, max_scale, X_EMPTY_ROWS, top_x, residual_x)
             rows = row_base + offs_n
             o_ptrs = o_x_tile + tl.cast(n0, tl.int64) * D
             if TAIL:
@@ -377,7 +381,7 @@ def _fwd_tile(
                                     stride_pm_b, stride_pm_q, stride_pm_k, HAS_PAIR_MASK)
             s_s = tl.where(keep_n, s_s, float("-inf"))
         m_s, l_s, acc_s = _online_softmax_step(s_s, v_x, m_s, l_s, acc_s, rate, DOT_PRECISION, ASYNC_DOTS,
-                                               EMPTY_ROWS=HAS_IMAGE_MASK or HAS_PAIR_MASK)
+                                               HAS_IMAGE_MASK or HAS_PAIR_MASK, FMA_EXP)
     return m_s, l_s, acc_s
 
 
@@ -429,6 +433,7 @@ def _bilateral_fwd_kernel(
     D_MASKED: tl.constexpr = True,  # D < BLOCK_D: head columns are bounds-checked
     ONE_SPLIT: tl.constexpr = False,  # SPLITS == 1: direction s is complete here, no combine
     ASYNC_DOTS: tl.constexpr = False,  # configs.async_dots: no dot left in flight across an iteration
+    FMA_EXP: tl.constexpr = False,  # common.exp_shifted: each term's exponent one FMA (bfloat16 inputs)
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
     tl.static_assert(not (HAS_PAIR_MASK and DIR_S and DIR_X))
@@ -483,7 +488,7 @@ def _bilateral_fwd_kernel(
             q_s, offs_qm, qm_ok, m_s, l_s, acc_s, k_once, v_once, keep_once, sm_scale, rate, max_scale,
             BLOCK_M, BLOCK_N, BLOCK_D, DIR_S, DIR_X, HAS_IMAGE_MASK, HAS_SPATIAL_MASK, HAS_PAIR_MASK,
             DOT_PRECISION, ALIGN, ONE_M_PROGRAM, ONE_KEY_BLOCK, X_KEYS_MASKED, D_MASKED, RAW_LOGITS, ASYNC_DOTS,
-            TAIL=False,
+            TAIL=False, FMA_EXP=FMA_EXP,
         )
     if TAIL_BLOCK_N:
         if n_full_end < n_end:
@@ -500,18 +505,20 @@ def _bilateral_fwd_kernel(
                 q_s, offs_qm, qm_ok, m_s, l_s, acc_s, k_once, v_once, keep_once, sm_scale, rate, max_scale,
                 BLOCK_M, TAIL_BLOCK_N, BLOCK_D, DIR_S, DIR_X, HAS_IMAGE_MASK, HAS_SPATIAL_MASK, HAS_PAIR_MASK,
                 DOT_PRECISION, ALIGN, ONE_M_PROGRAM, ONE_KEY_BLOCK, X_KEYS_MASKED, D_MASKED, RAW_LOGITS, ASYNC_DOTS,
-                TAIL=True,
+                TAIL=True, FMA_EXP=FMA_EXP,
             )
 
     if DIR_S and ONE_SPLIT:
         # -- one split holds every image key: normalise and write o_s, lse_s here --
         out_rows = pid_bh.to(tl.int64) * M + offs_qm
-        o_s = acc_s * inverse_sum(l_s)[:, None]
+        top_s, residual_s = row_top(m_s, rate, True, FMA_EXP)
+        o_s = acc_s * inverse_sum(l_s, True, top_s)[:, None]
         tl.store(O_S + out_rows[:, None] * D + offs_d[None, :], round_to(o_s, O_S.dtype.element_ty),
                  mask=qm_ok[:, None] & d_ok[None, :])
-        tl.store(LSE_S + out_rows, lse_value(m_s, l_s, max_scale), mask=qm_ok)
+        tl.store(LSE_S + out_rows, lse_value(m_s, l_s, max_scale, True, top_s, residual_s), mask=qm_ok)
     elif DIR_S:
         # -- this split's partial (max, sum, acc), merged by the combine kernel --
+        l_s, acc_s = to_max_frame(l_s, acc_s, m_s, rate, True, FMA_EXP)
         part_rows = (pid_bh.to(tl.int64) * SPLITS + split) * M + offs_qm
         part_max, part_sum = partials_layout(PART, SPLITS, M, D)
         tl.store(part_max + part_rows, m_s, mask=qm_ok)
@@ -982,7 +989,8 @@ def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_
             DOT_PRECISION=dot_precision(dtype), ALIGN=align, ONE_M_PROGRAM=m_programs == 1,
             HAS_PAIR_MASK=pair_mask is not dummy, ONE_KEY_BLOCK=M <= block_m, FULL_KEY_BLOCK=M == block_m,
             RAW_LOGITS=raw_logits, D_MASKED=D != block_d, TAIL_BLOCK_N=tail_block(N, chunk, splits, meta["BLOCK_N"], arch),
-            ONE_SPLIT=splits == 1, ASYNC_DOTS=async_dots(arch, meta["num_stages"], elem), **meta,
+            ONE_SPLIT=splits == 1, ASYNC_DOTS=async_dots(arch, meta["num_stages"], elem),
+            FMA_EXP=fma_exponent(arch, dtype == torch.bfloat16), **meta,
         )
         if run_s and splits > 1:
             launch(_bilateral_combine_kernel, combine_grid,
