@@ -1,8 +1,10 @@
 """The launch recorder, the run-time binding, the SASS reader and the MODELLED performance
 table of the static check (launch_record.py, sass.py, perf_model.py, static_check --perf).
 No GPU: kernels are compiled for sm_90 / sm_80 by name."""
+import collections
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -112,6 +114,56 @@ def test_d32_and_d40_compile_to_vector_loads_on_sm90_and_unaligned_rows_to_scala
     for facts in (d32, d40, d40_unaligned):
         assert facts["ok"] and facts["spills"] == 0 and facts["warps_per_sm"] > 0
         assert facts["loop_static"] > 0 and facts["loop_dynamic"] >= facts["loop_static"]
+
+
+def _exponent_sources(ptx):
+    """For each ex2 of a PTX listing, how its argument is formed: the defining instruction and,
+    for an FMA's addend or a subtraction's operands, theirs (a negation looked through)."""
+    defs = {}
+    for line in ptx.splitlines():
+        match = re.match(r"\s*(?:@%p\d+\s+)?([a-z][\w.]*)\s+([^;]*);", line)
+        if match:
+            operands = [o.strip() for o in match.group(2).split(",")]
+            if operands[0].startswith("%"):
+                defs[operands[0]] = (match.group(1), operands)
+
+    def op(reg, through_negation=False):
+        name, operands = defs.get(reg, ("?", [reg, reg]))
+        if through_negation and (name.startswith("neg.") or name.startswith("xor.b32")):
+            return op(operands[1])
+        return name
+
+    sources = []
+    for name, operands in defs.values():
+        if name.startswith("ex2.approx"):
+            arg, arg_operands = defs.get(operands[1], ("?", []))
+            if arg.startswith("fma"):
+                sources.append(f"fma + {op(arg_operands[3], True)}")
+            elif arg.startswith("sub"):
+                sources.append(f"sub {op(arg_operands[1])} - {op(arg_operands[2])}")
+            else:
+                sources.append(arg)
+    return sources
+
+
+@needs_jit
+@pytest.mark.parametrize("shape", [(64, 2, 64, 3136, 32), (64, 4, 64, 784, 32), (2, 2, 70, 300, 32)],
+                         ids=["splits", "one-split-tail", "many-spatial"])
+def test_the_bf16_forwards_shift_products_are_rounded_alone(shape):
+    """The bf16 sm_90 forward's exponents are s * rate - round(shift * rate) by one FMA, and
+    its online rescale is exp2(round(m_run * rate) - round(shift * rate)): each shift product
+    rounded alone (mul.rn), as every term of a row was shifted, or the factor exp2(residual)
+    stops cancelling. A plain product there is fused with the subtraction into an FMA on the
+    GPU (Triton compiles with FP fusion on), which the interpreter cannot show: so here every
+    ex2's argument must come from an FMA whose addend is a negated mul.rn, from a subtraction
+    of two mul.rn, or from a negation (exp2(-residual))."""
+    case = lr.shape_cases(*shape, dtypes=("bf16",), ops=("bilateral",), masks=(False,))[0]
+    launch = _launches(case)[0]
+    assert launch.name == "_bilateral_fwd_kernel" and launch.kwargs["FMA_EXP"]
+    sources = _exponent_sources(sass.ptx_of(lr.bind(launch, launch.configs[0], 90)))
+    allowed = {"fma + mul.rn.f32", "sub mul.rn.f32 - mul.rn.f32", "neg.f32"}
+    assert sources and set(sources) <= allowed, collections.Counter(sources)
+    assert "sub mul.rn.f32 - mul.rn.f32" in sources  # the online rescale is there
 
 
 @needs_jit

@@ -148,11 +148,13 @@ def online_max(m_run, m_new_part, rate, EMPTY_ROWS: tl.constexpr = True, FMA_EXP
     meeting a new block's (or split's) max. alpha = exp2((m_run - m_new) * rate) rescales what
     was summed so far; `shift` is `max_shift(m_new, EMPTY_ROWS)`. FMA_EXP (`exp_shifted`): the
     sums so far are scaled by exp2(-round(m_run * rate)), so alpha moves them from that
-    rounded shift to the new one, exactly 1 where the max stays."""
+    rounded shift to the new one, exactly 1 where the max stays: both products are rounded
+    alone (`mul_rn`), as the shifts were; a plain product is fused into an FMA with the
+    subtraction on a GPU, which leaves alpha at exp2(residual) where the max stays."""
     m_new = tl.maximum(m_run, m_new_part)
     shift = max_shift(m_new, EMPTY_ROWS)
     if FMA_EXP:
-        alpha = tl.math.exp2(m_run * rate - shift * rate)
+        alpha = tl.math.exp2(mul_rn(m_run, rate) - mul_rn(shift, rate))
     else:
         alpha = tl.math.exp2((m_run - shift) * rate)
     return m_new, shift, alpha
@@ -181,7 +183,7 @@ def exp_shifted(x, shift, rate, FMA_EXP: tl.constexpr = False):
     the output's ratio; the LSE takes the residual off (`lse_value`) and a one-hot row is
     recognised by its sum being that term alone (`inverse_sum`, `lse_value`)."""
     if FMA_EXP:
-        return tl.math.exp2(fma_rn(x, rate, -(shift * rate)))
+        return tl.math.exp2(fma_rn(x, rate, -mul_rn(shift, rate)))
     return tl.math.exp2((x - shift) * rate)
 
 
@@ -207,7 +209,7 @@ def row_top(m, rate, EMPTY_ROWS: tl.constexpr, FMA_EXP: tl.constexpr):
     residual = 0.0
     if FMA_EXP:
         shift = max_shift(m, EMPTY_ROWS)
-        residual = fma_rn(shift, rate, -(shift * rate))
+        residual = fma_rn(shift, rate, -mul_rn(shift, rate))
         top = tl.math.exp2(residual)
     return top, residual
 
@@ -234,9 +236,10 @@ def lse_value(m, l, max_scale, EMPTY_ROWS: tl.constexpr = True, top=1.0, residua
     is rounded to fp32 first, so a row's top logit is the same fp32 value scale * q.k that the
     backward recomputes (a one-hot row gets exactly P = 1 there). The LSE is kept in float64
     because an fp32 LSE is off by up to half an ulp, 5e-4 at |logits| ~ 1e4, and
-    P = exp(s - lse) would carry that as a relative error. top, residual: `row_top` (the
-    sum's factor exp2(residual) is taken off)."""
-    lse = (m * max_scale).to(tl.float64) + (sum_log2(l, top, residual) * _LN2).to(tl.float64)
+    P = exp(s - lse) would carry that as a relative error; the log2 of the sum goes to ln by
+    a float64 FMA onto it. top, residual: `row_top` (the sum's factor exp2(residual) is taken
+    off)."""
+    lse = tl.fma(sum_log2(l, top, residual).to(tl.float64), _LN2, (m * max_scale).to(tl.float64))
     if EMPTY_ROWS:
         lse = tl.where(l > 0.0, lse, float("-inf"))
     return lse

@@ -165,18 +165,28 @@ def parse_ptxas_log(log: str) -> dict:
                 spill_loads=int(spill.group(2)) if spill else 0)
 
 
-def compile_task(task) -> dict:
-    """Compile one launch_record.CompileTask; returns its resources and SASS facts."""
+def _compile(task):
+    """triton.compile of one launch_record.CompileTask for its arch."""
     from .launch_record import kernel_fn
 
     jit = kernel_fn(task.module, task.name)
     source = triton.compiler.ASTSource(jit, dict(task.signature), dict(task.constexprs),
                                        {k: v for k, v in task.attrs})
+    return triton.compile(source, target=GPUTarget("cuda", task.arch, 32), options=dict(task.options))
+
+
+def ptx_of(task) -> str:
+    """The PTX of one launch_record.CompileTask, compiled for its arch."""
+    return _compile(task).asm["ptx"]
+
+
+def compile_task(task) -> dict:
+    """Compile one launch_record.CompileTask; returns its resources and SASS facts."""
     captured = io.StringIO()
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
     try:
         with contextlib.redirect_stdout(captured):
-            compiled = triton.compile(source, target=GPUTarget("cuda", task.arch, 32), options=dict(task.options))
+            compiled = _compile(task)
     finally:
         os.environ.pop("TRITON_DUMP_PTXAS_LOG", None)
     log = captured.getvalue()
