@@ -236,7 +236,7 @@ def _lse_from_top_logit(q, k, scale, mask=None):
 @pytest.mark.parametrize("dtype", [FP32, BF16, FP16], ids=str)
 def test_lse_of_soft_rows_at_1e4_is_the_top_logit_plus_the_log_sum(kernel_backend, dtype, shape, masked):
     """Past what the tolerance rule sees (its bound at |LSE| ~ 1e4 is 0.2): the LSE is the fp32
-    top logit plus the log of the sum to about 1e-6, however the exponent is formed. The bf16
+    top logit plus the log of the sum to about 1e-6, however the exponent is formed. The 16-bit
     Triton forward shifts by a rounded max * rate and takes the residual off (left on, it is
     3e-4 here), in its own LSE and in the split partials it leaves the combine (N = 300)."""
     q_s, k_s, v_s, q_x, k_x, v_x = _soft_rows_near_1e4(dtype, shape, seed=7)
@@ -260,7 +260,8 @@ def test_one_hot_rows_at_large_logits_are_exact(kernel_backend, dtype, shape):
     """Rows whose top logit (1.75e4) leads the rest by 1.5e4: every other term of the sum
     underflows, so the output row is the top key's value row bitwise and the LSE is the fp32
     top logit exactly, the value the backward recomputes (P = 1 there), whatever the
-    exponent's rounding (the bf16 Triton forward's top term is exp2(residual), not 1). The
+    exponent's rounding (the 16-bit Triton forward's top term is exp2(residual), not 1, and
+    fp16 does not round it to 1 at these logits). The
     winning key is the third of the first head, whose later tiles then keep the max (and at
     N = 300 the other splits lose to it in the combine), and the third from last of the other."""
     B, H, M, N, D = shape

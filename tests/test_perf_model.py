@@ -147,17 +147,18 @@ def _exponent_sources(ptx):
 
 
 @needs_jit
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 @pytest.mark.parametrize("shape", [(64, 2, 64, 3136, 32), (64, 4, 64, 784, 32), (2, 2, 70, 300, 32)],
                          ids=["splits", "one-split-tail", "many-spatial"])
-def test_the_bf16_forwards_shift_products_are_rounded_alone(shape):
-    """The bf16 sm_90 forward's exponents are s * rate - round(shift * rate) by one FMA, and
+def test_the_16_bit_forwards_shift_products_are_rounded_alone(shape, dtype):
+    """The 16-bit sm_90 forward's exponents are s * rate - round(shift * rate) by one FMA, and
     its online rescale is exp2(round(m_run * rate) - round(shift * rate)): each shift product
     rounded alone (mul.rn), as every term of a row was shifted, or the factor exp2(residual)
     stops cancelling. A plain product there is fused with the subtraction into an FMA on the
     GPU (Triton compiles with FP fusion on), which the interpreter cannot show: so here every
     ex2's argument must come from an FMA whose addend is a negated mul.rn, from a subtraction
     of two mul.rn, or from a negation (exp2(-residual))."""
-    case = lr.shape_cases(*shape, dtypes=("bf16",), ops=("bilateral",), masks=(False,))[0]
+    case = lr.shape_cases(*shape, dtypes=(dtype,), ops=("bilateral",), masks=(False,))[0]
     launch = _launches(case)[0]
     assert launch.name == "_bilateral_fwd_kernel" and launch.kwargs["FMA_EXP"]
     sources = _exponent_sources(sass.ptx_of(lr.bind(launch, launch.configs[0], 90)))

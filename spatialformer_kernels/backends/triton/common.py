@@ -199,30 +199,36 @@ def fma_rn(a, b, c):
 
 
 @triton.jit
-def row_top(m, rate, EMPTY_ROWS: tl.constexpr, FMA_EXP: tl.constexpr):
-    """(top, residual) of softmax rows whose max is m, for `inverse_sum` and `lse_value`:
-    top is the row max's own term of the sum, residual the log2 of that term. 1 and 0 in the
-    two-step exponent; with FMA_EXP (`exp_shifted`) residual = shift * rate - round(shift *
-    rate), exact by the fused multiply-add, and top = exp2(residual), computed as the term
-    itself was (so a sum of that term alone equals it bitwise)."""
+def row_top(m, rate, EMPTY_ROWS: tl.constexpr, FMA_EXP: tl.constexpr, P_DTYPE: tl.constexpr = tl.bfloat16):
+    """(top, top_inverse, residual) of softmax rows whose max is m, for `inverse_sum`,
+    `to_max_frame` and `lse_value`: top is the row max's own term of the sum, residual the log2
+    of that term, top_inverse 1 / that term as the P.V dot took it (rounded to P_DTYPE). 1, 1
+    and 0 in the two-step exponent. With FMA_EXP (`exp_shifted`) residual = shift * rate -
+    round(shift * rate), exact by the fused multiply-add, and top = exp2(residual), computed as
+    the term itself was (so a sum of that term alone equals it bitwise); bfloat16 rounds top
+    to 1 while |shift * rate| < 2^16 (top_inverse 1), float16 not at |logit| ~ 1e4 (top_inverse
+    1 / round(top), so a one-hot row's output is still its value row)."""
     top = 1.0
+    top_inverse = 1.0
     residual = 0.0
     if FMA_EXP:
         shift = max_shift(m, EMPTY_ROWS)
         residual = fma_rn(shift, rate, -mul_rn(shift, rate))
         top = tl.math.exp2(residual)
-    return top, residual
+        if P_DTYPE == tl.float16:
+            top_inverse = reciprocal(round_to(top, P_DTYPE).to(tl.float32))
+    return top, top_inverse, residual
 
 
 @triton.jit
-def to_max_frame(l, acc, m, rate, EMPTY_ROWS: tl.constexpr, FMA_EXP: tl.constexpr):
+def to_max_frame(l, acc, m, rate, EMPTY_ROWS: tl.constexpr, FMA_EXP: tl.constexpr, P_DTYPE: tl.constexpr):
     """A softmax state (sum l [R], accumulator acc [R, D]) as the two-step exponent leaves it,
     the row max's term exactly 1: what the split partials hold for the combine kernel. With
     FMA_EXP both are scaled by exp2(-residual) (`row_top`); a one-hot row (l is the top term
-    alone) is set to l = 1 and keeps acc, whose P was rounded to 1 for the dot."""
+    alone) is set to l = 1 and its acc divided by the top term as the dot took it."""
     if FMA_EXP:
-        top, residual = row_top(m, rate, EMPTY_ROWS, FMA_EXP)
-        factor = tl.where(l == top, 1.0, tl.math.exp2(-residual))
+        top, top_inverse, residual = row_top(m, rate, EMPTY_ROWS, FMA_EXP, P_DTYPE)
+        factor = tl.where(l == top, top_inverse, tl.math.exp2(-residual))
         l = tl.where(l == top, 1.0, l * factor)
         acc = acc * factor[:, None]
     return l, acc
@@ -246,19 +252,24 @@ def lse_value(m, l, max_scale, EMPTY_ROWS: tl.constexpr = True, top=1.0, residua
 
 
 @triton.jit
-def inverse_sum(l, EMPTY_ROWS: tl.constexpr = True, top=1.0):
+def inverse_sum(l, EMPTY_ROWS: tl.constexpr = True, top=1.0, top_inverse=1.0):
     """1 / l of a softmax sum for normalising a row (1 where no key was kept, l = 0, only
     where EMPTY_ROWS: some row may have none): one rcp.approx (within 1 ulp) instead of a
-    full-range division per row; exactly 1 where l is the row max's own term alone (`row_top`:
-    1 in the two-step exponent), so a one-hot row's output is its value row bitwise."""
+    full-range division per row; top_inverse where l is the row max's own term alone
+    (`row_top`: exactly 1 in the two-step exponent), so a one-hot row's output is its value
+    row bitwise."""
     if EMPTY_ROWS:
         l = tl.where(l > 0.0, l, 1.0)
+    return tl.where(l == top, top_inverse, reciprocal(l))
+
+
+@triton.jit
+def reciprocal(x):
+    """1 / x by one rcp.approx (within 1 ulp; exactly 1 at 1) instead of a full-range division."""
     if _INTERPRETER_DOTS:
-        inverse = 1.0 / l
-    else:
-        inverse = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [l], dtype=tl.float32,
-                                            is_pure=True, pack=1)
-    return tl.where(l == top, 1.0, inverse)
+        return 1.0 / x
+    return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                     pack=1)
 
 
 @triton.jit

@@ -398,12 +398,12 @@ def async_dots(arch: int, num_stages: int, elem_bytes: int) -> bool:
     return arch >= 90 and num_stages >= 2 and elem_bytes == 2
 
 
-def fma_exponent(arch: int, bfloat16: bool) -> bool:
+def fma_exponent(arch: int, elem_bytes: int) -> bool:
     """Whether the forward forms each exponent as one FMA (`common.exp_shifted`, the FMA_EXP
-    constexpr): bfloat16 only, whose rounding keeps a one-hot row's top term at exactly 1 up to
-    |logit| ~ 45,000 (fp16's would not at 1e4), and sm_90 only: on sm_80 the masked D = 16
-    direction-x forward's partial-tile variants spilled 12 and 28 bytes with it (static gate)."""
-    return arch >= 90 and bfloat16
+    constexpr): 16-bit inputs (fp32 keeps its exact two-step exponent) on sm_90 (on sm_80 the
+    masked D = 16 direction-x forward's partial-tile variants spilled 12 and 28 bytes with
+    it: the static gate)."""
+    return arch >= 90 and elem_bytes == 2
 
 
 def launch_meta(block_m, block_d, elem_bytes, backward, both, dir_s=True, arch=90, pair_mask=False,

@@ -356,8 +356,8 @@ def _fwd_tile(
                     m_x, l_x, acc_x = _online_softmax_step(s_x, v_blk, m_x, l_x, acc_x, rate, DOT_PRECISION, ASYNC_DOTS,
                                                            X_EMPTY_ROWS, FMA_EXP)
             # -- normalise and write o_x, lse_x (rows with no kept key: 0 and -inf) --
-            top_x, residual_x = row_top(m_x, rate, X_EMPTY_ROWS, FMA_EXP)
-            o_x = acc_x * inverse_sum(l_x, X_EMPTY_ROWS, top_x)[:, None]
+            top_x, top_inverse_x, residual_x = row_top(m_x, rate, X_EMPTY_ROWS, FMA_EXP, O_X.dtype.element_ty)
+            o_x = acc_x * inverse_sum(l_x, X_EMPTY_ROWS, top_x, top_inverse_x)[:, None]
             lse_x = lse_value(m_x, l_x, max_scale, X_EMPTY_ROWS, top_x, residual_x)
             rows = row_base + offs_n
             o_ptrs = o_x_tile + tl.cast(n0, tl.int64) * D
@@ -433,7 +433,7 @@ def _bilateral_fwd_kernel(
     D_MASKED: tl.constexpr = True,  # D < BLOCK_D: head columns are bounds-checked
     ONE_SPLIT: tl.constexpr = False,  # SPLITS == 1: direction s is complete here, no combine
     ASYNC_DOTS: tl.constexpr = False,  # configs.async_dots: no dot left in flight across an iteration
-    FMA_EXP: tl.constexpr = False,  # common.exp_shifted: each term's exponent one FMA (bfloat16 inputs)
+    FMA_EXP: tl.constexpr = False,  # common.exp_shifted: each term's exponent one FMA (16-bit inputs)
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
     tl.static_assert(not (HAS_PAIR_MASK and DIR_S and DIR_X))
@@ -511,14 +511,14 @@ def _bilateral_fwd_kernel(
     if DIR_S and ONE_SPLIT:
         # -- one split holds every image key: normalise and write o_s, lse_s here --
         out_rows = pid_bh.to(tl.int64) * M + offs_qm
-        top_s, residual_s = row_top(m_s, rate, True, FMA_EXP)
-        o_s = acc_s * inverse_sum(l_s, True, top_s)[:, None]
+        top_s, top_inverse_s, residual_s = row_top(m_s, rate, True, FMA_EXP, O_S.dtype.element_ty)
+        o_s = acc_s * inverse_sum(l_s, True, top_s, top_inverse_s)[:, None]
         tl.store(O_S + out_rows[:, None] * D + offs_d[None, :], round_to(o_s, O_S.dtype.element_ty),
                  mask=qm_ok[:, None] & d_ok[None, :])
         tl.store(LSE_S + out_rows, lse_value(m_s, l_s, max_scale, True, top_s, residual_s), mask=qm_ok)
     elif DIR_S:
         # -- this split's partial (max, sum, acc), merged by the combine kernel --
-        l_s, acc_s = to_max_frame(l_s, acc_s, m_s, rate, True, FMA_EXP)
+        l_s, acc_s = to_max_frame(l_s, acc_s, m_s, rate, True, FMA_EXP, V_X.dtype.element_ty)
         part_rows = (pid_bh.to(tl.int64) * SPLITS + split) * M + offs_qm
         part_max, part_sum = partials_layout(PART, SPLITS, M, D)
         tl.store(part_max + part_rows, m_s, mask=qm_ok)
@@ -990,7 +990,7 @@ def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_
             HAS_PAIR_MASK=pair_mask is not dummy, ONE_KEY_BLOCK=M <= block_m, FULL_KEY_BLOCK=M == block_m,
             RAW_LOGITS=raw_logits, D_MASKED=D != block_d, TAIL_BLOCK_N=tail_block(N, chunk, splits, meta["BLOCK_N"], arch),
             ONE_SPLIT=splits == 1, ASYNC_DOTS=async_dots(arch, meta["num_stages"], elem),
-            FMA_EXP=fma_exponent(arch, dtype == torch.bfloat16), **meta,
+            FMA_EXP=fma_exponent(arch, elem), **meta,
         )
         if run_s and splits > 1:
             launch(_bilateral_combine_kernel, combine_grid,
