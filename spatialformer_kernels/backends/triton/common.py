@@ -199,7 +199,7 @@ def fma_rn(a, b, c):
 
 
 @triton.jit
-def row_top(m, rate, EMPTY_ROWS: tl.constexpr, FMA_EXP: tl.constexpr, P_DTYPE: tl.constexpr = tl.bfloat16):
+def row_top(m, rate, EMPTY_ROWS: tl.constexpr, FMA_EXP: tl.constexpr, P_DTYPE: tl.constexpr):
     """(top, top_inverse, residual) of softmax rows whose max is m, for `inverse_sum`,
     `to_max_frame` and `lse_value`: top is the row max's own term of the sum, residual the log2
     of that term, top_inverse 1 / that term as the P.V dot took it (rounded to P_DTYPE). 1, 1
@@ -228,8 +228,9 @@ def to_max_frame(l, acc, m, rate, EMPTY_ROWS: tl.constexpr, FMA_EXP: tl.constexp
     alone) is set to l = 1 and its acc divided by the top term as the dot took it."""
     if FMA_EXP:
         top, top_inverse, residual = row_top(m, rate, EMPTY_ROWS, FMA_EXP, P_DTYPE)
-        factor = tl.where(l == top, top_inverse, tl.math.exp2(-residual))
-        l = tl.where(l == top, 1.0, l * factor)
+        one_hot = l == top
+        factor = tl.where(one_hot, top_inverse, tl.math.exp2(-residual))
+        l = tl.where(one_hot, 1.0, l * factor)
         acc = acc * factor[:, None]
     return l, acc
 

@@ -354,8 +354,7 @@ def run_perf(args) -> int:
 def calibrate(args) -> int:
     """Compile every FWD_CONFIGS / BWD_CONFIGS candidate of each fused forward/backward launch and print the
     MEASURED_SPILLS entries (the configs.py key) that spill or overflow shared memory."""
-    cases = lr.shape_cases(*args.shape) if args.shape else full_cases()
-    cases = [c for c in cases if not args.case or any(s in c.label for s in args.case)]
+    cases = [c for c in full_cases() if not args.case or any(s in c.label for s in args.case)]
     passes, tasks = collect(cases, args.arch or [80, 90], every_config=True)
     start = time.time()
     facts = compile_all(tasks, args.jobs)
