@@ -340,6 +340,54 @@ def test_a_backward_with_a_partial_last_tile_launches_its_buckets_tail_config(ma
     assert same.key() == lr.bind(partial, partial.configs[0], 90).key()
 
 
+def _forward(arch, dtype, op, B, H, M, N, D, masked=False):
+    case = lr.shape_cases(B, H, M, N, D, dtypes=(dtype,), ops=(op,), masks=(masked,))[0]
+    n_sm = {80: 108, 90: 132}[arch]
+    return [e for e in lr.record(case, n_sm, False, arch=arch)
+            if isinstance(e, lr.KernelLaunch) and e.name == "_bilateral_fwd_kernel"][0]
+
+
+@needs_jit
+@pytest.mark.parametrize("arch,dtype,op,shape", [
+    (90, "fp32", "cross_s", (2, 2, 16, 340, 128)),  # FMA dots, 16-row blocks, D = 128
+    (80, "bf16", "bilateral", (64, 2, 64, 3120, 64)),  # mma.sync, 32-row blocks, both directions, one split
+], ids=["sm90-fp32-d128", "sm80-bf16-d64"])
+def test_a_forwards_partial_tile_costs_its_loop_no_occupancy(arch, dtype, op, shape):
+    """A forward whose dots take the spatial operands in registers (not wgmma) runs its partial
+    last tile on copies of its own (TAIL_RELOADS): with the main loop's, Triton formed the
+    tail's before the loop and held them through it, and these two compiles kept fewer CTAs per
+    SM than the same launch without the tail code (fp32: 255 registers and 2 KB of spills
+    against 80; bf16 on sm_80: 204 registers against 128)."""
+    from spatialformer_kernels.backends.triton import static_check as sc
+
+    launch = _forward(arch, dtype, op, *shape)
+    assert launch.kwargs["TAIL_BLOCK_N"] == launch.configs[0]["BLOCK_N"] == 32 and launch.kwargs["TAIL_RELOADS"]
+    tailed = sass.compile_task(lr.bind(launch, launch.configs[0], arch))
+    untailed = sass.compile_task(sc.tail_twin(launch, launch.configs[0], arch))
+    assert tailed["spills"] == 0 and tailed["ctas_per_sm"] == untailed["ctas_per_sm"], (tailed["regs"], untailed["regs"])
+
+
+@needs_jit
+def test_the_static_check_compiles_the_forwards_tail_variants_as_launched():
+    """TAIL_RELOADS depends on the tail (configs.TAIL_RELOAD_SPILLS): the static check's tail
+    variants of a launch must carry what the launcher gives a launch with that tail."""
+    from spatialformer_kernels.backends.triton import configs
+    from spatialformer_kernels.backends.triton import static_check as sc
+
+    # sm_80, direction x at D = 32 with a key mask: 32-row tails keep the loop's operands
+    tail32 = _forward(80, "bf16", "cross_x", 2, 2, 64, 800, 32, masked=True)
+    tail64 = _forward(80, "bf16", "cross_x", 2, 2, 64, 830, 32, masked=True)
+    assert (tail32.kwargs["TAIL_BLOCK_N"], tail64.kwargs["TAIL_BLOCK_N"]) == (32, 64)
+    assert (tail32.kwargs["TAIL_RELOADS"], tail64.kwargs["TAIL_RELOADS"]) == (False, True)
+    assert (80, False, True, 64, 32, 2, 128, 4, True, 32) in configs.TAIL_RELOAD_SPILLS
+    for launch, other in ((tail32, tail64), (tail64, tail32)):
+        (variant,) = [t for t in sc.tail_variants(other, other.configs[0], 80)
+                      if sc.constexprs(t)["TAIL_BLOCK_N"] == launch.kwargs["TAIL_BLOCK_N"]]
+        assert sc.constexprs(variant)["TAIL_RELOADS"] == launch.kwargs["TAIL_RELOADS"]
+    # wgmma's operands stay in shared memory: the bf16 sm_90 forward keeps the loop's
+    assert not _forward(90, "bf16", "bilateral", 64, 4, 64, 784, 32).kwargs["TAIL_RELOADS"]
+
+
 def test_every_tail_config_keeps_its_buckets_tile():
     """The launcher sizes the partial tile (TAIL_BLOCK_N) from the bucket's untailed BLOCK_N
     before it looks up the tail config, so a tail config must keep that tile."""

@@ -266,6 +266,7 @@ TAIL_CASES = [
     (1, 1, 64, 128 + 17, 32, FP16, None),
     (1, 1, 49, 33, 40, FP32, None),
     (2, 2, 64, 1060, 32, BF16, None),  # 4 splits: 256 tokens each, the last 292 (4 tiles and 36 tokens)
+    (1, 2, 20, 100, 32, FP32, "mask"),  # fp32: the tail reloads q_s and, with one key block, k_s and v_s
 ]
 
 
@@ -274,7 +275,9 @@ def test_tail_tiles_of_every_size_compute_the_op(monkeypatch):
     """A split's partial last tile runs on the smallest power-of-two rows that hold it
     (configs.tail_block): 16-, 32- and 64-row tails in the forward and in the one-block
     backward of both directions, with and without a key mask, one split and several, the
-    last split longer than the others (`split_range`), against the reference."""
+    last split longer than the others (`split_range`), against the reference; the forward's
+    tail on the main loop's spatial operands and on its own copies (TAIL_RELOADS: fp32 here),
+    with one key block and several."""
     from spatialformer_kernels.backends.triton import common as bt
     from spatialformer_kernels.backends.triton import configs, fused
 
@@ -282,11 +285,14 @@ def test_tail_tiles_of_every_size_compute_the_op(monkeypatch):
     monkeypatch.setattr(fused, "sm_count", lambda device: configs.INTERPRETER_SM_COUNT)
     arch = bt.capability(torch.device(DEVICE))
     tails = set()
+    reloads = set()  # (TAIL_RELOADS, ONE_KEY_BLOCK) of the forwards with a partial tile
 
     def record(fused, kernel, kwargs):
         if kernel is fused._bilateral_fwd_kernel or (kernel is fused._bilateral_bwd_kernel and kwargs["M_ONE_BLOCK"]):
             pass_ = "fwd" if kernel is fused._bilateral_fwd_kernel else "bwd " + ("s" if kwargs["DIR_S"] else "x")
             tails.add((pass_, kwargs["TAIL_BLOCK_N"], kwargs["BLOCK_N"]))
+            if pass_ == "fwd" and kwargs["TAIL_BLOCK_N"]:
+                reloads.add((kwargs["TAIL_RELOADS"], kwargs["ONE_KEY_BLOCK"]))
 
     record_fused_launches(monkeypatch, record)
     plans = set()
@@ -300,6 +306,7 @@ def test_tail_tiles_of_every_size_compute_the_op(monkeypatch):
         same, exact = reference_bilateral_results(inputs, grads, D**-0.5, mask)
         assert_results_close(got, same, exact, dtype, BILATERAL_RESULT_NAMES, case_id(B, H, M, N, D, dtype))
     assert (1, False) in plans and any(splits > 1 for splits, _ in plans) and any(longer for _, longer in plans)
+    assert {(False, True), (True, True), (True, False)} <= reloads, reloads
     for pass_ in ("fwd", "bwd s", "bwd x"):
         block_n = max(b for p, _, b in tails if p == pass_)
         sizes = {tail for p, tail, b in tails if p == pass_ and 0 < tail < b}

@@ -406,6 +406,40 @@ def fma_exponent(arch: int, elem_bytes: int) -> bool:
     return arch >= 90 and elem_bytes == 2
 
 
+# Forward launches whose partial last tile keeps the main loop's spatial operands although
+# the loop's dots take them in registers (`tail_reloads_spatial`): with the reload ptxas gave
+# them fewer registers for one more CTA per SM and spilled 28 and 32 bytes (the static gate;
+# without it they hold 255 and 211 registers, no spill). (arch, DIR_S, DIR_X, BLOCK_M,
+# BLOCK_D, element bytes, BLOCK_N, num_warps, key mask, TAIL_BLOCK_N)
+TAIL_RELOAD_SPILLS = frozenset({
+    (80, False, True, 64, 32, 2, 128, 4, True, 32),
+    (80, True, True, 32, 64, 2, 32, 8, True, 32),
+})
+
+
+def tail_reloads_spatial(arch, elem_bytes, dir_s, dir_x, block_m, block_d, block_n, num_warps, key_mask,
+                         tail) -> bool:
+    """Whether the forward's partial last tile loads the spatial operands (q_s; direction x's
+    keys and values) again instead of taking the main loop's (the TAIL_RELOADS constexpr).
+
+    Where the loop's dots take them in registers (mma.sync on sm_80, fp32's FMA dots, blocks of
+    fewer than 64 rows), Triton forms the tail's register copy before the loop and holds it
+    through the loop, so a partial tile raised the whole kernel's registers (`static_check
+    --full`, against the same launch without the partial-tile code): fp32 at D = 128 with a
+    32-row tail 255 registers and 2.2 KB of spills on sm_90 (80 without), 13.5 KB at D = 256;
+    bf16 on sm_80 at D = 64 204 registers (128: one CTA per SM instead of two), on sm_90 at
+    D = 256 205 (122). With the reload they hold what the loop alone holds (77, 128, 128);
+    where the loop had also read the hoisted copy, it now reads its operands per tile again,
+    as without a tail: modelled on an A100 (B64 H2 M64 N3120 bf16), forward 214 -> 219 us at
+    D = 32 and 768 -> 780 us at D = 64 (the model credits no occupancy beyond 8 warps per SM).
+    wgmma (sm_90, 16-bit, 64-row blocks) reads them from shared memory, where the reload only
+    added registers (at D = 32, 128 -> 155-167 for direction s): those keep the loop's."""
+    if not tail or (arch >= 90 and elem_bytes == 2 and block_m >= 64):
+        return False
+    key = (arch, dir_s, dir_x, block_m, block_d, elem_bytes, block_n, num_warps, key_mask, tail)
+    return key not in TAIL_RELOAD_SPILLS
+
+
 def launch_meta(block_m, block_d, elem_bytes, backward, both, dir_s=True, arch=90, pair_mask=False,
                 key_mask=False, tail=False) -> dict:
     """The launch keywords (BLOCK_N, num_warps, num_stages) of `launch_config`."""

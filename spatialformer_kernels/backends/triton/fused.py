@@ -10,7 +10,9 @@ main loop runs the full tiles with no bounds check and, without a mask, no per-s
 a partial last tile (only where N % BLOCK_N != 0) is a second, bounds-checked copy after the
 loop, on TAIL_BLOCK_N rows: the smallest power of two from 16 (32 on sm_80) that holds it
 (`configs.tail_block`), so N = 784's 16-token tail of 128-token tiles costs the work of 16
-rows, not of 128.
+rows, not of 128. Where the loop's dots take the spatial operands in registers (mma.sync,
+fp32's FMA dots; not wgmma), that copy loads them again (`TAIL_RELOADS`): handed the loop's,
+Triton formed the copy's register operands before the loop and held them through it.
   - Direction s is an online softmax over the tiles (running max, sum and an fp32
     accumulator for its BLOCK_M spatial queries). With one split the program normalises
     and writes o_s itself; else it writes its (max, sum, acc) partial and
@@ -128,6 +130,7 @@ from .configs import (
     launch_meta,
     next_power_of_2,
     tail_block,
+    tail_reloads_spatial,
 )
 from .wide import wide_head_bwd
 from .launch import device_guard, launch
@@ -434,6 +437,7 @@ def _bilateral_fwd_kernel(
     ONE_SPLIT: tl.constexpr = False,  # SPLITS == 1: direction s is complete here, no combine
     ASYNC_DOTS: tl.constexpr = False,  # configs.async_dots: no dot left in flight across an iteration
     FMA_EXP: tl.constexpr = False,  # common.exp_shifted: each term's exponent one FMA (16-bit inputs)
+    TAIL_RELOADS: tl.constexpr = False,  # configs.tail_reloads_spatial: the partial tile loads its spatial operands
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
     tl.static_assert(not (HAS_PAIR_MASK and DIR_S and DIR_X))
@@ -493,6 +497,16 @@ def _bilateral_fwd_kernel(
     if TAIL_BLOCK_N:
         if n_full_end < n_end:
             # the partial last tile, on TAIL_BLOCK_N rows (its own tile pointers)
+            if TAIL_RELOADS:
+                # its own copies: the main loop's, taken in registers by its dots, would be
+                # formed for this tile before the loop and held through it
+                if DIR_S:
+                    q_s = load_rows(q_s_ptr, offs_qm, offs_d, stride_qs_m, stride_qs_d, qm_ok, d_ok, ALIGN=ALIGN)
+                if DIR_X and ONE_KEY_BLOCK:
+                    k_once = load_rows(k_s_ptr, offs_blk, offs_d, stride_ks_m, stride_ks_d, offs_blk < M, d_ok,
+                                       ALIGN=ALIGN)
+                    v_once = load_rows(v_s_ptr, offs_blk, offs_d, stride_vs_m, stride_vs_d, offs_blk < M, d_ok,
+                                       ALIGN=ALIGN)
             m_s, l_s, acc_s = _fwd_tile(
                 n_full_end, n_end, pid_m, m_programs, b, row_base, offs_d, d_ok, D, M,
                 _tile_ptrs(q_x_ptr, stride_qx_n, stride_qx_d, TAIL_BLOCK_N, BLOCK_D, ALIGN), stride_qx_n,
@@ -960,6 +974,7 @@ def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_
     combine_grid, combine_m, combine_d, combine_warps, combine_splits, combine_align = combine
     key_mask = (run_s and image_mask is not None) or (run_x and spatial_mask is not None)
     meta = launch_meta(block_m, block_d, elem, False, run_s and run_x, run_s, arch, pair_mask is not None, key_mask)
+    tail = tail_block(N, chunk, splits, meta["BLOCK_N"], arch)
     raw_logits = scale > 0  # the scale goes into the exponent; the max of raw dots is the logits' max
     f32 = torch.float32
     o_x = lse_x = o_s = lse_s = None
@@ -988,9 +1003,11 @@ def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_
             HAS_IMAGE_MASK=image_mask is not dummy, HAS_SPATIAL_MASK=spatial_mask is not dummy,
             DOT_PRECISION=dot_precision(dtype), ALIGN=align, ONE_M_PROGRAM=m_programs == 1,
             HAS_PAIR_MASK=pair_mask is not dummy, ONE_KEY_BLOCK=M <= block_m, FULL_KEY_BLOCK=M == block_m,
-            RAW_LOGITS=raw_logits, D_MASKED=D != block_d, TAIL_BLOCK_N=tail_block(N, chunk, splits, meta["BLOCK_N"], arch),
+            RAW_LOGITS=raw_logits, D_MASKED=D != block_d, TAIL_BLOCK_N=tail,
             ONE_SPLIT=splits == 1, ASYNC_DOTS=async_dots(arch, meta["num_stages"], elem),
-            FMA_EXP=fma_exponent(arch, elem), **meta,
+            FMA_EXP=fma_exponent(arch, elem), TAIL_RELOADS=tail_reloads_spatial(
+                arch, elem, run_s, run_x, block_m, block_d, meta["BLOCK_N"], meta["num_warps"], key_mask, tail),
+            **meta,
         )
         if run_s and splits > 1:
             launch(_bilateral_combine_kernel, combine_grid,

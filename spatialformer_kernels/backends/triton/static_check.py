@@ -96,7 +96,7 @@ def collect(cases, archs, torch_ops=False, every_config=False, every_tail=False)
                         if every_config and peeled(event):  # the tail follows the candidate's tile
                             a = event.named()
                             launched = with_tail(event, configs.tail_block(a["N"], a["CHUNK"], a["SPLITS"],
-                                                                           config["BLOCK_N"], arch))
+                                                                           config["BLOCK_N"], arch), config, arch)
                         task = lr.bind(launched, config, arch)
                         tasks.setdefault(task.key(), task)
                         pairs.append((config, task.key()))
@@ -111,9 +111,19 @@ def collect(cases, archs, torch_ops=False, every_config=False, every_tail=False)
     return passes, tasks
 
 
-def with_tail(event, tail: int):
-    """The launch with another TAIL_BLOCK_N (0: no partial-tile code)."""
-    return dataclasses.replace(event, kwargs={**event.kwargs, "TAIL_BLOCK_N": tail})
+def with_tail(event, tail: int, config: dict, arch: int):
+    """The launch with another TAIL_BLOCK_N (0: no partial-tile code); a forward's with the
+    TAIL_RELOADS its launcher gives that tail (`configs.tail_reloads_spatial`)."""
+    from . import configs
+
+    kwargs = {**event.kwargs, "TAIL_BLOCK_N": tail}
+    if event.name == "_bilateral_fwd_kernel":
+        k = {**kwargs, **config}
+        key_mask = (k["DIR_S"] and k["HAS_IMAGE_MASK"]) or (k["DIR_X"] and k["HAS_SPATIAL_MASK"])
+        kwargs["TAIL_RELOADS"] = configs.tail_reloads_spatial(
+            arch, event.named()["Q_X"].element_size(), k["DIR_S"], k["DIR_X"], k["BLOCK_M"], k["BLOCK_D"],
+            k["BLOCK_N"], k["num_warps"], key_mask, tail)
+    return dataclasses.replace(event, kwargs=kwargs)
 
 
 def peeled(event) -> bool:
@@ -129,7 +139,7 @@ def tail_twin(event, config, arch):
     difference (pm.model_kernel), since it runs only in the split that ends in a partial tile."""
     if not peeled(event) or not event.kwargs.get("TAIL_BLOCK_N"):
         return None
-    return lr.bind(with_tail(event, 0), config, arch)
+    return lr.bind(with_tail(event, 0, config, arch), config, arch)
 
 
 def tail_variants(event, config, arch):
@@ -148,7 +158,7 @@ def tail_launch(event, config, arch, tail: int):
     entry's stages give (`fused._bwd_direction`); else `event` with that tail and `config`."""
     from . import configs
 
-    launched = with_tail(event, tail)
+    launched = with_tail(event, tail, config, arch)
     if not tail or event.name != "_bilateral_bwd_kernel":
         return launched, config
     a = event.named()
