@@ -371,7 +371,6 @@ def test_a_forwards_partial_tile_costs_its_loop_no_occupancy(arch, dtype, op, sh
 def test_the_static_check_compiles_the_forwards_tail_variants_as_launched():
     """TAIL_RELOADS depends on the tail (configs.TAIL_RELOAD_SPILLS): the static check's tail
     variants of a launch must carry what the launcher gives a launch with that tail."""
-    from spatialformer_kernels.backends.triton import configs
     from spatialformer_kernels.backends.triton import static_check as sc
 
     # sm_80, direction x at D = 32 with a key mask: 32-row tails keep the loop's operands
@@ -379,7 +378,6 @@ def test_the_static_check_compiles_the_forwards_tail_variants_as_launched():
     tail64 = _forward(80, "bf16", "cross_x", 2, 2, 64, 830, 32, masked=True)
     assert (tail32.kwargs["TAIL_BLOCK_N"], tail64.kwargs["TAIL_BLOCK_N"]) == (32, 64)
     assert (tail32.kwargs["TAIL_RELOADS"], tail64.kwargs["TAIL_RELOADS"]) == (False, True)
-    assert (80, False, True, 64, 32, 2, 128, 4, True, 32) in configs.TAIL_RELOAD_SPILLS
     for launch, other in ((tail32, tail64), (tail64, tail32)):
         (variant,) = [t for t in sc.tail_variants(other, other.configs[0], 80)
                       if sc.constexprs(t)["TAIL_BLOCK_N"] == launch.kwargs["TAIL_BLOCK_N"]]

@@ -422,18 +422,22 @@ def tail_reloads_spatial(arch, elem_bytes, dir_s, dir_x, block_m, block_d, block
     """Whether the forward's partial last tile loads the spatial operands (q_s; direction x's
     keys and values) again instead of taking the main loop's (the TAIL_RELOADS constexpr).
 
-    Where the loop's dots take them in registers (mma.sync on sm_80, fp32's FMA dots, blocks of
-    fewer than 64 rows), Triton forms the tail's register copy before the loop and holds it
-    through the loop, so a partial tile raised the whole kernel's registers (`static_check
-    --full`, against the same launch without the partial-tile code): fp32 at D = 128 with a
-    32-row tail 255 registers and 2.2 KB of spills on sm_90 (80 without), 13.5 KB at D = 256;
-    bf16 on sm_80 at D = 64 204 registers (128: one CTA per SM instead of two), on sm_90 at
-    D = 256 205 (122). With the reload they hold what the loop alone holds (77, 128, 128);
-    where the loop had also read the hoisted copy, it now reads its operands per tile again,
-    as without a tail: modelled on an A100 (B64 H2 M64 N3120 bf16), forward 214 -> 219 us at
-    D = 32 and 768 -> 780 us at D = 64 (the model credits no occupancy beyond 8 warps per SM).
-    wgmma (sm_90, 16-bit, 64-row blocks) reads them from shared memory, where the reload only
-    added registers (at D = 32, 128 -> 155-167 for direction s): those keep the loop's."""
+    Where the dots take them in registers (mma.sync on sm_80, fp32's FMA dots, blocks of fewer
+    than 64 rows), Triton forms the tail's register copy before the loop and holds it through
+    the loop, so a partial tile raised the whole kernel's registers. Against the same launch
+    without the partial-tile code (`static_check --full`): fp32 at D = 128 with a 32-row tail,
+    255 registers and 2.2 KB of spills on sm_90 against 80 (77 with the reload), 13.5 KB at
+    D = 256; bf16 on sm_80 at D = 64 with both directions, 204 registers against 128 (128 with
+    the reload: two CTAs per SM, not one); bf16 on sm_90 at D = 256, 205 against 122 (128).
+    Where the loop had also used the hoisted copy, it reads its operands per tile again: on an
+    A100 (modelled, B64 H2 M64 N3120 bf16) the forward 214 -> 219 us at D = 32 and
+    768 -> 780 us at D = 64 (the model credits no occupancy beyond 8 warps per SM).
+
+    sm_90's 16-bit launches on 64-row blocks keep the loop's: their main-loop dots are wgmma,
+    which reads the operands from shared memory, and although the tail's direction-x dots (16
+    or 32 rows) take the keys in registers, reloading raised their registers (125-168 to
+    133-252 over the gate's compiles, one CTA per SM fewer in 67 of 232). So do the launches in
+    TAIL_RELOAD_SPILLS."""
     if not tail or (arch >= 90 and elem_bytes == 2 and block_m >= 64):
         return False
     key = (arch, dir_s, dir_x, block_m, block_d, elem_bytes, block_n, num_warps, key_mask, tail)

@@ -10,9 +10,10 @@ main loop runs the full tiles with no bounds check and, without a mask, no per-s
 a partial last tile (only where N % BLOCK_N != 0) is a second, bounds-checked copy after the
 loop, on TAIL_BLOCK_N rows: the smallest power of two from 16 (32 on sm_80) that holds it
 (`configs.tail_block`), so N = 784's 16-token tail of 128-token tiles costs the work of 16
-rows, not of 128. Where the loop's dots take the spatial operands in registers (mma.sync,
-fp32's FMA dots; not wgmma), that copy loads them again (`TAIL_RELOADS`): handed the loop's,
-Triton formed the copy's register operands before the loop and held them through it.
+rows, not of 128. Where the dots take the spatial operands in registers (mma.sync, fp32's FMA
+dots; not sm_90's wgmma on 64-row blocks), that copy loads them again (`TAIL_RELOADS`,
+`configs.tail_reloads_spatial`, which lists the exceptions): given the loop's, Triton formed
+the copy's register operands before the loop and held them through it.
   - Direction s is an online softmax over the tiles (running max, sum and an fp32
     accumulator for its BLOCK_M spatial queries). With one split the program normalises
     and writes o_s itself; else it writes its (max, sum, acc) partial and
