@@ -38,8 +38,8 @@ def _case(D=32, op="bilateral", dtype="bf16", mask=False, shape="cls224-stage1")
     return lr.Case(shape, op, B, H, M, N, D, dtype, mask)
 
 
-def _launches(case, backward=False, n_sm=132):
-    return [e for e in lr.record(case, n_sm, backward) if isinstance(e, lr.KernelLaunch)]
+def _launches(case, backward=False, n_sm=132, arch=90):
+    return [e for e in lr.record(case, n_sm, backward, arch=arch) if isinstance(e, lr.KernelLaunch)]
 
 
 def _arg_spec(task, name):
@@ -342,9 +342,7 @@ def test_a_backward_with_a_partial_last_tile_launches_its_buckets_tail_config(ma
 
 def _forward(arch, dtype, op, B, H, M, N, D, masked=False):
     case = lr.shape_cases(B, H, M, N, D, dtypes=(dtype,), ops=(op,), masks=(masked,))[0]
-    n_sm = {80: 108, 90: 132}[arch]
-    return [e for e in lr.record(case, n_sm, False, arch=arch)
-            if isinstance(e, lr.KernelLaunch) and e.name == "_bilateral_fwd_kernel"][0]
+    return [e for e in _launches(case, n_sm={80: 108, 90: 132}[arch], arch=arch) if e.name == "_bilateral_fwd_kernel"][0]
 
 
 @needs_jit

@@ -390,6 +390,24 @@ def _fwd_tile(
 
 
 @triton.jit
+def _spatial_operands(q_s_ptr, stride_qs_m, stride_qs_d, k_s_ptr, stride_ks_m, stride_ks_d, v_s_ptr, stride_vs_m,
+                      stride_vs_d, offs_qm, qm_ok, offs_blk, offs_d, d_ok, M,
+                      LOAD_Q: tl.constexpr, LOAD_KV: tl.constexpr, ALIGN: tl.constexpr):
+    """(q_s, k_s, v_s) of a forward program: its BLOCK_M spatial queries (LOAD_Q: direction s)
+    and all M spatial keys and values (LOAD_KV: direction x with one key block); 0.0 for those
+    not loaded. Loaded before the main loop and, with TAIL_RELOADS, again for the partial tile."""
+    q_s = 0.0
+    if LOAD_Q:
+        q_s = load_rows(q_s_ptr, offs_qm, offs_d, stride_qs_m, stride_qs_d, qm_ok, d_ok, ALIGN=ALIGN)
+    k_s = 0.0
+    v_s = 0.0
+    if LOAD_KV:
+        k_s = load_rows(k_s_ptr, offs_blk, offs_d, stride_ks_m, stride_ks_d, offs_blk < M, d_ok, ALIGN=ALIGN)
+        v_s = load_rows(v_s_ptr, offs_blk, offs_d, stride_vs_m, stride_vs_d, offs_blk < M, d_ok, ALIGN=ALIGN)
+    return q_s, k_s, v_s
+
+
+@triton.jit
 def partials_layout(PART, SPLITS, M, D):
     """(maxima, sums) pointers of the forward's split partials: one fp32 buffer of B * H *
     SPLITS * M rows (B * H is the grid's first axis in both kernels that use it) holding the
@@ -467,15 +485,11 @@ def _bilateral_fwd_kernel(
     m_s = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_s = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc_s = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    q_s = 0.0
-    if DIR_S:
-        q_s = load_rows(q_s_ptr, offs_qm, offs_d, stride_qs_m, stride_qs_d, qm_ok, d_ok, ALIGN=ALIGN)
-    k_once = 0.0
-    v_once = 0.0
+    q_s, k_once, v_once = _spatial_operands(
+        q_s_ptr, stride_qs_m, stride_qs_d, k_s_ptr, stride_ks_m, stride_ks_d, v_s_ptr, stride_vs_m, stride_vs_d,
+        offs_qm, qm_ok, offs_blk, offs_d, d_ok, M, DIR_S, DIR_X and ONE_KEY_BLOCK, ALIGN)
     keep_once = 0
     if DIR_X and ONE_KEY_BLOCK:
-        k_once = load_rows(k_s_ptr, offs_blk, offs_d, stride_ks_m, stride_ks_d, offs_blk < M, d_ok, ALIGN=ALIGN)
-        v_once = load_rows(v_s_ptr, offs_blk, offs_d, stride_vs_m, stride_vs_d, offs_blk < M, d_ok, ALIGN=ALIGN)
         keep_once = key_keep(SPATIAL_MASK, b, offs_blk, offs_blk < M, stride_sm_b, stride_sm_m, HAS_SPATIAL_MASK)
     X_KEYS_MASKED: tl.constexpr = not FULL_KEY_BLOCK or HAS_SPATIAL_MASK or HAS_PAIR_MASK
     q_x_tile = _tile_ptrs(q_x_ptr, stride_qx_n, stride_qx_d, BLOCK_N, BLOCK_D, ALIGN)
@@ -501,13 +515,9 @@ def _bilateral_fwd_kernel(
             if TAIL_RELOADS:
                 # its own copies: the main loop's, taken in registers by its dots, would be
                 # formed for this tile before the loop and held through it
-                if DIR_S:
-                    q_s = load_rows(q_s_ptr, offs_qm, offs_d, stride_qs_m, stride_qs_d, qm_ok, d_ok, ALIGN=ALIGN)
-                if DIR_X and ONE_KEY_BLOCK:
-                    k_once = load_rows(k_s_ptr, offs_blk, offs_d, stride_ks_m, stride_ks_d, offs_blk < M, d_ok,
-                                       ALIGN=ALIGN)
-                    v_once = load_rows(v_s_ptr, offs_blk, offs_d, stride_vs_m, stride_vs_d, offs_blk < M, d_ok,
-                                       ALIGN=ALIGN)
+                q_s, k_once, v_once = _spatial_operands(
+                    q_s_ptr, stride_qs_m, stride_qs_d, k_s_ptr, stride_ks_m, stride_ks_d, v_s_ptr, stride_vs_m,
+                    stride_vs_d, offs_qm, qm_ok, offs_blk, offs_d, d_ok, M, DIR_S, DIR_X and ONE_KEY_BLOCK, ALIGN)
             m_s, l_s, acc_s = _fwd_tile(
                 n_full_end, n_end, pid_m, m_programs, b, row_base, offs_d, d_ok, D, M,
                 _tile_ptrs(q_x_ptr, stride_qx_n, stride_qx_d, TAIL_BLOCK_N, BLOCK_D, ALIGN), stride_qx_n,
