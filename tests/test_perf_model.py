@@ -139,8 +139,9 @@ def _exponent_sources(ptx):
             arg, arg_operands = defs.get(operands[1], ("?", []))
             if arg.startswith("fma"):
                 sources.append(f"fma + {op(arg_operands[3], True)}")
-            elif arg.startswith("sub"):
-                sources.append(f"sub {op(arg_operands[1])} - {op(arg_operands[2])}")
+            elif arg.startswith(("sub", "add")):
+                sign = "-" if arg.startswith("sub") else "+"
+                sources.append(f"{arg[:3]} {op(arg_operands[1])} {sign} {op(arg_operands[2])}")
             else:
                 sources.append(arg)
     return sources
@@ -156,15 +157,16 @@ def test_the_16_bit_forwards_shift_products_are_rounded_alone(shape, dtype):
     rounded alone (mul.rn), as every term of a row was shifted, or the factor exp2(residual)
     stops cancelling. A plain product there is fused with the subtraction into an FMA on the
     GPU (Triton compiles with FP fusion on), which the interpreter cannot show: so here every
-    ex2's argument must come from an FMA whose addend is a negated mul.rn, from a subtraction
-    of two mul.rn, or from a negation (exp2(-residual))."""
+    ex2's argument must come from an FMA whose addend is a mul.rn (by -rate: the negated
+    product bitwise, with no negation left per row), from a sum of two mul.rn, or from a
+    negation (exp2(-residual))."""
     case = lr.shape_cases(*shape, dtypes=(dtype,), ops=("bilateral",), masks=(False,))[0]
     launch = _launches(case)[0]
     assert launch.name == "_bilateral_fwd_kernel" and launch.kwargs["FMA_EXP"]
     sources = _exponent_sources(sass.ptx_of(lr.bind(launch, launch.configs[0], 90)))
-    allowed = {"fma + mul.rn.f32", "sub mul.rn.f32 - mul.rn.f32", "neg.f32"}
+    allowed = {"fma + mul.rn.f32", "add mul.rn.f32 + mul.rn.f32", "neg.f32"}
     assert sources and set(sources) <= allowed, collections.Counter(sources)
-    assert "sub mul.rn.f32 - mul.rn.f32" in sources  # the online rescale is there
+    assert "add mul.rn.f32 + mul.rn.f32" in sources  # the online rescale is there
 
 
 @needs_jit
@@ -363,6 +365,28 @@ def test_a_forwards_partial_tile_costs_its_loop_no_occupancy(arch, dtype, op, sh
     tailed = sass.compile_task(lr.bind(launch, launch.configs[0], arch))
     untailed = sass.compile_task(sc.tail_twin(launch, launch.configs[0], arch))
     assert tailed["spills"] == 0 and tailed["ctas_per_sm"] == untailed["ctas_per_sm"], (tailed["regs"], untailed["regs"])
+
+
+@needs_jit
+def test_the_wgmma_forward_sums_within_threads_and_forms_the_lse_once_per_row():
+    """configs.wgmma_rows (sm_90, 16 bits, 64-row blocks; the interpreter runs it as sm_90, so
+    the parity tests cover it): direction s keeps eight partial sums per row, each within the
+    threads that hold its keys, and direction x moves each tile's (max, sum) to one row per
+    thread before the float64 LSE. Against the same launch without: fewer shuffles and a
+    quarter of the float64 work in the main loop, and a shorter loop. sm_80 (it spilled) and
+    fp32 (FMA dots) launch without."""
+    import dataclasses
+
+    launch = _forward(90, "bf16", "bilateral", 64, 4, 64, 784, 32)
+    assert launch.kwargs["WGMMA_ROWS"]
+    assert not _forward(80, "bf16", "bilateral", 64, 4, 64, 784, 32).kwargs["WGMMA_ROWS"]
+    assert not _forward(90, "fp32", "bilateral", 64, 4, 64, 784, 32).kwargs["WGMMA_ROWS"]
+    plain = dataclasses.replace(launch, kwargs={**launch.kwargs, "WGMMA_ROWS": False})
+    rows, per_quad = (sass.compile_task(lr.bind(e, launch.configs[0], 90)) for e in (launch, plain))
+    assert rows["spills"] == 0 and rows["ctas_per_sm"] == per_quad["ctas_per_sm"]
+    assert rows["loop_shuffles"] < per_quad["loop_shuffles"]
+    assert 0 < 4 * rows["loop_fp64"] <= per_quad["loop_fp64"]
+    assert rows["loop_dynamic"] < per_quad["loop_dynamic"]
 
 
 @needs_jit

@@ -81,7 +81,11 @@ def multiple(x, ALIGN: tl.constexpr):
     ints divisible by 16 are specialised at launch, but D = 40 or 72 and their row strides
     are not, and without this their rows load 2 bytes at a time (`row_alignment`)."""
     if ALIGN > 1:
-        x = (x // ALIGN) * ALIGN
+        # unsigned (a size or stride is never negative): a mask, where the signed division
+        # took three instructions per value
+        x = tl.to_tensor(x)
+        unsigned: tl.constexpr = tl.uint64 if x.dtype == tl.int64 else tl.uint32
+        x = (x.to(unsigned, bitcast=True) // ALIGN * ALIGN).to(x.dtype, bitcast=True)
     return x
 
 
@@ -154,7 +158,7 @@ def online_max(m_run, m_new_part, rate, EMPTY_ROWS: tl.constexpr = True, FMA_EXP
     m_new = tl.maximum(m_run, m_new_part)
     shift = max_shift(m_new, EMPTY_ROWS)
     if FMA_EXP:
-        alpha = tl.math.exp2(mul_rn(m_run, rate) - mul_rn(shift, rate))
+        alpha = tl.math.exp2(mul_rn(m_run, rate) + mul_rn(shift, -rate))
     else:
         alpha = tl.math.exp2((m_run - shift) * rate)
     return m_new, shift, alpha
@@ -183,7 +187,7 @@ def exp_shifted(x, shift, rate, FMA_EXP: tl.constexpr = False):
     the output's ratio; the LSE takes the residual off (`lse_value`) and a one-hot row is
     recognised by its sum being that term alone (`inverse_sum`, `lse_value`)."""
     if FMA_EXP:
-        return tl.math.exp2(fma_rn(x, rate, -mul_rn(shift, rate)))
+        return tl.math.exp2(fma_rn(x, rate, mul_rn(shift, -rate)))
     return tl.math.exp2((x - shift) * rate)
 
 
@@ -213,7 +217,7 @@ def row_top(m, rate, EMPTY_ROWS: tl.constexpr, FMA_EXP: tl.constexpr, P_DTYPE: t
     residual = 0.0
     if FMA_EXP:
         shift = max_shift(m, EMPTY_ROWS)
-        residual = fma_rn(shift, rate, -mul_rn(shift, rate))
+        residual = fma_rn(shift, rate, mul_rn(shift, -rate))
         top = tl.math.exp2(residual)
         if P_DTYPE == tl.float16:
             top_inverse = reciprocal(round_to(top, P_DTYPE).to(tl.float32))
@@ -262,6 +266,19 @@ def inverse_sum(l, EMPTY_ROWS: tl.constexpr = True, top=1.0, top_inverse=1.0):
     if EMPTY_ROWS:
         l = tl.where(l > 0.0, l, 1.0)
     return tl.where(l == top, top_inverse, reciprocal(l))
+
+
+@triton.jit
+def row_per_thread(a, b):
+    """Two fp32 row vectors of a dot's accumulator layout, where each row sits in all four
+    threads of its quad (four rows per thread in the forward's 128-row tiles), in a layout of
+    one row per thread: what is computed from them after this runs once per row, not four
+    times. An identity tl.gather of both packed into 64 bits moves them; Triton routes it
+    through shared memory, as it did the float64 LSE itself on its way to the store (the
+    packing costs no instruction, a second gather a second round trip)."""
+    packed = (a.to(tl.uint32, bitcast=True).to(tl.uint64) << 32) | b.to(tl.uint32, bitcast=True).to(tl.uint64)
+    packed = tl.gather(packed, tl.arange(0, a.shape[0]), 0)
+    return (packed >> 32).to(tl.uint32).to(tl.float32, bitcast=True), packed.to(tl.uint32).to(tl.float32, bitcast=True)
 
 
 @triton.jit

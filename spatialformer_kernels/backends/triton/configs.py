@@ -406,6 +406,21 @@ def fma_exponent(arch: int, elem_bytes: int) -> bool:
     return arch >= 90 and elem_bytes == 2
 
 
+def wgmma_rows(arch: int, elem_bytes: int, block_m: int, pair_mask: bool) -> bool:
+    """Whether the forward lays out its softmax state for wgmma's accumulator layout (the
+    WGMMA_ROWS constexpr): sm_90's 16-bit launches on 64-row blocks. There a thread holds two
+    of every eight key columns of its rows, and each row sits in the four threads of a quad, so
+    (1) direction s keeps eight partial sums per row (sum j over keys j, j + 8, ...), each tile's
+    terms added within the thread, the shuffles paid once after the last tile, and (2)
+    direction x moves each tile's (max, sum) to one row per thread before the float64 LSE
+    (`common.row_per_thread`). On sm_80 the 8-warp forwards (mma.sync, 128 registers for two
+    CTAs per SM) spilled 12-48 bytes with either (the static gate); fp32's FMA dots lay their
+    columns out otherwise; with a per-query mask the scores follow its flag tile's layout and
+    the partial sums went through shared memory (m2f512-s8: 986 -> 1120 instructions per 64
+    tokens)."""
+    return arch >= 90 and elem_bytes == 2 and block_m >= 64 and not pair_mask
+
+
 # Forward launches whose partial last tile keeps the main loop's spatial operands although
 # the loop's dots take them in registers (`tail_reloads_spatial`): with the reload ptxas gave
 # them fewer registers for one more CTA per SM and spilled 28 and 32 bytes (the static gate;

@@ -112,6 +112,7 @@ from .common import (
     reduce_splits,
     round_to,
     row_alignment,
+    row_per_thread,
     row_top,
     sm_count,
     split_plan,
@@ -132,6 +133,7 @@ from .configs import (
     next_power_of_2,
     tail_block,
     tail_reloads_spatial,
+    wgmma_rows,
 )
 from .wide import wide_head_bwd
 from .launch import device_guard, launch
@@ -142,15 +144,23 @@ from .launch import device_guard, launch
 # ----------------------------------------------------------------------------------------
 @triton.jit
 def _online_softmax_step(s, v, m_i, l_i, acc, rate, DOT_PRECISION: tl.constexpr, ASYNC_DOTS: tl.constexpr,
-                         EMPTY_ROWS: tl.constexpr = True, FMA_EXP: tl.constexpr = False):
+                         EMPTY_ROWS: tl.constexpr = True, FMA_EXP: tl.constexpr = False,
+                         PARTIAL_SUMS: tl.constexpr = 0):
     """Fold one block of logits s [R, C] and values v [C, D] into (max, sum, acc); exp(logit - max)
     is exp2((s - max) * rate) (`_logits`). ASYNC_DOTS (`configs.async_dots`): the P.V dot is
     fresh and the rescaled sum added to it, so it completes within the iteration; else it
     accumulates into the rescaled sum (the sum in registers once, not twice: sm_80 spilled).
-    EMPTY_ROWS: a row of the block may keep no key (`online_max`). FMA_EXP: `exp_shifted`."""
+    EMPTY_ROWS: a row of the block may keep no key (`online_max`). FMA_EXP: `exp_shifted`.
+    PARTIAL_SUMS (`configs.wgmma_rows`): l_i is [R, PARTIAL_SUMS], sum j over the keys
+    j, j + PARTIAL_SUMS, ... of every block, added up by the caller after the last."""
     m_new, shift, alpha = online_max(m_i, tl.max(s, 1), rate, EMPTY_ROWS, FMA_EXP)
     p = exp_shifted(s, shift[:, None], rate, FMA_EXP)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    if PARTIAL_SUMS:
+        R: tl.constexpr = p.shape[0]
+        C: tl.constexpr = p.shape[1]
+        l_i = l_i * alpha[:, None] + tl.sum(tl.reshape(p, [R, C // PARTIAL_SUMS, PARTIAL_SUMS]), 1)
+    else:
+        l_i = l_i * alpha + tl.sum(p, 1)
     if ASYNC_DOTS:
         acc = tl.fma(acc, alpha[:, None], dot(round_to(p, v.dtype), v, DOT_PRECISION))
     else:
@@ -317,6 +327,7 @@ def _fwd_tile(
     DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr, ONE_M_PROGRAM: tl.constexpr,
     ONE_KEY_BLOCK: tl.constexpr, X_KEYS_MASKED: tl.constexpr, D_MASKED: tl.constexpr,
     RAW_LOGITS: tl.constexpr, ASYNC_DOTS: tl.constexpr, TAIL: tl.constexpr, FMA_EXP: tl.constexpr,
+    WGMMA_ROWS: tl.constexpr, PARTIAL_SUMS: tl.constexpr,
 ):
     """One BLOCK_N tile of image tokens [n0, n0 + BLOCK_N): direction x's queries (complete,
     written here) and direction s's keys (folded into (m_s, l_s, acc_s), returned). TAIL: the
@@ -362,7 +373,11 @@ def _fwd_tile(
             # -- normalise and write o_x, lse_x (rows with no kept key: 0 and -inf) --
             top_x, top_inverse_x, residual_x = row_top(m_x, rate, X_EMPTY_ROWS, FMA_EXP, O_X.dtype.element_ty)
             o_x = acc_x * inverse_sum(l_x, X_EMPTY_ROWS, top_x, top_inverse_x)[:, None]
-            lse_x = lse_value(m_x, l_x, max_scale, X_EMPTY_ROWS, top_x, residual_x)
+            m_row, l_row = m_x, l_x
+            if WGMMA_ROWS:  # the LSE from the state moved to one row per thread
+                m_row, l_row = row_per_thread(m_x, l_x)
+            top_row, _, residual_row = row_top(m_row, rate, X_EMPTY_ROWS, FMA_EXP, O_X.dtype.element_ty)
+            lse_x = lse_value(m_row, l_row, max_scale, X_EMPTY_ROWS, top_row, residual_row)
             rows = row_base + offs_n
             o_ptrs = o_x_tile + tl.cast(n0, tl.int64) * D
             if TAIL:
@@ -385,7 +400,7 @@ def _fwd_tile(
                                     stride_pm_b, stride_pm_q, stride_pm_k, HAS_PAIR_MASK)
             s_s = tl.where(keep_n, s_s, float("-inf"))
         m_s, l_s, acc_s = _online_softmax_step(s_s, v_x, m_s, l_s, acc_s, rate, DOT_PRECISION, ASYNC_DOTS,
-                                               HAS_IMAGE_MASK or HAS_PAIR_MASK, FMA_EXP)
+                                               HAS_IMAGE_MASK or HAS_PAIR_MASK, FMA_EXP, PARTIAL_SUMS)
     return m_s, l_s, acc_s
 
 
@@ -457,6 +472,7 @@ def _bilateral_fwd_kernel(
     ASYNC_DOTS: tl.constexpr = False,  # configs.async_dots: no dot left in flight across an iteration
     FMA_EXP: tl.constexpr = False,  # common.exp_shifted: each term's exponent one FMA (16-bit inputs)
     TAIL_RELOADS: tl.constexpr = False,  # configs.tail_reloads_spatial: the partial tile loads its spatial operands
+    WGMMA_ROWS: tl.constexpr = False,  # configs.wgmma_rows: the softmax state laid out for wgmma's rows
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
     tl.static_assert(not (HAS_PAIR_MASK and DIR_S and DIR_X))
@@ -483,7 +499,11 @@ def _bilateral_fwd_kernel(
     offs_qm = pid_m * BLOCK_M + offs_blk
     qm_ok = offs_qm < M
     m_s = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_s = tl.zeros([BLOCK_M], dtype=tl.float32)
+    PARTIAL_SUMS: tl.constexpr = 8 if WGMMA_ROWS else 0  # direction s's sums per row (_online_softmax_step)
+    if PARTIAL_SUMS:
+        l_s = tl.zeros([BLOCK_M, PARTIAL_SUMS], dtype=tl.float32)
+    else:
+        l_s = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc_s = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     q_s, k_once, v_once = _spatial_operands(
         q_s_ptr, stride_qs_m, stride_qs_d, k_s_ptr, stride_ks_m, stride_ks_d, v_s_ptr, stride_vs_m, stride_vs_d,
@@ -507,7 +527,7 @@ def _bilateral_fwd_kernel(
             q_s, offs_qm, qm_ok, m_s, l_s, acc_s, k_once, v_once, keep_once, sm_scale, rate, max_scale,
             BLOCK_M, BLOCK_N, BLOCK_D, DIR_S, DIR_X, HAS_IMAGE_MASK, HAS_SPATIAL_MASK, HAS_PAIR_MASK,
             DOT_PRECISION, ALIGN, ONE_M_PROGRAM, ONE_KEY_BLOCK, X_KEYS_MASKED, D_MASKED, RAW_LOGITS, ASYNC_DOTS,
-            TAIL=False, FMA_EXP=FMA_EXP,
+            TAIL=False, FMA_EXP=FMA_EXP, WGMMA_ROWS=WGMMA_ROWS, PARTIAL_SUMS=PARTIAL_SUMS,
         )
     if TAIL_BLOCK_N:
         if n_full_end < n_end:
@@ -530,9 +550,11 @@ def _bilateral_fwd_kernel(
                 q_s, offs_qm, qm_ok, m_s, l_s, acc_s, k_once, v_once, keep_once, sm_scale, rate, max_scale,
                 BLOCK_M, TAIL_BLOCK_N, BLOCK_D, DIR_S, DIR_X, HAS_IMAGE_MASK, HAS_SPATIAL_MASK, HAS_PAIR_MASK,
                 DOT_PRECISION, ALIGN, ONE_M_PROGRAM, ONE_KEY_BLOCK, X_KEYS_MASKED, D_MASKED, RAW_LOGITS, ASYNC_DOTS,
-                TAIL=True, FMA_EXP=FMA_EXP,
+                TAIL=True, FMA_EXP=FMA_EXP, WGMMA_ROWS=WGMMA_ROWS, PARTIAL_SUMS=PARTIAL_SUMS,
             )
 
+    if PARTIAL_SUMS:
+        l_s = tl.sum(l_s, 1)
     if DIR_S and ONE_SPLIT:
         # -- one split holds every image key: normalise and write o_s, lse_s here --
         out_rows = pid_bh.to(tl.int64) * M + offs_qm
@@ -1016,7 +1038,8 @@ def attention_fwd(q_s, k_s, v_s, q_x, k_x, v_x, scale, image_mask=None, spatial_
             HAS_PAIR_MASK=pair_mask is not dummy, ONE_KEY_BLOCK=M <= block_m, FULL_KEY_BLOCK=M == block_m,
             RAW_LOGITS=raw_logits, D_MASKED=D != block_d, TAIL_BLOCK_N=tail,
             ONE_SPLIT=splits == 1, ASYNC_DOTS=async_dots(arch, meta["num_stages"], elem),
-            FMA_EXP=fma_exponent(arch, elem), TAIL_RELOADS=tail_reloads_spatial(
+            FMA_EXP=fma_exponent(arch, elem), WGMMA_ROWS=wgmma_rows(arch, elem, block_m, pair_mask is not dummy),
+            TAIL_RELOADS=tail_reloads_spatial(
                 arch, elem, run_s, run_x, block_m, block_d, meta["BLOCK_N"], meta["num_warps"], key_mask, tail),
             **meta,
         )

@@ -133,6 +133,9 @@ def analyse_sass(text: str) -> dict:
         loop_tensor_ops=sum(n for op, n in body.items() if op.startswith(tensor_prefix)),
         loop_mufu=sum(n for op, n in body.items() if op.startswith("MUFU")),
         loop_loads=sum(n for op, n in body.items() if is_global_load(op)),
+        # cross-thread row reductions, and float64 work (the LSE), in the main loop
+        loop_shuffles=sum(n for op, n in body.items() if op.startswith("SHFL")),
+        loop_fp64=sum(n for op, n in body.items() if op.startswith(("DFMA", "DADD", "DMUL", "F2F.F64"))),
         ldgsts=sum(n for op, n in ops.items() if op.startswith("LDGSTS")),
         load_widths={str(w): n for w, n in sorted(loads.items(), reverse=True)},
         vector_loads=loads.get(16, 0),
