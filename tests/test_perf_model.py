@@ -118,7 +118,8 @@ def test_d32_and_d40_compile_to_vector_loads_on_sm90_and_unaligned_rows_to_scala
 
 def _exponent_sources(ptx):
     """For each ex2 of a PTX listing, how its argument is formed: the defining instruction and,
-    for an FMA's addend or a subtraction's operands, theirs (a negation looked through)."""
+    for an FMA's addend or a sum's or difference's operands, theirs; a mul.rn whose multiplier
+    is a negation is marked "by -rate"."""
     defs = {}
     for line in ptx.splitlines():
         match = re.match(r"\s*(?:@%p\d+\s+)?([a-z][\w.]*)\s+([^;]*);", line)
@@ -127,10 +128,10 @@ def _exponent_sources(ptx):
             if operands[0].startswith("%"):
                 defs[operands[0]] = (match.group(1), operands)
 
-    def op(reg, through_negation=False):
-        name, operands = defs.get(reg, ("?", [reg, reg]))
-        if through_negation and (name.startswith("neg.") or name.startswith("xor.b32")):
-            return op(operands[1])
+    def term(reg):
+        name, operands = defs.get(reg, ("?", [reg, reg, reg]))
+        if name.startswith("mul.rn") and defs.get(operands[2], ("?",))[0].startswith("neg."):
+            return f"{name} by -rate"
         return name
 
     sources = []
@@ -138,10 +139,10 @@ def _exponent_sources(ptx):
         if name.startswith("ex2.approx"):
             arg, arg_operands = defs.get(operands[1], ("?", []))
             if arg.startswith("fma"):
-                sources.append(f"fma + {op(arg_operands[3], True)}")
+                sources.append(f"fma + {term(arg_operands[3])}")
             elif arg.startswith(("sub", "add")):
-                sign = "-" if arg.startswith("sub") else "+"
-                sources.append(f"{arg[:3]} {op(arg_operands[1])} {sign} {op(arg_operands[2])}")
+                sign = " - " if arg.startswith("sub") else " + "
+                sources.append(f"{arg[:3]} " + sign.join(sorted((term(arg_operands[1]), term(arg_operands[2])))))
             else:
                 sources.append(arg)
     return sources
@@ -157,16 +158,16 @@ def test_the_16_bit_forwards_shift_products_are_rounded_alone(shape, dtype):
     rounded alone (mul.rn), as every term of a row was shifted, or the factor exp2(residual)
     stops cancelling. A plain product there is fused with the subtraction into an FMA on the
     GPU (Triton compiles with FP fusion on), which the interpreter cannot show: so here every
-    ex2's argument must come from an FMA whose addend is a mul.rn (by -rate: the negated
-    product bitwise, with no negation left per row), from a sum of two mul.rn, or from a
-    negation (exp2(-residual))."""
+    ex2's argument must come from an FMA whose addend is a mul.rn by the negated rate (the
+    negated product bitwise, with no negation left per row), from the sum of a mul.rn and
+    such a mul.rn, or from a negation (exp2(-residual))."""
     case = lr.shape_cases(*shape, dtypes=(dtype,), ops=("bilateral",), masks=(False,))[0]
     launch = _launches(case)[0]
     assert launch.name == "_bilateral_fwd_kernel" and launch.kwargs["FMA_EXP"]
     sources = _exponent_sources(sass.ptx_of(lr.bind(launch, launch.configs[0], 90)))
-    allowed = {"fma + mul.rn.f32", "add mul.rn.f32 + mul.rn.f32", "neg.f32"}
+    allowed = {"fma + mul.rn.f32 by -rate", "add mul.rn.f32 + mul.rn.f32 by -rate", "neg.f32"}
     assert sources and set(sources) <= allowed, collections.Counter(sources)
-    assert "add mul.rn.f32 + mul.rn.f32" in sources  # the online rescale is there
+    assert "add mul.rn.f32 + mul.rn.f32 by -rate" in sources  # the online rescale is there
 
 
 @needs_jit
@@ -373,14 +374,18 @@ def test_the_wgmma_forward_sums_within_threads_and_forms_the_lse_once_per_row():
     the parity tests cover it): direction s keeps eight partial sums per row, each within the
     threads that hold its keys, and direction x moves each tile's (max, sum) to one row per
     thread before the float64 LSE. Against the same launch without: fewer shuffles and a
-    quarter of the float64 work in the main loop, and a shorter loop. sm_80 (it spilled) and
-    fp32 (FMA dots) launch without."""
+    quarter of the float64 work in the main loop, and a shorter loop. sm_80 (it spilled), fp32
+    (FMA dots) and a per-query mask (the reshape went through shared memory) launch without."""
     import dataclasses
 
     launch = _forward(90, "bf16", "bilateral", 64, 4, 64, 784, 32)
     assert launch.kwargs["WGMMA_ROWS"]
     assert not _forward(80, "bf16", "bilateral", 64, 4, 64, 784, 32).kwargs["WGMMA_ROWS"]
     assert not _forward(90, "fp32", "bilateral", 64, 4, 64, 784, 32).kwargs["WGMMA_ROWS"]
+    masked_cross = [c for c in lr.masked_cross_cases() if c.shape == "m2f512-s8"][0]
+    per_query = [e for e in _launches(masked_cross) if e.name == "_bilateral_fwd_kernel"][0]
+    assert per_query.kwargs["HAS_PAIR_MASK"] and per_query.kwargs["BLOCK_M"] == 64
+    assert not per_query.kwargs["WGMMA_ROWS"]
     plain = dataclasses.replace(launch, kwargs={**launch.kwargs, "WGMMA_ROWS": False})
     rows, per_quad = (sass.compile_task(lr.bind(e, launch.configs[0], 90)) for e in (launch, plain))
     assert rows["spills"] == 0 and rows["ctas_per_sm"] == per_quad["ctas_per_sm"]
