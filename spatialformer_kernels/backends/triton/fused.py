@@ -373,11 +373,10 @@ def _fwd_tile(
             # -- normalise and write o_x, lse_x (rows with no kept key: 0 and -inf) --
             top_x, top_inverse_x, residual_x = row_top(m_x, rate, X_EMPTY_ROWS, FMA_EXP, O_X.dtype.element_ty)
             o_x = acc_x * inverse_sum(l_x, X_EMPTY_ROWS, top_x, top_inverse_x)[:, None]
-            m_row, l_row = m_x, l_x
             if WGMMA_ROWS:  # the LSE from the state moved to one row per thread
-                m_row, l_row = row_per_thread(m_x, l_x)
-            top_row, _, residual_row = row_top(m_row, rate, X_EMPTY_ROWS, FMA_EXP, O_X.dtype.element_ty)
-            lse_x = lse_value(m_row, l_row, max_scale, X_EMPTY_ROWS, top_row, residual_row)
+                m_x, l_x = row_per_thread(m_x, l_x)
+                top_x, _, residual_x = row_top(m_x, rate, X_EMPTY_ROWS, FMA_EXP, O_X.dtype.element_ty)
+            lse_x = lse_value(m_x, l_x, max_scale, X_EMPTY_ROWS, top_x, residual_x)
             rows = row_base + offs_n
             o_ptrs = o_x_tile + tl.cast(n0, tl.int64) * D
             if TAIL:
